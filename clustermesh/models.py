@@ -1,0 +1,477 @@
+"""The shared state, in Cilium's kvstore layout and JSON field names.
+
+Every `from_json` validates: a hostile or malformed value raises `InvalidValue` with a
+message naming the field; the caller skips and counts it and carries on.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "cilium"
+HEARTBEAT_KEY = f"{PREFIX}/.heartbeat"
+CLUSTER_CONFIG_PREFIX = f"{PREFIX}/cluster-config"
+SYNCED_PREFIX = f"{PREFIX}/synced"
+NODES_PREFIX = f"{PREFIX}/state/nodes/v1"
+SERVICES_PREFIX = f"{PREFIX}/state/services/v1"
+IPCACHE_PREFIX = f"{PREFIX}/state/ip/v1/default"
+IDENTITIES_PREFIX = f"{PREFIX}/state/identities/v1/id"
+IDENTITY_VALUES_PREFIX = f"{PREFIX}/state/identities/v1/value"
+# Plexus-only objects (BGP, egress, VM registrations, policies) follow the same habits.
+PLEXUS_PREFIX = "plexus"
+
+CLUSTER_NAME_RE = re.compile(r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$")
+CLUSTER_NAME_MAX = 32
+CLUSTER_ID_MIN, CLUSTER_ID_MAX = 1, 255
+
+# Reserved numeric identities, as in Cilium.
+ID_UNKNOWN = 0
+ID_HOST = 1
+ID_WORLD = 2
+ID_UNMANAGED = 3
+ID_HEALTH = 4
+ID_INIT = 5
+ID_REMOTE_NODE = 6
+ID_KUBE_APISERVER = 7
+ID_INGRESS = 8
+ID_WORLD_IPV4 = 9
+ID_WORLD_IPV6 = 10
+RESERVED_IDENTITIES = {
+    ID_HOST: "reserved:host",
+    ID_WORLD: "reserved:world",
+    ID_UNMANAGED: "reserved:unmanaged",
+    ID_HEALTH: "reserved:health",
+    ID_INIT: "reserved:init",
+    ID_REMOTE_NODE: "reserved:remote-node",
+    ID_KUBE_APISERVER: "reserved:kube-apiserver",
+    ID_INGRESS: "reserved:ingress",
+    ID_WORLD_IPV4: "reserved:world-ipv4",
+    ID_WORLD_IPV6: "reserved:world-ipv6",
+}
+
+LABEL_CLUSTER = "io.cilium.k8s.policy.cluster"
+LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
+
+
+class InvalidValue(ValueError):
+    """A kvstore key or value that must be skipped."""
+
+
+# ---- names and ranges -----------------------------------------------------------------
+
+def check_cluster_name(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidValue("cluster name must be a non-empty string")
+    if len(name) > CLUSTER_NAME_MAX:
+        raise InvalidValue(f"cluster name {name!r} is longer than {CLUSTER_NAME_MAX} characters")
+    if not CLUSTER_NAME_RE.match(name):
+        raise InvalidValue(
+            f"cluster name {name!r} must be lower-case alphanumerics and '-', "
+            "starting and ending with an alphanumeric")
+    return name
+
+
+def check_cluster_id(cluster_id: Any) -> int:
+    if not isinstance(cluster_id, int) or isinstance(cluster_id, bool):
+        raise InvalidValue(f"cluster id must be an integer, got {cluster_id!r}")
+    if not CLUSTER_ID_MIN <= cluster_id <= CLUSTER_ID_MAX:
+        raise InvalidValue(f"cluster id {cluster_id} is outside {CLUSTER_ID_MIN}..{CLUSTER_ID_MAX}")
+    return cluster_id
+
+
+def identity_range(cluster_id: int) -> tuple[int, int]:
+    """The identities a cluster may allocate: [id<<16, ((id+1)<<16)-1]."""
+    return cluster_id << 16, ((cluster_id + 1) << 16) - 1
+
+
+def identity_cluster_id(identity: int) -> int:
+    return (identity >> 16) & 0xFF
+
+
+def _loads(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidValue(f"{what}: malformed JSON: {e}") from None
+
+
+def _want(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, *,
+          required: bool = True, default: Any = None) -> Any:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise InvalidValue(f"{what}: field {name} is missing")
+        return default
+    value = obj[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise InvalidValue(f"{what}: field {name} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _ip(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidValue(f"{what}: {value!r} is not an IP address") from None
+
+
+def _string_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise InvalidValue(f"{what}: expected a map of strings")
+    return dict(value)
+
+
+# Go marshals net.IPNet as {"IP": "10.1.1.0", "Mask": "<base64>"}.
+def cidr_to_go(cidr: str | None) -> dict[str, str] | None:
+    if not cidr:
+        return None
+    net = ipaddress.ip_network(cidr, strict=False)
+    return {"IP": str(net.network_address), "Mask": base64.b64encode(net.netmask.packed).decode()}
+
+
+def cidr_from_go(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return str(ipaddress.ip_network(value, strict=False))
+        if (isinstance(value, dict) and isinstance(value.get("IP"), str)
+                and isinstance(value.get("Mask"), str)):
+            mask = base64.b64decode(value["Mask"], validate=True)
+            prefix = bin(int.from_bytes(mask, "big")).count("1")
+            return str(ipaddress.ip_network(f"{value['IP']}/{prefix}", strict=False))
+    except (ValueError, TypeError):
+        pass
+    raise InvalidValue(f"{what}: malformed CIDR {value!r}")
+
+
+# ---- cluster config -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    id: int
+    synced_canaries: bool = True
+    max_connected_clusters: int = 255
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "capabilities": {
+            "syncedCanaries": self.synced_canaries,
+            "maxConnectedClusters": self.max_connected_clusters}})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ClusterConfig:
+        what = "cluster-config"
+        obj = _loads(raw, what)
+        if not isinstance(obj, dict):
+            raise InvalidValue(f"{what}: expected an object")
+        cid = check_cluster_id(obj.get("id"))
+        caps = obj.get("capabilities") or {}
+        if not isinstance(caps, dict):
+            raise InvalidValue(f"{what}: capabilities must be an object")
+        return cls(id=cid, synced_canaries=bool(caps.get("syncedCanaries", False)),
+                   max_connected_clusters=int(caps.get("maxConnectedClusters", 255)))
+
+
+# ---- nodes ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeAddress:
+    type: str  # InternalIP, ExternalIP, CiliumInternalIP
+    ip: str
+
+
+@dataclass(frozen=True)
+class Node:
+    """`cilium/state/nodes/v1/<cluster>/<name>`."""
+
+    name: str
+    cluster: str
+    cluster_id: int
+    addresses: tuple[NodeAddress, ...] = ()
+    ipv4_alloc_cidr: str | None = None
+    ipv6_alloc_cidr: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    wireguard_pubkey: str = ""
+    source: str = "local"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.cluster, self.name)
+
+    @property
+    def kv_key(self) -> str:
+        return f"{NODES_PREFIX}/{self.cluster}/{self.name}"
+
+    def internal_ip(self) -> str | None:
+        for a in self.addresses:
+            if a.type == "InternalIP":
+                return a.ip
+        return self.addresses[0].ip if self.addresses else None
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "Name": self.name,
+            "Cluster": self.cluster,
+            "IPAddresses": [{"Type": a.type, "IP": a.ip} for a in self.addresses],
+            "IPv4AllocCIDR": cidr_to_go(self.ipv4_alloc_cidr),
+            "IPv6AllocCIDR": cidr_to_go(self.ipv6_alloc_cidr),
+            "ClusterID": self.cluster_id,
+            "Source": self.source,
+            "Labels": self.labels,
+            "WireguardPubKey": self.wireguard_pubkey,
+        })
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Node:
+        what = "node"
+        obj = _loads(raw, what)
+        if not isinstance(obj, dict):
+            raise InvalidValue(f"{what}: expected an object")
+        name = _want(obj, "Name", str, what)
+        what = f"node {name!r}"
+        addrs = []
+        for a in _want(obj, "IPAddresses", list, what, required=False, default=[]):
+            if not isinstance(a, dict):
+                raise InvalidValue(f"{what}: IPAddresses entries must be objects")
+            addrs.append(NodeAddress(type=_want(a, "Type", str, what),
+                                     ip=_ip(_want(a, "IP", str, what), what)))
+        pubkey = _want(obj, "WireguardPubKey", str, what, required=False, default="")
+        return cls(
+            name=name,
+            cluster=check_cluster_name(_want(obj, "Cluster", str, what)),
+            cluster_id=_want(obj, "ClusterID", int, what, required=False, default=0),
+            addresses=tuple(addrs),
+            ipv4_alloc_cidr=cidr_from_go(obj.get("IPv4AllocCIDR"), what),
+            ipv6_alloc_cidr=cidr_from_go(obj.get("IPv6AllocCIDR"), what),
+            labels=_string_map(obj.get("Labels"), f"{what}: Labels"),
+            wireguard_pubkey=pubkey,
+            source=_want(obj, "Source", str, what, required=False, default=""),
+        )
+
+
+# ---- endpoints: IP -> identity --------------------------------------------------------
+
+@dataclass(frozen=True)
+class NamedPort:
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class IPIdentity:
+    """`cilium/state/ip/v1/default/<ip>`: an endpoint's IP and its security identity."""
+
+    ip: str
+    identity: int
+    host_ip: str = ""
+    prefix_len: int | None = None  # None: a host address (/32 or /128)
+    encrypt_key: int = 0
+    namespace: str = ""
+    pod_name: str = ""
+    named_ports: tuple[NamedPort, ...] = ()
+    cluster: str = ""  # the cluster it was learned from; not part of the value
+
+    @property
+    def prefix(self) -> str:
+        addr = ipaddress.ip_address(self.ip)
+        length = self.prefix_len if self.prefix_len is not None else addr.max_prefixlen
+        return f"{addr}/{length}"
+
+    @property
+    def kv_key(self) -> str:
+        return f"{IPCACHE_PREFIX}/{self.ip}"
+
+    def to_json(self) -> str:
+        mask = None
+        if self.prefix_len is not None:
+            net = ipaddress.ip_network(self.prefix, strict=False)
+            mask = base64.b64encode(net.netmask.packed).decode()
+        return json.dumps({
+            "IP": self.ip, "Mask": mask, "HostIP": self.host_ip, "ID": self.identity,
+            "Key": self.encrypt_key, "Metadata": "", "K8sNamespace": self.namespace,
+            "K8sPodName": self.pod_name,
+            "NamedPorts": [{"Name": p.name, "Port": p.port, "Protocol": p.protocol}
+                           for p in self.named_ports] or None,
+        })
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, cluster: str = "") -> IPIdentity:
+        what = "ip"
+        obj = _loads(raw, what)
+        if not isinstance(obj, dict):
+            raise InvalidValue(f"{what}: expected an object")
+        ip = _ip(_want(obj, "IP", str, what), what)
+        what = f"ip {ip}"
+        identity = _want(obj, "ID", int, what)
+        if not 0 <= identity <= 0xFFFFFFFF:
+            raise InvalidValue(f"{what}: identity {identity} out of range")
+        prefix_len = None
+        mask = obj.get("Mask")
+        if mask:
+            try:
+                prefix_len = bin(int.from_bytes(base64.b64decode(mask, validate=True), "big")).count("1")
+            except (ValueError, TypeError):
+                raise InvalidValue(f"{what}: malformed Mask") from None
+        host_ip = _want(obj, "HostIP", str, what, required=False, default="")
+        if host_ip:
+            host_ip = _ip(host_ip, what)
+        ports = []
+        for p in _want(obj, "NamedPorts", list, what, required=False, default=[]):
+            if not isinstance(p, dict):
+                raise InvalidValue(f"{what}: NamedPorts entries must be objects")
+            ports.append(NamedPort(_want(p, "Name", str, what), _want(p, "Port", int, what),
+                                   _want(p, "Protocol", str, what, required=False, default="TCP")))
+        return cls(
+            ip=ip, identity=identity, host_ip=host_ip, prefix_len=prefix_len,
+            encrypt_key=_want(obj, "Key", int, what, required=False, default=0),
+            namespace=_want(obj, "K8sNamespace", str, what, required=False, default=""),
+            pod_name=_want(obj, "K8sPodName", str, what, required=False, default=""),
+            named_ports=tuple(ports), cluster=cluster,
+        )
+
+
+# ---- identities -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Identity:
+    """`cilium/state/identities/v1/id/<id>` -> sorted label string."""
+
+    id: int
+    labels: tuple[str, ...]  # sorted, source-prefixed: "k8s:app=web"
+    cluster: str = ""
+
+    @property
+    def kv_key(self) -> str:
+        return f"{IDENTITIES_PREFIX}/{self.id}"
+
+    def label_string(self) -> str:
+        return format_labels(self.labels)
+
+    def label_map(self) -> dict[str, str]:
+        """Labels without their source prefix, as selectors see them."""
+        out = {}
+        for lbl in self.labels:
+            _, _, kv = lbl.partition(":")
+            k, _, v = kv.partition("=")
+            out[k] = v
+        return out
+
+
+def format_labels(labels: tuple[str, ...] | list[str]) -> str:
+    return "".join(f"{lbl};" for lbl in sorted(labels))
+
+
+def parse_labels(raw: bytes | str, what: str = "identity") -> tuple[str, ...]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if any(ord(c) < 0x20 for c in text):
+        raise InvalidValue(f"{what}: labels contain control characters")
+    parts = [p for p in text.split(";") if p]
+    for p in parts:
+        source, sep, kv = p.partition(":")
+        if not sep or not source or not kv or kv.startswith("="):
+            raise InvalidValue(f"{what}: malformed label {p!r}")
+    return tuple(sorted(parts))
+
+
+def identity_labels(cluster: str, namespace: str, labels: dict[str, str]) -> tuple[str, ...]:
+    """The label set an endpoint's identity is allocated from."""
+    out = {f"k8s:{k}={v}" for k, v in labels.items()}
+    out.add(f"k8s:{LABEL_CLUSTER}={cluster}")
+    if namespace:
+        out.add(f"k8s:{LABEL_NAMESPACE}={namespace}")
+    return tuple(sorted(out))
+
+
+# ---- services -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class L4Addr:
+    protocol: str  # TCP, UDP, SCTP
+    port: int
+
+
+@dataclass(frozen=True)
+class ClusterService:
+    """`cilium/state/services/v1/<cluster>/<namespace>/<name>`."""
+
+    cluster: str
+    namespace: str
+    name: str
+    frontends: dict[str, dict[str, L4Addr]] = field(default_factory=dict)  # ip -> port name -> addr
+    backends: dict[str, dict[str, L4Addr]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    selector: dict[str, str] = field(default_factory=dict)
+    include_external: bool = True
+    shared: bool = True
+    cluster_id: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.cluster, self.namespace, self.name)
+
+    @property
+    def kv_key(self) -> str:
+        return f"{SERVICES_PREFIX}/{self.cluster}/{self.namespace}/{self.name}"
+
+    def to_json(self) -> str:
+        def ports(m: dict[str, dict[str, L4Addr]]) -> dict[str, dict[str, dict[str, Any]]]:
+            return {ip: {n: {"Protocol": a.protocol, "Port": a.port} for n, a in pm.items()}
+                    for ip, pm in m.items()}
+        return json.dumps({
+            "cluster": self.cluster, "namespace": self.namespace, "name": self.name,
+            "frontends": ports(self.frontends), "backends": ports(self.backends),
+            "labels": self.labels, "selector": self.selector,
+            "includeExternal": self.include_external, "shared": self.shared,
+            "clusterID": self.cluster_id,
+        })
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ClusterService:
+        what = "service"
+        obj = _loads(raw, what)
+        if not isinstance(obj, dict):
+            raise InvalidValue(f"{what}: expected an object")
+        ns = _want(obj, "namespace", str, what)
+        name = _want(obj, "name", str, what)
+        what = f"service {ns}/{name}"
+
+        def ports(value: Any, field_name: str) -> dict[str, dict[str, L4Addr]]:
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise InvalidValue(f"{what}: {field_name} must be an object")
+            out: dict[str, dict[str, L4Addr]] = {}
+            for ip, pm in value.items():
+                ip = _ip(ip, f"{what}: {field_name}")
+                if not isinstance(pm, dict):
+                    raise InvalidValue(f"{what}: {field_name}[{ip}] must be an object")
+                out[ip] = {}
+                for pname, addr in pm.items():
+                    if not isinstance(addr, dict):
+                        raise InvalidValue(f"{what}: {field_name}[{ip}][{pname}] must be an object")
+                    port = _want(addr, "Port", int, what)
+                    proto = _want(addr, "Protocol", str, what, required=False, default="TCP")
+                    if not 0 < port < 65536 or proto not in ("TCP", "UDP", "SCTP", "ANY"):
+                        raise InvalidValue(f"{what}: {field_name}[{ip}][{pname}] bad port/protocol")
+                    out[ip][pname] = L4Addr(proto, port)
+            return out
+
+        return cls(
+            cluster=check_cluster_name(_want(obj, "cluster", str, what)),
+            namespace=ns, name=name,
+            frontends=ports(obj.get("frontends"), "frontends"),
+            backends=ports(obj.get("backends"), "backends"),
+            labels=_string_map(obj.get("labels"), f"{what}: labels"),
+            selector=_string_map(obj.get("selector"), f"{what}: selector"),
+            include_external=bool(obj.get("includeExternal", True)),
+            shared=bool(obj.get("shared", True)),
+            cluster_id=_want(obj, "clusterID", int, what, required=False, default=0),
+        )

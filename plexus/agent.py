@@ -1,0 +1,135 @@
+"""The node agent: load config, build every module, serve the local API, run until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, create_model, field_validator
+
+from clustermesh.models import InvalidValue, check_cluster_id, check_cluster_name
+from plexus.core import log as plog
+from plexus.core.api import ApiServer
+from plexus.core.config import ConfigError, Strict, parse, read_yaml
+from plexus.core.module import App, Hive, Module
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/var/lib/plexus")
+DEFAULT_API_SOCKET = Path("/run/plexus/agent.sock")
+
+
+class ClusterSection(Strict):
+    name: str = Field(description="This cluster's name (lower-case, at most 32 characters).")
+    id: int = Field(description="This cluster's ID, 1..255; scopes its identities.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return check_cluster_name(v)
+        except InvalidValue as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: int) -> int:
+        try:
+            return check_cluster_id(v)
+        except InvalidValue as e:
+            raise ValueError(str(e)) from None
+
+
+class NodeSection(Strict):
+    name: str = Field(description="This node's name, unique in its cluster.")
+    ip: ipaddress.IPv4Address = Field(description="The node's underlay address.")
+    pod_cidr: ipaddress.IPv4Network = Field(alias="podCIDR", description="The node's pod CIDR (IPAM range).")
+    pod_cidr_v6: ipaddress.IPv6Network | None = Field(None, alias="podCIDRv6",
+                                                      description="Optional IPv6 pod CIDR.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Node labels.")
+    mtu: int = Field(1500, ge=1280, le=9000, description="Underlay MTU.")
+
+
+class MetricsSection(Strict):
+    address: str = Field("127.0.0.1", description="Where /metrics listens.")
+    port: int | None = Field(9962, ge=1, le=65535, description="Port for /metrics; null disables.")
+
+
+class AgentBase(Strict):
+    cluster: ClusterSection
+    node: NodeSection
+    state_dir: Path = Field(DEFAULT_STATE_DIR,
+                            description="Persistent state (IPAM, keys, endpoints).")
+    api_socket: Path = Field(DEFAULT_API_SOCKET, description="Unix socket of the local API.")
+    metrics: MetricsSection = Field(default_factory=MetricsSection)  # type: ignore[arg-type]
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+
+def config_model(modules: list[Module[Any]]) -> type[AgentBase]:
+    """The agent config: common sections plus one optional section per module."""
+    clash = {m.name for m in modules} & set(AgentBase.model_fields)
+    if clash:
+        raise RuntimeError(f"module names clash with common config sections: {sorted(clash)}")
+    sections: dict[str, Any] = {m.name: (m.config, Field(default_factory=m.config)) for m in modules}
+    return create_model("AgentConfig", __base__=AgentBase, **sections)
+
+
+def load_config(path: str | Path, modules: list[Module[Any]]) -> AgentBase:
+    return parse(config_model(modules), read_yaml(path), str(path))
+
+
+def build(config: AgentBase, modules: list[Module[Any]]) -> App:
+    hive = Hive(agent=config, state_dir=config.state_dir)
+    configs = {m.name: getattr(config, m.name) for m in modules}
+    return App(hive, modules, configs)
+
+
+def add_core_routes(app: App) -> None:
+    cfg: AgentBase = app.hive.agent
+
+    async def status(_q: dict[str, str], _b: Any) -> Any:
+        return {"cluster": cfg.cluster.name, "clusterID": cfg.cluster.id, "node": cfg.node.name,
+                "pid": os.getpid(), "modules": app.status()}
+
+    app.hive.routes.get("/v1/status", status)
+
+    async def healthz(_q: dict[str, str], _b: Any) -> Any:
+        return {"ok": all(h == "ok" for h in app.hive.health.values()), "health": app.hive.health}
+
+    app.hive.routes.get("/v1/healthz", healthz)
+
+
+async def run(config_path: str | Path) -> int:
+    from plexus.app import MODULES
+
+    try:
+        config = load_config(config_path, MODULES)
+    except ConfigError as e:
+        logging.getLogger("plexus.agent").error("invalid config:\n%s", e)
+        return 2
+    plog.setup(config.log_level, prefix=f"{config.cluster.name}/{config.node.name}")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    app = build(config, MODULES)
+    add_core_routes(app)
+    server = ApiServer(app.hive.routes, config.api_socket, app.hive.metrics.registry,
+                       config.metrics.address, config.metrics.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await server.start()
+        log.info("agent ready cluster=%s node=%s api=%s", config.cluster.name, config.node.name,
+                 config.api_socket)
+        await stop.wait()
+        log.info("agent stopping (kernel and BGP state stay in place)")
+    finally:
+        await server.stop()
+        await app.stop()
+    return 0

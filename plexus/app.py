@@ -1,0 +1,14 @@
+"""The composition root: which modules a node agent runs, in start order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clustermesh.module import module as clustermesh
+from plexus.core.module import Module
+from plexus.node.module import module as node
+
+MODULES: list[Module[Any]] = [
+    node,
+    clustermesh,
+]

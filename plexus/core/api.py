@@ -1,0 +1,215 @@
+"""The agent's local API: JSON over HTTP on a unix socket, plus /metrics over TCP.
+
+Modules register routes on `Routes`; only this file knows aiohttp. The client side is
+stdlib-only so that short-lived callers (the CNI plugin, the CLI) start fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+JsonHandler = Callable[[dict[str, str], Any], Awaitable[Any]]
+StreamHandler = Callable[[dict[str, str]], AsyncIterator[Any]]
+
+
+class ApiError(Exception):
+    """Raised by a handler to answer with `status` and a message."""
+
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+@dataclass
+class _Route:
+    method: str
+    path: str
+    handler: JsonHandler | None = None
+    stream: StreamHandler | None = None
+
+
+class Routes:
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def get(self, path: str, handler: JsonHandler) -> None:
+        self._routes.append(_Route("GET", path, handler))
+
+    def post(self, path: str, handler: JsonHandler) -> None:
+        self._routes.append(_Route("POST", path, handler))
+
+    def delete(self, path: str, handler: JsonHandler) -> None:
+        self._routes.append(_Route("DELETE", path, handler))
+
+    def stream(self, path: str, handler: StreamHandler) -> None:
+        """A GET that answers newline-delimited JSON until the client goes away."""
+        self._routes.append(_Route("GET", path, stream=handler))
+
+    def paths(self) -> list[tuple[str, str]]:
+        return [(r.method, r.path) for r in self._routes]
+
+    def _aiohttp(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        for r in self._routes:
+            app.router.add_route(r.method, r.path, _wrap(r))
+        return app
+
+
+def _wrap(route: _Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        query = dict(request.query) | dict(request.match_info)
+        if route.stream is not None:
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            try:
+                async for item in route.stream(query):
+                    await resp.write(json.dumps(item).encode() + b"\n")
+            except (ConnectionResetError, asyncio.CancelledError):
+                pass
+            return resp
+        body: Any = None
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return web.json_response({"error": "request body is not valid JSON"}, status=400)
+        try:
+            assert route.handler is not None
+            result = await route.handler(query, body)
+        except ApiError as e:
+            return web.json_response({"error": e.message, **e.details}, status=e.status)
+        return web.json_response(result, dumps=lambda o: json.dumps(o, default=str))
+
+    return handle
+
+
+class ApiServer:
+    """Serves `routes` on a unix socket and, when `metrics_port` is set, /metrics on TCP."""
+
+    def __init__(self, routes: Routes, socket_path: Path, registry: CollectorRegistry,
+                 metrics_address: str = "127.0.0.1", metrics_port: int | None = None) -> None:
+        self.routes = routes
+        self.socket_path = socket_path
+        self.registry = registry
+        self.metrics_address = metrics_address
+        self.metrics_port = metrics_port
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        runner = web.AppRunner(self.routes._aiohttp(), access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(self.socket_path)).start()
+        os.chmod(self.socket_path, 0o660)
+        self._runners.append(runner)
+        if self.metrics_port is not None:
+            app = web.Application()
+            app.router.add_get("/metrics", self._metrics)
+            mrunner = web.AppRunner(app, access_log=None)
+            await mrunner.setup()
+            await web.TCPSite(mrunner, self.metrics_address, self.metrics_port).start()
+            self._runners.append(mrunner)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(self.registry))
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        self.socket_path.unlink(missing_ok=True)
+
+
+# ---- client (stdlib only) -------------------------------------------------------------
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class Client:
+    """Talks to an agent's unix socket; raises ClientError with the agent's message."""
+
+    def __init__(self, socket_path: str | Path, timeout: float = 10.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def _conn(self) -> _UnixConnection:
+        return _UnixConnection(self.socket_path, self.timeout)
+
+    def request(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+        q = {k: v for k, v in query.items() if v is not None}
+        url = path + (f"?{urlencode(q)}" if q else "")
+        conn = self._conn()
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            try:
+                conn.request(method, url, body=payload, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise ClientError(
+                    0, f"agent is not running (no API at {self.socket_path}): {e.strerror}") from None
+            except OSError as e:
+                raise ClientError(0, f"agent API at {self.socket_path} failed: {e}") from None
+            decoded = json.loads(data) if data else None
+            if resp.status >= 400:
+                msg = decoded.get("error", data.decode()) if isinstance(decoded, dict) else data.decode()
+                raise ClientError(resp.status, msg, decoded)
+            return decoded
+        finally:
+            conn.close()
+
+    def get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, **query)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, body)
+
+    def delete(self, path: str, body: Any = None) -> Any:
+        return self.request("DELETE", path, body)
+
+    def stream(self, path: str, **query: Any) -> Iterator[Any]:
+        q = {k: v for k, v in query.items() if v is not None}
+        conn = _UnixConnection(self.socket_path, timeout=None)  # type: ignore[arg-type]
+        try:
+            conn.request("GET", path + (f"?{urlencode(q)}" if q else ""))
+            resp = conn.getresponse()
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()

@@ -1,0 +1,239 @@
+"""The one generic reconciler: tables in, target state out.
+
+Each target (a BPF map, a WireGuard device, routes, an ExaBGP process) gets one Ops class
+with idempotent `update`, `delete` and `prune`. The reconciler owns everything around it:
+per-object queues (one object in order, objects in parallel), retries with exponential
+backoff, periodic prune once the table is initialized, and per-object status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from plexus.core.metrics import ReconcilerMetrics
+from plexus.core.tables import Table
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+R_contra = TypeVar("R_contra", contravariant=True)
+
+log = logging.getLogger(__name__)
+
+
+class TemporaryError(Exception):
+    """Retry later; `delay` overrides the backoff when given."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(Exception):
+    """Not retried until the row changes; shown in status and health."""
+
+
+class Ops(Protocol[R_contra]):
+    async def update(self, row: R_contra) -> None: ...
+    async def delete(self, row: R_contra) -> None: ...
+    async def prune(self, rows: Iterable[R_contra]) -> None: ...
+
+
+class State(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    ERROR = "error"
+
+
+@dataclass
+class Status:
+    state: State = State.PENDING
+    error: str = ""
+    attempts: int = 0
+    updated: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"state": self.state.value, "error": self.error, "attempts": self.attempts}
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.1
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.1
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
+        return base * (1 + random.uniform(-self.jitter, self.jitter))
+
+
+class Reconciler(Generic[K, R]):
+    """Drive `ops` so the target holds exactly the rows of `table`."""
+
+    def __init__(
+        self,
+        name: str,
+        table: Table[K, R],
+        ops: Ops[R],
+        *,
+        metrics: ReconcilerMetrics | None = None,
+        backoff: Backoff = Backoff(),
+        prune_interval: float = 60.0,
+        concurrency: int = 16,
+    ) -> None:
+        self.name = name
+        self.table = table
+        self.ops = ops
+        self.metrics = metrics or ReconcilerMetrics.disabled()
+        self.backoff = backoff
+        self.prune_interval = prune_interval
+        self.status: dict[K, Status] = {}
+        self.applied: dict[K, R] = {}
+        self.last_prune_error = ""
+        self.pruned_once = asyncio.Event()
+        self._dirty: set[K] = set()
+        self._running: set[K] = set()
+        self._retry_at: dict[K, float] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._prune_requested = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- public ---------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until cancelled. Stopping leaves the target as it is (stop is not remove)."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._follow_table())
+            tg.create_task(self._dispatch())
+            tg.create_task(self._prune_loop())
+
+    def request_prune(self) -> None:
+        self._prune_requested.set()
+
+    def requeue_all(self) -> None:
+        """Re-apply every row, e.g. after the target restarted and lost its state."""
+        self.applied.clear()
+        self._mark([k for k, _ in self.table.items()])
+
+    def errors(self) -> dict[K, str]:
+        return {k: s.error for k, s in self.status.items() if s.state is State.ERROR}
+
+    def summary(self) -> dict[str, object]:
+        counts = {s.value: 0 for s in State}
+        for st in self.status.values():
+            counts[st.state.value] += 1
+        return {
+            "objects": counts,
+            "errors": {str(k): e for k, e in list(self.errors().items())[:20]},
+            "prune_error": self.last_prune_error,
+            "initialized": self.table.initialized.is_set(),
+        }
+
+    def settled(self) -> bool:
+        """True when every row is applied and nothing is in flight or waiting."""
+        return (
+            not self._dirty
+            and not self._running
+            and all(s.state is State.DONE for s in self.status.values())
+        )
+
+    # ---- internals ------------------------------------------------------------------
+    def _mark(self, keys: Iterable[K]) -> None:
+        for k in keys:
+            self._dirty.add(k)
+            self._retry_at.pop(k, None)
+            st = self.status.get(k)
+            if st is None or st.state is not State.PENDING:
+                self.status[k] = Status(attempts=0)
+        self._wake.set()
+
+    async def _follow_table(self) -> None:
+        async for keys in self.table.watch():
+            self._mark(keys)
+
+    async def _dispatch(self) -> None:
+        while True:
+            now = time.monotonic()
+            ready = [k for k in self._dirty if k not in self._running and self._retry_at.get(k, 0) <= now]
+            for key in ready:
+                self._dirty.discard(key)
+                self._running.add(key)
+                task = asyncio.create_task(self._reconcile_one(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._wake.clear()
+            waits = [t - now for k, t in self._retry_at.items() if k in self._dirty]
+            timeout = max(0.0, min(waits)) if waits else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _reconcile_one(self, key: K) -> None:
+        async with self._slots:
+            row = self.table.get(key)
+            old = self.applied.get(key)
+            st = self.status.setdefault(key, Status())
+            st.attempts += 1
+            op = "update" if row is not None else "delete"
+            started = time.perf_counter()
+            try:
+                if row is not None:
+                    await self.ops.update(row)
+                elif old is not None:
+                    await self.ops.delete(old)
+            except PermanentError as e:
+                self._fail(key, st, op, str(e), retry=None)
+            except TemporaryError as e:
+                self._fail(key, st, op, str(e), retry=-1.0 if e.delay is None else e.delay)
+            except Exception as e:  # an Ops bug is retried like a temporary error
+                log.exception("reconciler=%s key=%s %s raised", self.name, key, op)
+                self._fail(key, st, op, f"{type(e).__name__}: {e}", retry=-1.0)
+            else:
+                self.metrics.observe(self.name, op, time.perf_counter() - started, ok=True)
+                if row is not None:
+                    self.applied[key] = row
+                    st.state, st.error, st.updated = State.DONE, "", time.time()
+                else:
+                    self.applied.pop(key, None)
+                    self.status.pop(key, None)
+            finally:
+                self._running.discard(key)
+                self._wake.set()
+
+    def _fail(self, key: K, st: Status, op: str, message: str, retry: float | None) -> None:
+        self.metrics.observe(self.name, op, 0.0, ok=False)
+        st.state, st.error, st.updated = State.ERROR, message, time.time()
+        if retry is None:
+            log.warning("reconciler=%s key=%s %s failed permanently: %s", self.name, key, op, message)
+            return
+        delay = retry if retry >= 0 else self.backoff.delay(st.attempts)
+        log.info("reconciler=%s key=%s %s failed (attempt %d), retry in %.2fs: %s",
+                 self.name, key, op, st.attempts, delay, message)
+        self._retry_at[key] = time.monotonic() + delay
+        self._dirty.add(key)
+
+    async def _prune_loop(self) -> None:
+        await self.table.initialized.wait()
+        while True:
+            try:
+                await self.ops.prune(self.table.all())
+                self.last_prune_error = ""
+                self.metrics.observe(self.name, "prune", 0.0, ok=True)
+            except Exception as e:
+                self.last_prune_error = f"{type(e).__name__}: {e}"
+                self.metrics.observe(self.name, "prune", 0.0, ok=False)
+                log.warning("reconciler=%s prune failed: %s", self.name, e)
+            self.pruned_once.set()
+            self._prune_requested.clear()
+            try:
+                await asyncio.wait_for(self._prune_requested.wait(), self.prune_interval)
+            except TimeoutError:
+                pass

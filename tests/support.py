@@ -1,0 +1,145 @@
+"""Helpers for tests: wait for conditions, real daemons, fresh network namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+async def eventually(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "") -> Any:
+    """Poll `cond` (sync or async) until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if isinstance(value, Awaitable):
+                value = await value
+            if value:
+                return value
+        except AssertionError as e:
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what or cond}") from last_exc
+        await asyncio.sleep(interval)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "") -> Any:
+    """The blocking twin of `eventually`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {what or cond}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop a process this test started, by its PID."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+@dataclass
+class Etcd:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.client_url
+
+    def start(self, extra: list[str] | None = None) -> None:
+        log = open(self.data_dir.parent / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", self.name, "--data-dir", str(self.data_dir),
+             "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
+             "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+             "--initial-cluster", f"{self.name}={self.peer_url}",
+             "--logger", "zap", "--log-level", "error", *(extra or [])],
+            stdout=log, stderr=log)
+        log.close()
+        wait_until(self.healthy, 20, what=f"etcd {self.name} healthy")
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"etcd exited with {self.proc.returncode}")
+        r = subprocess.run(["etcdctl", "--endpoints", self.client_url, "endpoint", "health"],
+                           capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}, timeout=10)
+        return r.returncode == 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.proc = None
+
+
+@contextmanager
+def etcd_server(name: str = "test") -> Iterator[Etcd]:
+    """A real single-member etcd on loopback, gone afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="plexus-etcd-"))
+    e = Etcd(name, f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", tmp / "data")
+    try:
+        e.start()
+        yield e
+    finally:
+        e.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unique(prefix: str = "plx-t") -> str:
+    """A name no other test uses (namespace names; links need <= 15 chars)."""
+    return f"{prefix}{secrets.token_hex(3)}"
+
+
+def sh(*cmd: str, check: bool = True, ns: str | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    r = subprocess.run(full, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(full)} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+@contextmanager
+def netns(prefix: str = "plx-t") -> Iterator[str]:
+    """A fresh network namespace with loopback up, deleted afterwards."""
+    name = unique(prefix)
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "set", "lo", "up", ns=name)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from plexus.core.reconciler import Backoff, PermanentError, Reconciler, State, TemporaryError
+from plexus.core.tables import Table
+from tests.support import eventually
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    value: int = 0
+
+
+@dataclass
+class FakeTarget:
+    """An in-memory target whose operations can be made to fail."""
+
+    state: dict[str, int] = field(default_factory=dict)
+    fail_update: dict[str, list[Exception]] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    prunes: int = 0
+
+    async def update(self, row: Row) -> None:
+        self.calls.append(("update", row.name))
+        errors = self.fail_update.get(row.name)
+        if errors:
+            raise errors.pop(0)
+        self.state[row.name] = row.value
+
+    async def delete(self, row: Row) -> None:
+        self.calls.append(("delete", row.name))
+        self.state.pop(row.name, None)
+
+    async def prune(self, rows: Iterable[Row]) -> None:
+        self.prunes += 1
+        keep = {r.name for r in rows}
+        for k in list(self.state):
+            if k not in keep:
+                del self.state[k]
+
+
+FAST = Backoff(initial=0.01, maximum=0.05)
+
+
+async def run(rec: Reconciler[str, Row]) -> asyncio.Task[None]:
+    return asyncio.create_task(rec.run())
+
+
+async def test_applies_updates_and_deletes() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget()
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    t.upsert(Row("b", 2))
+    await eventually(lambda: target.state == {"a": 1, "b": 2})
+    t.delete("a")
+    await eventually(lambda: target.state == {"b": 2})
+    assert "a" not in rec.status
+    assert rec.status["b"].state is State.DONE
+    task.cancel()
+
+
+async def test_temporary_errors_are_retried_with_backoff() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"a": [TemporaryError("busy"), RuntimeError("bug")]})
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: target.state == {"a": 1})
+    assert target.calls.count(("update", "a")) == 3
+    assert rec.status["a"].state is State.DONE and rec.status["a"].error == ""
+    task.cancel()
+
+
+async def test_temporary_error_delay_is_respected() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"a": [TemporaryError("later", delay=0.3)]})
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    t.upsert(Row("a", 1))
+    await eventually(lambda: target.state == {"a": 1})
+    assert loop.time() - start >= 0.3
+    task.cancel()
+
+
+async def test_permanent_error_is_shown_and_not_retried_until_row_changes() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"a": [PermanentError("invalid row")]})
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: rec.status.get("a") and rec.status["a"].state is State.ERROR)
+    assert rec.errors() == {"a": "invalid row"}
+    calls = len(target.calls)
+    await asyncio.sleep(0.1)  # would have retried several times with FAST backoff
+    assert len(target.calls) == calls
+    t.upsert(Row("a", 2))
+    await eventually(lambda: target.state == {"a": 2})
+    task.cancel()
+
+
+async def test_prune_waits_for_initialized_then_removes_strays() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    done = t.register_initializer("source")
+    target = FakeTarget(state={"stray": 9})
+    rec = Reconciler("fake", t, target, backoff=FAST, prune_interval=3600)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: target.state.get("a") == 1)
+    assert target.prunes == 0 and "stray" in target.state
+    done()
+    await eventually(lambda: target.state == {"a": 1})
+    target.state["another"] = 1
+    rec.request_prune()
+    await eventually(lambda: target.state == {"a": 1})
+    task.cancel()
+
+
+async def test_one_object_in_order_objects_in_parallel() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    active: set[str] = set()
+    overlap: list[str] = []
+    peak = 0
+
+    class Slow(FakeTarget):
+        async def update(self, row: Row) -> None:
+            nonlocal peak
+            if row.name in active:
+                overlap.append(row.name)
+            active.add(row.name)
+            peak = max(peak, len(active))
+            await asyncio.sleep(0.02)
+            active.discard(row.name)
+            await super().update(row)
+
+    target = Slow()
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    for i in range(10):
+        t.upsert(Row(f"k{i}", 0))
+    await asyncio.sleep(0)
+    for v in range(5):
+        t.upsert(Row("k0", v + 1))
+        await asyncio.sleep(0.005)
+    await eventually(lambda: target.state.get("k0") == 5 and len(target.state) == 10)
+    assert overlap == []
+    assert peak > 1
+    task.cancel()
+
+
+def test_backoff_grows_and_caps() -> None:
+    b = Backoff(initial=1, maximum=8, factor=2, jitter=0)
+    assert [b.delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 8]
