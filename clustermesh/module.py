@@ -9,11 +9,15 @@ from clustermesh.tables import (
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
+    MANIFESTS,
+    NODE_ATTRIBUTES,
     NODES,
     SERVICES,
     global_services_table,
     identities_table,
     ipcache_table,
+    manifests_table,
+    node_attributes_table,
     nodes_table,
     services_table,
 )
@@ -28,6 +32,8 @@ class ClusterMesh:
         self.identities = hive.provide(IDENTITIES, identities_table())
         self.services = hive.provide(SERVICES, services_table())
         self.global_services = hive.provide(GLOBAL_SERVICES, global_services_table())
+        self.node_attributes = hive.provide(NODE_ATTRIBUTES, node_attributes_table())
+        self.manifests = hive.provide(MANIFESTS, manifests_table())
 
     async def start(self) -> None:
         pass

@@ -36,6 +36,9 @@ class EndpointManager:
         self.table: Table[str, Endpoint] = hive.provide(ENDPOINTS, endpoints_table())
         self.path: Path = hive.state_dir / "endpoints.json"
         self.config = config
+        self.mtu: int = agent.node.mtu
+        self.state_dir: Path = hive.state_dir
+        hive.routes.get("/v1/node", self._node)
         hive.routes.get("/v1/endpoints", self._list)
         hive.routes.post("/v1/endpoints", self._add)
         hive.routes.delete("/v1/endpoints/{id}", self._delete)
@@ -62,6 +65,9 @@ class EndpointManager:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps([e.__dict__ for e in self.table.all()], indent=1))
         os.replace(tmp, self.path)
+
+    async def _node(self, _q: dict[str, str], _b: Any) -> Any:
+        return {**self.local.__dict__, "mtu": self.mtu, "stateDir": str(self.state_dir)}
 
     async def _list(self, _q: dict[str, str], _b: Any) -> Any:
         return [e.__dict__ for e in self.table.all()]
