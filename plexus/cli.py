@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from plexus.commands import agent
-from plexus.core.api import ClientError
+from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
 COMMAND_GROUPS = [

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -143,3 +144,45 @@ def netns(prefix: str = "plx-t") -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    state_dir: Path
+    log: Path
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+def start_agent(workdir: Path, *, cluster: str = "east", cluster_id: int = 1, node: str = "n1",
+                ip: str = "172.31.1.11", pod_cidr: str = "10.1.1.0/24", extra: str = "",
+                metrics_port: int | None = None) -> AgentProcess:
+    """A real `plexus agent` process with its socket and state in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = workdir / "agent.sock"
+    cfg = workdir / "agent.yaml"
+    cfg.write_text(
+        f"cluster: {{name: {cluster}, id: {cluster_id}}}\n"
+        f"node: {{name: {node}, ip: {ip}, podCIDR: {pod_cidr}}}\n"
+        f"stateDir: {workdir / 'state'}\n"
+        f"apiSocket: {sock}\n"
+        f"metrics: {{port: {metrics_port if metrics_port else 'null'}}}\n" + extra)
+    log = workdir / "agent.log"
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config", str(cfg)],
+                                cwd=ROOT, stderr=logf)
+    agent = AgentProcess(proc, sock, workdir / "state", log)
+    try:
+        wait_until(lambda: sock.exists() or proc.poll() is not None, 30, what="agent socket")
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited: {log.read_text()[-2000:]}")
+    except BaseException:
+        agent.stop()
+        raise
+    return agent

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from plexus.core.api import Client
+from plexus.core.client import Client
 
 LAB_DIR = Path(os.environ.get("PLEXUS_LAB_DIR", "/var/lib/plexus-lab"))
 

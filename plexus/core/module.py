@@ -75,7 +75,8 @@ class Hive:
 
     def spawn(self, owner: str, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
         """Run `coro` under `owner`'s supervision: a crash is logged and marks health."""
-        task = asyncio.create_task(coro, name=f"{owner}:{name or coro.__qualname__}")
+        label = name or getattr(coro, "__qualname__", "task")
+        task = asyncio.create_task(coro, name=f"{owner}:{label}")
         self._tasks.setdefault(owner, set()).add(task)
         self.health.setdefault(owner, "ok")
 

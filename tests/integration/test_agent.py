@@ -8,28 +8,15 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from plexus.core.api import Client, ClientError
-from tests.support import free_port, stop_pid, wait_until
+from plexus.core.client import Client, ClientError
+from tests.support import free_port, start_agent, stop_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_agent(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = tmp_path / "agent.sock"
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"""
-cluster: {{name: east, id: 1}}
-node: {{name: n1, ip: 172.31.1.11, podCIDR: 10.1.1.0/24}}
-stateDir: {tmp_path / "state"}
-apiSocket: {sock}
-metrics: {{port: {metrics_port}}}
-""")
-    with open(tmp_path / "agent.log", "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config", str(cfg)],
-                                cwd=ROOT, stderr=logf)
-    wait_until(lambda: sock.exists() or proc.poll() is not None, 20, what="agent socket")
-    assert proc.poll() is None, (tmp_path / "agent.log").read_text()
-    return proc, sock
+def start(tmp_path: Path, metrics_port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    agent = start_agent(tmp_path, metrics_port=metrics_port)
+    return agent.proc, agent.socket
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,7 +26,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_agent_serves_status_metrics_and_endpoints(tmp_path: Path) -> None:
     port = free_port()
-    proc, sock = start_agent(tmp_path, port)
+    proc, sock = start(tmp_path, port)
     try:
         r = cli("status", "--socket", str(sock), "-o", "json")
         assert r.returncode == 0, r.stderr
@@ -66,7 +53,7 @@ def test_agent_serves_status_metrics_and_endpoints(tmp_path: Path) -> None:
     assert not sock.exists()
 
     # A restart restores what was registered.
-    proc, sock = start_agent(tmp_path, free_port())
+    proc, sock = start(tmp_path, free_port())
     try:
         assert [e["pod_name"] for e in Client(sock).get("/v1/endpoints")] == ["web"]
     finally:

@@ -1,0 +1,1 @@
+"""The Plexus CNI plugin (CNI spec 1.0) and the runtime-side helper that calls it."""

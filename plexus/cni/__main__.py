@@ -1,0 +1,5 @@
+import sys
+
+from plexus.cni.plugin import main
+
+sys.exit(main())
