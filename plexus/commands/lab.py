@@ -1,0 +1,175 @@
+"""`plexus lab up | status | down | pod add | pod del | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from plexus.commands.common import add_output_arg, emit, table
+from plexus.lab.lab import Lab
+from plexus.lab.ops import LabError, run
+from plexus.lab.topology import Node, pod_netns
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lab", help="the whole system on this machine, in network namespaces")
+    lab = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    lab.add_parser("up", help="build the lab (harmless when it is up)").set_defaults(func=_up)
+    s = lab.add_parser("status", help="what runs, what the agents say, the router's routes")
+    add_output_arg(s)
+    s.set_defaults(func=_status)
+    lab.add_parser("down", help="remove everything the lab made").set_defaults(func=_down)
+    lab.add_parser("demo", help="up, a few pods, a connectivity report").set_defaults(func=_demo)
+    pod = lab.add_parser("pod", help="pods, made through the CNI plugin")
+    pods = pod.add_subparsers(dest="pod_command", required=True, metavar="ACTION")
+    a = pods.add_parser("add", help="add a pod: plexus lab pod add east n1 web --labels app=web")
+    for name in ("cluster", "node", "pod"):
+        a.add_argument(name)
+    a.add_argument("--labels", default="", help="comma-separated key=value")
+    a.add_argument("--namespace", default="default")
+    a.set_defaults(func=_pod_add)
+    d = pods.add_parser("del", help="delete a pod")
+    for name in ("cluster", "node", "pod"):
+        d.add_argument(name)
+    d.set_defaults(func=_pod_del)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _labels(raw: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, raw.split(",")):
+        k, sep, v = part.partition("=")
+        if not sep or not k:
+            raise LabError(f"label {part!r} is not key=value")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _guard(fn: Any) -> Any:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except (LabError, KeyError) as e:
+            print(f"plexus lab: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
+@_guard
+def _up(_args: argparse.Namespace) -> int:
+    Lab(say=_say).up()
+    return 0
+
+
+@_guard
+def _down(_args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    for line in Lab(say=_say).down():
+        _say(f"  {line}")
+    _say(f"==> lab is down ({time.monotonic() - started:.1f}s)")
+    return 0
+
+
+def _render_status(s: dict[str, Any]) -> str:
+    out = ["namespaces: " + ", ".join(f"{k}{'' if v else ' (missing)'}"
+                                      for k, v in s["namespaces"].items())]
+    out.append(table([(n, p["netns"], p["pid"], "running" if p["alive"] else "DEAD")
+                      for n, p in s["processes"].items()], ["PROCESS", "NETNS", "PID", "STATE"]))
+    rows = []
+    for node, st in s["agents"].items():
+        if "error" in st:
+            rows.append((node, "unreachable", st["error"]))
+        else:
+            eps = st["modules"].get("endpoints", {}).get("endpoints", "?")
+            cm = st["modules"].get("clustermesh", {})
+            rows.append((node, "ok", f"endpoints={eps} mesh={json.dumps(cm, default=str)[:80]}"))
+    out.append(table(rows, ["AGENT", "STATE", "DETAIL"]))
+    if s["pods"]:
+        out.append(table([(p["cluster"], p["node"], p["pod"], p["ip"],
+                           ",".join(f"{k}={v}" for k, v in p["labels"].items()))
+                          for p in s["pods"].values()], ["CLUSTER", "NODE", "POD", "IP", "LABELS"]))
+    out.append("router routes (BIRD):\n" + s["router_routes"].strip())
+    return "\n\n".join(out)
+
+
+@_guard
+def _status(args: argparse.Namespace) -> int:
+    emit(args, Lab(say=_say).status(), _render_status)
+    return 0
+
+
+@_guard
+def _pod_add(args: argparse.Namespace) -> int:
+    pod = Lab(say=_say).pod_add(args.cluster, args.node, args.pod, _labels(args.labels),
+                                args.namespace)
+    _say(f"pod {args.pod} on {args.cluster}-{args.node}: {pod['ip']} "
+         f"(netns {pod_netns(Lab().topo.node(args.cluster, args.node), args.pod)})")
+    return 0
+
+
+@_guard
+def _pod_del(args: argparse.Namespace) -> int:
+    Lab(say=_say).pod_del(args.cluster, args.node, args.pod)
+    return 0
+
+
+def ping(from_ns: str, ip: str) -> bool:
+    return run("ping", "-c", "1", "-W", "2", ip, ns=from_ns, check=False).returncode == 0
+
+
+DEMO_PODS = [("east", "n1", "web", "app=web"), ("east", "n1", "client", "app=client"),
+             ("east", "n2", "api", "app=api"), ("west", "n1", "web", "app=web")]
+
+
+@_guard
+def _demo(_args: argparse.Namespace) -> int:
+    lab = Lab(say=_say)
+    lab.up()
+    existing = lab.pods()
+    _say("==> pods (through the CNI plugin, as a container runtime calls it)")
+    for cluster, node, pod, labels in DEMO_PODS:
+        ns = pod_netns(lab.topo.node(cluster, node), pod)
+        if ns not in existing:
+            lab.pod_add(cluster, node, pod, _labels(labels))
+    pods = lab.pods()
+    for ns, p in pods.items():
+        _say(f"  {p['cluster']}/{p['node']} {p['pod']:<8} {p['ip']:<12} netns {ns}")
+
+    def ip(cluster: str, node: str, pod: str) -> str:
+        return str(pods[pod_netns(lab.topo.node(cluster, node), pod)]["ip"])
+
+    client = pod_netns(lab.topo.node("east", "n1"), "client")
+    checks = [
+        ("pod -> pod, same node", client, ip("east", "n1", "web")),
+        ("pod -> pod, other node of east", client, ip("east", "n2", "api")),
+        ("pod -> pod, west cluster (via the router)", client, ip("west", "n1", "web")),
+        ("pod -> external server", client, lab.topo.external[0].ip),
+    ]
+    _say("==> connectivity")
+    ok = True
+    for what, src, dst in checks:
+        good = ping(src, dst)
+        ok &= good
+        _say(f"  {'ok  ' if good else 'FAIL'} {what}: {dst}")
+    for c in lab.topo.clusters:
+        for n in c.nodes:
+            good = lab._etcd_healthy(n.host.netns, c.etcd_url)
+            ok &= good
+            _say(f"  {'ok  ' if good else 'FAIL'} {n.key} -> etcd of {c.name} ({c.etcd_url})")
+    first: Node = lab.topo.nodes()[0]
+    _say(f"""
+==> explore
+  .venv/bin/plexus lab status                 # processes, agents, pods, router routes
+  .venv/bin/plexus status --node {first.key}        # one agent's view
+  ip netns exec {client} ping {ip('west', 'n1', 'web')}
+  ip netns exec plx-router birdc -s {lab.bird_socket()} show route
+  .venv/bin/plexus lab pod add east n2 db --labels app=db
+==> tear down
+  make down        (or: .venv/bin/plexus lab down)""")
+    return 0 if ok else 1

@@ -1,0 +1,1 @@
+"""The lab: the whole system on one machine, out of network namespaces."""

@@ -1,0 +1,115 @@
+"""The whole lab: up, up again, pods talk, status, down leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plexus.commands.common import LAB_DIR
+from plexus.lab import ops
+from plexus.lab.lab import Lab, State
+from plexus.lab.topology import pod_netns
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plexus(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "plexus", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def lab_namespaces() -> set[str]:
+    lab = Lab()
+    return {ns for ns in ops.namespaces() if ns.startswith("plx-") and
+            (ns in lab.topo.namespaces() or any(ns.startswith(f"plx-{n.key}-") for n in lab.topo.nodes()))}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if lab_namespaces():
+        pytest.fail("a lab is already up on this machine; run `plexus lab down` first")
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield Lab(say=lambda _line: None)
+    finally:
+        plexus("lab", "down")
+
+
+def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
+    before = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stderr
+    after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    assert before == after
+    assert len(after) == 1 + 2 + 4  # BIRD, two etcds, four agents
+
+
+def test_status_shows_everything_alive(lab: Lab) -> None:
+    r = plexus("lab", "status", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert all(s["namespaces"].values())
+    assert all(p["alive"] for p in s["processes"].values())
+    for node, st in s["agents"].items():
+        assert st.get("node") == node.split("-")[1], st
+    assert "10.2.1.0/24" in s["router_routes"]
+
+
+def test_every_node_reaches_its_cluster_etcd(lab: Lab) -> None:
+    for c in lab.topo.clusters:
+        for n in c.nodes:
+            assert lab._etcd_healthy(n.host.netns, c.etcd_url), n.key
+
+
+def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> None:
+    web = lab.pod_add("east", "n1", "web", {"app": "web"})
+    client = lab.pod_add("east", "n1", "client", {"app": "client"})
+    far = lab.pod_add("west", "n2", "db", {"app": "db"})
+    src = pod_netns(lab.topo.node("east", "n1"), "client")
+    for ip in (web["ip"], far["ip"]):
+        ops.run("ping", "-c", "1", "-W", "2", ip, ns=src)
+    assert client["ip"] != web["ip"]
+    # The CLI shows the pods and the agent has registered them.
+    r = plexus("status", "--node", "east-n1", "-o", "json")
+    assert json.loads(r.stdout)["modules"]["endpoints"]["endpoints"] == 2
+    r = plexus("lab", "pod", "del", "east", "n1", "web")
+    assert r.returncode == 0, r.stderr
+    assert pod_netns(lab.topo.node("east", "n1"), "web") not in ops.namespaces()
+
+
+def test_bad_pod_requests_are_refused(lab: Lab) -> None:
+    r = plexus("lab", "pod", "add", "east", "n9", "web")
+    assert r.returncode == 1 and "no lab node east n9" in r.stderr
+    r = plexus("lab", "pod", "add", "east", "n1", "Bad_Name")
+    assert r.returncode == 1 and "pod name" in r.stderr
+
+
+def test_root_namespace_gets_no_lab_address_or_route(lab: Lab) -> None:
+    addrs = subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    for net in ("172.31.", "198.51.100.", "10.1.", "10.2."):
+        assert net not in addrs and net not in routes
+
+
+def test_zz_down_leaves_nothing(lab: Lab) -> None:
+    pids = [(p.pid, p.marker) for p in State.load(lab.state_path).processes.values()]
+    bystander = "plx-tcbystander"  # not the lab's: down must leave it alone
+    ops.run("ip", "netns", "add", bystander)
+    try:
+        r = plexus("lab", "down")
+        assert r.returncode == 0, r.stderr
+        assert bystander in ops.namespaces()
+    finally:
+        ops.delete_netns(bystander)
+    assert lab_namespaces() == set()
+    assert not any(ops.alive(pid, marker) for pid, marker in pids)
+    assert not LAB_DIR.exists()
+    assert not Path("/sys/fs/bpf/plexus-lab").exists()
+    # down again is harmless
+    assert plexus("lab", "down").returncode == 0
