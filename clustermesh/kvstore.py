@@ -1,0 +1,324 @@
+"""The kvstore adapter: etcd v3 over gRPC, with TLS and failover across endpoints.
+
+The only module that talks to etcd. It speaks etcd's protocol directly through the
+protobuf stubs that aetcd ships (aetcd's own client has no TLS), so that watches,
+compaction and errors are handled here, explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+from aetcd import rpc
+from aetcd.rpc import rpc_pb2_grpc
+
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+PAGE = 5000
+
+
+class KvError(Exception):
+    """Any kvstore failure."""
+
+
+class Unavailable(KvError):
+    """No endpoint answered (down, unreachable, TLS refused)."""
+
+
+class PermissionDenied(KvError):
+    """The user (client certificate CN) may not do this."""
+
+
+class Compacted(KvError):
+    """A watch asked for a revision etcd no longer keeps; relist and watch again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted at {revision}")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes
+    mod_revision: int
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that selects every key starting with `prefix`."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _target(endpoints: Sequence[str]) -> tuple[str, bool]:
+    if not endpoints:
+        raise KvError("no etcd endpoints configured")
+    hosts, schemes = [], set()
+    for ep in endpoints:
+        u = urllib.parse.urlsplit(ep if "://" in ep else f"http://{ep}")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise KvError(f"etcd endpoint {ep!r} is not http(s)://host:port")
+        schemes.add(u.scheme)
+        hosts.append(f"{u.hostname}:{u.port or 2379}")
+    if len(schemes) > 1:
+        raise KvError("etcd endpoints mix http and https")
+    if all(h.split(":")[0].replace(".", "").isdigit() for h in hosts):
+        return "ipv4:" + ",".join(hosts), schemes == {"https"}
+    if len(hosts) > 1:
+        # name resolution picks one; several names need a resolver etcd does not ship
+        return f"dns:///{hosts[0]}", schemes == {"https"}
+    return hosts[0], schemes == {"https"}
+
+
+def _translate(e: grpc.aio.AioRpcError) -> KvError:
+    code = e.code()
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(e.details() or "permission denied")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED):
+        return Unavailable(e.details() or code.name)
+    return KvError(f"{code.name}: {e.details()}")
+
+
+class KvStore:
+    """An etcd client: get/list/put/delete, transactions, leases, watches."""
+
+    def __init__(self, endpoints: Sequence[str], tls: Tls | None = None,
+                 timeout: float = 5.0) -> None:
+        self.endpoints = list(endpoints)
+        self.tls = tls
+        self.timeout = timeout
+        self._target, self._secure = _target(self.endpoints)
+        if self._secure and tls is None:
+            raise KvError("https endpoints need a trusted CA (trusted-ca-file)")
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: Any = None
+        self._watch: Any = None
+        self._lease: Any = None
+        self._maintenance: Any = None
+
+    async def connect(self) -> None:
+        if self._channel is not None:
+            return
+        if self._secure:
+            assert self.tls is not None
+            try:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=self.tls.ca_file.read_bytes(),
+                    private_key=self.tls.key_file.read_bytes() if self.tls.key_file else None,
+                    certificate_chain=self.tls.cert_file.read_bytes() if self.tls.cert_file else None)
+            except OSError as e:
+                raise KvError(f"cannot read TLS material: {e}") from None
+            self._channel = grpc.aio.secure_channel(self._target, creds, options=_GRPC_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(self._target, options=_GRPC_OPTIONS)
+        self._kv = rpc_pb2_grpc.KVStub(self._channel)
+        self._watch = rpc_pb2_grpc.WatchStub(self._channel)
+        self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
+        self._maintenance = rpc_pb2_grpc.MaintenanceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> KvStore:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def _call(self, stub: str, method: str, request: Any,
+                    deadline: float | None = None) -> Any:
+        await self.connect()
+        try:
+            call = getattr(getattr(self, stub), method)
+            return await call(request, timeout=deadline or self.timeout, wait_for_ready=False)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+
+    # ---- reads ----------------------------------------------------------------------
+    async def status(self) -> int:
+        """The store's current revision; raises Unavailable when no endpoint answers."""
+        resp = await self._call("_maintenance", "Status", rpc.StatusRequest())
+        return int(resp.header.revision)
+
+    async def get(self, key: str) -> KV | None:
+        resp = await self._call("_kv", "Range", rpc.RangeRequest(key=key.encode()))
+        return _kv(resp.kvs[0]) if resp.kvs else None
+
+    async def list(self, prefix: str) -> tuple[list[KV], int]:
+        """Every key under `prefix` at one revision, fetched in pages."""
+        start = prefix.encode()
+        end = prefix_end(start)
+        out: list[KV] = []
+        revision = 0
+        while True:
+            req = rpc.RangeRequest(key=start, range_end=end, limit=PAGE, revision=revision)
+            resp = await self._call("_kv", "Range", req, deadline=max(self.timeout, 30))
+            if revision == 0:
+                revision = int(resp.header.revision)
+            out.extend(_kv(kv) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return out, revision
+            start = resp.kvs[-1].key + b"\0"
+
+    # ---- writes ---------------------------------------------------------------------
+    async def put(self, key: str, value: bytes | str, lease: int = 0) -> int:
+        resp = await self._call("_kv", "Put", rpc.PutRequest(
+            key=key.encode(), value=_bytes(value), lease=lease))
+        return int(resp.header.revision)
+
+    async def delete(self, key: str) -> bool:
+        resp = await self._call("_kv", "DeleteRange", rpc.DeleteRangeRequest(key=key.encode()))
+        return bool(resp.deleted)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        p = prefix.encode()
+        resp = await self._call("_kv", "DeleteRange",
+                                rpc.DeleteRangeRequest(key=p, range_end=prefix_end(p)))
+        return int(resp.deleted)
+
+    async def create(self, key: str, value: bytes | str, lease: int = 0) -> bool:
+        """Put only if the key does not exist; True when this call created it."""
+        cmp = rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL,
+                          target=rpc.Compare.CREATE, create_revision=0)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=_bytes(value),
+                                                       lease=lease))
+        resp = await self._call("_kv", "Txn", rpc.TxnRequest(compare=[cmp], success=[put]))
+        return bool(resp.succeeded)
+
+    async def create_many(self, items: Sequence[tuple[str, bytes | str]]) -> bool:
+        """Create every key, or none if any exists already (one transaction)."""
+        cmps = [rpc.Compare(key=k.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE,
+                            create_revision=0) for k, _ in items]
+        puts = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=_bytes(v)))
+                for k, v in items]
+        resp = await self._call("_kv", "Txn", rpc.TxnRequest(compare=cmps, success=puts))
+        return bool(resp.succeeded)
+
+    async def put_if_value(self, key: str, expected: bytes, value: bytes | str) -> bool:
+        cmp = rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE,
+                          value=expected)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=_bytes(value)))
+        resp = await self._call("_kv", "Txn", rpc.TxnRequest(compare=[cmp], success=[put]))
+        return bool(resp.succeeded)
+
+    async def delete_if_mod_revision(self, key: str, mod_revision: int) -> bool:
+        """Delete only if nobody changed the key since `mod_revision`."""
+        cmp = rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                          mod_revision=mod_revision)
+        op = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+        resp = await self._call("_kv", "Txn", rpc.TxnRequest(compare=[cmp], success=[op]))
+        return bool(resp.succeeded)
+
+    async def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> None:
+        """Write many keys in transactions of up to 128 puts (etcd's default limit)."""
+        for i in range(0, len(items), 128):
+            ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=_bytes(v)))
+                   for k, v in items[i:i + 128]]
+            await self._call("_kv", "Txn", rpc.TxnRequest(success=ops), deadline=30)
+
+    # ---- leases ---------------------------------------------------------------------
+    async def grant(self, ttl: int) -> int:
+        resp = await self._call("_lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl))
+        return int(resp.ID)
+
+    async def keepalive_once(self, lease: int) -> int:
+        """Refresh a lease; returns the remaining TTL (0 when the lease is gone)."""
+        await self.connect()
+
+        async def one() -> AsyncIterator[Any]:
+            yield rpc.LeaseKeepAliveRequest(ID=lease)
+
+        try:
+            call = self._lease.LeaseKeepAlive(one(), timeout=self.timeout)
+            async for resp in call:
+                return int(resp.TTL)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+        return 0
+
+    # ---- watch ----------------------------------------------------------------------
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[tuple[list[Event], int]]:
+        """Yield (events, revision) for keys under `prefix` from `start_revision` on.
+
+        Raises Unavailable when the stream breaks and Compacted when the revision is gone;
+        the caller relists. Progress notifications arrive as empty event lists.
+        """
+        await self.connect()
+        p = prefix.encode()
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            yield rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=p, range_end=prefix_end(p), start_revision=start_revision,
+                progress_notify=True))
+            await done.wait()
+
+        call = self._watch.Watch(requests())
+        try:
+            async for resp in call:
+                if resp.compact_revision:
+                    raise Compacted(int(resp.compact_revision))
+                if resp.canceled:
+                    reason = resp.cancel_reason or "watch canceled by the server"
+                    if "permission denied" in reason:
+                        raise PermissionDenied(reason)
+                    raise KvError(reason)
+                if resp.created and not resp.events:
+                    continue
+                events = [Event("delete" if ev.type == 1 else "put", ev.kv.key.decode(errors="replace"),
+                                ev.kv.value, int(ev.kv.mod_revision)) for ev in resp.events]
+                yield events, int(resp.header.revision)
+            raise Unavailable("watch stream ended")
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+        finally:
+            done.set()
+            call.cancel()
+
+
+def _bytes(v: bytes | str) -> bytes:
+    return v.encode() if isinstance(v, str) else v
+
+
+def _kv(kv: Any) -> KV:
+    return KV(kv.key.decode(errors="replace"), kv.value, int(kv.mod_revision),
+              int(kv.create_revision), int(kv.lease))
