@@ -475,3 +475,57 @@ class ClusterService:
             shared=bool(obj.get("shared", True)),
             cluster_id=_want(obj, "clusterID", int, what, required=False, default=0),
         )
+
+
+# ---- registrations: what agents tell their cluster's apiserver ------------------------
+
+REGISTRATIONS_PREFIX = f"{PLEXUS_PREFIX}/registrations/v1"
+
+
+def node_registration_key(cluster: str, node: str) -> str:
+    return f"{REGISTRATIONS_PREFIX}/{cluster}/nodes/{node}"
+
+
+def endpoint_registration_key(cluster: str, node: str, container_id: str) -> str:
+    return f"{REGISTRATIONS_PREFIX}/{cluster}/endpoints/{node}/{container_id}"
+
+
+@dataclass(frozen=True)
+class EndpointRegistration:
+    ip: str
+    namespace: str
+    pod_name: str
+    labels: dict[str, str]
+    node: str
+    host_ip: str
+    ipv6: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"ip": self.ip, "ipv6": self.ipv6, "namespace": self.namespace,
+                           "podName": self.pod_name, "labels": self.labels, "node": self.node,
+                           "hostIP": self.host_ip})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> EndpointRegistration:
+        what = "endpoint registration"
+        obj = _loads(raw, what)
+        if not isinstance(obj, dict):
+            raise InvalidValue(f"{what}: expected an object")
+        ipv6 = obj.get("ipv6")
+        return cls(
+            ip=_ip(_want(obj, "ip", str, what), what),
+            namespace=_want(obj, "namespace", str, what),
+            pod_name=_want(obj, "podName", str, what),
+            labels=_string_map(obj.get("labels"), f"{what}: labels"),
+            node=_want(obj, "node", str, what),
+            host_ip=_ip(_want(obj, "hostIP", str, what), what),
+            ipv6=_ip(ipv6, what) if isinstance(ipv6, str) and ipv6 else None,
+        )
+
+
+def synced_key(cluster: str, prefix: str) -> str:
+    return f"{SYNCED_PREFIX}/{cluster}/{prefix}"
+
+
+SYNCED_PREFIXES = (NODES_PREFIX, SERVICES_PREFIX, IDENTITIES_PREFIX.rsplit("/", 1)[0],
+                   IPCACHE_PREFIX.rsplit("/", 1)[0])

@@ -1,14 +1,35 @@
-"""ClusterMesh: the merged tables of every connected cluster."""
+"""ClusterMesh: this cluster's and every remote cluster's state, merged into tables.
+
+Watches the own cluster's etcd and one etcd per file in the clustermesh config directory
+(added, changed and removed files are picked up without a restart), registers this node
+and its endpoints for the cluster's apiserver, merges global services, and routes directly
+to the pod CIDRs of same-segment nodes of this cluster.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from clustermesh.config import ClusterMeshConfig
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from clustermesh.config import ClusterMeshConfig, EtcdSection, RemoteClusterFile
+from clustermesh.kvstore import KvError, KvStore, Tls
+from clustermesh.models import InvalidValue, Node, NodeAddress, check_cluster_name
+from clustermesh.ops import DirectRoute, EndpointRegistrationOps, NodeRegistrationOps, RouteOps
+from clustermesh.remote import ClusterWatcher, MeshTables
+from clustermesh.services import merge
 from clustermesh.tables import (
+    ENDPOINTS,
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
+    LOCAL_NODE,
     MANIFESTS,
     NODE_ATTRIBUTES,
     NODES,
@@ -21,29 +42,255 @@ from clustermesh.tables import (
     nodes_table,
     services_table,
 )
+from plexus.core.api import ApiError
+from plexus.core.config import ConfigError, load
 from plexus.core.module import Hive, Module
+from plexus.core.reconciler import Reconciler
+from plexus.core.tables import Table
+
+log = logging.getLogger(__name__)
+
+
+def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
+    return Tls(ca, cert, key) if ca is not None else None
+
+
+class _Remote:
+    def __init__(self, watcher: ClusterWatcher, task: asyncio.Task[None], digest: str) -> None:
+        self.watcher = watcher
+        self.task = task
+        self.digest = digest
 
 
 class ClusterMesh:
     def __init__(self, hive: Hive, config: ClusterMeshConfig) -> None:
+        self.hive = hive
         self.config = config
-        self.nodes = hive.provide(NODES, nodes_table())
-        self.ipcache = hive.provide(IPCACHE, ipcache_table())
-        self.identities = hive.provide(IDENTITIES, identities_table())
-        self.services = hive.provide(SERVICES, services_table())
+        self.local = hive.require(LOCAL_NODE)
+        self.endpoints = hive.require(ENDPOINTS)
+        self.tables = MeshTables(
+            nodes=hive.provide(NODES, nodes_table()),
+            ipcache=hive.provide(IPCACHE, ipcache_table()),
+            identities=hive.provide(IDENTITIES, identities_table()),
+            services=hive.provide(SERVICES, services_table()),
+            manifests=hive.provide(MANIFESTS, manifests_table()))
         self.global_services = hive.provide(GLOBAL_SERVICES, global_services_table())
         self.node_attributes = hive.provide(NODE_ATTRIBUTES, node_attributes_table())
-        self.manifests = hive.provide(MANIFESTS, manifests_table())
+        self.own_node: Table[str, Node] = Table("own-node", key=lambda n: n.name)
+        self.routes: Table[str, DirectRoute] = Table("direct-routes", key=lambda r: r.key)
+        self.enabled = bool(config.etcd.endpoints)
+        self._init_done = [t.register_initializer("clustermesh") for t in
+                           (self.tables.nodes, self.tables.ipcache, self.tables.identities,
+                            self.tables.services, self.tables.manifests)] if self.enabled else []
+        self.remotes: dict[str, _Remote] = {}
+        self.config_errors: dict[str, str] = {}
+        self.reconcilers: list[Reconciler[Any, Any]] = []
+        self.kv: KvStore | None = None
+        hive.routes.get("/v1/clustermesh/status", self._status_api)
+        hive.metrics.registry.register(_MeshCollector(self))
 
+    # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
-        pass
+        if not self.enabled:
+            log.info("clustermesh: no etcd configured, standalone node")
+            return
+        e: EtcdSection = self.config.etcd
+        self.kv = KvStore(e.endpoints, _tls(e.trusted_ca_file, e.cert_file, e.key_file))
+        owner = "clustermesh"
+        own = self._watcher(self.local.cluster, self.kv)
+        self.remotes[self.local.cluster] = _Remote(own, self.hive.spawn(owner, own.run(), "own"), "")
+        metrics = self.hive.metrics.reconciler
+        self.reconcilers = [
+            Reconciler("node-registration", self.own_node, NodeRegistrationOps(self.kv),
+                       metrics=metrics),
+            Reconciler("endpoint-registration", self.endpoints,
+                       EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
+                                               self.local.ip), metrics=metrics),
+        ]
+        if self.config.direct_routes:
+            self.reconcilers.append(Reconciler("direct-routes", self.routes, RouteOps(),
+                                               metrics=metrics))
+        for rec in self.reconcilers:
+            self.hive.spawn(owner, rec.run(), rec.name)
+        self.hive.spawn(owner, self._publish_own_node(), "own-node")
+        self.hive.spawn(owner, self._merge_services(), "global-services")
+        self.hive.spawn(owner, self._derive_routes(), "routes")
+        if self.config.config_dir is not None:
+            self._scan_config_dir()
+            self.hive.spawn(owner, self._watch_config_dir(), "config-dir")
+        self.hive.spawn(owner, self._initial_sync(), "initial-sync")
 
     async def stop(self) -> None:
-        pass
+        # Stop is not remove: registrations and routes stay; tasks end with the hive.
+        if self.kv is not None:
+            await self.hive.cancel_tasks("clustermesh")
+            await self.kv.close()
+            for r in self.remotes.values():
+                if r.watcher.kv is not self.kv:
+                    await r.watcher.kv.close()
+
+    def _watcher(self, name: str, kv: KvStore) -> ClusterWatcher:
+        return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
+                              local_id=self.local.cluster_id, ids_in_use=self._ids_in_use)
+
+    def _ids_in_use(self, asking: str) -> dict[int, str]:
+        return {r.watcher.status.cluster_id: name for name, r in self.remotes.items()
+                if name != asking and r.watcher.status.cluster_id is not None
+                and r.watcher.status.connected}
+
+    async def _initial_sync(self) -> None:
+        """Open the tables to pruning once every cluster known at start is ready."""
+        for r in list(self.remotes.values()):
+            await r.watcher.ready_event.wait()
+        for done in self._init_done:
+            done()
+        log.info("clustermesh: initial sync of %d cluster(s) complete", len(self.remotes))
+
+    # ---- own node -------------------------------------------------------------------
+    def _node_record(self) -> Node:
+        attrs = {a.name: a.value for a in self.node_attributes}
+        return Node(name=self.local.name, cluster=self.local.cluster,
+                    cluster_id=self.local.cluster_id,
+                    addresses=(NodeAddress("InternalIP", self.local.ip),),
+                    ipv4_alloc_cidr=self.local.pod_cidr, ipv6_alloc_cidr=self.local.pod_cidr_v6,
+                    labels=dict(self.local.labels),
+                    wireguard_pubkey=attrs.get("WireguardPubKey", ""), source="plexus")
+
+    async def _publish_own_node(self) -> None:
+        self.own_node.upsert(self._node_record())
+        async for _ in self.node_attributes.watch():
+            self.own_node.upsert(self._node_record())
+
+    # ---- derived tables -------------------------------------------------------------
+    async def _merge_services(self) -> None:
+        async for _ in self.tables.services.watch():
+            merged = merge(self.tables.services.all(), self.local.cluster)
+            self.global_services.replace_where(lambda _r: True, merged)
+
+    async def _derive_routes(self) -> None:
+        async for _ in self.tables.nodes.watch():
+            rows = []
+            for n in self.tables.nodes.where(lambda n: n.cluster == self.local.cluster
+                                             and n.name != self.local.name):
+                via = n.internal_ip()
+                if via and n.ipv4_alloc_cidr:
+                    rows.append(DirectRoute(n.ipv4_alloc_cidr, via))
+            self.routes.replace_where(lambda _r: True, rows)
+
+    # ---- remote clusters ------------------------------------------------------------
+    def _read_remote(self, path: Path) -> tuple[RemoteClusterFile, str]:
+        raw = path.read_bytes()
+        return load(RemoteClusterFile, path), hashlib.sha256(raw).hexdigest()
+
+    def _scan_config_dir(self) -> None:
+        d = self.config.config_dir
+        assert d is not None
+        present: dict[str, Path] = {}
+        if d.is_dir():
+            for f in sorted(d.iterdir()):
+                name = f.name.removesuffix(".yaml")
+                if f.is_file() and not f.name.startswith(".") and f.suffix not in (".crt", ".key", ".pem"):
+                    present[name] = f
+        for name in [n for n in self.remotes if n != self.local.cluster and n not in present]:
+            self._remove_remote(name)
+            self.config_errors.pop(name, None)
+        for stale in [n for n in self.config_errors if n not in present]:
+            self.config_errors.pop(stale)
+        for name, path in present.items():
+            if name == self.local.cluster:
+                self.config_errors[name] = f"{path}: names the local cluster"
+                continue
+            try:
+                check_cluster_name(name)
+                cfg, digest = self._read_remote(path)
+                kv = KvStore(cfg.endpoints, _tls(cfg.trusted_ca_file, cfg.cert_file, cfg.key_file))
+            except (ConfigError, KvError, OSError, InvalidValue) as e:
+                if self.config_errors.get(name) != str(e):
+                    log.error("clustermesh config for remote=%s rejected: %s", name, e)
+                self.config_errors[name] = str(e)
+                continue  # a bad file never takes down a working connection
+            self.config_errors.pop(name, None)
+            current = self.remotes.get(name)
+            if current is not None and current.digest == digest:
+                continue
+            if current is not None:
+                log.info("clustermesh config for remote=%s changed: reconnecting", name)
+                current.task.cancel()
+                self.hive.spawn("clustermesh", current.watcher.kv.close(), f"close-{name}")
+            watcher = self._watcher(name, kv)
+            if current is not None:  # keep what was learned; the relist replaces it
+                watcher.status.cluster_id = current.watcher.status.cluster_id
+            self.remotes[name] = _Remote(watcher, self.hive.spawn("clustermesh", watcher.run(), name),
+                                         digest)
+            log.info("clustermesh: connecting to remote=%s", name)
+
+    def _remove_remote(self, name: str) -> None:
+        r = self.remotes.pop(name)
+        r.task.cancel()
+        r.watcher.drain()
+        self.hive.spawn("clustermesh", r.watcher.kv.close(), f"close-{name}")
+        log.info("clustermesh: remote=%s removed and drained", name)
+
+    async def _watch_config_dir(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.config_poll_interval)
+            self._scan_config_dir()
+
+    # ---- status ---------------------------------------------------------------------
+    def remote_status(self) -> dict[str, Any]:
+        out = {name: {**r.watcher.status.as_dict(self.tables), "local": name == self.local.cluster}
+               for name, r in self.remotes.items()}
+        for name, err in self.config_errors.items():
+            out.setdefault(name, {"name": name, "ready": False, "connected": False})
+            out[name]["configError"] = err
+        return out
+
+    async def _status_api(self, q: dict[str, str], _b: Any) -> Any:
+        data = self.remote_status()
+        if "cluster" in q:
+            if q["cluster"] not in data:
+                raise ApiError(404, f"no cluster {q['cluster']}")
+            return data[q["cluster"]]
+        return {"enabled": self.enabled, "localCluster": self.local.cluster, "clusters": data,
+                "globalServices": len(self.global_services),
+                "registration": {r.name: r.summary() for r in self.reconcilers}}
 
     def status(self) -> dict[str, Any]:
-        return {"nodes": len(self.nodes), "endpoints": len(self.ipcache),
-                "identities": len(self.identities), "services": len(self.services)}
+        remotes = {n: r.watcher.status for n, r in self.remotes.items()}
+        return {"enabled": self.enabled,
+                "clusters": {n: ("ready" if s.ready else "connected" if s.connected else "down")
+                             for n, s in remotes.items()},
+                "nodes": len(self.tables.nodes), "endpoints": len(self.tables.ipcache),
+                "identities": len(self.tables.identities), "services": len(self.tables.services)}
+
+
+class _MeshCollector(Collector):
+    """Per-cluster metrics read at scrape time, labelled by target_cluster."""
+
+    def __init__(self, mesh: ClusterMesh) -> None:
+        self.mesh = mesh
+
+    def collect(self) -> Iterator[Any]:
+        ready = GaugeMetricFamily("plexus_clustermesh_remote_ready",
+                                  "1 when the cluster's initial sync is complete.", labels=["target_cluster"])
+        entries = GaugeMetricFamily("plexus_clustermesh_remote_entries",
+                                    "Entries learned from the cluster.", labels=["target_cluster", "kind"])
+        failures = CounterMetricFamily("plexus_clustermesh_remote_failures",
+                                       "Connection failures.", labels=["target_cluster"])
+        invalid = CounterMetricFamily("plexus_clustermesh_remote_invalid_entries",
+                                      "Values rejected by validation.", labels=["target_cluster"])
+        events = CounterMetricFamily("plexus_clustermesh_remote_events",
+                                     "Watch events received.", labels=["target_cluster"])
+        for name, r in list(self.mesh.remotes.items()):
+            st = r.watcher.status
+            d = st.as_dict(self.mesh.tables)
+            ready.add_metric([name], 1.0 if st.ready else 0.0)
+            for kind in ("nodes", "endpoints", "identities", "services"):
+                entries.add_metric([name, kind], float(d[kind]))
+            failures.add_metric([name], float(st.failures))
+            invalid.add_metric([name], float(st.invalid_entries))
+            events.add_metric([name], float(st.events))
+        yield from (ready, entries, failures, invalid, events)
 
 
 module = Module(name="clustermesh", doc=__doc__ or "", config=ClusterMeshConfig,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, lab
+from plexus.commands import agent, clustermesh, lab
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
 COMMAND_GROUPS = [
     agent,
     lab,
+    clustermesh,
 ]
 
 

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 async def eventually(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-                     what: str = "") -> Any:
+                     what: str | Callable[[], str] = "") -> Any:
     """Poll `cond` (sync or async) until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -36,7 +36,8 @@ async def eventually(cond: Callable[[], Any], timeout: float = 10.0, interval: f
         except AssertionError as e:
             last_exc = e
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {what or cond}") from last_exc
+            desc = what() if callable(what) else (what or cond)
+            raise AssertionError(f"condition not met within {timeout}s: {desc}") from last_exc
         await asyncio.sleep(interval)
 
 
@@ -186,3 +187,31 @@ def start_agent(workdir: Path, *, cluster: str = "east", cluster_id: int = 1, no
         agent.stop()
         raise
     return agent
+
+
+@contextmanager
+def etcd_cluster(size: int = 3) -> Iterator[list[Etcd]]:
+    """A real multi-member etcd cluster on loopback."""
+    tmp = Path(tempfile.mkdtemp(prefix="plexus-etcd-cluster-"))
+    members = [Etcd(f"m{i}", f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}",
+                    tmp / f"m{i}") for i in range(size)]
+    initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
+    procs = []
+    try:
+        for m in members:
+            log = open(tmp / f"{m.name}.log", "ab")
+            m.proc = subprocess.Popen(
+                ["etcd", "--name", m.name, "--data-dir", str(m.data_dir),
+                 "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
+                 "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+                 "--initial-cluster", initial, "--initial-cluster-state", "new",
+                 "--logger", "zap", "--log-level", "error"], stdout=log, stderr=log)
+            log.close()
+            procs.append(m.proc)
+        for m in members:
+            wait_until(m.healthy, 30, what=f"etcd member {m.name} healthy")
+        yield members
+    finally:
+        for m in members:
+            m.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""The cluster side: publish a cluster's state into its etcd in Cilium's layout.
+
+Sources are the agents' registrations (nodes, endpoints) and the Service manifests applied
+with `plexus apply`. From them the apiserver computes the desired `cilium/state/...` keys
+(allocating identities on the way) and writes only the difference; once the first full
+pass is written it sets the sync canaries that remote clusters wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from clustermesh.identity import Allocator, GarbageCollector
+from clustermesh.kvstore import Compacted, KvError, KvStore
+from clustermesh.manifests import MANIFESTS_PREFIX, Service
+from clustermesh.models import (
+    CLUSTER_CONFIG_PREFIX,
+    HEARTBEAT_KEY,
+    IPCACHE_PREFIX,
+    NODES_PREFIX,
+    REGISTRATIONS_PREFIX,
+    SERVICES_PREFIX,
+    SYNCED_PREFIXES,
+    ClusterConfig,
+    ClusterService,
+    EndpointRegistration,
+    InvalidValue,
+    IPIdentity,
+    L4Addr,
+    Node,
+    identity_labels,
+    synced_key,
+)
+from plexus.core.config import ConfigError, parse
+from plexus.core.log import Fields
+
+HEARTBEAT_TTL = 180
+
+
+@dataclass
+class Sources:
+    nodes: dict[str, Node] = field(default_factory=dict)  # by registration key
+    endpoints: dict[str, EndpointRegistration] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # key -> why
+
+
+class ApiServer:
+    def __init__(self, kv: KvStore, cluster: str, cluster_id: int, *,
+                 gc_grace: float = 300.0, gc_interval: float = 30.0,
+                 heartbeat_interval: float = 60.0) -> None:
+        self.kv = kv
+        self.cluster = cluster
+        self.cluster_id = cluster_id
+        self.allocator = Allocator(kv, cluster_id)
+        self.gc = GarbageCollector(self.allocator, gc_grace)
+        self.gc_interval = gc_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.sources = Sources()
+        self.published: dict[str, bytes] = {}
+        self.synced = asyncio.Event()
+        self.log = Fields(logging.getLogger(__name__), {"cluster": cluster})
+        self._dirty = asyncio.Event()
+        self.reg_prefix = f"{REGISTRATIONS_PREFIX}/{cluster}/"
+        self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
+
+    # ---- desired state --------------------------------------------------------------
+    async def desired(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for node in self.sources.nodes.values():
+            out[f"{NODES_PREFIX}/{self.cluster}/{node.name}"] = node.to_json().encode()
+        by_ns: dict[str, list[EndpointRegistration]] = {}
+        for ep in self.sources.endpoints.values():
+            ident = await self.allocator.allocate(identity_labels(self.cluster, ep.namespace, ep.labels))
+            for ip in filter(None, (ep.ip, ep.ipv6)):
+                out[f"{IPCACHE_PREFIX}/{ip}"] = IPIdentity(
+                    ip=ip, identity=ident, host_ip=ep.host_ip, namespace=ep.namespace,
+                    pod_name=ep.pod_name).to_json().encode()
+            by_ns.setdefault(ep.namespace, []).append(ep)
+        for svc in self.sources.services.values():
+            if not svc.is_global:
+                continue
+            cs = self._cluster_service(svc, by_ns.get(svc.metadata.namespace, []))
+            out[cs.kv_key] = cs.to_json().encode()
+        return out
+
+    def _cluster_service(self, svc: Service, endpoints: list[EndpointRegistration]) -> ClusterService:
+        spec = svc.spec
+        frontend_ports = {p.name or str(p.port): L4Addr(p.protocol, p.port) for p in spec.ports}
+        backend_ports = {p.name or str(p.port): L4Addr(p.protocol, p.target_port or p.port)
+                         for p in spec.ports}
+        frontends = {}
+        for ip in [spec.cluster_ip, spec.load_balancer_ip, *spec.external_ips]:
+            if ip is not None:
+                frontends[str(ip)] = frontend_ports
+        backends: dict[str, dict[str, L4Addr]] = {}
+        if spec.selector:
+            for ep in endpoints:
+                if all(ep.labels.get(k) == v for k, v in spec.selector.items()):
+                    backends[ep.ip] = backend_ports
+        for b in spec.backends:
+            backends[str(b.ip)] = backend_ports
+        labels = {**svc.metadata.labels, "service.cilium.io/affinity": svc.affinity,
+                  "service.plexus.io/external-traffic-policy": spec.external_traffic_policy}
+        if spec.load_balancer_ip is not None:
+            labels["service.plexus.io/load-balancer-ip"] = str(spec.load_balancer_ip)
+        if spec.external_ips:
+            labels["service.plexus.io/external-ips"] = ",".join(map(str, spec.external_ips))
+        return ClusterService(
+            cluster=self.cluster, namespace=svc.metadata.namespace, name=svc.metadata.name,
+            frontends=frontends, backends=backends, labels=labels, selector=dict(spec.selector),
+            shared=svc.is_shared, cluster_id=self.cluster_id)
+
+    async def sync(self) -> int:
+        """Write the difference between desired and published; returns writes done."""
+        want = await self.desired()
+        puts = [(k, v) for k, v in want.items() if self.published.get(k) != v]
+        gone = [k for k in self.published if k not in want]
+        if puts:
+            await self.kv.put_many(puts)
+        for k in gone:
+            await self.kv.delete(k)
+        self.published = want
+        if puts or gone:
+            self.log.info("published puts=%d deletes=%d", len(puts), len(gone))
+        return len(puts) + len(gone)
+
+    # ---- sources --------------------------------------------------------------------
+    def _apply(self, key: str, value: bytes | None) -> None:
+        src = self.sources
+        src.rejected.pop(key, None)
+        for table in (src.nodes, src.endpoints, src.services):
+            table.pop(key, None)  # type: ignore[attr-defined]
+        if value is None:
+            return
+        try:
+            if key.startswith(self.reg_prefix + "nodes/"):
+                node = Node.from_json(value)
+                if node.name != key.rsplit("/", 1)[1]:
+                    raise InvalidValue(f"node record names {node.name!r}, key says otherwise")
+                src.nodes[key] = Node(
+                    name=node.name, cluster=self.cluster, cluster_id=self.cluster_id,
+                    addresses=node.addresses, ipv4_alloc_cidr=node.ipv4_alloc_cidr,
+                    ipv6_alloc_cidr=node.ipv6_alloc_cidr, labels=node.labels,
+                    wireguard_pubkey=node.wireguard_pubkey, source="plexus")
+            elif key.startswith(self.reg_prefix + "endpoints/"):
+                src.endpoints[key] = EndpointRegistration.from_json(value)
+            elif key.startswith(self.svc_prefix):
+                svc = parse(Service, json.loads(value), key)
+                if key != f"{self.svc_prefix}{svc.metadata.namespace}/{svc.metadata.name}":
+                    raise InvalidValue("manifest key does not match its namespace/name")
+                src.services[key] = svc
+        except (InvalidValue, ConfigError, ValueError) as e:
+            src.rejected[key] = str(e)
+            self.log.warning("rejected key=%s: %s", key, e)
+
+    async def _follow(self, prefix: str, listed: Callable[[], Awaitable[None]]) -> None:
+        first = True
+        while True:
+            items, rev = await self.kv.list(prefix)
+            fresh = {i.key for i in items}
+            for stale in [k for k in self._known(prefix) if k not in fresh]:
+                self._apply(stale, None)
+            for item in items:
+                self._apply(item.key, item.value)
+            self._dirty.set()
+            if first:
+                await listed()
+                first = False
+            try:
+                async for events, _ in self.kv.watch(prefix, rev + 1):
+                    for ev in events:
+                        self._apply(ev.key, ev.value if ev.kind == "put" else None)
+                    if events:
+                        self._dirty.set()
+            except Compacted:
+                continue
+
+    def _known(self, prefix: str) -> list[str]:
+        src = self.sources
+        keys = list(src.nodes) + list(src.endpoints) + list(src.services) + list(src.rejected)
+        return [k for k in keys if k.startswith(prefix)]
+
+    # ---- run ------------------------------------------------------------------------
+    async def _adopt_published(self) -> None:
+        """Start from what a previous run published, so stale keys are removed."""
+        mine = [f"{NODES_PREFIX}/{self.cluster}/", f"{SERVICES_PREFIX}/{self.cluster}/",
+                f"{IPCACHE_PREFIX}/"]
+        for prefix in mine:
+            items, _ = await self.kv.list(prefix)
+            self.published.update({i.key: i.value for i in items})
+
+    async def _heartbeat(self) -> None:
+        lease = 0
+        while True:
+            try:
+                if not lease or await self.kv.keepalive_once(lease) <= 0:
+                    lease = await self.kv.grant(HEARTBEAT_TTL)
+                now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                await self.kv.put(HEARTBEAT_KEY, now, lease=lease)
+            except KvError as e:
+                self.log.warning("heartbeat failed: %s", e)
+                lease = 0
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _gc(self) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval)
+            in_use = {json.loads(v)["ID"] for k, v in self.published.items()
+                      if k.startswith(IPCACHE_PREFIX + "/")}
+            try:
+                await self.gc.collect(in_use)
+            except KvError as e:
+                self.log.warning("identity gc failed: %s", e)
+
+    async def run(self) -> None:
+        await self.kv.put(f"{CLUSTER_CONFIG_PREFIX}/{self.cluster}",
+                          ClusterConfig(id=self.cluster_id).to_json())
+        await self._adopt_published()
+        listed = {"registrations": asyncio.Event(), "services": asyncio.Event()}
+
+        def done(name: str) -> Callable[[], Awaitable[None]]:
+            async def mark() -> None:
+                listed[name].set()
+            return mark
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._heartbeat())
+            tg.create_task(self._follow(self.reg_prefix, done("registrations")))
+            tg.create_task(self._follow(self.svc_prefix, done("services")))
+            for ev in listed.values():
+                await ev.wait()
+            await self.sync()
+            for prefix in SYNCED_PREFIXES:
+                await self.kv.put(synced_key(self.cluster, prefix),
+                                  datetime.datetime.now(datetime.UTC).isoformat())
+            self.synced.set()
+            self.log.info("initial sync done: canaries written")
+            tg.create_task(self._gc())
+            while True:
+                await self._dirty.wait()
+                await asyncio.sleep(0.01)  # let a burst of events land in one pass
+                self._dirty.clear()
+                await self.sync()
+
+    def status(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "id": self.cluster_id, "synced": self.synced.is_set(),
+                "nodes": len(self.sources.nodes), "endpoints": len(self.sources.endpoints),
+                "services": len(self.sources.services), "rejected": dict(self.sources.rejected),
+                "published": len(self.published)}
+

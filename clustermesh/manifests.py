@@ -1,0 +1,86 @@
+"""User manifests ClusterMesh owns: the Kubernetes-shaped Service with Cilium's annotations."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from plexus.core.config import Strict
+
+MANIFESTS_PREFIX = "plexus/manifests/v1"
+ANNOTATION_GLOBAL = "service.cilium.io/global"
+ANNOTATION_SHARED = "service.cilium.io/shared"
+ANNOTATION_AFFINITY = "service.cilium.io/affinity"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+
+
+def manifest_key(cluster: str, kind: str, namespace: str, name: str) -> str:
+    return f"{MANIFESTS_PREFIX}/{cluster}/{kind}/{namespace}/{name}"
+
+
+class Metadata(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    namespace: str = Field("default", pattern=NAME_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class ServicePort(Strict):
+    name: str = ""
+    protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
+    port: int = Field(ge=1, le=65535)
+    target_port: int | None = Field(None, ge=1, le=65535)
+
+
+class ExplicitBackend(Strict):
+    """A backend given by address, for workloads no endpoint registration covers."""
+
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ServiceSpec(Strict):
+    cluster_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = Field(None, alias="clusterIP")
+    type: Literal["ClusterIP", "LoadBalancer", "NodePort"] = "ClusterIP"
+    selector: dict[str, str] = Field(default_factory=dict)
+    ports: list[ServicePort] = Field(min_length=1)
+    external_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = Field(
+        default_factory=list, alias="externalIPs")
+    load_balancer_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = Field(
+        None, alias="loadBalancerIP")
+    external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
+    backends: list[ExplicitBackend] = Field(default_factory=list)
+
+
+class Service(Strict):
+    api_version: Literal["v1"]
+    kind: Literal["Service"]
+    metadata: Metadata
+    spec: ServiceSpec
+
+    @field_validator("metadata")
+    @classmethod
+    def _annotations(cls, m: Metadata) -> Metadata:
+        for key in (ANNOTATION_GLOBAL, ANNOTATION_SHARED):
+            if key in m.annotations and m.annotations[key] not in ("true", "false"):
+                raise ValueError(f"annotation {key} must be \"true\" or \"false\"")
+        aff = m.annotations.get(ANNOTATION_AFFINITY, "none")
+        if aff not in ("local", "remote", "none"):
+            raise ValueError(f"annotation {ANNOTATION_AFFINITY} must be local, remote or none")
+        return m
+
+    @property
+    def is_global(self) -> bool:
+        return self.metadata.annotations.get(ANNOTATION_GLOBAL) == "true"
+
+    @property
+    def is_shared(self) -> bool:
+        return self.metadata.annotations.get(ANNOTATION_SHARED, "true") == "true"
+
+    @property
+    def affinity(self) -> str:
+        return self.metadata.annotations.get(ANNOTATION_AFFINITY, "none")
+
+
+MANIFEST_KINDS: dict[str, type[Strict]] = {"Service": Service}

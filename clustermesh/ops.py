@@ -1,0 +1,139 @@
+"""What ClusterMesh changes outside the agent: its registrations in etcd, direct routes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from clustermesh.kvstore import KvError, KvStore
+from clustermesh.models import (
+    REGISTRATIONS_PREFIX,
+    EndpointRegistration,
+    Node,
+    endpoint_registration_key,
+    node_registration_key,
+)
+from clustermesh.tables import Endpoint
+from plexus.core.reconciler import TemporaryError
+
+RTPROT_PLEXUS = 190  # marks the routes this agent owns, so prune touches no other
+
+
+class NodeRegistrationOps:
+    """This node's record, for the apiserver to publish."""
+
+    def __init__(self, kv: KvStore) -> None:
+        self.kv = kv
+
+    async def update(self, node: Node) -> None:
+        try:
+            await self.kv.put(node_registration_key(node.cluster, node.name), node.to_json())
+        except KvError as e:
+            raise TemporaryError(str(e)) from None
+
+    async def delete(self, node: Node) -> None:
+        try:
+            await self.kv.delete(node_registration_key(node.cluster, node.name))
+        except KvError as e:
+            raise TemporaryError(str(e)) from None
+
+    async def prune(self, rows: Iterable[Node]) -> None:
+        pass  # one key per node, owned by update/delete
+
+
+class EndpointRegistrationOps:
+    """This node's endpoints, one key each."""
+
+    def __init__(self, kv: KvStore, cluster: str, node: str, host_ip: str) -> None:
+        self.kv = kv
+        self.cluster = cluster
+        self.node = node
+        self.host_ip = host_ip
+
+    def _key(self, ep: Endpoint) -> str:
+        return endpoint_registration_key(self.cluster, self.node, ep.container_id)
+
+    async def update(self, ep: Endpoint) -> None:
+        reg = EndpointRegistration(ip=ep.ip, namespace=ep.namespace, pod_name=ep.pod_name,
+                                   labels=dict(ep.labels), node=self.node, host_ip=self.host_ip,
+                                   ipv6=ep.ipv6)
+        try:
+            await self.kv.put(self._key(ep), reg.to_json())
+        except KvError as e:
+            raise TemporaryError(str(e)) from None
+
+    async def delete(self, ep: Endpoint) -> None:
+        try:
+            await self.kv.delete(self._key(ep))
+        except KvError as e:
+            raise TemporaryError(str(e)) from None
+
+    async def prune(self, rows: Iterable[Endpoint]) -> None:
+        prefix = f"{REGISTRATIONS_PREFIX}/{self.cluster}/endpoints/{self.node}/"
+        keep = {self._key(ep) for ep in rows}
+        items, _ = await self.kv.list(prefix)
+        for item in items:
+            if item.key not in keep:
+                await self.kv.delete(item.key)
+
+
+@dataclass(frozen=True)
+class DirectRoute:
+    """A pod CIDR of another node of this cluster, reached through that node's IP."""
+
+    dst: str
+    via: str
+
+    @property
+    def key(self) -> str:
+        return self.dst
+
+
+class RouteOps:
+    """Routes in the main table, marked with our protocol number."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute  # only where routes are really managed
+
+        self._ipr_factory = IPRoute
+
+    def _sync_update(self, row: DirectRoute) -> None:
+        with self._ipr_factory() as ipr:
+            # Only a node on a shared segment is a direct next hop.
+            found = ipr.route("get", dst=row.via)
+            if not found or found[0].get_attr("RTA_GATEWAY"):
+                raise TemporaryError(f"node {row.via} is not on a directly connected segment",
+                                     delay=30)
+            ipr.route("replace", dst=row.dst, gateway=row.via, proto=RTPROT_PLEXUS)
+
+    def _sync_delete(self, row: DirectRoute) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with self._ipr_factory() as ipr:
+            try:
+                ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS)
+            except NetlinkError as e:
+                if e.code != 3:  # ESRCH: already gone
+                    raise
+
+    def _sync_prune(self, rows: list[DirectRoute]) -> None:
+        keep = {ipaddress.ip_network(r.dst) for r in rows}
+        with self._ipr_factory() as ipr:
+            for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS):
+                dst = r.get_attr("RTA_DST")
+                if dst is None:
+                    continue
+                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}")
+                if net not in keep:
+                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS)
+
+    async def update(self, row: DirectRoute) -> None:
+        await asyncio.to_thread(self._sync_update, row)
+
+    async def delete(self, row: DirectRoute) -> None:
+        await asyncio.to_thread(self._sync_delete, row)
+
+    async def prune(self, rows: Iterable[DirectRoute]) -> None:
+        await asyncio.to_thread(self._sync_prune, list(rows))

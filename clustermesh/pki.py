@@ -1,0 +1,161 @@
+"""Certificates and users for a cluster's etcd, and `connect` between two clusters.
+
+Per cluster: a CA; the etcd server certificate (IP SANs of its addresses); `admin` (CN
+root: the apiserver and the cluster's own agents); `remote` (CN remote: a read-only user
+other clusters connect as). etcd runs with client-certificate auth, so the certificate's
+CN is the etcd user; `etcd_auth_commands` grants `remote` read access to what ClusterMesh
+shares and nothing else. Private keys are written 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from clustermesh.models import CLUSTER_CONFIG_PREFIX, HEARTBEAT_KEY, SYNCED_PREFIX
+
+VALID_DAYS = 3650
+REMOTE_USER = "remote"
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _name(cn: str, cluster: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"plexus-{cluster}")])
+
+
+KeyPair = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, cluster: str,
+           *, server_ips: Iterable[str] = (), client: bool = True) -> KeyPair:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    ips = [ipaddress.ip_address(i) for i in server_ips]
+    if ips:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    b = (x509.CertificateBuilder().subject_name(_name(cn, cluster)).issuer_name(ca_cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5))
+         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+    if ips:
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(i) for i in ips] + [x509.DNSName("localhost")]), critical=False)
+    return key, b.sign(ca_key, hashes.SHA256())
+
+
+def _load_ca(d: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key, x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+
+
+def make_cluster_pki(cluster: str, out: Path, server_ips: list[str]) -> list[Path]:
+    """Create (once) the CA, server, admin and remote certificates of `cluster` in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    if not (out / "ca.crt").exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(_name(f"plexus {cluster} CA", cluster))
+                .issuer_name(_name(f"plexus {cluster} CA", cluster)).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        _write_key(out / "ca.key", key)
+        _write_cert(out / "ca.crt", cert)
+    ca_key, ca_cert = _load_ca(out)
+    written = [out / "ca.crt"]
+    for name, cn, ips in (("server", "etcd-server", server_ips), ("admin", "root", ()),
+                          (REMOTE_USER, REMOTE_USER, ())):
+        if not (out / f"{name}.crt").exists():
+            key, cert = _issue(ca_key, ca_cert, cn, cluster, server_ips=ips)
+            _write_key(out / f"{name}.key", key)
+            _write_cert(out / f"{name}.crt", cert)
+        written.append(out / f"{name}.crt")
+    (out / "endpoints").write_text("".join(f"https://{ip}:2379\n" for ip in server_ips))
+    return written
+
+
+def etcd_tls_args(pki: Path) -> list[str]:
+    """etcd flags for TLS with client-certificate authentication."""
+    return ["--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),
+            "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"]
+
+
+def etcd_auth_commands(cluster: str) -> list[list[str]]:
+    """etcdctl arguments that create the users and roles and turn auth on."""
+    reads = ["cilium/state/", f"{CLUSTER_CONFIG_PREFIX}/{cluster}", f"{SYNCED_PREFIX}/{cluster}/",
+             HEARTBEAT_KEY, "plexus/manifests/v1/"]
+    cmds = [["user", "add", "root", "--no-password"], ["role", "add", "root"],
+            ["user", "grant-role", "root", "root"],
+            ["role", "add", REMOTE_USER]]
+    for key in reads:
+        prefix = key.endswith("/")
+        cmds.append(["role", "grant-permission", REMOTE_USER, "read", key]
+                    + (["--prefix=true"] if prefix else []))
+    cmds += [["user", "add", REMOTE_USER, "--no-password"],
+             ["user", "grant-role", REMOTE_USER, REMOTE_USER], ["auth", "enable"]]
+    return cmds
+
+
+def etcdctl_tls(pki: Path, user: str = "admin") -> list[str]:
+    return ["--cacert", str(pki / "ca.crt"), "--cert", str(pki / f"{user}.crt"),
+            "--key", str(pki / f"{user}.key")]
+
+
+def connect(a: str, b: str, pki: Path, config_dirs: dict[str, list[Path]]) -> list[Path]:
+    """Write, into each side's config directories, the file that reaches the other side."""
+    written = []
+    for here, there in ((a, b), (b, a)):
+        src = pki / there
+        if not (src / "ca.crt").exists():
+            raise FileNotFoundError(f"no PKI for cluster {there} in {src}: run `clustermesh certs`")
+        endpoints = [e for e in (src / "endpoints").read_text().split() if e]
+        for d in config_dirs.get(here, []):
+            d.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / "ca.crt", d / f"{there}.ca.crt")
+            shutil.copyfile(src / f"{REMOTE_USER}.crt", d / f"{there}.client.crt")
+            shutil.copyfile(src / f"{REMOTE_USER}.key", d / f"{there}.client.key")
+            os.chmod(d / f"{there}.client.key", 0o600)
+            tmp = d / f".{there}.tmp"
+            tmp.write_text(yaml.safe_dump({
+                "endpoints": endpoints,
+                "trusted-ca-file": str(d / f"{there}.ca.crt"),
+                "cert-file": str(d / f"{there}.client.crt"),
+                "key-file": str(d / f"{there}.client.key"),
+            }, sort_keys=False))
+            os.replace(tmp, d / there)
+            written.append(d / there)
+    return written

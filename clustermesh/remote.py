@@ -1,0 +1,341 @@
+"""Follow one cluster's etcd into the shared tables: the own cluster and every remote.
+
+Per cluster: read and check its cluster-config, then list and watch each prefix; every
+value is validated and a bad one is skipped and counted, never fatal. A lost connection
+keeps what was learned; a relist after reconnecting replaces the cluster's rows, so what
+vanished meanwhile goes. `drain()` removes everything the cluster contributed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from clustermesh.kvstore import Compacted, KvError, KvStore
+from clustermesh.manifests import MANIFESTS_PREFIX
+from clustermesh.models import (
+    CLUSTER_CONFIG_PREFIX,
+    IDENTITIES_PREFIX,
+    IPCACHE_PREFIX,
+    NODES_PREFIX,
+    SERVICES_PREFIX,
+    SYNCED_PREFIX,
+    SYNCED_PREFIXES,
+    ClusterConfig,
+    ClusterService,
+    Identity,
+    InvalidValue,
+    IPIdentity,
+    Node,
+    check_cluster_name,
+    identity_cluster_id,
+    parse_labels,
+)
+from clustermesh.tables import Manifest
+from plexus.core.log import Fields
+from plexus.core.reconciler import Backoff
+from plexus.core.tables import Table
+
+K = TypeVar("K")
+RECONNECT_BACKOFF = Backoff(initial=0.2, maximum=30.0)
+R = TypeVar("R")
+
+
+@dataclass
+class MeshTables:
+    nodes: Table[Any, Node]
+    ipcache: Table[Any, IPIdentity]
+    identities: Table[Any, Identity]
+    services: Table[Any, ClusterService]
+    manifests: Table[Any, Manifest]
+
+
+@dataclass
+class RemoteStatus:
+    name: str
+    connected: bool = False
+    ready: bool = False
+    cluster_id: int | None = None
+    config_error: str = ""
+    failures: int = 0
+    last_failure: str = ""
+    last_failure_time: float = 0.0
+    invalid_entries: int = 0
+    last_invalid: str = ""
+    synced: dict[str, bool] = field(default_factory=dict)
+    events: int = 0
+
+    def as_dict(self, tables: MeshTables) -> dict[str, Any]:
+        def count(t: Table[Any, Any]) -> int:
+            return len(t.where(lambda r: getattr(r, "cluster", "") == self.name))
+        return {
+            "name": self.name, "ready": self.ready, "connected": self.connected,
+            "clusterID": self.cluster_id, "configError": self.config_error,
+            "nodes": count(tables.nodes), "endpoints": count(tables.ipcache),
+            "identities": count(tables.identities), "services": count(tables.services),
+            "failures": self.failures, "lastFailure": self.last_failure,
+            "invalidEntries": self.invalid_entries, "lastInvalid": self.last_invalid,
+            "synced": dict(self.synced),
+        }
+
+
+class ConfigRejected(Exception):
+    """The remote's cluster-config is bad or conflicts; retried slowly, shown in status."""
+
+
+class _Prefix(Generic[K, R]):
+    """One watched prefix: decodes etcd keys into rows of one table."""
+
+    def __init__(self, prefix: str, table: Table[K, R], decode: Callable[[str, bytes], R],
+                 owned: Callable[[R], bool]) -> None:
+        self.prefix = prefix
+        self.table = table
+        self.decode = decode
+        self.owned = owned
+        self.keys: dict[str, K] = {}  # etcd key -> table key, to apply deletes
+
+
+class ClusterWatcher:
+    def __init__(self, name: str, kv: KvStore, tables: MeshTables, *, local_cluster: str,
+                 local_id: int, ids_in_use: Callable[[str], dict[int, str]],
+                 backoff: Backoff = RECONNECT_BACKOFF,
+                 on_event: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.kv = kv
+        self.tables = tables
+        self.local_cluster = local_cluster
+        self.local_id = local_id
+        self.ids_in_use = ids_in_use
+        self.backoff = backoff
+        self.on_event = on_event
+        self.status = RemoteStatus(name)
+        self.log = Fields(logging.getLogger(__name__), {"remote": name})
+        self._session_connected = False
+        self._canaries_seen = False
+        self._listed: set[str] = set()
+        self.ready_event = asyncio.Event()
+        self.prefixes: list[_Prefix[Any, Any]] = [
+            _Prefix(f"{NODES_PREFIX}/{name}/", tables.nodes, self._node, self._mine),
+            _Prefix(f"{IPCACHE_PREFIX}/", tables.ipcache, self._ip, self._mine),
+            _Prefix(f"{IDENTITIES_PREFIX}/", tables.identities, self._identity, self._mine),
+            _Prefix(f"{SERVICES_PREFIX}/{name}/", tables.services, self._service, self._mine),
+            _Prefix(f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest, self._mine),
+        ]
+
+    @property
+    def is_local(self) -> bool:
+        return self.name == self.local_cluster
+
+    def _mine(self, row: Any) -> bool:
+        return getattr(row, "cluster", None) == self.name
+
+    # ---- decoders: each raises InvalidValue -------------------------------------------
+    def _check_identity(self, ident: int, what: str) -> None:
+        cid = self.status.cluster_id
+        if ident >= 256 and identity_cluster_id(ident) != cid:
+            raise InvalidValue(f"{what}: identity {ident} is outside cluster {self.name}'s range")
+
+    def _node(self, key: str, value: bytes) -> Node:
+        node = Node.from_json(value)
+        if key != f"{NODES_PREFIX}/{node.cluster}/{node.name}" or node.cluster != self.name:
+            raise InvalidValue(f"node {node.cluster}/{node.name} does not match key {key}")
+        if node.cluster_id and node.cluster_id != self.status.cluster_id:
+            raise InvalidValue(f"node {node.name} claims cluster id {node.cluster_id}")
+        return node
+
+    def _ip(self, key: str, value: bytes) -> IPIdentity:
+        entry = IPIdentity.from_json(value, cluster=self.name)
+        if key.rsplit("/", 1)[1] != entry.ip:
+            raise InvalidValue(f"ip {entry.ip} does not match key {key}")
+        self._check_identity(entry.identity, f"ip {entry.ip}")
+        return entry
+
+    def _identity(self, key: str, value: bytes) -> Identity:
+        tail = key.rsplit("/", 1)[1]
+        if not tail.isdigit():
+            raise InvalidValue(f"identity key {key} is not numeric")
+        ident = int(tail)
+        self._check_identity(ident, f"identity {ident}")
+        return Identity(ident, parse_labels(value, f"identity {ident}"), cluster=self.name)
+
+    def _service(self, key: str, value: bytes) -> ClusterService:
+        svc = ClusterService.from_json(value)
+        if svc.cluster != self.name or key != svc.kv_key:
+            raise InvalidValue(f"service {svc.namespace}/{svc.name} does not match key {key}")
+        return svc
+
+    def _manifest(self, key: str, value: bytes) -> Manifest:
+        parts = key[len(MANIFESTS_PREFIX) + 1:].split("/")
+        if len(parts) != 4:
+            raise InvalidValue(f"manifest key {key} is not <cluster>/<kind>/<ns>/<name>")
+        try:
+            body = json.loads(value)
+        except ValueError as e:
+            raise InvalidValue(f"manifest {key}: malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise InvalidValue(f"manifest {key}: expected an object")
+        return Manifest(cluster=parts[0], kind=parts[1], namespace=parts[2], name=parts[3], body=body)
+
+    # ---- the loop ---------------------------------------------------------------------
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            self._session_connected = False
+            try:
+                await self._session()
+            except (ConfigRejected, KvError) as e:
+                self._failed(str(e), config=isinstance(e, ConfigRejected))
+            except ExceptionGroup as eg:
+                leaves = _leaves(eg)
+                if not all(isinstance(e, KvError) for e in leaves):
+                    raise
+                self._failed("; ".join(sorted({str(e) for e in leaves})))
+            self.status.connected = False
+            self.status.ready = False
+            attempt = 1 if self._session_connected else attempt + 1
+            await asyncio.sleep(self.backoff.delay(attempt))
+
+    def _failed(self, why: str, config: bool = False) -> None:
+        st = self.status
+        st.failures += 1
+        st.last_failure, st.last_failure_time = why, time.time()
+        if config:
+            st.config_error = why
+            st.ready = False
+        self.log.warning("connection failed (%d): %s", st.failures, why)
+
+    async def _read_config(self) -> ClusterConfig:
+        got = await self.kv.get(f"{CLUSTER_CONFIG_PREFIX}/{self.name}")
+        if got is None:
+            raise ConfigRejected(f"cluster-config of {self.name} is not there yet")
+        try:
+            check_cluster_name(self.name)
+            cfg = ClusterConfig.from_json(got.value)
+        except InvalidValue as e:
+            raise ConfigRejected(f"bad cluster-config: {e}") from None
+        if self.is_local:
+            if cfg.id != self.local_id:
+                raise ConfigRejected(f"own cluster-config says id {cfg.id}, this agent has {self.local_id}")
+        else:
+            if cfg.id == self.local_id:
+                raise ConfigRejected(f"cluster id {cfg.id} is the same as the local cluster's")
+            other = self.ids_in_use(self.name).get(cfg.id)
+            if other:
+                raise ConfigRejected(f"cluster id {cfg.id} is already used by cluster {other}")
+        return cfg
+
+    async def _session(self) -> None:
+        cfg = await self._read_config()
+        st = self.status
+        if st.cluster_id is not None and st.cluster_id != cfg.id:
+            self.log.warning("cluster id changed %s -> %s: draining", st.cluster_id, cfg.id)
+            self.drain()
+        st.cluster_id = cfg.id
+        self._listed.clear()
+        st.connected = True
+        self._session_connected = True
+        st.config_error = ""
+        self.log.info("connected cluster_id=%d", cfg.id)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_canaries())
+            for p in self.prefixes:
+                tg.create_task(self._follow(p))
+
+    async def _watch_canaries(self) -> None:
+        prefix = f"{SYNCED_PREFIX}/{self.name}/"
+
+        def update(keys: set[str]) -> None:
+            self.status.synced = {p: f"{prefix}{p}" in keys for p in SYNCED_PREFIXES}
+            self._canaries_seen = all(self.status.synced.values())
+            self._update_ready()
+
+        while True:
+            items, rev = await self.kv.list(prefix)
+            keys = {i.key for i in items}
+            update(keys)
+            try:
+                async for events, _ in self.kv.watch(prefix, rev + 1):
+                    for ev in events:
+                        (keys.add if ev.kind == "put" else keys.discard)(ev.key)
+                    update(keys)
+            except Compacted:
+                continue
+
+    def _update_ready(self) -> None:
+        ready = self._canaries_seen and len(self._listed) == len(self.prefixes)
+        if ready and not self.status.ready:
+            self.log.info("ready: cluster-config read, every prefix listed and synced")
+            self.ready_event.set()
+        self.status.ready = ready
+
+    def _decode(self, p: _Prefix[Any, Any], key: str, value: bytes) -> Any:
+        try:
+            return p.decode(key, value)
+        except InvalidValue as e:
+            self.status.invalid_entries += 1
+            self.status.last_invalid = str(e)
+            self.log.warning("skipped key=%s: %s", key, e)
+            return None
+
+    async def _follow(self, p: _Prefix[Any, Any]) -> None:
+        while True:
+            items, rev = await self.kv.list(p.prefix)
+            rows = {}
+            p.keys.clear()
+            for item in items:
+                row = self._decode(p, item.key, item.value)
+                if row is not None:
+                    p.keys[item.key] = p.table.key_of(row)
+                    rows[p.keys[item.key]] = row
+            # A relist replaces this cluster's rows: what vanished while we were away goes.
+            p.table.replace_where(p.owned, rows.values())
+            self._listed.add(p.prefix)
+            self._update_ready()
+            self._notify()
+            try:
+                async for events, _ in self.kv.watch(p.prefix, rev + 1):
+                    for ev in events:
+                        self.status.events += 1
+                        old = p.keys.pop(ev.key, None)
+                        row = self._decode(p, ev.key, ev.value) if ev.kind == "put" else None
+                        if row is not None:
+                            new = p.table.key_of(row)
+                            if old is not None and old != new and p.owned(p.table.get(old)):
+                                p.table.delete(old)
+                            p.keys[ev.key] = new
+                            p.table.upsert(row)
+                        elif old is not None:
+                            current = p.table.get(old)
+                            if current is not None and p.owned(current):
+                                p.table.delete(old)
+                    if events:
+                        self._notify()
+            except Compacted:
+                continue
+
+    def _notify(self) -> None:
+        if self.on_event is not None:
+            self.on_event()
+
+    def drain(self) -> int:
+        """Remove every row this cluster contributed."""
+        gone = 0
+        for p in self.prefixes:
+            gone += len(p.table.delete_where(p.owned))
+            p.keys.clear()
+        self.status.ready = False
+        self.status.synced = {}
+        self.log.info("drained rows=%d", gone)
+        return gone
+
+
+def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
