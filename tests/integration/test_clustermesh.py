@@ -24,7 +24,13 @@ from clustermesh.models import (
 )
 from clustermesh.module import ClusterMesh
 from clustermesh.tables import (
-    ENDPOINTS, GLOBAL_SERVICES, IDENTITIES, IPCACHE, NODES, SERVICES, Endpoint,
+    ENDPOINTS,
+    GLOBAL_SERVICES,
+    IDENTITIES,
+    IPCACHE,
+    NODES,
+    SERVICES,
+    Endpoint,
 )
 from plexus.agent import build, config_model
 from plexus.app import MODULES
