@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clustermesh.identity import Allocator, GarbageCollector
-from clustermesh.kvstore import Compacted, KvError, KvStore
+from clustermesh.kvstore import Compacted, KvError, KvStore, kv_failures
 from clustermesh.manifests import MANIFESTS_PREFIX, Service
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -39,6 +39,7 @@ from clustermesh.models import (
 )
 from plexus.core.config import ConfigError, parse
 from plexus.core.log import Fields
+from plexus.core.reconciler import Backoff
 
 HEARTBEAT_TTL = 180
 
@@ -67,6 +68,8 @@ class ApiServer:
         self.synced = asyncio.Event()
         self.log = Fields(logging.getLogger(__name__), {"cluster": cluster})
         self._dirty = asyncio.Event()
+        self.backoff = Backoff(initial=0.2, maximum=30.0)
+        self._session_synced = False
         self.reg_prefix = f"{REGISTRATIONS_PREFIX}/{cluster}/"
         self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
 
@@ -220,8 +223,26 @@ class ApiServer:
                 self.log.warning("identity gc failed: %s", e)
 
     async def run(self) -> None:
+        """Serve until cancelled; a lost etcd session is retried with backoff."""
+        attempt = 0
+        while True:
+            self._session_synced = False
+            try:
+                await self._session()
+            except KvError as e:
+                self.log.warning("etcd session failed: %s", e)
+            except ExceptionGroup as eg:
+                failures = kv_failures(eg)
+                if failures is None:
+                    raise
+                self.log.warning("etcd session failed: %s", "; ".join(sorted(set(map(str, failures)))))
+            attempt = 1 if self._session_synced else attempt + 1
+            await asyncio.sleep(self.backoff.delay(attempt))
+
+    async def _session(self) -> None:
         await self.kv.put(f"{CLUSTER_CONFIG_PREFIX}/{self.cluster}",
                           ClusterConfig(id=self.cluster_id).to_json())
+        self.published = {}
         await self._adopt_published()
         listed = {"registrations": asyncio.Event(), "services": asyncio.Event()}
 
@@ -241,6 +262,7 @@ class ApiServer:
                 await self.kv.put(synced_key(self.cluster, prefix),
                                   datetime.datetime.now(datetime.UTC).isoformat())
             self.synced.set()
+            self._session_synced = True
             self.log.info("initial sync done: canaries written")
             tg.create_task(self._gc())
             while True:

@@ -315,6 +315,21 @@ class KvStore:
             call.cancel()
 
 
+def kv_failures(eg: BaseExceptionGroup[Any]) -> list[KvError] | None:
+    """The kvstore errors inside a task group's failure, or None if anything else is there."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [eg]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    if all(isinstance(e, KvError) for e in leaves):
+        return [e for e in leaves if isinstance(e, KvError)]
+    return None
+
+
 def _bytes(v: bytes | str) -> bytes:
     return v.encode() if isinstance(v, str) else v
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from clustermesh.kvstore import Compacted, KvError, KvStore
+from clustermesh.kvstore import Compacted, KvError, KvStore, kv_failures
 from clustermesh.manifests import MANIFESTS_PREFIX
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -191,10 +191,10 @@ class ClusterWatcher:
             except (ConfigRejected, KvError) as e:
                 self._failed(str(e), config=isinstance(e, ConfigRejected))
             except ExceptionGroup as eg:
-                leaves = _leaves(eg)
-                if not all(isinstance(e, KvError) for e in leaves):
+                failures = kv_failures(eg)
+                if failures is None:
                     raise
-                self._failed("; ".join(sorted({str(e) for e in leaves})))
+                self._failed("; ".join(sorted({str(e) for e in failures})))
             self.status.connected = False
             self.status.ready = False
             attempt = 1 if self._session_connected else attempt + 1
@@ -333,9 +333,3 @@ class ClusterWatcher:
         self.log.info("drained rows=%d", gone)
         return gone
 
-
-def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out

@@ -51,7 +51,7 @@ def register_pki(cms: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _apiserver(args: argparse.Namespace) -> int:
     from clustermesh.apiserver import ApiServer
-    from clustermesh.kvstore import KvError, KvStore, Tls
+    from clustermesh.kvstore import KvStore, Tls
     from clustermesh.models import InvalidValue, check_cluster_id, check_cluster_name
     from plexus.core import log as plog
 
@@ -67,32 +67,16 @@ def _apiserver(args: argparse.Namespace) -> int:
     async def main() -> int:
         kv = KvStore(args.etcd, tls)
         server = ApiServer(kv, args.cluster_name, args.cluster_id, gc_grace=args.identity_gc_grace)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        task = asyncio.create_task(server.run())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        attempt = 0
-        while not stop.is_set():
-            task = asyncio.create_task(server.run())
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if stop.is_set():
-                task.cancel()
-                break
-            try:
-                task.result()
-            except (KvError, ExceptionGroup) as e:
-                attempt += 1
-                delay = min(30.0, 0.2 * 2 ** attempt)
-                import logging
-                logging.getLogger("plexus.apiserver").warning(
-                    "etcd session failed (%s); retrying in %.1fs", e, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-        await kv.close()
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await kv.close()
         return 0
 
     return asyncio.run(main())

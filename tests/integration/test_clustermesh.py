@@ -199,7 +199,8 @@ async def test_disconnect_keeps_state_and_resync_drops_what_vanished(
         # While the agent is away, a pod goes (written straight into the kvstore).
         west.start()
         connect(tmp_path, "west", "http://127.0.0.1:1")  # point the agent elsewhere
-        await asyncio.sleep(0.3)  # let the poller pick up the change before the delete
+        await eventually(lambda: m.remotes["west"].watcher.kv.endpoints == ["http://127.0.0.1:1"],
+                         10, what="agent switched to the unreachable endpoint")
         async with KvStore([west.endpoint]) as kv:
             await kv.delete(f"{IPCACHE_PREFIX}/10.2.1.6")
         assert "10.2.1.6/32" in ipcache  # still kept: not connected

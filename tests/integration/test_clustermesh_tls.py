@@ -1,0 +1,134 @@
+"""etcd with TLS and client-certificate auth, per-role users, and a 3-member cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clustermesh.apiserver import ApiServer
+from clustermesh.kvstore import KvError, KvStore, PermissionDenied, Tls, Unavailable
+from clustermesh.models import IPCACHE_PREFIX, EndpointRegistration, endpoint_registration_key
+from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
+from tests.support import Etcd, etcd_cluster, eventually, free_port, wait_until
+
+
+@pytest.fixture
+def secure_etcd(tmp_path: Path) -> Iterator[tuple[Etcd, Path]]:
+    """A TLS etcd with client-cert auth, its users and roles set up as for a cluster."""
+    pki = tmp_path / "pki" / "west"
+    make_cluster_pki("west", pki, ["127.0.0.1"])
+    data = Path(tempfile.mkdtemp(prefix="plexus-etcd-tls-"))
+    port = free_port()
+    e = Etcd("west", f"https://127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}", data / "data")
+    tls = etcdctl_tls(pki)
+
+    def healthy() -> bool:
+        r = subprocess.run(["etcdctl", "--endpoints", e.client_url, *tls, "endpoint", "health"],
+                           capture_output=True)
+        return r.returncode == 0
+
+    e.healthy = healthy  # type: ignore[method-assign]
+    try:
+        e.start(etcd_tls_args(pki))
+        for cmd in etcd_auth_commands("west"):
+            r = subprocess.run(["etcdctl", "--endpoints", e.client_url, *tls, *cmd],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, (cmd, r.stderr)
+        yield e, pki
+    finally:
+        e.stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_private_keys_are_0600(tmp_path: Path) -> None:
+    files = make_cluster_pki("east", tmp_path / "east", ["172.31.1.250"])
+    assert files
+    for key in (tmp_path / "east").glob("*.key"):
+        assert os.stat(key).st_mode & 0o777 == 0o600, key
+
+
+async def test_tls_roles_and_mismatch(tmp_path: Path, secure_etcd: tuple[Etcd, Path]) -> None:
+    etcd, pki = secure_etcd
+    admin = KvStore([etcd.endpoint], Tls(pki / "ca.crt", pki / "admin.crt", pki / "admin.key"))
+    server = ApiServer(admin, "west", 2)
+    task = asyncio.create_task(server.run())
+    try:
+        await eventually(server.synced.is_set, 15, what="apiserver synced over TLS")
+        await admin.put(endpoint_registration_key("west", "n1", "c1"), EndpointRegistration(
+            "10.2.1.5", "default", "p", {"app": "db"}, "n1", "172.31.2.11").to_json())
+        await eventually(lambda: admin.get(f"{IPCACHE_PREFIX}/10.2.1.5"), 10)
+
+        # What `connect` hands to another cluster: read what ClusterMesh shares, nothing more.
+        make_cluster_pki("east", tmp_path / "pki" / "east", ["127.0.0.2"])
+        written = connect("east", "west", tmp_path / "pki", {"east": [tmp_path / "east-mesh"],
+                                                             "west": [tmp_path / "west-mesh"]})
+        assert written == [tmp_path / "east-mesh" / "west", tmp_path / "west-mesh" / "east"]
+        conf = (tmp_path / "east-mesh" / "west").read_text()
+        assert "https://127.0.0.1" in conf
+        d = tmp_path / "east-mesh"
+        remote = KvStore([etcd.endpoint], Tls(d / "west.ca.crt", d / "west.client.crt",
+                                              d / "west.client.key"))
+        items, _ = await remote.list(f"{IPCACHE_PREFIX}/")
+        assert [i.key for i in items] == [f"{IPCACHE_PREFIX}/10.2.1.5"]
+        assert await remote.get("cilium/cluster-config/west") is not None
+        with pytest.raises(PermissionDenied):
+            await remote.put(f"{IPCACHE_PREFIX}/10.9.9.9", "{}")
+        with pytest.raises(PermissionDenied):
+            await remote.list("plexus/registrations/v1/")
+        await remote.close()
+
+        # A certificate from another CA, or the wrong CA, is refused.
+        other = tmp_path / "pki" / "mallory"
+        make_cluster_pki("mallory", other, ["127.0.0.1"])
+        for tls in (Tls(pki / "ca.crt", other / "admin.crt", other / "admin.key"),
+                    Tls(other / "ca.crt", pki / "admin.crt", pki / "admin.key")):
+            bad = KvStore([etcd.endpoint], tls, timeout=2)
+            with pytest.raises(KvError):
+                await bad.status()
+            await bad.close()
+        with pytest.raises(KvError, match="trusted CA"):
+            KvStore([etcd.endpoint])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await admin.close()
+
+
+async def test_three_member_cluster_loses_a_member_and_nothing(tmp_path: Path) -> None:
+    with etcd_cluster(3) as members:
+        kv = KvStore([m.endpoint for m in members], timeout=3)
+        server = ApiServer(kv, "east", 1)
+        task = asyncio.create_task(server.run())
+        try:
+            await eventually(server.synced.is_set, 15)
+            for i in range(40):
+                if i == 20:
+                    members[0].stop()  # the member the client is most likely talking to
+                for attempt in range(50):
+                    try:
+                        await kv.put(endpoint_registration_key("east", "n1", f"c{i}"),
+                                     EndpointRegistration(f"10.1.1.{i + 10}", "default", f"p{i}",
+                                                          {"app": "x"}, "n1", "172.31.1.11").to_json())
+                        break
+                    except Unavailable:
+                        await asyncio.sleep(0.1 * (attempt + 1))
+
+            async def published() -> bool:
+                items, _ = await kv.list(f"{IPCACHE_PREFIX}/")
+                return len(items) == 40
+
+            await eventually(published, 30, what=lambda: f"all 40 endpoints published; server "
+                             f"{task.exception() if task.done() else 'running'} {server.status()}")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kv.close()
+        survivor = members[1]
+        wait_until(survivor.healthy, 10)
