@@ -33,7 +33,8 @@ class ConfigError(ValueError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = problems
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        super().__init__("\n".join(p if p.startswith(source) else f"{source}: {p}"
+                                   for p in problems))
 
 
 def field_path(loc: tuple[int | str, ...]) -> str:
