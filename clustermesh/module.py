@@ -9,6 +9,7 @@ to the pod CIDRs of same-segment nodes of this cluster.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -87,6 +88,7 @@ class ClusterMesh:
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self.kv: KvStore | None = None
         hive.routes.get("/v1/clustermesh/status", self._status_api)
+        hive.routes.get("/v1/clustermesh/tables/{table}", self._table_api)
         hive.metrics.registry.register(_MeshCollector(self))
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -254,6 +256,21 @@ class ClusterMesh:
         return {"enabled": self.enabled, "localCluster": self.local.cluster, "clusters": data,
                 "globalServices": len(self.global_services),
                 "registration": {r.name: r.summary() for r in self.reconcilers}}
+
+    def listable(self) -> dict[str, Table[Any, Any]]:
+        t = self.tables
+        return {"nodes": t.nodes, "endpoints": t.ipcache, "identities": t.identities,
+                "services": t.services, "global-services": self.global_services,
+                "manifests": t.manifests}
+
+    async def _table_api(self, q: dict[str, str], _b: Any) -> Any:
+        tables = self.listable()
+        if q["table"] not in tables:
+            raise ApiError(404, f"no table {q['table']}; one of {', '.join(tables)}")
+        rows = [dataclasses.asdict(r) for r in tables[q["table"]].all()]
+        if "cluster" in q:
+            rows = [r for r in rows if r.get("cluster") == q["cluster"]]
+        return rows
 
     def status(self) -> dict[str, Any]:
         remotes = {n: r.watcher.status for n, r in self.remotes.items()}

@@ -75,8 +75,13 @@ def _load_ca(d: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     return key, x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
 
 
-def make_cluster_pki(cluster: str, out: Path, server_ips: list[str]) -> list[Path]:
-    """Create (once) the CA, server, admin and remote certificates of `cluster` in `out`."""
+def make_cluster_pki(cluster: str, out: Path, server_ips: list[str],
+                     advertise: list[str] | None = None) -> list[Path]:
+    """Create (once) the CA, server, admin and remote certificates of `cluster` in `out`.
+
+    `advertise` are the addresses other clusters use (default: every server IP); they go
+    into the `endpoints` file that `connect` hands out.
+    """
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     if not (out / "ca.crt").exists():
@@ -104,7 +109,7 @@ def make_cluster_pki(cluster: str, out: Path, server_ips: list[str]) -> list[Pat
             _write_key(out / f"{name}.key", key)
             _write_cert(out / f"{name}.crt", cert)
         written.append(out / f"{name}.crt")
-    (out / "endpoints").write_text("".join(f"https://{ip}:2379\n" for ip in server_ips))
+    (out / "endpoints").write_text("".join(f"https://{ip}:2379\n" for ip in advertise or server_ips))
     return written
 
 

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _in_lab(args: argparse.Namespace) -> int:
     """Lab etcd is reachable only inside its namespace: run there, with the lab's admin certs."""
-    pki = LAB_DIR / "clusters" / args.lab / "pki"
+    pki = LAB_DIR / "pki" / args.lab
     if not pki.exists():
         print(f"plexus: no lab cluster {args.lab} (is the lab up?)", file=sys.stderr)
         return 1

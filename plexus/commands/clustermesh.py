@@ -30,6 +30,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_agent_args(s)
     add_output_arg(s)
     s.set_defaults(func=_status)
+    ls = cms.add_parser("list", help="the merged tables: nodes, endpoints, identities, services")
+    ls.add_argument("table", choices=["nodes", "endpoints", "identities", "services",
+                                      "global-services", "manifests"])
+    ls.add_argument("--cluster", help="only what this cluster contributed")
+    add_agent_args(ls)
+    add_output_arg(ls)
+    ls.set_defaults(func=_list)
     register_pki(cms)
 
 
@@ -102,6 +109,39 @@ def _render(s: dict[str, Any]) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     emit(args, client(args).get("/v1/clustermesh/status"), _render)
+    return 0
+
+
+def _row(table_name: str, r: dict[str, Any]) -> tuple[Any, ...]:
+    if table_name == "nodes":
+        return (r["cluster"], r["name"], ",".join(a["ip"] for a in r["addresses"]),
+                r["ipv4_alloc_cidr"], (r["wireguard_pubkey"] or "-")[:12])
+    if table_name == "endpoints":
+        return (r["cluster"], r["ip"], r["identity"], r["host_ip"], f"{r['namespace']}/{r['pod_name']}")
+    if table_name == "identities":
+        return (r["cluster"], r["id"], ";".join(r["labels"]))
+    if table_name == "services":
+        return (r["cluster"], f"{r['namespace']}/{r['name']}", ",".join(r["frontends"]),
+                ",".join(r["backends"]))
+    if table_name == "global-services":
+        return (f"{r['namespace']}/{r['name']}", ",".join(r["frontends"]), r["affinity"],
+                ",".join(f"{b['ip']}@{b['cluster']}" for b in r["backends"]))
+    return (r["cluster"], r["kind"], f"{r['namespace']}/{r['name']}")
+
+
+HEADERS = {
+    "nodes": ["CLUSTER", "NODE", "ADDRESSES", "POD CIDR", "WG KEY"],
+    "endpoints": ["CLUSTER", "IP", "IDENTITY", "HOST", "POD"],
+    "identities": ["CLUSTER", "ID", "LABELS"],
+    "services": ["CLUSTER", "SERVICE", "FRONTENDS", "BACKENDS"],
+    "global-services": ["SERVICE", "FRONTENDS", "AFFINITY", "BACKENDS"],
+    "manifests": ["CLUSTER", "KIND", "NAME"],
+}
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = client(args).get(f"/v1/clustermesh/tables/{args.table}", cluster=args.cluster)
+    emit(args, rows, lambda rs: table([_row(args.table, r) for r in rs], HEADERS[args.table]))
     return 0
 
 

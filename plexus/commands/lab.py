@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from plexus.commands.common import add_output_arg, emit, table
+from plexus.core.client import Client
 from plexus.lab.lab import Lab
 from plexus.lab.ops import LabError, run
 from plexus.lab.topology import Node, pod_netns
@@ -159,14 +160,22 @@ def _demo(_args: argparse.Namespace) -> int:
         _say(f"  {'ok  ' if good else 'FAIL'} {what}: {dst}")
     for c in lab.topo.clusters:
         for n in c.nodes:
-            good = lab._etcd_healthy(n.host.netns, c.etcd_url)
+            good = lab.etcd_healthy(n.host.netns, c)
             ok &= good
             _say(f"  {'ok  ' if good else 'FAIL'} {n.key} -> etcd of {c.name} ({c.etcd_url})")
+    _say("==> clustermesh (what east-n1 knows)")
+    mesh = Client(lab.socket(lab.topo.nodes()[0]), timeout=5)
+    for name, c in mesh.get("/v1/clustermesh/status")["clusters"].items():
+        _say(f"  cluster {name:<5} id {c['clusterID']}  ready {c['ready']}  nodes {c['nodes']}  "
+             f"endpoints {c['endpoints']}  identities {c['identities']}")
     first: Node = lab.topo.nodes()[0]
     _say(f"""
 ==> explore
   .venv/bin/plexus lab status                 # processes, agents, pods, router routes
   .venv/bin/plexus status --node {first.key}        # one agent's view
+  .venv/bin/plexus clustermesh status --node {first.key}
+  .venv/bin/plexus clustermesh list endpoints --node {first.key}
+  .venv/bin/plexus apply -f examples/global-service.yaml --lab east
   ip netns exec {client} ping {ip('west', 'n1', 'web')}
   ip netns exec plx-router birdc -s {lab.bird_socket()} show route
   .venv/bin/plexus lab pod add east n2 db --labels app=db

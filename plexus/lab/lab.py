@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
 from plexus.commands.common import LAB_DIR, lab_socket
@@ -94,15 +95,27 @@ class Lab:
         self.say("==> router: BIRD 2")
         self._start(state, "bird", ROUTER, self._bird_argv(), self._bird_ready)
         for c in self.topo.clusters:
-            self.say(f"==> cluster {c.name} (id {c.id}): etcd on {c.control_plane.ip}")
+            self.say(f"==> cluster {c.name} (id {c.id}): etcd (TLS) on {c.control_plane.ip}, "
+                     "clustermesh-apiserver")
+            make_cluster_pki(c.name, self.pki(c.name), [c.control_plane.ip, "127.0.0.1"],
+                             advertise=[c.control_plane.ip])
             self._start(state, f"etcd-{c.name}", c.control_plane.netns, self._etcd_argv(c),
-                        lambda c=c: self._etcd_healthy(c.control_plane.netns, c.etcd_url))
+                        lambda c=c: self.etcd_healthy(c.control_plane.netns, c))
+            self._etcd_auth(c)
+            self._start(state, f"apiserver-{c.name}", c.control_plane.netns,
+                        self._apiserver_argv(c), lambda c=c: self._apiserver_synced(c),
+                        env={"PYTHONPATH": str(REPO_ROOT)})
+        for n in self.topo.nodes():
+            self._write_agent_config(n)
+        self.say("==> clustermesh: connecting " + " <-> ".join(c.name for c in self.topo.clusters))
+        self._connect_clusters()
         for n in self.topo.nodes():
             self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr}): plexus agent")
-            self._write_agent_config(n)
             self._start(state, f"agent-{n.key}", n.host.netns, self._agent_argv(n),
                         lambda n=n: self._agent_ready(n), env={"PYTHONPATH": str(REPO_ROOT)})
         state.save(self.state_path)
+        self.say("==> waiting for every agent to sync every cluster")
+        ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
 
     def _network(self) -> None:
@@ -187,22 +200,67 @@ protocol static pods {{
         return "Daemon is up and running" in self.birdc("show", "status")
 
     # ---- etcd -----------------------------------------------------------------------
+    def pki(self, cluster: str) -> Path:
+        return self.root / "pki" / cluster
+
     def _etcd_argv(self, c: Cluster) -> list[str]:
         data = self.root / "clusters" / c.name / "etcd"
         data.parent.mkdir(parents=True, exist_ok=True)
         return ["etcd", "--name", c.name, "--data-dir", str(data),
-                "--listen-client-urls", f"{c.etcd_url},http://127.0.0.1:2379",
+                "--listen-client-urls", f"{c.etcd_url},https://127.0.0.1:2379",
                 "--advertise-client-urls", c.etcd_url,
                 "--listen-peer-urls", "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
                 "--initial-cluster", f"{c.name}=http://127.0.0.1:2380",
+                *etcd_tls_args(self.pki(c.name)),
                 "--logger", "zap", "--log-level", "warn"]
 
-    @staticmethod
-    def _etcd_healthy(ns: str, url: str) -> bool:
-        r = ops.run("etcdctl", "--endpoints", url, "--dial-timeout", "1s", "endpoint", "health",
-                    ns=ns, check=False)
-        return r.returncode == 0
+    def etcdctl(self, ns: str, c: Cluster, *args: str, url: str | None = None,
+                check: bool = False) -> ops.subprocess.CompletedProcess[str]:
+        return ops.run("etcdctl", "--endpoints", url or c.etcd_url, "--dial-timeout", "2s",
+                       *etcdctl_tls(self.pki(c.name)), *args, ns=ns, check=check)
+
+    def etcd_healthy(self, ns: str, c: Cluster) -> bool:
+        return self.etcdctl(ns, c, "endpoint", "health").returncode == 0
+
+    def _etcd_auth(self, c: Cluster) -> None:
+        marker = self.root / "clusters" / c.name / "auth-enabled"
+        if marker.exists():
+            return
+        for cmd in etcd_auth_commands(c.name):
+            self.etcdctl(c.control_plane.netns, c, *cmd, check=True)
+        marker.write_text("users root and remote, roles root and remote\n")
+
+    def _apiserver_argv(self, c: Cluster) -> list[str]:
+        pki = self.pki(c.name)
+        return [sys.executable, "-m", "plexus", "clustermesh-apiserver", "--cluster-name", c.name,
+                "--cluster-id", str(c.id), "--etcd", "https://127.0.0.1:2379",
+                "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
+                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60"]
+
+    def _apiserver_synced(self, c: Cluster) -> bool:
+        r = self.etcdctl(c.control_plane.netns, c, "get", "--prefix", "--keys-only",
+                         f"cilium/synced/{c.name}/")
+        return r.returncode == 0 and r.stdout.count("cilium/synced/") >= 4
+
+    def _connect_clusters(self) -> None:
+        clusters = self.topo.clusters
+        dirs = {c.name: [self.node_dir(n) / "clustermesh" for n in c.nodes] for c in clusters}
+        for i, a in enumerate(clusters):
+            for b in clusters[i + 1:]:
+                connect(a.name, b.name, self.root / "pki", dirs)
+
+    def _mesh_ready(self) -> bool:
+        want = {c.name for c in self.topo.clusters}
+        for n in self.topo.nodes():
+            try:
+                st = Client(self.socket(n), timeout=3).get("/v1/clustermesh/status")
+            except ClientError:
+                return False
+            ready = {name for name, c in st["clusters"].items() if c.get("ready")}
+            if ready != want:
+                return False
+        return True
 
     # ---- agents ---------------------------------------------------------------------
     def _write_agent_config(self, n: Node) -> Path:
@@ -218,7 +276,11 @@ protocol static pods {{
             f"apiSocket: {self.socket(n)}\n"
             f"metrics: {{address: {n.host.ip}, port: 9962}}\n"
             f"clustermesh:\n"
-            f"  etcd: {{endpoints: ['{c.etcd_url}']}}\n"
+            f"  etcd:\n"
+            f"    endpoints: ['{c.etcd_url}']\n"
+            f"    trustedCaFile: {self.pki(c.name) / 'ca.crt'}\n"
+            f"    certFile: {self.pki(c.name) / 'admin.crt'}\n"
+            f"    keyFile: {self.pki(c.name) / 'admin.key'}\n"
             f"  configDir: {d / 'clustermesh'}\n")
         (d / "clustermesh").mkdir(exist_ok=True)
         return path

@@ -71,7 +71,7 @@ class Cluster:
 
     @property
     def etcd_url(self) -> str:
-        return f"http://{self.control_plane.ip}:2379"
+        return f"https://{self.control_plane.ip}:2379"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert r.returncode == 0, r.stderr
     after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
     assert before == after
-    assert len(after) == 1 + 2 + 4  # BIRD, two etcds, four agents
+    assert len(after) == 1 + 2 + 2 + 4  # BIRD, two etcds, two apiservers, four agents
 
 
 def test_status_shows_everything_alive(lab: Lab) -> None:
@@ -64,7 +64,7 @@ def test_status_shows_everything_alive(lab: Lab) -> None:
 def test_every_node_reaches_its_cluster_etcd(lab: Lab) -> None:
     for c in lab.topo.clusters:
         for n in c.nodes:
-            assert lab._etcd_healthy(n.host.netns, c.etcd_url), n.key
+            assert lab.etcd_healthy(n.host.netns, c), n.key
 
 
 def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> None:
@@ -81,6 +81,45 @@ def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> 
     r = plexus("lab", "pod", "del", "east", "n1", "web")
     assert r.returncode == 0, r.stderr
     assert pod_netns(lab.topo.node("east", "n1"), "web") not in ops.namespaces()
+
+
+def test_clustermesh_connects_the_clusters(lab: Lab) -> None:
+    r = plexus("clustermesh", "status", "--node", "east-n1", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert {n: c["ready"] for n, c in st["clusters"].items()} == {"east": True, "west": True}
+    assert st["clusters"]["west"]["clusterID"] == 2
+
+    far = lab.pod_add("west", "n1", "api", {"app": "api"})
+
+    def east_sees_it() -> dict[str, object] | None:
+        out = plexus("clustermesh", "list", "endpoints", "--node", "east-n2", "--cluster", "west",
+                     "-o", "json")
+        rows = [e for e in json.loads(out.stdout) if e["ip"] == far["ip"]]
+        return rows[0] if rows else None
+
+    from tests.support import wait_until
+
+    entry = wait_until(east_sees_it, 20, what="west pod in east's ipcache")
+    assert 2 << 16 <= int(entry["identity"]) < 3 << 16  # west's identity range
+    assert entry["host_ip"] == "172.31.2.11"
+    # Direct routes between the nodes of one cluster, owned by the agent.
+    routes = ops.run("ip", "route", "show", "proto", "190", ns="plx-east-n1").stdout
+    assert "10.1.2.0/24 via 172.31.1.12" in routes
+
+    # A global service applied in both clusters merges backends from both.
+    lab.pod_add("east", "n2", "web", {"app": "web"})
+    lab.pod_add("west", "n2", "web", {"app": "web"})
+    for cluster in ("east", "west"):
+        r = plexus("apply", "-f", str(ROOT / "examples" / "global-service.yaml"), "--lab", cluster)
+        assert r.returncode == 0, r.stderr
+
+    def merged() -> set[str]:
+        out = plexus("clustermesh", "list", "global-services", "--node", "east-n1", "-o", "json")
+        rows = json.loads(out.stdout)
+        return {b["cluster"] for r in rows for b in r["backends"]} if rows else set()
+
+    wait_until(lambda: merged() == {"east", "west"}, 20, what="global service backends")
 
 
 def test_bad_pod_requests_are_refused(lab: Lab) -> None:
