@@ -281,9 +281,14 @@ protocol static pods {{
             f"    trustedCaFile: {self.pki(c.name) / 'ca.crt'}\n"
             f"    certFile: {self.pki(c.name) / 'admin.crt'}\n"
             f"    keyFile: {self.pki(c.name) / 'admin.key'}\n"
-            f"  configDir: {d / 'clustermesh'}\n")
+            f"  configDir: {d / 'clustermesh'}\n"
+            f"encryption: {{enabled: true, device: {self.wg_device(n)}, strict: true}}\n")
         (d / "clustermesh").mkdir(exist_ok=True)
         return path
+
+    @staticmethod
+    def wg_device(n: Node) -> str:
+        return f"plxwg-{n.cluster[0]}{n.name.removeprefix('n')}"
 
     def _agent_argv(self, n: Node) -> list[str]:
         return [sys.executable, "-m", "plexus", "agent", "--config",
@@ -369,6 +374,14 @@ protocol static pods {{
             if ops.alive(p.pid, p.marker):
                 ops.stop(p.pid, p.marker)
                 done.append(f"stopped {p.name} (pid {p.pid})")
+        # wireguard-go outlives its agent by design (stop is not remove): stop the lab's.
+        for n in self.topo.nodes():
+            pid_file = self.node_dir(n) / "state" / "wireguard-go.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid and ops.alive(pid, self.wg_device(n)):
+                    ops.stop(pid, self.wg_device(n))
+                    done.append(f"stopped wireguard-go {self.wg_device(n)} (pid {pid})")
         for ns in sorted(ops.namespaces()):
             if is_lab_netns(ns, self.topo):
                 ops.delete_netns(ns)

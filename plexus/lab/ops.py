@@ -82,7 +82,11 @@ def alive(pid: int, marker: str) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z" and marker in cmdline(pid)
+    if state == "Z":
+        return False
+    args = cmdline(pid)
+    # Empty while the process is between fork and exec, or inside execve.
+    return not args or marker in args
 
 
 def stop(pid: int, marker: str, timeout: float = 10) -> None:
