@@ -142,7 +142,13 @@ class KernelBackend:
 
     def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
         with IPRoute() as ipr:
-            if not ipr.link_lookup(ifname=self.device):
+            found = ipr.link_lookup(ifname=self.device)
+            if found:
+                info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                if kind != "wireguard":
+                    raise BackendUnavailable(f"{self.device} exists and is a {kind or 'plain'} device")
+            else:
                 try:
                     ipr.link("add", ifname=self.device, kind="wireguard")
                 except NetlinkError as e:
@@ -196,7 +202,14 @@ class KernelBackend:
 
 def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair, port: int,
            mtu: int) -> Backend:
-    """The backend to use: the kernel module when asked or available, else wireguard-go."""
+    """The backend to use: the kernel module when asked or available, else wireguard-go.
+
+    A device wireguard-go already serves (an agent restart) is adopted, never probed.
+    """
+    if choice == "auto" and UserspaceBackend(device, state_dir, binary)._alive():
+        backend = UserspaceBackend(device, state_dir, binary)
+        backend.ensure(keys, port, mtu)
+        return backend
     if choice in ("auto", "kernel"):
         kernel = KernelBackend(device)
         try:

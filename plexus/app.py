@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bpf.module import module as bpf
 from clustermesh.module import module as clustermesh
 from encryption.module import module as encryption
 from plexus.core.module import Module
@@ -12,5 +13,6 @@ from plexus.node.module import module as node
 MODULES: list[Module[Any]] = [
     node,
     clustermesh,
+    bpf,
     encryption,
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, clustermesh, encrypt, lab
+from plexus.commands import agent, apply, bpf, clustermesh, encrypt, lab
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -15,6 +15,7 @@ COMMAND_GROUPS = [
     clustermesh,
     apply,
     encrypt,
+    bpf,
 ]
 
 

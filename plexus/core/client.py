@@ -56,9 +56,16 @@ class Client:
                     0, f"agent is not running (no API at {self.socket_path}): {e.strerror}") from None
             except OSError as e:
                 raise ClientError(0, f"agent API at {self.socket_path} failed: {e}") from None
-            decoded = json.loads(data) if data else None
+            try:
+                decoded = json.loads(data) if data else None
+            except ValueError:
+                decoded = None
+                if resp.status < 400:
+                    raise ClientError(resp.status, f"agent answered something that is not JSON: "
+                                                   f"{data[:200]!r}") from None
             if resp.status >= 400:
-                msg = decoded.get("error", data.decode()) if isinstance(decoded, dict) else data.decode()
+                text = data.decode(errors="replace")
+                msg = decoded.get("error", text) if isinstance(decoded, dict) else text
                 raise ClientError(resp.status, msg, decoded)
             return decoded
         finally:

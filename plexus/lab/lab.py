@@ -36,7 +36,7 @@ from plexus.lab.topology import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BPF_DIR = Path("/sys/fs/bpf/plexus-lab")
+BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # older labs pinned here
 WG_DIR = Path("/run/wireguard")
 
 
@@ -59,8 +59,10 @@ class State:
         if not path.exists():
             return cls()
         raw = json.loads(path.read_text())
-        return cls({k: Process(**v) for k, v in raw.get("processes", {}).items()},
-                   raw.get("pods", {}))
+        fields = set(Process.__dataclass_fields__)
+        # a state file from another version may carry more: keep what this one knows
+        return cls({k: Process(**{f: v[f] for f in fields if f in v})
+                    for k, v in raw.get("processes", {}).items()}, raw.get("pods", {}))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,7 @@ class Lab:
         self.root.mkdir(parents=True, exist_ok=True)
         state = State.load(self.state_path)
         self.say("==> network: router, segments, hosts")
+        self._mount_bpffs()
         self._network()
         self.say("==> router: BIRD 2")
         self._start(state, "bird", ROUTER, self._bird_argv(), self._bird_ready)
@@ -117,6 +120,16 @@ class Lab:
         self.say("==> waiting for every agent to sync every cluster")
         ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
+
+    @property
+    def bpffs(self) -> Path:
+        """The lab's bpf filesystem: `ip netns exec` hides /sys/fs/bpf, not this."""
+        return self.root / "bpffs"
+
+    def _mount_bpffs(self) -> None:
+        self.bpffs.mkdir(parents=True, exist_ok=True)
+        if not os.path.ismount(self.bpffs):
+            ops.run("mount", "-t", "bpf", "plexus-lab", str(self.bpffs))
 
     def _network(self) -> None:
         ops.ensure_netns(ROUTER)
@@ -282,7 +295,8 @@ protocol static pods {{
             f"    certFile: {self.pki(c.name) / 'admin.crt'}\n"
             f"    keyFile: {self.pki(c.name) / 'admin.key'}\n"
             f"  configDir: {d / 'clustermesh'}\n"
-            f"encryption: {{enabled: true, device: {self.wg_device(n)}, strict: true}}\n")
+            f"encryption: {{enabled: true, device: {self.wg_device(n)}, strict: true}}\n"
+            f"bpf: {{enabled: true, pinDir: {self.bpffs / n.key}}}\n")
         (d / "clustermesh").mkdir(exist_ok=True)
         return path
 
@@ -392,6 +406,9 @@ protocol static pods {{
         for sock in WG_DIR.glob("plxwg-*.sock") if WG_DIR.exists() else []:
             sock.unlink(missing_ok=True)
             done.append(f"removed {sock}")
+        if os.path.ismount(self.bpffs):
+            ops.run("umount", str(self.bpffs), check=False)
+            done.append(f"unmounted {self.bpffs} (pinned maps gone)")
         if self.root.exists():
             shutil.rmtree(self.root)
             done.append(f"removed {self.root}")

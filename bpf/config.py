@@ -1,0 +1,17 @@
+"""eBPF datapath settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from plexus.core.config import Strict
+
+
+class BpfConfig(Strict):
+    """Identity-based policy on every pod's host-side veth."""
+
+    enabled: bool = Field(False, description="Load the datapath and enforce policy.")
+    pin_dir: Path = Field(Path("/sys/fs/bpf/plexus"),
+                          description="Where maps are pinned (must be on a bpf filesystem).")

@@ -1,0 +1,219 @@
+"""The eBPF datapath: identity-based policy on every local pod's host-side veth.
+
+Reads the merged tables (ipcache, identities, local endpoints, policy manifests of every
+cluster), derives map contents, and reconciles them into maps pinned under `pinDir`. A
+restarted agent adopts the pinned maps and replaces the programs in place, so policy is
+never lost and traffic never dropped across an upgrade. Stop leaves everything attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from bpf.config import BpfConfig
+from bpf.loader import Datapath, LoadError
+from bpf.models import PlexusNetworkPolicy
+from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
+from bpf.policy import Enforced, LocalEndpoint, PolicyEntry, cidr_identities, compute
+from clustermesh.models import (
+    ID_HOST,
+    ID_REMOTE_NODE,
+    LABEL_CLUSTER,
+    LABEL_NAMESPACE,
+    identity_labels,
+)
+from clustermesh.tables import ENDPOINTS, IDENTITIES, IPCACHE, LOCAL_NODE, MANIFESTS, NODES
+from plexus.core.api import ApiError
+from plexus.core.config import ConfigError, parse
+from plexus.core.module import Hive, Module
+from plexus.core.reconciler import Reconciler
+from plexus.core.tables import Table
+
+log = logging.getLogger(__name__)
+FLAG_REMOTE_CLUSTER = 1
+
+
+class BpfDatapath:
+    def __init__(self, hive: Hive, config: BpfConfig) -> None:
+        self.hive = hive
+        self.config = config
+        self.local = hive.require(LOCAL_NODE)
+        self.endpoints = hive.require(ENDPOINTS)
+        self.ipcache_src = hive.require(IPCACHE)
+        self.identities = hive.require(IDENTITIES)
+        self.manifests = hive.require(MANIFESTS)
+        self.nodes = hive.require(NODES)
+        self.ipcache: Table[str, IpcacheEntry] = Table("bpf-ipcache", key=lambda e: e.key)
+        self.entries: Table[tuple[str, int, int, int, int], PolicyEntry] = Table(
+            "bpf-policy", key=lambda e: e.key)
+        self.enforced: Table[tuple[str, int], Enforced] = Table("bpf-enforce", key=lambda e: e.key)
+        self.attachments: Table[str, Attachment] = Table("bpf-attach", key=lambda a: a.key)
+        self._gates = [t.register_initializer("sources") for t in
+                       (self.ipcache, self.entries, self.enforced)]
+        self.rejected: dict[str, str] = {}
+        self.policies: dict[str, PlexusNetworkPolicy] = {}
+        self.dp: Datapath | None = None
+        self.reconcilers: list[Reconciler[Any, Any]] = []
+        self._dirty = asyncio.Event()
+        hive.routes.get("/v1/bpf/ipcache", self._ipcache_api)
+        hive.routes.get("/v1/bpf/policy/{endpoint}", self._policy_api)
+        hive.routes.get("/v1/bpf/policies", self._policies_api)
+        hive.metrics.registry.register(_Counters(self))
+
+    async def start(self) -> None:
+        if not self.config.enabled:
+            return
+        try:
+            self.dp = await asyncio.to_thread(Datapath, self.config.pin_dir)
+        except (LoadError, Exception) as e:
+            self.hive.health["bpf"] = f"datapath not loaded: {e}"
+            log.error("datapath not loaded: %s", e)
+            return
+        ifx = Ifindexes()
+        m = self.hive.metrics.reconciler
+        self.reconcilers = [
+            Reconciler("bpf-attach", self.attachments, AttachOps(self.dp, ifx), metrics=m),
+            Reconciler("bpf-ipcache", self.ipcache, IpcacheOps(self.dp), metrics=m),
+            Reconciler("bpf-policy", self.entries, PolicyOps(self.dp, ifx), metrics=m),
+            Reconciler("bpf-enforce", self.enforced, EnforceOps(self.dp, ifx), metrics=m),
+        ]
+        for rec in self.reconcilers:
+            self.hive.spawn("bpf", rec.run(), rec.name)
+        for table in (self.endpoints, self.ipcache_src, self.identities, self.manifests, self.nodes):
+            self.hive.spawn("bpf", self._follow(table), f"follow-{table.name}")
+        self.hive.spawn("bpf", self._derive(), "derive")
+        self.hive.spawn("bpf", self._open_gates(), "gates")
+
+    async def stop(self) -> None:
+        pass  # programs stay attached and maps pinned: traffic keeps its policy
+
+    async def _open_gates(self) -> None:
+        for t in (self.ipcache_src, self.identities, self.manifests, self.nodes):
+            await t.initialized.wait()
+        for done in self._gates:
+            done()
+
+    async def _follow(self, table: Table[Any, Any]) -> None:
+        async for _ in table.watch():
+            self._dirty.set()
+
+    async def _derive(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(0.005)  # one pass for a burst of changes
+            self._dirty.clear()
+            self.recompute()
+
+    # ---- derivation -----------------------------------------------------------------
+    def _load_policies(self) -> None:
+        policies: dict[str, PlexusNetworkPolicy] = {}
+        rejected: dict[str, str] = {}
+        for m in self.manifests.where(lambda m: m.kind == "PlexusNetworkPolicy"):
+            name = f"{m.cluster}/{m.namespace}/{m.name}"
+            try:
+                policies[name] = parse(PlexusNetworkPolicy, m.body, f"policy {name}")
+            except ConfigError as e:
+                rejected[name] = str(e)
+                if name in self.policies:  # keep running the last good version
+                    policies[name] = self.policies[name]
+        for name, why in rejected.items():
+            if self.rejected.get(name) != why:
+                log.warning("policy rejected (the previous version, if any, stays): %s", why)
+        self.policies, self.rejected = policies, rejected
+
+    def recompute(self) -> None:
+        self._load_policies()
+        policies = list(self.policies.values())
+        # ipcache: every endpoint of every cluster, node IPs, and CIDRs that policies name
+        rows: dict[str, IpcacheEntry] = {}
+        for n in self.nodes:
+            for a in n.addresses:
+                me = n.cluster == self.local.cluster and n.name == self.local.name
+                rows[f"{a.ip}/32"] = IpcacheEntry(f"{a.ip}/32", ID_HOST if me else ID_REMOTE_NODE,
+                                                  a.ip, 0)
+        rows.setdefault(f"{self.local.ip}/32", IpcacheEntry(f"{self.local.ip}/32", ID_HOST,
+                                                            self.local.ip, 0))
+        for cidr, ident in cidr_identities(policies).items():
+            rows[cidr] = IpcacheEntry(cidr, ident, "", 0)
+        for e in self.ipcache_src:
+            if ":" in e.ip:
+                continue  # the map is IPv4 for now
+            flags = FLAG_REMOTE_CLUSTER if e.cluster != self.local.cluster else 0
+            rows[e.prefix] = IpcacheEntry(e.prefix, e.identity, e.host_ip, flags)
+        self.ipcache.replace_where(lambda _r: True, rows.values())
+        identities = {i.id: i.label_map() for i in self.identities}
+        local = []
+        for ep in self.endpoints:
+            labels = {k.partition(":")[2].partition("=")[0]: k.partition("=")[2]
+                      for k in identity_labels(self.local.cluster, ep.namespace, ep.labels)}
+            labels.setdefault(LABEL_CLUSTER, self.local.cluster)
+            labels.setdefault(LABEL_NAMESPACE, ep.namespace)
+            local.append(LocalEndpoint(ep.host_ifname, ep.ip, labels))
+        entries, enforced = compute(policies, identities, local)
+        self.attachments.replace_where(lambda _r: True, [Attachment(e.ifname) for e in local])
+        self.entries.replace_where(lambda _r: True, entries)
+        self.enforced.replace_where(lambda _r: True, enforced)
+
+    # ---- API ------------------------------------------------------------------------
+    def _need(self) -> Datapath:
+        if self.dp is None:
+            raise ApiError(409, "the eBPF datapath is not loaded on this node")
+        return self.dp
+
+    async def _ipcache_api(self, _q: dict[str, str], _b: Any) -> Any:
+        dp = self._need()
+        return [{"prefix": p, "identity": v[0], "hostIP": v[1], "flags": v[2]}
+                for p, v in sorted(dp.ipcache_items().items())]
+
+    async def _policy_api(self, q: dict[str, str], _b: Any) -> Any:
+        dp = self._need()
+        wanted = q["endpoint"]
+        ep = next((e for e in self.endpoints if wanted in (e.container_id, e.pod_name, e.ip,
+                                                            e.host_ifname)), None)
+        if ep is None:
+            raise ApiError(404, f"no local endpoint {wanted}")
+        from bpf.attach import ifindex
+
+        idx = await asyncio.to_thread(ifindex, ep.host_ifname)
+        entries = [{"identity": i, "port": port, "proto": proto,
+                    "direction": "ingress" if d else "egress",
+                    "action": "allow" if a == 1 else "deny"}
+                   for (x, i, port, proto, d, a) in dp.policy_items() if x == idx]
+        enforced = ["ingress" if d else "egress" for (x, d) in dp.enforce_items() if x == idx]
+        return {"endpoint": ep.container_id, "pod": f"{ep.namespace}/{ep.pod_name}",
+                "interface": ep.host_ifname, "ifindex": idx, "enforced": sorted(enforced),
+                "entries": sorted(entries, key=lambda e: (e["direction"], e["identity"], e["port"]))}
+
+    async def _policies_api(self, _q: dict[str, str], _b: Any) -> Any:
+        return {"policies": sorted(self.policies), "rejected": self.rejected}
+
+    def status(self) -> dict[str, Any]:
+        if not self.config.enabled:
+            return {"enabled": False}
+        return {"enabled": True, "loaded": self.dp is not None, "pinDir": str(self.config.pin_dir),
+                "ipcache": len(self.ipcache), "policyEntries": len(self.entries),
+                "policies": len(self.policies), "rejected": len(self.rejected),
+                **(self.dp.counter_totals() if self.dp else {})}
+
+
+class _Counters(Collector):
+    def __init__(self, dp: BpfDatapath) -> None:
+        self.owner = dp
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("plexus_datapath_packets", "Policy verdicts in the datapath.",
+                                labels=["verdict"])
+        if self.owner.dp is not None:
+            for name, value in self.owner.dp.counter_totals().items():
+                c.add_metric([name], float(value))
+        yield c
+
+
+module = Module(name="bpf", doc=__doc__ or "", config=BpfConfig,
+                build=lambda hive, cfg: BpfDatapath(hive, cfg))

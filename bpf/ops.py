@@ -1,0 +1,139 @@
+"""Reconciler targets: the ipcache map, the policy map, and program attachment."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bpf import attach
+from bpf.loader import Datapath
+from bpf.policy import Enforced, PolicyEntry
+from plexus.core.reconciler import TemporaryError
+
+
+@dataclass(frozen=True)
+class IpcacheEntry:
+    prefix: str
+    identity: int
+    host_ip: str
+    flags: int
+
+    @property
+    def key(self) -> str:
+        return self.prefix
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifname: str
+
+    @property
+    def key(self) -> str:
+        return self.ifname
+
+
+class IpcacheOps:
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+
+    async def update(self, e: IpcacheEntry) -> None:
+        self.dp.ipcache_set(e.prefix, e.identity, e.host_ip, e.flags)
+
+    async def delete(self, e: IpcacheEntry) -> None:
+        self.dp.ipcache_delete(e.prefix)
+
+    async def prune(self, rows: Iterable[IpcacheEntry]) -> None:
+        keep = {r.prefix for r in rows}
+        for prefix in self.dp.ipcache_items():
+            if prefix not in keep:
+                self.dp.ipcache_delete(prefix)
+
+
+class Ifindexes:
+    """Interface indexes of host veths (netlink is synchronous: it runs in a thread)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, int] = {}
+
+    async def find(self, ifname: str) -> int | None:
+        if ifname in self.cache:
+            return self.cache[ifname]
+        return await asyncio.to_thread(attach.ifindex, ifname)
+
+    async def get(self, ifname: str) -> int:
+        idx = await asyncio.to_thread(attach.ifindex, ifname)
+        if idx is None:
+            raise TemporaryError(f"interface {ifname} not there yet", delay=1.0)
+        self.cache[ifname] = idx
+        return idx
+
+
+class PolicyOps:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
+        self.dp = dp
+        self.ifindexes = ifindexes
+
+    async def update(self, e: PolicyEntry) -> None:
+        idx = await self.ifindexes.get(e.ifname)
+        self.dp.policy_set(idx, e.identity, e.port, e.proto, e.direction, e.action)
+
+    async def delete(self, e: PolicyEntry) -> None:
+        idx = await self.ifindexes.find(e.ifname)
+        if idx is not None:
+            self.dp.policy_delete(idx, e.identity, e.port, e.proto, e.direction)
+
+    async def prune(self, rows: Iterable[PolicyEntry]) -> None:
+        keep = set()
+        for r in rows:
+            idx = self.ifindexes.cache.get(r.ifname)
+            if idx is not None:
+                keep.add((idx, r.identity, r.port, r.proto, r.direction, r.action))
+        for item in self.dp.policy_items():
+            if item not in keep:
+                self.dp.policy_delete(*item[:5])
+
+
+class EnforceOps:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
+        self.dp = dp
+        self.ifindexes = ifindexes
+
+    async def update(self, e: Enforced) -> None:
+        self.dp.enforce_set(await self.ifindexes.get(e.ifname), e.direction)
+
+    async def delete(self, e: Enforced) -> None:
+        idx = await self.ifindexes.find(e.ifname)
+        if idx is not None:
+            self.dp.enforce_delete(idx, e.direction)
+
+    async def prune(self, rows: Iterable[Enforced]) -> None:
+        keep = {(self.ifindexes.cache.get(r.ifname), r.direction) for r in rows}
+        for item in self.dp.enforce_items():
+            if item not in keep:
+                self.dp.enforce_delete(*item)
+
+
+class AttachOps:
+    """The programs on every local pod's host veth; gone pods take their filters with them."""
+
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
+        self.dp = dp
+        self.ifindexes = ifindexes
+
+    async def update(self, a: Attachment) -> None:
+        try:
+            idx = await asyncio.to_thread(attach.attach, a.ifname,
+                                          (self.dp.from_pod.fd, self.dp.from_pod.name),
+                                          (self.dp.to_pod.fd, self.dp.to_pod.name))
+        except LookupError as e:
+            raise TemporaryError(str(e), delay=1.0) from None
+        self.ifindexes.cache[a.ifname] = idx
+
+    async def delete(self, a: Attachment) -> None:
+        # usually the veth is gone already, and its filters with it
+        await asyncio.to_thread(attach.detach, a.ifname)
+        self.ifindexes.cache.pop(a.ifname, None)
+
+    async def prune(self, rows: Iterable[Attachment]) -> None:
+        pass  # filters live and die with their veth

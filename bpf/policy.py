@@ -1,0 +1,120 @@
+"""The policy engine, pure: policies, identities and endpoints in, map entries out.
+
+Semantics (as Cilium): an endpoint no policy selects allows everything; once a policy with
+rules in a direction selects it, that direction is default-deny; a deny beats an allow; the
+host is always allowed. A selector that does not name a namespace matches only the
+policy's own namespace; the cluster label `io.cilium.k8s.policy.cluster` names a cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bpf.models import EgressRule, IngressRule, PlexusNetworkPolicy, Selector
+from clustermesh.models import ID_HOST, LABEL_NAMESPACE
+
+EGRESS, INGRESS = 0, 1
+ALLOW, DENY = 1, 2
+PROTOCOLS = {"ANY": 0, "TCP": 6, "UDP": 17}
+CIDR_IDENTITY_BASE = 1 << 24  # node-local identities for CIDRs, as Cilium's local scope
+
+
+@dataclass(frozen=True)
+class LocalEndpoint:
+    ifname: str
+    ip: str
+    labels: dict[str, str]  # without source prefix, including namespace and cluster
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    ifname: str
+    identity: int
+    port: int
+    proto: int
+    direction: int
+    action: int
+
+    @property
+    def key(self) -> tuple[str, int, int, int, int]:
+        return (self.ifname, self.identity, self.port, self.proto, self.direction)
+
+
+@dataclass(frozen=True)
+class Enforced:
+    ifname: str
+    direction: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.ifname, self.direction)
+
+
+def cidr_identities(policies: Iterable[PlexusNetworkPolicy]) -> dict[str, int]:
+    """A stable node-local identity for every CIDR any policy names."""
+    cidrs: set[str] = set()
+    for p in policies:
+        for r in [*p.spec.ingress, *p.spec.ingress_deny]:
+            cidrs.update(str(c) for c in r.from_cidr)
+        for r in [*p.spec.egress, *p.spec.egress_deny]:
+            cidrs.update(str(c) for c in r.to_cidr)
+    return {c: CIDR_IDENTITY_BASE + i for i, c in enumerate(sorted(cidrs))}
+
+
+def _in_namespace(sel: Selector, namespace: str, labels: dict[str, str]) -> bool:
+    if not sel.mentions(LABEL_NAMESPACE) and labels.get(LABEL_NAMESPACE) != namespace:
+        return False
+    return sel.matches(labels)
+
+
+def _peers(selectors: list[Selector], cidrs: list[ipaddress.IPv4Network], namespace: str,
+           identities: dict[int, dict[str, str]], cidr_ids: dict[str, int]) -> set[int]:
+    out = {i for i, labels in identities.items()
+           if any(_in_namespace(s, namespace, labels) for s in selectors)}
+    out.update(cidr_ids[str(c)] for c in cidrs)
+    return out
+
+
+def _ports(rule: IngressRule | EgressRule) -> list[tuple[int, int]]:
+    if not rule.to_ports:
+        return [(0, 0)]
+    return [(p.port, PROTOCOLS[p.protocol]) for pr in rule.to_ports for p in pr.ports]
+
+
+def compute(policies: Iterable[PlexusNetworkPolicy], identities: dict[int, dict[str, str]],
+            endpoints: Iterable[LocalEndpoint]) -> tuple[list[PolicyEntry], list[Enforced]]:
+    policies = list(policies)
+    cidr_ids = cidr_identities(policies)
+    entries: dict[tuple[str, int, int, int, int], PolicyEntry] = {}
+    enforced: set[Enforced] = set()
+
+    def add(e: PolicyEntry) -> None:
+        old = entries.get(e.key)
+        if old is None or (old.action == ALLOW and e.action == DENY):  # deny beats allow
+            entries[e.key] = e
+
+    for ep in endpoints:
+        for p in policies:
+            ns = p.metadata.namespace
+            if ep.labels.get(LABEL_NAMESPACE) != ns or not p.spec.endpoint_selector.matches(ep.labels):
+                continue
+            sections: list[tuple[int, int, list[IngressRule] | list[EgressRule]]] = [
+                (INGRESS, ALLOW, p.spec.ingress), (INGRESS, DENY, p.spec.ingress_deny),
+                (EGRESS, ALLOW, p.spec.egress), (EGRESS, DENY, p.spec.egress_deny)]
+            for direction, action, rules in sections:
+                if not rules:
+                    continue
+                enforced.add(Enforced(ep.ifname, direction))
+                for rule in rules:
+                    if isinstance(rule, IngressRule):
+                        peers = _peers(rule.from_endpoints, rule.from_cidr, ns, identities, cidr_ids)
+                    else:
+                        peers = _peers(rule.to_endpoints, rule.to_cidr, ns, identities, cidr_ids)
+                    for ident in peers:
+                        for port, proto in _ports(rule):
+                            add(PolicyEntry(ep.ifname, ident, port, proto, direction, action))
+    for e in enforced:  # the node itself always reaches its pods (health checks, probes)
+        add(PolicyEntry(e.ifname, ID_HOST, 0, 0, e.direction, ALLOW))
+    return sorted(entries.values(), key=lambda e: e.key), sorted(enforced, key=lambda e: e.key)

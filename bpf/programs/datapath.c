@@ -1,0 +1,115 @@
+// Plexus datapath: identity-based policy on a pod's host-side veth.
+//
+// from_pod runs at tc ingress of the host veth (the pod's egress), to_pod at tc egress (the
+// pod's ingress). The peer's identity comes from the ipcache (LPM trie, IPv4); verdicts come
+// from the policy map; replies to allowed connections pass through a small conntrack.
+// Maps are pinned under PIN_DIR so a restarted agent adopts them.
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define DIR_EGRESS 0   // traffic leaving the pod
+#define DIR_INGRESS 1  // traffic entering the pod
+#define ACTION_ALLOW 1
+#define ACTION_DENY 2
+#define ID_WORLD 2
+
+struct ipcache_key { u32 prefixlen; u32 addr; };
+struct ipcache_value { u32 identity; u32 host_ip; u32 flags; };
+struct policy_key { u32 ifindex; u32 identity; u16 port; u8 proto; u8 direction; };
+struct policy_value { u8 action; u8 pad[3]; };
+struct enforce_key { u32 ifindex; u32 direction; };
+struct ct_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u32 proto; };
+struct flow_event {
+    u64 ts; u32 ifindex; u32 saddr; u32 daddr; u32 identity;
+    u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason;
+};
+
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 262144, PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, 1048576, PIN_DIR "/policy");
+BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enforce");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, u64, conntrack, 262144, PIN_DIR "/conntrack");
+BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
+BPF_PERF_OUTPUT(flows);
+
+static __always_inline u32 lookup_identity(u32 addr) {
+    struct ipcache_key k = { .prefixlen = 32, .addr = addr };
+    struct ipcache_value *v = ipcache.lookup(&k);
+    return v ? v->identity : ID_WORLD;
+}
+
+static __always_inline int verdict(u32 ifindex, u32 identity, u16 port, u8 proto, u8 dir) {
+    struct policy_key k = { .ifindex = ifindex, .identity = identity, .port = port,
+                            .proto = proto, .direction = dir };
+    struct policy_value *v;
+    int allowed = 0;
+    // exact port, any port, any protocol: a deny anywhere wins
+    v = policy.lookup(&k);
+    if (v) { if (v->action == ACTION_DENY) return ACTION_DENY; allowed = 1; }
+    k.port = 0;
+    v = policy.lookup(&k);
+    if (v) { if (v->action == ACTION_DENY) return ACTION_DENY; allowed = 1; }
+    k.proto = 0;
+    v = policy.lookup(&k);
+    if (v) { if (v->action == ACTION_DENY) return ACTION_DENY; allowed = 1; }
+    if (allowed) return ACTION_ALLOW;
+    struct enforce_key e = { .ifindex = ifindex, .direction = dir };
+    return enforce.lookup(&e) ? ACTION_DENY : ACTION_ALLOW;  // not selected: allow all
+}
+
+static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end) return TC_ACT_OK;
+    if (eth->h_proto != htons(ETH_P_IP)) return TC_ACT_OK;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > data_end) return TC_ACT_OK;
+    u16 sport = 0, dport = 0;
+    u8 proto = ip->protocol;
+    if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+        u16 *ports = (void *)ip + ip->ihl * 4;
+        if ((void *)(ports + 2) > data_end) return TC_ACT_OK;
+        sport = ntohs(ports[0]);
+        dport = ntohs(ports[1]);
+    }
+    u32 peer = dir == DIR_EGRESS ? ip->daddr : ip->saddr;
+    u32 identity = lookup_identity(peer);
+    u32 ifindex = skb->ifindex;
+    // A reply to a connection this pod's policy already let through.
+    struct ct_key reverse = { .saddr = ip->daddr, .daddr = ip->saddr, .sport = dport,
+                              .dport = sport, .proto = proto };
+    int action;
+    u8 reason = 0;
+    if (conntrack.lookup(&reverse)) {
+        action = ACTION_ALLOW;
+        reason = 1;
+    } else {
+        // the port that matters is the destination's: ours on ingress, theirs on egress
+        action = verdict(ifindex, identity, dport, proto, dir);
+    }
+    u32 idx = action == ACTION_ALLOW ? 0 : 1;
+    u64 *count = counters.lookup(&idx);
+    if (count) *count += 1;
+    if (action == ACTION_ALLOW && reason == 0) {
+        struct ct_key fwd = { .saddr = ip->saddr, .daddr = ip->daddr, .sport = sport,
+                              .dport = dport, .proto = proto };
+        u64 now = bpf_ktime_get_ns();
+        conntrack.update(&fwd, &now);
+    }
+    if (reason == 0) {
+        struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = ifindex, .saddr = ip->saddr,
+                                 .daddr = ip->daddr, .identity = identity, .sport = sport,
+                                 .dport = dport, .proto = proto, .direction = dir,
+                                 .verdict = action, .reason = reason };
+        flows.perf_submit(skb, &ev, sizeof(ev));
+    }
+    return action == ACTION_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+int from_pod(struct __sk_buff *skb) { return handle(skb, DIR_EGRESS); }
+int to_pod(struct __sk_buff *skb) { return handle(skb, DIR_INGRESS); }
