@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 PREFIX = "plx-"
 ROUTER = "plx-router"
 ROUTER_ASN = 65000
+BPF_ROOT = "/sys/fs/bpf/plexus-lab"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ class Node:
     @property
     def key(self) -> str:
         return f"{self.cluster}-{self.name}"
+
+    @property
+    def wg_device(self) -> str:
+        """WireGuard device name, unique on the machine (the UAPI socket dir is shared)."""
+        return f"plxwg-{self.cluster[0]}{self.name.removeprefix('n')}"
+
+    @property
+    def bpf_pin_dir(self) -> str:
+        return f"{BPF_ROOT}/{self.key}"
 
 
 @dataclass(frozen=True)
