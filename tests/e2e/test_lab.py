@@ -70,10 +70,13 @@ def test_every_node_reaches_its_cluster_etcd(lab: Lab) -> None:
 def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> None:
     web = lab.pod_add("east", "n1", "web", {"app": "web"})
     client = lab.pod_add("east", "n1", "client", {"app": "client"})
+    near = lab.pod_add("east", "n2", "cache", {"app": "cache"})
     far = lab.pod_add("west", "n2", "db", {"app": "db"})
     src = pod_netns(lab.topo.node("east", "n1"), "client")
-    for ip in (web["ip"], far["ip"]):
+    # Same node; other node of the cluster; other cluster through the router's static routes.
+    for ip in (web["ip"], near["ip"], far["ip"]):
         ops.run("ping", "-c", "1", "-W", "2", ip, ns=src)
+    ops.run("ping", "-c", "1", "-W", "2", client["ip"], ns=pod_netns(lab.topo.node("west", "n2"), "db"))
     assert client["ip"] != web["ip"]
     # The CLI shows the pods and the agent has registered them.
     r = plexus("status", "--node", "east-n1", "-o", "json")
@@ -136,8 +139,19 @@ def test_root_namespace_gets_no_lab_address_or_route(lab: Lab) -> None:
         assert net not in addrs and net not in routes
 
 
+def root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
 def test_zz_down_leaves_nothing(lab: Lab) -> None:
-    pids = [(p.pid, p.marker) for p in State.load(lab.state_path).processes.values()]
+    state = State.load(lab.state_path)
+    pids = [(p.pid, p.marker) for p in state.processes.values()]
+    children = ops.descendants(pid for pid, _ in pids)
+    lab_links = ({h.router_link for h in lab.topo.hosts()} | {s.bridge for s in lab.topo.segments}
+                 | {n.wg_device for n in lab.topo.nodes()})
+    links_before = root_links()
+    assert not lab_links & links_before  # nothing of the lab was ever in the root namespace
     bystander = "plx-tcbystander"  # not the lab's: down must leave it alone
     ops.run("ip", "netns", "add", bystander)
     try:
@@ -148,6 +162,11 @@ def test_zz_down_leaves_nothing(lab: Lab) -> None:
         ops.delete_netns(bystander)
     assert lab_namespaces() == set()
     assert not any(ops.alive(pid, marker) for pid, marker in pids)
+    assert not [pid for pid, t in children if ops.running(pid) and ops.start_time(pid) == t]
+    assert not lab_links & root_links()
+    assert root_links() <= links_before  # down made no link anywhere we can see
+    assert not [n.wg_device for n in lab.topo.nodes()
+                if Path(f"/var/run/wireguard/{n.wg_device}.sock").exists()]
     assert not LAB_DIR.exists()
     assert not Path("/sys/fs/bpf/plexus-lab").exists()
     # down again is harmless
