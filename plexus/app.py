@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from clustermesh.module import module as clustermesh
+from encryption.module import module as encryption
 from plexus.core.module import Module
 from plexus.node.module import module as node
 
 MODULES: list[Module[Any]] = [
     node,
     clustermesh,
+    encryption,
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, clustermesh, lab
+from plexus.commands import agent, apply, clustermesh, encrypt, lab
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -14,6 +14,7 @@ COMMAND_GROUPS = [
     lab,
     clustermesh,
     apply,
+    encrypt,
 ]
 
 

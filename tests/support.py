@@ -215,3 +215,62 @@ def etcd_cluster(size: int = 3) -> Iterator[list[Etcd]]:
         for m in members:
             m.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+ECHO_SERVER = r"""
+import socket, sys
+proto, port = sys.argv[1], int(sys.argv[2])
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+print("ready", flush=True)
+if proto == "tcp":
+    s.listen(16)
+    while True:
+        c, _ = s.accept()
+        c.sendall(c.recv(65536))
+        c.close()
+else:
+    while True:
+        data, peer = s.recvfrom(65536)
+        s.sendto(data, peer)
+"""
+
+ECHO_CLIENT = r"""
+import socket, sys
+proto, ip, port, payload = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET, kind)
+s.settimeout(float(sys.argv[5]))
+if proto == "tcp":
+    s.connect((ip, port))
+    s.sendall(payload)
+    data = s.recv(65536)
+else:
+    s.sendto(payload, (ip, port))
+    data, _ = s.recvfrom(65536)
+sys.exit(0 if data == payload else 3)
+"""
+
+
+@contextmanager
+def echo_server(ns: str, proto: str, port: int) -> Iterator[subprocess.Popen[str]]:
+    """A TCP or UDP echo server inside namespace `ns`, stopped by PID afterwards."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_SERVER, proto,
+                             str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        stop_pid(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def echo(ns: str, proto: str, ip: str, port: int, payload: str, timeout: float = 2.0) -> bool:
+    """True when `payload` sent from `ns` comes back from the echo server at ip:port."""
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_CLIENT, proto, ip,
+                        str(port), payload, str(timeout)], capture_output=True, timeout=timeout + 10)
+    return r.returncode == 0

@@ -360,8 +360,13 @@ protocol static pods {{
                          "certFile": str(pki / "admin.crt"), "keyFile": str(pki / "admin.key")},
                 "configDir": str(d / "clustermesh"),
             },
+            "encryption": {"enabled": True, "device": n.wg_device, "strict": True},
         }
         return f"# Written by plexus lab for node {n.key}.\n" + yaml.safe_dump(sections, sort_keys=False)
+
+    @staticmethod
+    def wg_device(n: Node) -> str:
+        return n.wg_device
 
     def _agent_argv(self, n: Node) -> list[str]:
         return [sys.executable, "-m", "plexus", "agent", "--config",
@@ -459,6 +464,15 @@ protocol static pods {{
             ops.stop_all([(pid, lambda pid=pid, t=t: ops.running(pid) and ops.start_time(pid) == t)
                           for pid, t in below])
             done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
+        # wireguard-go outlives its agent by design (stop is not remove), and one started by an
+        # earlier agent is no longer below the current one: its pid file names it.
+        for n in self.topo.nodes():
+            pid_file = self.node_dir(n) / "state" / "wireguard-go.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid and ops.alive(pid, n.wg_device):
+                    ops.stop(pid, n.wg_device)
+                    done.append(f"stopped wireguard-go {n.wg_device} (pid {pid})")
         for ns in sorted(ops.namespaces()):
             if is_lab_netns(ns, self.topo):
                 ops.delete_netns(ns)

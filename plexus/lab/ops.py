@@ -95,9 +95,17 @@ def running(pid: int) -> bool:
     return bool(fields) and fields[0] != "Z"
 
 
+PF_KTHREAD = 0x00200000
+
+
 def alive(pid: int, marker: str) -> bool:
     """True when `pid` runs and is still the process we started (its args hold `marker`)."""
-    return running(pid) and marker in cmdline(pid)
+    fields = _stat(pid)
+    if not fields or fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:
+        return False
+    args = cmdline(pid)
+    # Empty while the process is between fork and exec, or inside execve.
+    return not args or marker in args
 
 
 def descendants(pids: Iterable[int]) -> list[tuple[int, int]]:

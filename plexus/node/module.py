@@ -10,7 +10,14 @@ from typing import Any
 
 from pydantic import Field
 
-from clustermesh.tables import ENDPOINTS, LOCAL_NODE, Endpoint, LocalNode, endpoints_table
+from clustermesh.tables import (
+    ENDPOINTS,
+    LOCAL_NODE,
+    NODE_ATTRIBUTES,
+    Endpoint,
+    LocalNode,
+    endpoints_table,
+)
 from plexus.core.api import ApiError
 from plexus.core.config import Strict
 from plexus.core.module import Hive, Module
@@ -36,6 +43,7 @@ class EndpointManager:
         self.table: Table[str, Endpoint] = hive.provide(ENDPOINTS, endpoints_table())
         self.path: Path = hive.state_dir / "endpoints.json"
         self.config = config
+        self.hive = hive
         self.mtu: int = agent.node.mtu
         self.state_dir: Path = hive.state_dir
         hive.routes.get("/v1/node", self._node)
@@ -67,7 +75,11 @@ class EndpointManager:
         os.replace(tmp, self.path)
 
     async def _node(self, _q: dict[str, str], _b: Any) -> Any:
-        return {**self.local.__dict__, "mtu": self.mtu, "stateDir": str(self.state_dir)}
+        # A feature that wraps pod traffic (WireGuard) lowers the pod MTU so it never fragments.
+        attrs = self.hive.optional(NODE_ATTRIBUTES)
+        pod_mtu = attrs.get("PodMTU") if attrs is not None else None
+        mtu = min(self.mtu, int(pod_mtu.value)) if pod_mtu is not None else self.mtu
+        return {**self.local.__dict__, "mtu": mtu, "stateDir": str(self.state_dir)}
 
     async def _list(self, _q: dict[str, str], _b: Any) -> Any:
         return [e.__dict__ for e in self.table.all()]

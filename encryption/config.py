@@ -1,0 +1,26 @@
+"""Transparent encryption settings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from plexus.core.config import Strict
+
+WG_OVERHEAD = 80  # outer IPv6 (40) + UDP (8) + WireGuard header and tag (32): safe on any underlay
+
+
+class EncryptionConfig(Strict):
+    """WireGuard between every node of every connected cluster."""
+
+    enabled: bool = Field(False, description="Encrypt pod traffic between nodes.")
+    device: str = Field("plx_wg0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$",
+                        description="WireGuard interface name (unique per node in the lab).")
+    port: int = Field(51871, ge=1, le=65535, description="UDP listen port.")
+    backend: Literal["auto", "kernel", "userspace"] = Field(
+        "auto", description="kernel module, wireguard-go, or whichever is available.")
+    strict: bool = Field(False, description="Drop pod traffic to a remote node that has no peer yet.")
+    table: int = Field(51871, ge=1, le=0xFFFFFFF0, description="Routing table of the encrypted routes.")
+    rule_priority: int = Field(100, ge=1, le=32000, description="Priority of the ip rule to that table.")
+    wireguard_go: str = Field("wireguard-go", description="The userspace implementation to run.")

@@ -1,0 +1,282 @@
+"""The WireGuard device (kernel or wireguard-go), its peers and its routes.
+
+Everything here acts on the network namespace the agent runs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from encryption.keys import KeyPair
+from encryption.tables import EncryptedRoute, Peer
+from encryption.uapi import DeviceInfo, PeerInfo, Uapi, UapiError
+from plexus.core.reconciler import TemporaryError
+
+log = logging.getLogger(__name__)
+RTPROT_PLEXUS = 190
+PID_FILE = "wireguard-go.pid"
+
+
+class BackendUnavailable(Exception):
+    pass
+
+
+class Backend(Protocol):
+    name: str
+
+    def ensure(self, keys: KeyPair, port: int, mtu: int) -> None: ...
+    def info(self) -> DeviceInfo: ...
+    def set_peer(self, peer: Peer) -> None: ...
+    def remove_peer(self, public_key: bytes) -> None: ...
+    def remove(self) -> None: ...
+
+
+def _link_up(device: str, mtu: int) -> int:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=device)
+        if not found:
+            raise BackendUnavailable(f"device {device} did not appear")
+        ipr.link("set", index=found[0], mtu=mtu, state="up")
+        return int(found[0])
+
+
+class UserspaceBackend:
+    """wireguard-go on a TUN device, configured through its UAPI socket.
+
+    wireguard-go runs in its own session so it outlives the agent (stop is not remove);
+    a restarted agent finds the socket and adopts the device.
+    """
+
+    name = "userspace (wireguard-go)"
+
+    def __init__(self, device: str, state_dir: Path, binary: str = "wireguard-go") -> None:
+        self.device = device
+        self.state_dir = state_dir
+        self.binary = binary
+        self.uapi = Uapi(device)
+
+    def _alive(self) -> bool:
+        if not self.uapi.exists():
+            return False
+        try:
+            self.uapi.get()
+            return True
+        except UapiError:
+            return False
+
+    def _start(self) -> None:
+        self.uapi.path.unlink(missing_ok=True)
+        env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "wireguard-go.log", "ab") as out:
+            proc = subprocess.Popen([self.binary, "-f", self.device], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, env=env, start_new_session=True)
+        (self.state_dir / PID_FILE).write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10
+        while not self._alive():
+            if proc.poll() is not None:
+                raise BackendUnavailable(f"wireguard-go exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise BackendUnavailable("wireguard-go did not open its UAPI socket")
+            time.sleep(0.02)
+        log.info("started wireguard-go device=%s pid=%d", self.device, proc.pid)
+
+    def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
+        if not self._alive():
+            self._start()
+        info = self.uapi.get()
+        if info.private_key != keys.private_bytes or info.listen_port != port:
+            self.uapi.set_device(keys.private_bytes, port)
+        _link_up(self.device, mtu)
+
+    def info(self) -> DeviceInfo:
+        return self.uapi.get()
+
+    def set_peer(self, peer: Peer) -> None:
+        self.uapi.set_peer(peer.public_key, (peer.endpoint, peer.port), list(peer.allowed_ips))
+
+    def remove_peer(self, public_key: bytes) -> None:
+        self.uapi.remove_peer(public_key)
+
+    def remove(self) -> None:
+        pid_file = self.state_dir / PID_FILE
+        if pid_file.exists():
+            pid = int(pid_file.read_text().strip() or 0)
+            if pid and b"wireguard-go" in _cmdline(pid):
+                os.kill(pid, signal.SIGTERM)
+            pid_file.unlink()
+        self.uapi.path.unlink(missing_ok=True)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+class KernelBackend:
+    """The kernel module, through netlink (pyroute2's WireGuard family)."""
+
+    name = "kernel"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=self.device):
+                try:
+                    ipr.link("add", ifname=self.device, kind="wireguard")
+                except NetlinkError as e:
+                    raise BackendUnavailable(f"no WireGuard kernel module ({e})") from None
+        from pyroute2 import WireGuard
+
+        with WireGuard() as wg:
+            wg.set(self.device, private_key=base64.b64encode(keys.private_bytes).decode(),
+                   listen_port=port)
+        _link_up(self.device, mtu)
+
+    def info(self) -> DeviceInfo:
+        from pyroute2 import WireGuard
+
+        out = DeviceInfo()
+        with WireGuard() as wg:
+            for msg in wg.info(self.device):
+                out.listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or 0
+                for p in msg.get_attr("WGDEVICE_A_PEERS") or []:
+                    pub = base64.b64decode(p.get_attr("WGPEER_A_PUBLIC_KEY"))
+                    out.peers[pub] = PeerInfo(pub, rx_bytes=p.get_attr("WGPEER_A_RX_BYTES") or 0,
+                                              tx_bytes=p.get_attr("WGPEER_A_TX_BYTES") or 0)
+        return out
+
+    def set_peer(self, peer: Peer) -> None:
+        from pyroute2 import WireGuard
+
+        with WireGuard() as wg:
+            wg.set(self.device, peer={
+                "public_key": base64.b64encode(peer.public_key).decode(),
+                "endpoint_addr": peer.endpoint, "endpoint_port": peer.port,
+                "allowed_ips": list(peer.allowed_ips)})
+
+    def remove_peer(self, public_key: bytes) -> None:
+        from pyroute2 import WireGuard
+
+        with WireGuard() as wg:
+            wg.set(self.device, peer={"public_key": base64.b64encode(public_key).decode(),
+                                      "remove": True})
+
+    def remove(self) -> None:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=self.device)
+            if found:
+                ipr.link("del", index=found[0])
+
+
+def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair, port: int,
+           mtu: int) -> Backend:
+    """The backend to use: the kernel module when asked or available, else wireguard-go."""
+    if choice in ("auto", "kernel"):
+        kernel = KernelBackend(device)
+        try:
+            kernel.ensure(keys, port, mtu)
+            return kernel
+        except BackendUnavailable as e:
+            if choice == "kernel":
+                raise
+            log.info("WireGuard kernel module unavailable (%s): using wireguard-go", e)
+    backend = UserspaceBackend(device, state_dir, binary)
+    backend.ensure(keys, port, mtu)
+    return backend
+
+
+class PeerOps:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def update(self, peer: Peer) -> None:
+        try:
+            await asyncio.to_thread(self.backend.set_peer, peer)
+        except (UapiError, NetlinkError, OSError) as e:
+            raise TemporaryError(str(e)) from None
+
+    async def delete(self, peer: Peer) -> None:
+        try:
+            await asyncio.to_thread(self.backend.remove_peer, peer.public_key)
+        except (UapiError, NetlinkError, OSError) as e:
+            raise TemporaryError(str(e)) from None
+
+    async def prune(self, peers: Iterable[Peer]) -> None:
+        keep = {p.public_key for p in peers}
+        info = await asyncio.to_thread(self.backend.info)
+        for pub in info.peers:
+            if pub not in keep:
+                await asyncio.to_thread(self.backend.remove_peer, pub)
+
+
+class RouteOps:
+    """Routes in the encryption table; an ip rule sends lookups there before `main`."""
+
+    def __init__(self, device: str, table: int, priority: int) -> None:
+        self.device = device
+        self.table = table
+        self.priority = priority
+
+    def ensure_rule(self) -> None:
+        with IPRoute() as ipr:
+            for rule in ipr.get_rules(family=2):
+                same = (rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_PRIORITY"))
+                if same == (self.table, self.priority):
+                    return
+            ipr.rule("add", table=self.table, priority=self.priority)
+
+    def _update(self, r: EncryptedRoute) -> None:
+        with IPRoute() as ipr:
+            if r.kind == "blackhole":
+                ipr.route("replace", dst=r.dst, table=self.table, type="blackhole",
+                          proto=RTPROT_PLEXUS)
+                return
+            found = ipr.link_lookup(ifname=self.device)
+            if not found:
+                raise TemporaryError(f"device {self.device} is missing")
+            ipr.route("replace", dst=r.dst, table=self.table, oif=found[0], proto=RTPROT_PLEXUS)
+
+    def _delete(self, r: EncryptedRoute) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.route("del", dst=r.dst, table=self.table)
+            except NetlinkError as e:
+                if e.code != 3:  # ESRCH: gone already
+                    raise
+
+    def _prune(self, rows: list[EncryptedRoute]) -> None:
+        keep = {r.dst for r in rows}
+        with IPRoute() as ipr:
+            for route in ipr.get_routes(family=2, table=self.table):
+                dst = route.get_attr("RTA_DST")
+                if dst is None or route.get_attr("RTA_TABLE") != self.table:
+                    continue
+                cidr = f"{dst}/{route['dst_len']}"
+                if cidr not in keep:
+                    ipr.route("del", dst=cidr, table=self.table)
+
+    async def update(self, r: EncryptedRoute) -> None:
+        await asyncio.to_thread(self._update, r)
+
+    async def delete(self, r: EncryptedRoute) -> None:
+        await asyncio.to_thread(self._delete, r)
+
+    async def prune(self, rows: Iterable[EncryptedRoute]) -> None:
+        await asyncio.to_thread(self._prune, list(rows))
