@@ -127,21 +127,19 @@ class Lab:
         self.say("==> network: router, segments, hosts")
         self._network()
         self.say("==> router: BIRD 2")
-        for d in self.router_daemons():
-            self._ensure(state, d)
+        self._ensure_all(state, [self.router_daemons()])
         for c in self.topo.clusters:
             self.say(f"==> cluster {c.name} (id {c.id}) on {c.control_plane.ip}: "
                      + ", ".join(d.name for d in self.control_plane(c)))
             make_cluster_pki(c.name, self.pki(c.name), [c.control_plane.ip, "127.0.0.1"],
                              advertise=[c.control_plane.ip])
-            for d in self.control_plane(c):
-                self._ensure(state, d)
+        self._ensure_all(state, [self.control_plane(c) for c in self.topo.clusters])
         self.say("==> clustermesh: connecting " + " <-> ".join(c.name for c in self.topo.clusters))
         self._connect_clusters()
         for n in self.topo.nodes():
-            self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr})")
-            for d in self.node_daemons(n):
-                self._ensure(state, d)
+            self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr}): "
+                     + ", ".join(d.name for d in self.node_daemons(n)))
+        self._ensure_all(state, [self.node_daemons(n) for n in self.topo.nodes()])
         self.say("==> waiting for every agent to sync every cluster")
         ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
@@ -181,8 +179,16 @@ class Lab:
                    env={"PYTHONPATH": str(REPO_ROOT)}),
         ]
 
-    def _ensure(self, state: State, d: Daemon) -> None:
-        """Start `d` unless its recorded PID still runs; apply changed files; wait until ready."""
+    def _ensure_all(self, state: State, groups: list[list[Daemon]]) -> None:
+        """Each group (a cluster's or a node's daemons) starts in order; the groups side by side."""
+        for step in range(max((len(g) for g in groups), default=0)):
+            batch = [g[step] for g in groups if step < len(g)]
+            procs = [self._launch(state, d) for d in batch]
+            for d, proc in zip(batch, procs, strict=True):
+                self._await(d, proc)
+
+    def _launch(self, state: State, d: Daemon) -> Process:
+        """Start `d` unless its recorded PID still runs; apply changed files."""
         changed = [path for path, text in d.files.items() if _write_if_changed(path, text)]
         proc = state.processes.get(d.name)
         running = proc is not None and ops.alive(proc.pid, proc.marker)
@@ -196,17 +202,19 @@ class Lab:
                 running = False
         if proc is not None and running:
             self.say(f"  {d.name}: running (pid {proc.pid})")
-        else:
-            log = self.root / "logs" / f"{d.name}.log"
-            pid = ops.spawn(d.netns, d.argv, log, d.env)
-            proc = Process(d.name, d.netns, pid, str(self.root), str(log), d.tier)
-            state.processes[d.name] = proc
-            state.save(self.state_path)
-            self.say(f"  {d.name}: started in {d.netns} (pid {pid}, log {log})")
+            return proc
+        log = self.root / "logs" / f"{d.name}.log"
+        pid = ops.spawn(d.netns, d.argv, log, d.env)
+        proc = Process(d.name, d.netns, pid, str(self.root), str(log), d.tier)
+        state.processes[d.name] = proc
+        state.save(self.state_path)
+        self.say(f"  {d.name}: started in {d.netns} (pid {pid}, log {log})")
+        return proc
+
+    def _await(self, d: Daemon, proc: Process) -> None:
         t0 = time.monotonic()
 
         def ok() -> bool:
-            assert proc is not None
             if not ops.alive(proc.pid, proc.marker):
                 tail = Path(proc.log).read_text(errors="replace")[-1500:] if Path(proc.log).exists() else ""
                 raise LabError(f"{d.name} exited; last log lines:\n{tail}")
