@@ -66,7 +66,12 @@ def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = 
     # Until the child has exec'd, its cmdline is empty and it cannot be told apart.
     wait_for(lambda: bool(cmdline(proc.pid)) or proc.poll() is not None, 5, f"{argv[0]} to start",
              interval=0.01)
+    # The daemon outlives this handle by design; keep it so it is reaped, not warned about.
+    _CHILDREN[proc.pid] = proc
     return proc.pid
+
+
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def cmdline(pid: int) -> str:
@@ -133,7 +138,13 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:  # when it is our child
+    """Collect the exit status when `pid` is our child, so it is not left a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
+    try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass

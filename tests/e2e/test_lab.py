@@ -52,6 +52,29 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert len(after) == 1 + 2 + 2 + 4  # BIRD, two etcds, two apiservers, four agents
 
 
+def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    extra = "  route 10.99.0.0/24 via 172.31.1.11;\n}\n"
+    base_bird, base_agent = Lab.bird_config, Lab.agent_config
+    monkeypatch.setattr(Lab, "bird_config", lambda self: base_bird(self).rstrip().removesuffix("}") + extra)
+    monkeypatch.setattr(Lab, "agent_config", lambda self, n: base_agent(self, n) + (
+        "logLevel: debug\n" if n.key == "west-n2" else ""))
+    lab.up()
+    after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    assert after["bird"] == before["bird"]  # reconfigured, not restarted
+    assert "10.99.0.0/24" in lab.birdc("show", "route")
+    assert "10.99.0.0/24 via 172.31.1.11" in ops.run("ip", "route", ns="plx-router").stdout
+    assert after["agent-west-n2"] != before["agent-west-n2"]
+    assert {k: v for k, v in after.items() if k != "agent-west-n2"} == \
+        {k: v for k, v in before.items() if k != "agent-west-n2"}
+
+    monkeypatch.undo()
+    lab.up()
+    assert "10.99.0.0/24" not in lab.birdc("show", "route")
+    assert "10.99.0.0/24" not in ops.run("ip", "route", ns="plx-router").stdout
+
+
 def test_status_shows_everything_alive(lab: Lab) -> None:
     r = plexus("lab", "status", "-o", "json")
     assert r.returncode == 0, r.stderr
