@@ -76,17 +76,18 @@ class ApiServer:
     # ---- desired state --------------------------------------------------------------
     async def desired(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        for node in self.sources.nodes.values():
+        # Snapshots: watch events change the sources while identities are being allocated.
+        for node in list(self.sources.nodes.values()):
             out[f"{NODES_PREFIX}/{self.cluster}/{node.name}"] = node.to_json().encode()
         by_ns: dict[str, list[EndpointRegistration]] = {}
-        for ep in self.sources.endpoints.values():
+        for ep in list(self.sources.endpoints.values()):
             ident = await self.allocator.allocate(identity_labels(self.cluster, ep.namespace, ep.labels))
             for ip in filter(None, (ep.ip, ep.ipv6)):
                 out[f"{IPCACHE_PREFIX}/{ip}"] = IPIdentity(
                     ip=ip, identity=ident, host_ip=ep.host_ip, namespace=ep.namespace,
                     pod_name=ep.pod_name).to_json().encode()
             by_ns.setdefault(ep.namespace, []).append(ep)
-        for svc in self.sources.services.values():
+        for svc in list(self.sources.services.values()):
             if not svc.is_global:
                 continue
             cs = self._cluster_service(svc, by_ns.get(svc.metadata.namespace, []))

@@ -125,10 +125,16 @@ async def test_three_member_cluster_loses_a_member_and_nothing(tmp_path: Path) -
                 return len(items) == 40
 
             await eventually(published, 30, what=lambda: f"all 40 endpoints published; server "
-                             f"{task.exception() if task.done() else 'running'} {server.status()}")
+                             f"{_leaves(task.exception()) if task.done() else 'running'} {server.status()}")
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await kv.close()
         survivor = members[1]
         wait_until(survivor.healthy, 10)
+
+
+def _leaves(e: BaseException | None) -> list[str]:
+    if isinstance(e, BaseExceptionGroup):
+        return [x for sub in e.exceptions for x in _leaves(sub)]
+    return [repr(e)]
