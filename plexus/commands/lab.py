@@ -105,8 +105,12 @@ def _render_status(s: dict[str, Any]) -> str:
 
 @_guard
 def _status(args: argparse.Namespace) -> int:
-    emit(args, Lab(say=_say).status(), _render_status)
-    return 0
+    s = Lab(say=_say).status()
+    emit(args, s, _render_status)
+    # Non-zero when something is missing or dead, for scripts.
+    healthy = (all(s["namespaces"].values()) and all(p["alive"] for p in s["processes"].values())
+               and not any("error" in a for a in s["agents"].values()))
+    return 0 if healthy else 1
 
 
 @_guard

@@ -394,6 +394,7 @@ protocol static pods {{
             raise LabError(f"pod name {pod!r} must be lower-case alphanumerics and '-', "
                            "at most 22 characters")
         node = self.topo.node(cluster, node_name)
+        self._node_up(node)
         ns = pod_netns(node, pod)
         state = State.load(self.state_path)
         ops.ensure_netns(ns)
@@ -416,14 +417,21 @@ protocol static pods {{
         ns = pod_netns(node, pod)
         state = State.load(self.state_path)
         info = state.pods.get(ns, {})
+        self._node_up(node)
         try:
             call_plugin("DEL", container_id=f"lab-{node.key}-{pod}", netns=f"/var/run/netns/{ns}",
                         host_netns=node.host.netns,
                         config=self._cni_config(node, info.get("labels", {})))
+        except CniError as e:
+            raise LabError(f"CNI DEL for {pod} on {node.key} failed: {e}") from None
         finally:
             ops.delete_netns(ns)
             state.pods.pop(ns, None)
             state.save(self.state_path)
+
+    def _node_up(self, node: Node) -> None:
+        if node.host.netns not in ops.namespaces() or not self._agent_ready(node):
+            raise LabError(f"node {node.key} is not running: `plexus lab up` first")
 
     def _cni_config(self, node: Node, labels: dict[str, str]) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": "plexus", "type": "plexus-cni",

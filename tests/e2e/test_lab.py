@@ -329,5 +329,9 @@ def test_zz_down_leaves_nothing(lab: Lab) -> None:
                 if Path(f"/var/run/wireguard/{n.wg_device}.sock").exists()]
     assert not LAB_DIR.exists()
     assert not Path("/sys/fs/bpf/plexus-lab").exists()
-    # down again is harmless
+    # down again is harmless; what needs a lab says so
     assert plexus("lab", "down").returncode == 0
+    r = plexus("lab", "pod", "add", "east", "n1", "web")
+    assert r.returncode == 1 and "east-n1 is not running" in r.stderr, r.stderr
+    assert lab_namespaces() == set()
+    assert plexus("lab", "status").returncode == 1
