@@ -314,13 +314,22 @@ def test_zz_down_leaves_nothing(lab: Lab) -> None:
     links_before = root_links()
     assert not lab_links & links_before  # nothing of the lab was ever in the root namespace
     bystander = "plx-tcbystander"  # not the lab's: down must leave it alone
+    wg_dir = Path("/var/run/wireguard")
+    made_wg_dir = not wg_dir.exists()
+    other_sock = wg_dir / "plxwg-x9.sock"  # a device name the lab does not use
     ops.run("ip", "netns", "add", bystander)
     try:
+        wg_dir.mkdir(exist_ok=True)
+        other_sock.touch()
         r = plexus("lab", "down")
         assert r.returncode == 0, r.stderr
         assert bystander in ops.namespaces()
+        assert other_sock.exists()
     finally:
         ops.delete_netns(bystander)
+        other_sock.unlink(missing_ok=True)
+        if made_wg_dir:
+            wg_dir.rmdir()
     assert lab_namespaces() == set()
     assert not any(ops.alive(pid, marker) for pid, marker in pids)
     assert not [pid for pid, t in children if ops.running(pid) and ops.start_time(pid) == t]
