@@ -71,7 +71,8 @@ class Encryption:
         self.attributes.upsert(NodeAttribute("PodMTU", str(self.device_mtu)))
         metrics = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("wireguard-peers", self.peers, PeerOps(self.backend), metrics=metrics),
+            Reconciler("wireguard-peers", self.peers, PeerOps(self.backend), metrics=metrics,
+                       concurrency=512),
             Reconciler("wireguard-routes", self.routes, route_ops, metrics=metrics),
         ]
         for rec in self.reconcilers:

@@ -106,15 +106,25 @@ class Uapi:
 
     def set_peer(self, public_key: bytes, endpoint: tuple[str, int],
                  allowed_ips: list[str], keepalive: int = 0) -> None:
+        self.set_peers([(public_key, endpoint, allowed_ips, keepalive)])
+
+    def set_peers(self, peers: list[tuple[bytes, tuple[str, int], list[str], int]]) -> None:
+        """Configure many peers in one request (one transaction for wireguard-go)."""
+        req = "set=1\n" + "".join(self._peer_lines(*p) for p in peers)
+        self._exchange(req + "\n")
+
+    @staticmethod
+    def _peer_lines(public_key: bytes, endpoint: tuple[str, int], allowed_ips: list[str],
+                    keepalive: int = 0) -> str:
         ip = ipaddress.ip_address(endpoint[0])
         host = f"[{ip}]" if ip.version == 6 else str(ip)
         nets = [str(ipaddress.ip_network(n, strict=False)) for n in allowed_ips]
-        req = "set=1\n" + _line("public_key", public_key.hex()) \
+        req = _line("public_key", public_key.hex()) \
             + _line("endpoint", f"{host}:{int(endpoint[1])}") + _line("replace_allowed_ips", "true")
         req += "".join(_line("allowed_ip", n) for n in nets)
         if keepalive:
             req += _line("persistent_keepalive_interval", str(int(keepalive)))
-        self._exchange(req + "\n")
+        return req
 
     def remove_peer(self, public_key: bytes) -> None:
         self._exchange("set=1\n" + _line("public_key", public_key.hex()) + _line("remove", "true") + "\n")

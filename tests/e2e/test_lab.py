@@ -33,8 +33,9 @@ def lab_namespaces() -> set[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if lab_namespaces():
-        pytest.fail("a lab is already up on this machine; run `plexus lab down` first")
+    if lab_namespaces():  # a lab left up by an earlier run: take it down first
+        plexus("lab", "down")
+        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
     r = plexus("lab", "up")
     assert r.returncode == 0, r.stdout + r.stderr
     try:
