@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from plexus.commands.common import LAB_DIR
 from plexus.lab import ops
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,6 +77,23 @@ def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
     lab.up()
     assert "10.99.0.0/24" not in lab.birdc("show", "route")
     assert "10.99.0.0/24" not in ops.run("ip", "route", ns="plx-router").stdout
+
+
+def test_up_fills_in_what_is_missing(lab: Lab) -> None:
+    state = State.load(lab.state_path)
+    agent = state.processes["agent-west-n1"]
+    os.kill(agent.pid, signal.SIGKILL)  # a PID the lab recorded: ours
+    wait_until(lambda: not ops.alive(agent.pid, agent.marker), 10, what="agent gone")
+    ops.delete_netns("plx-vm1")
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "agent-west-n1: started" in r.stdout and "bird: running" in r.stdout
+    after = State.load(lab.state_path).processes
+    assert after["agent-west-n1"].pid != agent.pid and ops.alive(after["agent-west-n1"].pid, agent.marker)
+    assert "plx-vm1" in ops.namespaces()
+    ops.run("ping", "-c", "1", "-W", "2", "172.31.3.10", ns="plx-west-n1")
+    st = json.loads(plexus("status", "--node", "west-n1", "-o", "json").stdout)
+    assert st["modules"]["encryption"]["health"] == "ok", st["modules"]["encryption"]
 
 
 def test_status_shows_everything_alive(lab: Lab) -> None:
