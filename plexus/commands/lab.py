@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -88,12 +87,15 @@ def _render_status(s: dict[str, Any]) -> str:
     rows = []
     for node, st in s["agents"].items():
         if "error" in st:
-            rows.append((node, "unreachable", st["error"]))
+            rows.append((node, "unreachable", "", "", st["error"]))
         else:
-            eps = st["modules"].get("endpoints", {}).get("endpoints", "?")
-            cm = st["modules"].get("clustermesh", {})
-            rows.append((node, "ok", f"endpoints={eps} mesh={json.dumps(cm, default=str)[:80]}"))
-    out.append(table(rows, ["AGENT", "STATE", "DETAIL"]))
+            mods = st["modules"]
+            eps = mods.get("endpoints", {}).get("endpoints", "?")
+            clusters = mods.get("clustermesh", {}).get("clusters", {})
+            mesh = ",".join(f"{k}:{v}" for k, v in clusters.items()) if isinstance(clusters, dict) else "?"
+            health = " ".join(f"{name}={m.get('health', 'ok')}" for name, m in mods.items())
+            rows.append((node, "ok", eps, mesh, health))
+    out.append(table(rows, ["AGENT", "STATE", "ENDPOINTS", "CLUSTERS", "MODULES"]))
     if s["pods"]:
         out.append(table([(p["cluster"], p["node"], p["pod"], p["ip"],
                            ",".join(f"{k}={v}" for k, v in p["labels"].items()))
