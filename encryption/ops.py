@@ -155,9 +155,14 @@ class KernelBackend:
                     raise BackendUnavailable(f"no WireGuard kernel module ({e})") from None
         from pyroute2 import WireGuard
 
-        with WireGuard() as wg:
-            wg.set(self.device, private_key=base64.b64encode(keys.private_bytes).decode(),
-                   listen_port=port)
+        try:
+            with WireGuard() as wg:
+                wg.set(self.device, private_key=base64.b64encode(keys.private_bytes).decode(),
+                       listen_port=port)
+        except NetlinkError as e:
+            # No WireGuard netlink family: the device found is wireguard-go's TUN, kept from
+            # before a restart; the userspace backend adopts it.
+            raise BackendUnavailable(f"no WireGuard netlink family ({e})") from None
         _link_up(self.device, mtu)
 
     def info(self) -> DeviceInfo:

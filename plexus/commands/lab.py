@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -22,7 +21,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = lab.add_parser("status", help="what runs, what the agents say, the router's routes")
     add_output_arg(s)
     s.set_defaults(func=_status)
-    lab.add_parser("down", help="remove everything the lab made").set_defaults(func=_down)
+    d = lab.add_parser("down", help="remove everything the lab made")
+    d.add_argument("--force", action="store_true",
+                   help="also when the lab was brought up from another checkout")
+    d.set_defaults(func=_down)
     lab.add_parser("demo", help="up, a few pods, a connectivity report").set_defaults(func=_demo)
     pod = lab.add_parser("pod", help="pods, made through the CNI plugin")
     pods = pod.add_subparsers(dest="pod_command", required=True, metavar="ACTION")
@@ -69,9 +71,9 @@ def _up(_args: argparse.Namespace) -> int:
 
 
 @_guard
-def _down(_args: argparse.Namespace) -> int:
+def _down(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    for line in Lab(say=_say).down():
+    for line in Lab(say=_say).down(force=args.force):
         _say(f"  {line}")
     _say(f"==> lab is down ({time.monotonic() - started:.1f}s)")
     return 0
@@ -85,24 +87,32 @@ def _render_status(s: dict[str, Any]) -> str:
     rows = []
     for node, st in s["agents"].items():
         if "error" in st:
-            rows.append((node, "unreachable", st["error"]))
+            rows.append((node, "unreachable", "", "", st["error"]))
         else:
-            eps = st["modules"].get("endpoints", {}).get("endpoints", "?")
-            cm = st["modules"].get("clustermesh", {})
-            rows.append((node, "ok", f"endpoints={eps} mesh={json.dumps(cm, default=str)[:80]}"))
-    out.append(table(rows, ["AGENT", "STATE", "DETAIL"]))
+            mods = st["modules"]
+            eps = mods.get("endpoints", {}).get("endpoints", "?")
+            clusters = mods.get("clustermesh", {}).get("clusters", {})
+            mesh = ",".join(f"{k}:{v}" for k, v in clusters.items()) if isinstance(clusters, dict) else "?"
+            health = " ".join(f"{name}={m.get('health', 'ok')}" for name, m in mods.items())
+            rows.append((node, "ok", eps, mesh, health))
+    out.append(table(rows, ["AGENT", "STATE", "ENDPOINTS", "CLUSTERS", "MODULES"]))
     if s["pods"]:
         out.append(table([(p["cluster"], p["node"], p["pod"], p["ip"],
                            ",".join(f"{k}={v}" for k, v in p["labels"].items()))
                           for p in s["pods"].values()], ["CLUSTER", "NODE", "POD", "IP", "LABELS"]))
+    out.append("router protocols (BIRD):\n" + s.get("router_protocols", "").strip())
     out.append("router routes (BIRD):\n" + s["router_routes"].strip())
     return "\n\n".join(out)
 
 
 @_guard
 def _status(args: argparse.Namespace) -> int:
-    emit(args, Lab(say=_say).status(), _render_status)
-    return 0
+    s = Lab(say=_say).status()
+    emit(args, s, _render_status)
+    # Non-zero when something is missing or dead, for scripts.
+    healthy = (all(s["namespaces"].values()) and all(p["alive"] for p in s["processes"].values())
+               and not any("error" in a for a in s["agents"].values()))
+    return 0 if healthy else 1
 
 
 @_guard
@@ -125,7 +135,7 @@ def ping(from_ns: str, ip: str) -> bool:
 
 
 DEMO_PODS = [("east", "n1", "web", "app=web"), ("east", "n1", "client", "app=client"),
-             ("east", "n2", "api", "app=api"), ("west", "n1", "web", "app=web")]
+             ("east", "n2", "web", "app=web"), ("west", "n1", "web", "app=web")]
 
 
 @_guard
@@ -148,7 +158,7 @@ def _demo(_args: argparse.Namespace) -> int:
     client = pod_netns(lab.topo.node("east", "n1"), "client")
     checks = [
         ("pod -> pod, same node", client, ip("east", "n1", "web")),
-        ("pod -> pod, other node of east", client, ip("east", "n2", "api")),
+        ("pod -> pod, other node of east", client, ip("east", "n2", "web")),
         ("pod -> pod, west cluster (via the router)", client, ip("west", "n1", "web")),
         ("pod -> external server", client, lab.topo.external[0].ip),
     ]
@@ -175,6 +185,7 @@ def _demo(_args: argparse.Namespace) -> int:
   .venv/bin/plexus status --node {first.key}        # one agent's view
   .venv/bin/plexus clustermesh status --node {first.key}
   .venv/bin/plexus clustermesh list endpoints --node {first.key}
+  .venv/bin/plexus encrypt status --node {first.key}
   .venv/bin/plexus apply -f examples/global-service.yaml --lab east
   ip netns exec {client} ping {ip('west', 'n1', 'web')}
   ip netns exec plx-router birdc -s {lab.bird_socket()} show route

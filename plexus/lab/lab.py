@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
@@ -36,8 +38,33 @@ from plexus.lab.topology import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # older labs pinned here
-WG_DIR = Path("/run/wireguard")
+BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # where older labs pinned; removed if found
+WG_DIR = Path("/var/run/wireguard")
+
+
+# Stop order, last tier first: agents go before the etcd they talk to.
+TIER_ROUTER, TIER_CONTROL_PLANE, TIER_NODE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """One process the lab runs: where, how, and when it counts as ready.
+
+    `files` are written before it starts; when one changes under a running daemon, `reload`
+    applies it in place, or, without `reload`, the daemon is restarted. `after` runs once the
+    daemon is ready (idempotent setup such as etcd users).
+    """
+
+    name: str
+    netns: str
+    tier: int
+    argv: list[str]
+    ready: Callable[[], bool]
+    files: dict[Path, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    reload: Callable[[], None] | None = None
+    after: Callable[[], None] | None = None
+    timeout: float = 60
 
 
 @dataclass
@@ -47,12 +74,14 @@ class Process:
     pid: int
     marker: str
     log: str
+    tier: int = TIER_NODE
 
 
 @dataclass
 class State:
     processes: dict[str, Process] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repo: str = str(REPO_ROOT)
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -62,14 +91,19 @@ class State:
         fields = set(Process.__dataclass_fields__)
         # a state file from another version may carry more: keep what this one knows
         return cls({k: Process(**{f: v[f] for f in fields if f in v})
-                    for k, v in raw.get("processes", {}).items()}, raw.get("pods", {}))
+                    for k, v in raw.get("processes", {}).items()},
+                   raw.get("pods", {}), raw.get("repo", str(REPO_ROOT)))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"processes": {k: v.__dict__ for k, v in self.processes.items()},
+        tmp.write_text(json.dumps({"repo": self.repo,
+                                   "processes": {k: v.__dict__ for k, v in self.processes.items()},
                                    "pods": self.pods}, indent=1))
         os.replace(tmp, path)
+
+    def alive(self) -> list[Process]:
+        return [p for p in self.processes.values() if ops.alive(p.pid, p.marker)]
 
 
 class Lab:
@@ -91,32 +125,24 @@ class Lab:
     def up(self) -> None:
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
-        state = State.load(self.state_path)
+        state = self._own_state()
         self.say("==> network: router, segments, hosts")
         self._mount_bpffs()
         self._network()
         self.say("==> router: BIRD 2")
-        self._start(state, "bird", ROUTER, self._bird_argv(), self._bird_ready)
+        self._ensure_all(state, [self.router_daemons()])
         for c in self.topo.clusters:
-            self.say(f"==> cluster {c.name} (id {c.id}): etcd (TLS) on {c.control_plane.ip}, "
-                     "clustermesh-apiserver")
+            self.say(f"==> cluster {c.name} (id {c.id}) on {c.control_plane.ip}: "
+                     + ", ".join(d.name for d in self.control_plane(c)))
             make_cluster_pki(c.name, self.pki(c.name), [c.control_plane.ip, "127.0.0.1"],
                              advertise=[c.control_plane.ip])
-            self._start(state, f"etcd-{c.name}", c.control_plane.netns, self._etcd_argv(c),
-                        lambda c=c: self.etcd_healthy(c.control_plane.netns, c))
-            self._etcd_auth(c)
-            self._start(state, f"apiserver-{c.name}", c.control_plane.netns,
-                        self._apiserver_argv(c), lambda c=c: self._apiserver_synced(c),
-                        env={"PYTHONPATH": str(REPO_ROOT)})
-        for n in self.topo.nodes():
-            self._write_agent_config(n)
+        self._ensure_all(state, [self.control_plane(c) for c in self.topo.clusters])
         self.say("==> clustermesh: connecting " + " <-> ".join(c.name for c in self.topo.clusters))
         self._connect_clusters()
         for n in self.topo.nodes():
-            self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr}): plexus agent")
-            self._start(state, f"agent-{n.key}", n.host.netns, self._agent_argv(n),
-                        lambda n=n: self._agent_ready(n), env={"PYTHONPATH": str(REPO_ROOT)})
-        state.save(self.state_path)
+            self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr}): "
+                     + ", ".join(d.name for d in self.node_daemons(n)))
+        self._ensure_all(state, [self.node_daemons(n) for n in self.topo.nodes()])
         self.say("==> waiting for every agent to sync every cluster")
         ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
@@ -130,6 +156,87 @@ class Lab:
         self.bpffs.mkdir(parents=True, exist_ok=True)
         if not os.path.ismount(self.bpffs):
             ops.run("mount", "-t", "bpf", "plexus-lab", str(self.bpffs))
+
+    def _own_state(self) -> State:
+        """The state, refusing a lab that another checkout runs: its processes run its code."""
+        state = State.load(self.state_path)
+        if state.repo != str(REPO_ROOT) and state.alive():
+            raise LabError(f"the lab is up from {state.repo}; use that checkout's "
+                           "`plexus lab down` first (or `plexus lab down --force`)")
+        state.repo = str(REPO_ROOT)
+        return state
+
+    def router_daemons(self) -> list[Daemon]:
+        conf = self.root / "router" / "bird.conf"
+        return [Daemon("bird", ROUTER, TIER_ROUTER,
+                       ["bird", "-f", "-c", str(conf), "-s", str(self.bird_socket())],
+                       self._bird_ready, files={conf: self.bird_config()}, reload=self._bird_reload)]
+
+    def control_plane(self, c: Cluster) -> list[Daemon]:
+        """The processes of one cluster's control plane, in start order."""
+        ns = c.control_plane.netns
+        py = {"PYTHONPATH": str(REPO_ROOT)}
+        return [
+            Daemon(f"etcd-{c.name}", ns, TIER_CONTROL_PLANE, self._etcd_argv(c),
+                   lambda: self.etcd_healthy(ns, c), after=lambda: self._etcd_auth(c)),
+            Daemon(f"apiserver-{c.name}", ns, TIER_CONTROL_PLANE, self._apiserver_argv(c),
+                   lambda: self._apiserver_synced(c), env=py),
+        ]
+
+    def node_daemons(self, n: Node) -> list[Daemon]:
+        """The processes of one node, in start order."""
+        conf = self.node_dir(n) / "agent.yaml"
+        return [
+            Daemon(f"agent-{n.key}", n.host.netns, TIER_NODE, self._agent_argv(n),
+                   lambda: self._agent_ready(n), files={conf: self.agent_config(n)},
+                   env={"PYTHONPATH": str(REPO_ROOT)}),
+        ]
+
+    def _ensure_all(self, state: State, groups: list[list[Daemon]]) -> None:
+        """Each group (a cluster's or a node's daemons) starts in order; the groups side by side."""
+        for step in range(max((len(g) for g in groups), default=0)):
+            batch = [g[step] for g in groups if step < len(g)]
+            procs = [self._launch(state, d) for d in batch]
+            for d, proc in zip(batch, procs, strict=True):
+                self._await(d, proc)
+
+    def _launch(self, state: State, d: Daemon) -> Process:
+        """Start `d` unless its recorded PID still runs; apply changed files."""
+        changed = [path for path, text in d.files.items() if _write_if_changed(path, text)]
+        proc = state.processes.get(d.name)
+        running = proc is not None and ops.alive(proc.pid, proc.marker)
+        if proc is not None and running and changed:
+            if d.reload is not None:
+                self.say(f"  {d.name}: config changed, reloading")
+                d.reload()
+            else:
+                self.say(f"  {d.name}: config changed, restarting (pid {proc.pid})")
+                ops.stop(proc.pid, proc.marker)
+                running = False
+        if proc is not None and running:
+            self.say(f"  {d.name}: running (pid {proc.pid})")
+            return proc
+        log = self.root / "logs" / f"{d.name}.log"
+        pid = ops.spawn(d.netns, d.argv, log, d.env)
+        proc = Process(d.name, d.netns, pid, str(self.root), str(log), d.tier)
+        state.processes[d.name] = proc
+        state.save(self.state_path)
+        self.say(f"  {d.name}: started in {d.netns} (pid {pid}, log {log})")
+        return proc
+
+    def _await(self, d: Daemon, proc: Process) -> None:
+        t0 = time.monotonic()
+
+        def ok() -> bool:
+            if not ops.alive(proc.pid, proc.marker):
+                tail = Path(proc.log).read_text(errors="replace")[-1500:] if Path(proc.log).exists() else ""
+                raise LabError(f"{d.name} exited; last log lines:\n{tail}")
+            return d.ready()
+
+        ops.wait_for(ok, d.timeout, f"{d.name} to be ready")
+        if d.after is not None:
+            d.after()
+        self.say(f"  {d.name}: ready ({time.monotonic() - t0:.1f}s)")
 
     def _network(self) -> None:
         ops.ensure_netns(ROUTER)
@@ -160,36 +267,12 @@ class Lab:
         if host.role == "node":
             ops.sysctl(host.netns, "net.ipv4.ip_forward", "1")
 
-    def _start(self, state: State, name: str, ns: str, argv: list[str],
-               ready: Callable[[], bool], env: dict[str, str] | None = None,
-               timeout: float = 60) -> None:
-        proc = state.processes.get(name)
-        if proc is None or not ops.alive(proc.pid, proc.marker):
-            log = self.root / "logs" / f"{name}.log"
-            pid = ops.spawn(ns, argv, log, env)
-            proc = Process(name, ns, pid, str(self.root), str(log))
-            state.processes[name] = proc
-            state.save(self.state_path)
-
-        def ok() -> bool:
-            if not ops.alive(proc.pid, proc.marker):
-                tail = Path(proc.log).read_text(errors="replace")[-1500:] if Path(proc.log).exists() else ""
-                raise LabError(f"{name} exited; last log lines:\n{tail}")
-            return ready()
-
-        ops.wait_for(ok, timeout, f"{name} to be ready")
-
     # ---- BIRD -----------------------------------------------------------------------
     def bird_socket(self) -> Path:
         return self.root / "router" / "bird.ctl"
 
-    def _bird_argv(self) -> list[str]:
-        conf = self.root / "router" / "bird.conf"
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(self.bird_config())
-        return ["bird", "-f", "-c", str(conf), "-s", str(self.bird_socket())]
-
     def bird_config(self) -> str:
+        """Static routes to the pod CIDRs, exported to the router namespace's kernel table."""
         seg = self.topo.segments[0]
         statics = "\n".join(f"  route {n.pod_cidr} via {n.host.ip};" for n in self.topo.nodes())
         return f"""# Written by plexus lab: the datacenter router.
@@ -211,6 +294,11 @@ protocol static pods {{
 
     def _bird_ready(self) -> bool:
         return "Daemon is up and running" in self.birdc("show", "status")
+
+    def _bird_reload(self) -> None:
+        out = self.birdc("configure")
+        if "Reconfigured" not in out and "Reconfiguration in progress" not in out:
+            raise LabError(f"BIRD rejected its new config: {out.strip()}")
 
     # ---- etcd -----------------------------------------------------------------------
     def pki(self, cluster: str) -> Path:
@@ -276,33 +364,31 @@ protocol static pods {{
         return True
 
     # ---- agents ---------------------------------------------------------------------
-    def _write_agent_config(self, n: Node) -> Path:
+    def agent_config(self, n: Node) -> str:
+        """The agent's YAML; a feature adds its section to `sections`."""
         c = self.topo.cluster(n.cluster)
         d = self.node_dir(n)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / "agent.yaml"
-        path.write_text(
-            f"# Written by plexus lab for node {n.key}.\n"
-            f"cluster: {{name: {c.name}, id: {c.id}}}\n"
-            f"node: {{name: {n.name}, ip: {n.host.ip}, podCIDR: {n.pod_cidr}}}\n"
-            f"stateDir: {d / 'state'}\n"
-            f"apiSocket: {self.socket(n)}\n"
-            f"metrics: {{address: {n.host.ip}, port: 9962}}\n"
-            f"clustermesh:\n"
-            f"  etcd:\n"
-            f"    endpoints: ['{c.etcd_url}']\n"
-            f"    trustedCaFile: {self.pki(c.name) / 'ca.crt'}\n"
-            f"    certFile: {self.pki(c.name) / 'admin.crt'}\n"
-            f"    keyFile: {self.pki(c.name) / 'admin.key'}\n"
-            f"  configDir: {d / 'clustermesh'}\n"
-            f"encryption: {{enabled: true, device: {self.wg_device(n)}, strict: true}}\n"
-            f"bpf: {{enabled: true, pinDir: {self.bpffs / n.key}}}\n")
-        (d / "clustermesh").mkdir(exist_ok=True)
-        return path
+        (d / "clustermesh").mkdir(parents=True, exist_ok=True)
+        pki = self.pki(c.name)
+        sections: dict[str, Any] = {
+            "cluster": {"name": c.name, "id": c.id},
+            "node": {"name": n.name, "ip": n.host.ip, "podCIDR": n.pod_cidr},
+            "stateDir": str(d / "state"),
+            "apiSocket": str(self.socket(n)),
+            "metrics": {"address": n.host.ip, "port": 9962},
+            "clustermesh": {
+                "etcd": {"endpoints": [c.etcd_url], "trustedCaFile": str(pki / "ca.crt"),
+                         "certFile": str(pki / "admin.crt"), "keyFile": str(pki / "admin.key")},
+                "configDir": str(d / "clustermesh"),
+            },
+            "encryption": {"enabled": True, "device": n.wg_device, "strict": True},
+            "bpf": {"enabled": True, "pinDir": str(self.bpffs / n.key)},
+        }
+        return f"# Written by plexus lab for node {n.key}.\n" + yaml.safe_dump(sections, sort_keys=False)
 
     @staticmethod
     def wg_device(n: Node) -> str:
-        return f"plxwg-{n.cluster[0]}{n.name.removeprefix('n')}"
+        return n.wg_device
 
     def _agent_argv(self, n: Node) -> list[str]:
         return [sys.executable, "-m", "plexus", "agent", "--config",
@@ -322,6 +408,7 @@ protocol static pods {{
             raise LabError(f"pod name {pod!r} must be lower-case alphanumerics and '-', "
                            "at most 22 characters")
         node = self.topo.node(cluster, node_name)
+        self._node_up(node)
         ns = pod_netns(node, pod)
         state = State.load(self.state_path)
         ops.ensure_netns(ns)
@@ -344,14 +431,21 @@ protocol static pods {{
         ns = pod_netns(node, pod)
         state = State.load(self.state_path)
         info = state.pods.get(ns, {})
+        self._node_up(node)
         try:
             call_plugin("DEL", container_id=f"lab-{node.key}-{pod}", netns=f"/var/run/netns/{ns}",
                         host_netns=node.host.netns,
                         config=self._cni_config(node, info.get("labels", {})))
+        except CniError as e:
+            raise LabError(f"CNI DEL for {pod} on {node.key} failed: {e}") from None
         finally:
             ops.delete_netns(ns)
             state.pods.pop(ns, None)
             state.save(self.state_path)
+
+    def _node_up(self, node: Node) -> None:
+        if node.host.netns not in ops.namespaces() or not self._agent_ready(node):
+            raise LabError(f"node {node.key} is not running: `plexus lab up` first")
 
     def _cni_config(self, node: Node, labels: dict[str, str]) -> dict[str, Any]:
         return {"cniVersion": "1.0.0", "name": "plexus", "type": "plexus-cni",
@@ -378,24 +472,37 @@ protocol static pods {{
             "agents": agents,
             "pods": state.pods,
             "router_routes": self.birdc("show", "route") if ROUTER in present else "",
+            "router_protocols": self.birdc("show", "protocols") if ROUTER in present else "",
         }
 
     # ---- down -----------------------------------------------------------------------
-    def down(self) -> list[str]:
+    def down(self, force: bool = False) -> list[str]:
         done: list[str] = []
         state = State.load(self.state_path)
-        for p in state.processes.values():
-            if ops.alive(p.pid, p.marker):
-                ops.stop(p.pid, p.marker)
-                done.append(f"stopped {p.name} (pid {p.pid})")
-        # wireguard-go outlives its agent by design (stop is not remove): stop the lab's.
+        if state.repo != str(REPO_ROOT) and state.alive() and not force:
+            raise LabError(f"the lab is up from {state.repo}; use that checkout's `plexus lab down` "
+                           "(or --force)")
+        # Agents first, then the control planes, then the router; each tier together.
+        for tier in sorted({p.tier for p in state.processes.values()}, reverse=True):
+            procs = [p for p in state.processes.values() if p.tier == tier and ops.alive(p.pid, p.marker)]
+            # What they started (wireguard-go under an agent) is ours too; stop it after them.
+            below = ops.descendants(p.pid for p in procs)
+            ops.stop_all([(p.pid, lambda p=p: ops.alive(p.pid, p.marker)) for p in procs])
+            done += [f"stopped {p.name} (pid {p.pid})" for p in procs]
+            left = [(pid, ops.cmdline(pid).strip()) for pid, t in below
+                    if ops.running(pid) and ops.start_time(pid) == t]
+            ops.stop_all([(pid, lambda pid=pid, t=t: ops.running(pid) and ops.start_time(pid) == t)
+                          for pid, t in below])
+            done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
+        # wireguard-go outlives its agent by design (stop is not remove), and one started by an
+        # earlier agent is no longer below the current one: its pid file names it.
         for n in self.topo.nodes():
             pid_file = self.node_dir(n) / "state" / "wireguard-go.pid"
             if pid_file.exists():
                 pid = int(pid_file.read_text().strip() or 0)
-                if pid and ops.alive(pid, self.wg_device(n)):
-                    ops.stop(pid, self.wg_device(n))
-                    done.append(f"stopped wireguard-go {self.wg_device(n)} (pid {pid})")
+                if pid and ops.alive(pid, n.wg_device):
+                    ops.stop(pid, n.wg_device)
+                    done.append(f"stopped wireguard-go {n.wg_device} (pid {pid})")
         for ns in sorted(ops.namespaces()):
             if is_lab_netns(ns, self.topo):
                 ops.delete_netns(ns)
@@ -403,9 +510,11 @@ protocol static pods {{
         if BPF_DIR.exists():
             shutil.rmtree(BPF_DIR, ignore_errors=True)
             done.append(f"removed {BPF_DIR}")
-        for sock in WG_DIR.glob("plxwg-*.sock") if WG_DIR.exists() else []:
-            sock.unlink(missing_ok=True)
-            done.append(f"removed {sock}")
+        for n in self.topo.nodes():
+            sock = WG_DIR / f"{n.wg_device}.sock"
+            if sock.exists():
+                sock.unlink()
+                done.append(f"removed {sock}")
         if os.path.ismount(self.bpffs):
             ops.run("umount", str(self.bpffs), check=False)
             done.append(f"unmounted {self.bpffs} (pinned maps gone)")
@@ -413,3 +522,13 @@ protocol static pods {{
             shutil.rmtree(self.root)
             done.append(f"removed {self.root}")
         return done
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -66,7 +66,12 @@ def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = 
     # Until the child has exec'd, its cmdline is empty and it cannot be told apart.
     wait_for(lambda: bool(cmdline(proc.pid)) or proc.poll() is not None, 5, f"{argv[0]} to start",
              interval=0.01)
+    # The daemon outlives this handle by design; keep it so it is reaped, not warned about.
+    _CHILDREN[proc.pid] = proc
     return proc.pid
+
+
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def cmdline(pid: int) -> str:
@@ -76,32 +81,100 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat fields after the command name: [state, ppid, ...]."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def start_time(pid: int) -> int:
+    """Start time in clock ticks since boot: a PID plus this names one process for good."""
+    fields = _stat(pid)
+    return int(fields[19]) if len(fields) > 19 else 0
+
+
+def running(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+PF_KTHREAD = 0x00200000
+
+
 def alive(pid: int, marker: str) -> bool:
     """True when `pid` runs and is still the process we started (its args hold `marker`)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == "Z":
+    fields = _stat(pid)
+    if not fields or fields[0] == "Z" or int(fields[6]) & PF_KTHREAD:
         return False
     args = cmdline(pid)
     # Empty while the process is between fork and exec, or inside execve.
     return not args or marker in args
 
 
-def stop(pid: int, marker: str, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL; only if the PID is still ours."""
-    if not alive(pid, marker):
+def descendants(pids: Iterable[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every process below `pids`, e.g. the wireguard-go an agent runs."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if len(fields) > 1:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[tuple[int, int]] = []
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append((child, start_time(child)))
+            todo.append(child)
+    return out
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when `pid` is our child, so it is not left a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            del _CHILDREN[pid]
         return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while alive(pid, marker):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-            break
-        time.sleep(0.05)
-    try:  # reap it when it is our child
+    try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def stop_all(procs: Sequence[tuple[int, Callable[[], bool]]], timeout: float = 10) -> None:
+    """SIGTERM each (pid, still-ours) together, SIGKILL what is left after `timeout`.
+
+    `still-ours` is checked before every signal, so a PID reused by someone else is never hit.
+    """
+    live = [(pid, ours) for pid, ours in procs if ours()]
+    for pid, _ in live:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for sig_deadline, sig in ((deadline, signal.SIGKILL), (deadline + 5, None)):
+        while True:
+            for pid, _ in live:
+                _reap(pid)
+            live = [(pid, ours) for pid, ours in live if ours()]
+            if not live or time.monotonic() > sig_deadline:
+                break
+            time.sleep(0.02)
+        if not live:
+            return
+        if sig is None:
+            raise LabError(f"processes did not exit after SIGKILL: {[pid for pid, _ in live]}")
+        for pid, _ in live:
+            _signal(pid, sig)
+
+
+def stop(pid: int, marker: str, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL; only if the PID is still ours."""
+    stop_all([(pid, lambda: alive(pid, marker))], timeout)

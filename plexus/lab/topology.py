@@ -59,6 +59,11 @@ class Node:
     def key(self) -> str:
         return f"{self.cluster}-{self.name}"
 
+    @property
+    def wg_device(self) -> str:
+        """WireGuard device name, unique on the machine (the UAPI socket dir is shared)."""
+        return f"plxwg-{self.cluster[0]}{self.name.removeprefix('n')}"
+
 
 @dataclass(frozen=True)
 class Cluster:

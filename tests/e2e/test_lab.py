@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from plexus.commands.common import LAB_DIR
 from plexus.lab import ops
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +56,46 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert len(after) == 1 + 2 + 2 + 4  # BIRD, two etcds, two apiservers, four agents
 
 
+def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    extra = "  route 10.99.0.0/24 via 172.31.1.11;\n}\n"
+    base_bird, base_agent = Lab.bird_config, Lab.agent_config
+    monkeypatch.setattr(Lab, "bird_config", lambda self: base_bird(self).rstrip().removesuffix("}") + extra)
+    monkeypatch.setattr(Lab, "agent_config", lambda self, n: base_agent(self, n) + (
+        "logLevel: debug\n" if n.key == "west-n2" else ""))
+    lab.up()
+    after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
+    assert after["bird"] == before["bird"]  # reconfigured, not restarted
+    assert "10.99.0.0/24" in lab.birdc("show", "route")
+    assert "10.99.0.0/24 via 172.31.1.11" in ops.run("ip", "route", ns="plx-router").stdout
+    assert after["agent-west-n2"] != before["agent-west-n2"]
+    assert {k: v for k, v in after.items() if k != "agent-west-n2"} == \
+        {k: v for k, v in before.items() if k != "agent-west-n2"}
+
+    monkeypatch.undo()
+    lab.up()
+    assert "10.99.0.0/24" not in lab.birdc("show", "route")
+    assert "10.99.0.0/24" not in ops.run("ip", "route", ns="plx-router").stdout
+
+
+def test_up_fills_in_what_is_missing(lab: Lab) -> None:
+    state = State.load(lab.state_path)
+    agent = state.processes["agent-west-n1"]
+    os.kill(agent.pid, signal.SIGKILL)  # a PID the lab recorded: ours
+    wait_until(lambda: not ops.alive(agent.pid, agent.marker), 10, what="agent gone")
+    ops.delete_netns("plx-vm1")
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "agent-west-n1: started" in r.stdout and "bird: running" in r.stdout
+    after = State.load(lab.state_path).processes
+    assert after["agent-west-n1"].pid != agent.pid and ops.alive(after["agent-west-n1"].pid, agent.marker)
+    assert "plx-vm1" in ops.namespaces()
+    ops.run("ping", "-c", "1", "-W", "2", "172.31.3.10", ns="plx-west-n1")
+    st = json.loads(plexus("status", "--node", "west-n1", "-o", "json").stdout)
+    assert st["modules"]["encryption"]["health"] == "ok", st["modules"]["encryption"]
+
+
 def test_status_shows_everything_alive(lab: Lab) -> None:
     r = plexus("lab", "status", "-o", "json")
     assert r.returncode == 0, r.stderr
@@ -73,10 +116,13 @@ def test_every_node_reaches_its_cluster_etcd(lab: Lab) -> None:
 def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> None:
     web = lab.pod_add("east", "n1", "web", {"app": "web"})
     client = lab.pod_add("east", "n1", "client", {"app": "client"})
+    near = lab.pod_add("east", "n2", "cache", {"app": "cache"})
     far = lab.pod_add("west", "n2", "db", {"app": "db"})
     src = pod_netns(lab.topo.node("east", "n1"), "client")
-    for ip in (web["ip"], far["ip"]):
+    # Same node; other node of the cluster; other cluster through the router's static routes.
+    for ip in (web["ip"], near["ip"], far["ip"]):
         ops.run("ping", "-c", "1", "-W", "2", ip, ns=src)
+    ops.run("ping", "-c", "1", "-W", "2", client["ip"], ns=pod_netns(lab.topo.node("west", "n2"), "db"))
     assert client["ip"] != web["ip"]
     # The CLI shows the pods and the agent has registered them.
     r = plexus("status", "--node", "east-n1", "-o", "json")
@@ -374,20 +420,47 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         assert not echo(other, "tcp", web["ip"], 8080, "x", timeout=1)
 
 
+def root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
 def test_zz_down_leaves_nothing(lab: Lab) -> None:
-    pids = [(p.pid, p.marker) for p in State.load(lab.state_path).processes.values()]
+    state = State.load(lab.state_path)
+    pids = [(p.pid, p.marker) for p in state.processes.values()]
+    children = ops.descendants(pid for pid, _ in pids)
+    lab_links = ({h.router_link for h in lab.topo.hosts()} | {s.bridge for s in lab.topo.segments}
+                 | {n.wg_device for n in lab.topo.nodes()})
+    links_before = root_links()
+    assert not lab_links & links_before  # nothing of the lab was ever in the root namespace
     bystander = "plx-tcbystander"  # not the lab's: down must leave it alone
+    wg_dir = Path("/var/run/wireguard")
+    made_wg_dir = not wg_dir.exists()
+    other_sock = wg_dir / "plxwg-x9.sock"  # a device name the lab does not use
     ops.run("ip", "netns", "add", bystander)
     try:
+        wg_dir.mkdir(exist_ok=True)
+        other_sock.touch()
         r = plexus("lab", "down")
         assert r.returncode == 0, r.stderr
         assert bystander in ops.namespaces()
+        assert other_sock.exists()
     finally:
         ops.delete_netns(bystander)
+        other_sock.unlink(missing_ok=True)
+        if made_wg_dir:
+            wg_dir.rmdir()
     assert lab_namespaces() == set()
     assert not any(ops.alive(pid, marker) for pid, marker in pids)
+    assert not [pid for pid, t in children if ops.running(pid) and ops.start_time(pid) == t]
+    assert not lab_links & root_links()
+    assert not [n.wg_device for n in lab.topo.nodes()
+                if Path(f"/var/run/wireguard/{n.wg_device}.sock").exists()]
     assert not LAB_DIR.exists()
     assert not Path("/sys/fs/bpf/plexus-lab").exists()
-    assert not list(Path("/var/run/wireguard").glob("plxwg-*.sock"))
-    # down again is harmless
+    # down again is harmless; what needs a lab says so
     assert plexus("lab", "down").returncode == 0
+    r = plexus("lab", "pod", "add", "east", "n1", "web")
+    assert r.returncode == 1 and "east-n1 is not running" in r.stderr, r.stderr
+    assert lab_namespaces() == set()
+    assert plexus("lab", "status").returncode == 1

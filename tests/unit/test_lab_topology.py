@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
+from plexus.agent import load_config
+from plexus.app import MODULES
+from plexus.lab.lab import Lab
 from plexus.lab.topology import ROUTER, default, is_lab_netns, pod_netns
 
 
@@ -46,3 +50,32 @@ def test_design_addresses() -> None:
     assert [n.pod_cidr for n in east.nodes] == ["10.1.1.0/24", "10.1.2.0/24"]
     assert topo.vms[0].ip == "172.31.3.10"
     assert topo.external[0].ip == "198.51.100.10"
+
+
+def test_per_node_device_names_are_unique_and_fit() -> None:
+    topo = default()
+    devices = [n.wg_device for n in topo.nodes()]
+    assert devices == ["plxwg-e1", "plxwg-e2", "plxwg-w1", "plxwg-w2"]
+    assert all(len(d) <= 15 for d in devices)
+
+
+def test_every_agent_config_is_valid_for_the_real_agent(tmp_path: Path) -> None:
+    lab = Lab(root=tmp_path)
+    for n in lab.topo.nodes():
+        path = tmp_path / f"{n.key}.yaml"
+        path.write_text(lab.agent_config(n))
+        cfg = load_config(path, MODULES)
+        assert (cfg.cluster.name, cfg.node.name, str(cfg.node.ip)) == (n.cluster, n.name, n.host.ip)
+        assert cfg.api_socket == tmp_path / "nodes" / n.key / "agent.sock"
+        assert cfg.metrics.address == n.host.ip  # on the node's own address, not loopback
+        etcd = lab.topo.cluster(n.cluster).control_plane.ip
+        assert cfg.clustermesh.etcd.endpoints == [f"https://{etcd}:2379"]
+        assert cfg.bpf.pin_dir == tmp_path / "bpffs" / n.key  # on the lab's own bpffs
+
+
+def test_router_has_a_static_route_to_every_pod_cidr_via_its_node() -> None:
+    lab = Lab(root=Path("/nonexistent"))
+    conf = lab.bird_config()
+    for n in lab.topo.nodes():
+        assert f"route {n.pod_cidr} via {n.host.ip};" in conf
+    assert "protocol kernel" in conf
