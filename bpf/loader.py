@@ -117,6 +117,21 @@ class Datapath:
     def enforce_items(self) -> list[tuple[int, int]]:
         return [(k.ifindex, k.direction) for k in self.enforce.keys()]
 
+    def open_flows(self, callback: Any) -> None:
+        """Call `callback(event)` for every verdict the datapath reports (poll to deliver)."""
+        table = self.bpf["flows"]
+
+        def on_event(_cpu: int, data: Any, _size: int) -> None:
+            e = table.event(data)
+            callback({"ifindex": e.ifindex, "src": u32_ip(e.saddr), "dst": u32_ip(e.daddr),
+                      "identity": e.identity, "sport": e.sport, "dport": e.dport,
+                      "proto": e.proto, "direction": e.direction, "verdict": e.verdict})
+
+        table.open_perf_buffer(on_event, page_cnt=64)
+
+    def poll_flows(self, timeout_ms: int) -> None:
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+
     def counter_totals(self) -> dict[str, int]:
         out = {}
         for idx, name in ((0, "forwarded"), (1, "dropped")):

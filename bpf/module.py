@@ -9,8 +9,11 @@ never lost and traffic never dropped across an upgrade. Stop leaves everything a
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -26,6 +29,7 @@ from clustermesh.models import (
     ID_REMOTE_NODE,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
+    RESERVED_IDENTITIES,
     identity_labels,
 )
 from clustermesh.tables import ENDPOINTS, IDENTITIES, IPCACHE, LOCAL_NODE, MANIFESTS, NODES
@@ -59,11 +63,17 @@ class BpfDatapath:
         self.rejected: dict[str, str] = {}
         self.policies: dict[str, PlexusNetworkPolicy] = {}
         self.dp: Datapath | None = None
+        self.ifindexes = Ifindexes()
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self._dirty = asyncio.Event()
         hive.routes.get("/v1/bpf/ipcache", self._ipcache_api)
         hive.routes.get("/v1/bpf/policy/{endpoint}", self._policy_api)
         hive.routes.get("/v1/bpf/policies", self._policies_api)
+        hive.routes.stream("/v1/observe", self._observe)
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
+        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.flows_lost = 0
+        self._polling = threading.Event()
         hive.metrics.registry.register(_Counters(self))
 
     async def start(self) -> None:
@@ -75,7 +85,7 @@ class BpfDatapath:
             self.hive.health["bpf"] = f"datapath not loaded: {e}"
             log.error("datapath not loaded: %s", e)
             return
-        ifx = Ifindexes()
+        ifx = self.ifindexes
         m = self.hive.metrics.reconciler
         self.reconcilers = [
             Reconciler("bpf-attach", self.attachments, AttachOps(self.dp, ifx), metrics=m),
@@ -85,17 +95,89 @@ class BpfDatapath:
         ]
         for rec in self.reconcilers:
             self.hive.spawn("bpf", rec.run(), rec.name)
+        self.ifindexes = ifx
+        loop = asyncio.get_running_loop()
+        self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev))
+        self._polling.set()
+        threading.Thread(target=self._poll, name="bpf-flows", daemon=True).start()
         for table in (self.endpoints, self.ipcache_src, self.identities, self.manifests, self.nodes):
             self.hive.spawn("bpf", self._follow(table), f"follow-{table.name}")
         self.hive.spawn("bpf", self._derive(), "derive")
         self.hive.spawn("bpf", self._open_gates(), "gates")
 
     async def stop(self) -> None:
-        pass  # programs stay attached and maps pinned: traffic keeps its policy
+        # programs stay attached and maps pinned: traffic keeps its policy
+        self._polling.clear()
+
+    # ---- flows ----------------------------------------------------------------------
+    def _poll(self) -> None:
+        assert self.dp is not None
+        while self._polling.is_set():
+            self.dp.poll_flows(200)
+
+    def _publish(self, ev: dict[str, Any]) -> None:
+        flow = self._enrich(ev)
+        self.recent.append(flow)
+        for q in list(self.subscribers):
+            if q.full():
+                self.flows_lost += 1
+            else:
+                q.put_nowait(flow)
+
+    def _enrich(self, ev: dict[str, Any]) -> dict[str, Any]:
+        by_ifindex = {v: k for k, v in self.ifindexes.cache.items()}
+        ep = next((e for e in self.endpoints if e.host_ifname == by_ifindex.get(ev["ifindex"])), None)
+        ident = self.identities.get(ev["identity"])
+        peer_labels = (list(ident.labels) if ident else
+                       [RESERVED_IDENTITIES.get(ev["identity"], f"cidr-or-unknown:{ev['identity']}")])
+        peer_cluster = ident.cluster if ident else ""
+        local = {"pod": f"{ep.namespace}/{ep.pod_name}" if ep else "?", "cluster": self.local.cluster,
+                 "labels": [f"k8s:{k}={v}" for k, v in sorted(ep.labels.items())] if ep else []}
+        peer = {"identity": ev["identity"], "cluster": peer_cluster, "labels": peer_labels}
+        egress = ev["direction"] == 0
+        src, dst = (local, peer) if egress else (peer, local)
+        return {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "node": f"{self.local.cluster}/{self.local.name}",
+            "verdict": "FORWARDED" if ev["verdict"] == 1 else "DROPPED",
+            "direction": "egress" if egress else "ingress",
+            "protocol": {1: "ICMP", 6: "TCP", 17: "UDP"}.get(ev["proto"], str(ev["proto"])),
+            "source": {**src, "ip": ev["src"], "port": ev["sport"]},
+            "destination": {**dst, "ip": ev["dst"], "port": ev["dport"]},
+        }
+
+    @staticmethod
+    def _matches(flow: dict[str, Any], q: dict[str, str]) -> bool:
+        if q.get("verdict") and flow["verdict"] != q["verdict"].upper():
+            return False
+        if q.get("from_cluster") and flow["source"]["cluster"] != q["from_cluster"]:
+            return False
+        if q.get("to_cluster") and flow["destination"]["cluster"] != q["to_cluster"]:
+            return False
+        return not (q.get("pod") and q["pod"] not in (flow["source"]["pod"], flow["destination"]["pod"]))
+
+    async def _observe(self, q: dict[str, str]) -> AsyncIterator[Any]:
+        last = int(q.get("last", "20"))
+        for flow in [f for f in self.recent if self._matches(f, q)][-last:] if last else []:
+            yield flow
+        if q.get("follow", "1") != "1":
+            return
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
+        self.subscribers.add(queue)
+        try:
+            while True:
+                flow = await queue.get()
+                if self._matches(flow, q):
+                    yield flow
+        finally:
+            self.subscribers.discard(queue)
 
     async def _open_gates(self) -> None:
         for t in (self.ipcache_src, self.identities, self.manifests, self.nodes):
             await t.initialized.wait()
+        # Derive from the complete sources before any prune may run, or a prune could remove
+        # entries that a not-yet-derived row still needs.
+        self.recompute()
         for done in self._gates:
             done()
 

@@ -89,6 +89,7 @@ class Encryption:
 
     async def _open_prune(self) -> None:
         await self.nodes.initialized.wait()
+        self._compute()  # from the complete node table, before any prune may run
         for done in self._synced_done:
             done()
 

@@ -17,6 +17,7 @@
 #define ACTION_ALLOW 1
 #define ACTION_DENY 2
 #define ID_WORLD 2
+#define CT_LIFETIME_NS (60ULL * 1000000000ULL)
 
 struct ipcache_key { u32 prefixlen; u32 addr; };
 struct ipcache_value { u32 identity; u32 host_ip; u32 flags; };
@@ -80,12 +81,19 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     u32 peer = dir == DIR_EGRESS ? ip->daddr : ip->saddr;
     u32 identity = lookup_identity(peer);
     u32 ifindex = skb->ifindex;
-    // A reply to a connection this pod's policy already let through.
+    // A flow already let through, either way round, passes without a new verdict or event.
+    struct ct_key fwd = { .saddr = ip->saddr, .daddr = ip->daddr, .sport = sport,
+                          .dport = dport, .proto = proto };
     struct ct_key reverse = { .saddr = ip->daddr, .daddr = ip->saddr, .sport = dport,
                               .dport = sport, .proto = proto };
+    u64 now = bpf_ktime_get_ns();
     int action;
     u8 reason = 0;
-    if (conntrack.lookup(&reverse)) {
+    u64 *seen = conntrack.lookup(&fwd);
+    if (!seen)
+        seen = conntrack.lookup(&reverse);
+    if (seen && now - *seen < CT_LIFETIME_NS) {
+        *seen = now;
         action = ACTION_ALLOW;
         reason = 1;
     } else {
@@ -95,14 +103,10 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     u32 idx = action == ACTION_ALLOW ? 0 : 1;
     u64 *count = counters.lookup(&idx);
     if (count) *count += 1;
-    if (action == ACTION_ALLOW && reason == 0) {
-        struct ct_key fwd = { .saddr = ip->saddr, .daddr = ip->daddr, .sport = sport,
-                              .dport = dport, .proto = proto };
-        u64 now = bpf_ktime_get_ns();
+    if (action == ACTION_ALLOW && reason == 0)
         conntrack.update(&fwd, &now);
-    }
     if (reason == 0) {
-        struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = ifindex, .saddr = ip->saddr,
+        struct flow_event ev = { .ts = now, .ifindex = ifindex, .saddr = ip->saddr,
                                  .daddr = ip->daddr, .identity = identity, .sport = sport,
                                  .dport = dport, .proto = proto, .direction = dir,
                                  .verdict = action, .reason = reason };

@@ -385,6 +385,34 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
                    what="deny beats allow")
         assert echo(client, "tcp", web["ip"], 8080, "x")
 
+        # Verdicts are visible live, with identities and clusters, as Hubble shows them.
+        watcher = subprocess.Popen([sys.executable, "-m", "plexus", "observe", "--node", "east-n1",
+                                    "--verdict", "DROPPED", "--from-cluster", "west", "--last", "0",
+                                    "-o", "json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            import select
+
+            assert watcher.stdout is not None
+            ready: list[Any] = []
+            for _ in range(20):  # until the watcher is subscribed and sees a drop
+                assert not echo(late, "tcp", web["ip"], 8080, "x", timeout=1)
+                ready, _, _ = select.select([watcher.stdout], [], [], 1.0)
+                if ready:
+                    break
+            assert ready, "no DROPPED flow from west was reported"
+            flow = json.loads(watcher.stdout.readline())
+        finally:
+            watcher.terminate()
+            watcher.wait(10)
+            if watcher.stdout is not None:
+                watcher.stdout.close()
+        assert flow["verdict"] == "DROPPED" and flow["direction"] == "ingress"
+        assert flow["source"]["cluster"] == "west" and "k8s:app=pclient" in flow["source"]["labels"]
+        assert flow["destination"]["pod"] == "default/pweb" and flow["destination"]["port"] == 8080
+        metrics = ops.run("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                          "'http://172.31.1.11:9962/metrics').read().decode())", ns="plx-east-n1").stdout
+        assert 'plexus_datapath_packets_total{verdict="dropped"}' in metrics
+
         # The maps are pinned where bpftool sees them, with the remote identity in them.
         pin = lab.bpffs / "east-n1"
         dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin / "ipcache")],
