@@ -79,6 +79,7 @@ class ClusterMesh:
         self.node_attributes = hive.provide(NODE_ATTRIBUTES, node_attributes_table())
         self.own_node: Table[str, Node] = Table("own-node", key=lambda n: n.name)
         self.routes: Table[str, DirectRoute] = Table("direct-routes", key=lambda r: r.key)
+        self._routes_ready = self.routes.register_initializer("nodes")
         self.enabled = bool(config.etcd.endpoints)
         self._init_done = [t.register_initializer("clustermesh") for t in
                            (self.tables.nodes, self.tables.ipcache, self.tables.identities,
@@ -146,6 +147,8 @@ class ClusterMesh:
             await r.watcher.ready_event.wait()
         for done in self._init_done:
             done()
+        self._routes_from(self.tables.nodes.all())  # complete before the first prune
+        self._routes_ready()
         log.info("clustermesh: initial sync of %d cluster(s) complete", len(self.remotes))
 
     # ---- own node -------------------------------------------------------------------
@@ -171,13 +174,17 @@ class ClusterMesh:
 
     async def _derive_routes(self) -> None:
         async for _ in self.tables.nodes.watch():
-            rows = []
-            for n in self.tables.nodes.where(lambda n: n.cluster == self.local.cluster
-                                             and n.name != self.local.name):
-                via = n.internal_ip()
-                if via and n.ipv4_alloc_cidr:
-                    rows.append(DirectRoute(n.ipv4_alloc_cidr, via))
-            self.routes.replace_where(lambda _r: True, rows)
+            self._routes_from(self.tables.nodes.all())
+
+    def _routes_from(self, nodes: list[Node]) -> None:
+        rows = []
+        for n in nodes:
+            if n.cluster != self.local.cluster or n.name == self.local.name:
+                continue
+            via = n.internal_ip()
+            if via and n.ipv4_alloc_cidr:
+                rows.append(DirectRoute(n.ipv4_alloc_cidr, via))
+        self.routes.replace_where(lambda _r: True, rows)
 
     # ---- remote clusters ------------------------------------------------------------
     def _read_remote(self, path: Path) -> tuple[RemoteClusterFile, str]:

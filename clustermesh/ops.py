@@ -19,6 +19,7 @@ from clustermesh.tables import Endpoint
 from plexus.core.reconciler import TemporaryError
 
 RTPROT_PLEXUS = 190  # marks the routes this agent owns, so prune touches no other
+RT_TABLE_MAIN = 254
 
 
 class NodeRegistrationOps:
@@ -106,14 +107,15 @@ class RouteOps:
             if not found or found[0].get_attr("RTA_GATEWAY"):
                 raise TemporaryError(f"node {row.via} is not on a directly connected segment",
                                      delay=30)
-            ipr.route("replace", dst=row.dst, gateway=row.via, proto=RTPROT_PLEXUS)
+            ipr.route("replace", dst=row.dst, gateway=row.via, proto=RTPROT_PLEXUS,
+                      table=RT_TABLE_MAIN)
 
     def _sync_delete(self, row: DirectRoute) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         with self._ipr_factory() as ipr:
             try:
-                ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS)
+                ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
             except NetlinkError as e:
                 if e.code != 3:  # ESRCH: already gone
                     raise
@@ -121,13 +123,14 @@ class RouteOps:
     def _sync_prune(self, rows: list[DirectRoute]) -> None:
         keep = {ipaddress.ip_network(r.dst) for r in rows}
         with self._ipr_factory() as ipr:
-            for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS):
+            # only the main table: other features keep their routes in tables of their own
+            for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN):
                 dst = r.get_attr("RTA_DST")
-                if dst is None:
+                if dst is None or r.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
                     continue
                 net = ipaddress.ip_network(f"{dst}/{r['dst_len']}")
                 if net not in keep:
-                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS)
+                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
 
     async def update(self, row: DirectRoute) -> None:
         await asyncio.to_thread(self._sync_update, row)
