@@ -382,6 +382,7 @@ class Speaker:
             writer.close()
 
     def _on_line(self, line: str) -> None:
+        log.debug("api line=%s", line[200:600])
         if line in ("done", "error", "shutdown"):
             if self._acks:
                 fut = self._acks.popleft()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bgp.module import module as bgp
 from clustermesh.module import module as clustermesh
 from plexus.core.module import Module
 from plexus.node.module import module as node
@@ -11,4 +12,5 @@ from plexus.node.module import module as node
 MODULES: list[Module[Any]] = [
     node,
     clustermesh,
+    bgp,
 ]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent
+from plexus.commands import agent, bgp
 from plexus.core.api import ClientError
 from plexus.core.config import ConfigError
 
 COMMAND_GROUPS = [
     agent,
+    bgp,
 ]
 
 

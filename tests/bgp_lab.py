@@ -32,21 +32,22 @@ class Lab:
         return self.tmp / "bird.ctl"
 
     def start_bird(self, *, password: str | None = None, hold: int = 9, extra: str = "",
-                   peers: str = "") -> None:
+                   peers: str = "", node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN) -> None:
         pw = f'    password "{password}";\n' if password else ""
         conf = f"""
 log "{self.tmp}/bird.log" all;
 router id {ROUTER_IP};
 protocol device {{ }}
 protocol bgp node {{
-    local {ROUTER_IP} as {ROUTER_ASN};
-    neighbor {NODE_IP} as {NODE_ASN};
+    local {ROUTER_IP} as {router_asn};
+    neighbor {NODE_IP} as {node_asn};
+    direct;
     hold time {hold};
     connect retry time 1;
     error wait time 1, 2;
     graceful restart on;
 {pw}    ipv4 {{ import all; export none; }};
-    allow local pref on;
+    allow bgp_local_pref on;
 {extra}
 }}
 {peers}
