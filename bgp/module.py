@@ -16,7 +16,7 @@ from typing import Any
 from bgp.config import BGPConfig
 from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
-from bgp.ops import RoutesOps, Speaker, attrs_text
+from bgp.ops import RoutesOps, Speaker, attrs_text, explain
 from bgp.tables import IPAddress, IPNetwork, ManifestCache, PeerRoutes, RouteAttrs, peer_routes_table, resolve
 from clustermesh.tables import LOCAL_NODE, MANIFESTS, SERVICES
 from plexus.core.api import ApiError
@@ -121,7 +121,7 @@ class BGPControlPlane:
             out.append({
                 "peer": str(addr), "name": n.name, "instance": n.instance, "peerASN": n.peer_asn,
                 "localASN": n.local_asn, "routerID": str(n.router_id), "localAddress": str(n.local_address),
-                "state": st.state if st else "idle", "reason": st.reason if st else "",
+                "state": st.state if st else "idle", "reason": explain(st, n, now) if st else "",
                 "uptime": round(now - st.since, 1) if st and st.state == "established" else 0,
                 "advertised": len(self.speaker.announced.get(addr, {})),
                 "desired": len(r.routes) if (r := self.table.get(addr)) else 0,

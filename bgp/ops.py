@@ -200,6 +200,19 @@ class PeerState:
         self.state, self.reason = state, reason
 
 
+def explain(st: PeerState, n: Neighbor, now: float) -> str:
+    """Why a session is not up, when ExaBGP itself says nothing (failed connects are silent)."""
+    if st.state == "established" or st.reason or now - st.since < 3:
+        return st.reason
+    why = f"no TCP session with {n.peer_address} port {n.port} for {now - st.since:.0f}s"
+    if n.password is not None:
+        why += (": TCP MD5 is configured, and a peer whose password differs drops every segment "
+                "silently (check the password on both sides)")
+    else:
+        why += ": the peer does not answer or refuses the connection"
+    return why
+
+
 class Speaker:
     """Runs ExaBGP for this node's neighbors and speaks its API through the bridge."""
 
