@@ -79,6 +79,9 @@ def grouped(routes: Iterable[tuple[IPNetwork, RouteAttrs]], batch: int
     """Prefixes grouped by identical attributes and address family, in chunks of `batch`."""
     groups: dict[tuple[int, RouteAttrs], list[IPNetwork]] = {}
     for net, attrs in routes:
+        _net(net)
+        if not isinstance(attrs, RouteAttrs):
+            raise CommandError(f"not route attributes: {attrs!r}")
         groups.setdefault((net.version, attrs), []).append(net)
     out = []
     for (_, attrs), nets in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -90,12 +93,14 @@ def grouped(routes: Iterable[tuple[IPNetwork, RouteAttrs]], batch: int
 
 def announce_commands(peer: IPAddress, routes: Iterable[tuple[IPNetwork, RouteAttrs]],
                       batch: int) -> list[str]:
+    _addr(peer)
     return [safe(f"neighbor {_addr(peer)} announce attributes {attrs_text(a)} nlri "
                  + " ".join(_net(n) for n in nets))
             for a, nets in grouped(routes, batch)]
 
 
 def withdraw_commands(peer: IPAddress, nets: Iterable[IPNetwork], batch: int) -> list[str]:
+    _addr(peer)
     return [safe(f"neighbor {_addr(peer)} withdraw attributes next-hop self nlri "
                  + " ".join(_net(n) for n in ns))
             for _, ns in grouped(((n, RouteAttrs()) for n in nets), batch)]
