@@ -84,7 +84,11 @@ def grouped(routes: Iterable[tuple[IPNetwork, RouteAttrs]], batch: int
             raise CommandError(f"not route attributes: {attrs!r}")
         groups.setdefault((net.version, attrs), []).append(net)
     out = []
-    for (_, attrs), nets in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    def order(kv: tuple[tuple[int, RouteAttrs], list[IPNetwork]]) -> tuple[object, ...]:
+        (v, a), _ = kv
+        return (v, -1 if a.local_pref is None else a.local_pref, a.communities, a.large_communities)
+
+    for (_, attrs), nets in sorted(groups.items(), key=order):
         nets.sort()
         for i in range(0, len(nets), batch):
             out.append((attrs, nets[i:i + batch]))
@@ -476,6 +480,7 @@ class RoutesOps:
             sp.announced.pop(row.peer, None)
             return
         await self._apply(row.peer, cur, list(cur), [])
+        sp.announced.pop(row.peer, None)
 
     async def prune(self, rows: Iterable[PeerRoutes]) -> None:
         keep = {r.peer for r in rows}
