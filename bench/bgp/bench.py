@@ -110,9 +110,9 @@ protocol bgp router {{
 """)
         sock = lab.tmp / "speaker.ctl"
         t_start = time.monotonic()
-        proc = subprocess.Popen(["ip", "netns", "exec", lab.node_ns, "bird", "-f", "-c", str(conf),
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.node_ns, "bird", "-f", "-c", str(conf),  # noqa: ASYNC220
                                  "-s", str(sock), "-P", str(lab.tmp / "speaker.pid")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lab.procs.append(proc)
         t_est = await wait_for(lab.established, limit, 0.005)
         t_done = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)
