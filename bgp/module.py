@@ -42,8 +42,8 @@ class BGPControlPlane:
         self.metrics = BGPMetrics(hive.metrics.registry)
         self.speaker = Speaker(
             self.run_dir, list(config.exabgp), reactor_speed=config.reactor_speed, batch=config.batch,
-            backoff_max=config.restart_backoff_max, desired=self._desired, on_ready=self._on_ready,
-            on_event=self._on_event)
+            backoff_max=config.restart_backoff_max, async_limit=config.async_limit,
+            desired=self._desired, on_ready=self._on_ready, on_event=self._on_event)
         self.ops = RoutesOps(self.speaker, on_sent=self._on_sent)
         self.reconciler = Reconciler("bgp", self.table, self.ops, metrics=hive.metrics.reconciler,
                                      backoff=Backoff(initial=0.05, maximum=5.0), prune_interval=30.0)

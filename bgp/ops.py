@@ -158,7 +158,7 @@ def render_config(neighbors: Iterable[Neighbor], routes: Mapping[IPAddress, Mapp
     return "\n".join(out)
 
 
-def exabgp_env(reactor_speed: float, run_dir: Path) -> dict[str, str]:
+def exabgp_env(reactor_speed: float, run_dir: Path, async_limit: int = 0) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("exabgp")}
     env.update({
         "exabgp_api_ack": "true",
@@ -181,6 +181,7 @@ def exabgp_env(reactor_speed: float, run_dir: Path) -> dict[str, str]:
         "exabgp_cache_attributes": "true",
         "exabgp_bgp_passive": "false",
     })
+    env["PLEXUS_EXABGP_ASYNC_LIMIT"] = str(int(async_limit))  # read by bgp/launcher.py
     env["PATH"] = env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOME"] = str(run_dir)
     return env
@@ -226,7 +227,7 @@ class Speaker:
     """Runs ExaBGP for this node's neighbors and speaks its API through the bridge."""
 
     def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.05,
-                 batch: int = 2000, backoff_max: float = 30.0,
+                 batch: int = 2000, backoff_max: float = 30.0, async_limit: int = 100000,
                  desired: Callable[[], Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]] = dict,
                  on_ready: Callable[[], None] = lambda: None,
                  on_event: Callable[[str, IPAddress, str], None] = lambda *_: None) -> None:
@@ -235,6 +236,7 @@ class Speaker:
         self.reactor_speed = reactor_speed
         self.batch = batch
         self.backoff_max = backoff_max
+        self.async_limit = async_limit
         self.desired = desired
         self.on_ready = on_ready
         self.on_event = on_event
@@ -330,7 +332,7 @@ class Speaker:
         self.proc = await asyncio.create_subprocess_exec(
             *self.command, str(self.config_path), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=exabgp_env(self.reactor_speed, self.run_dir), cwd=str(self.run_dir),
+            env=exabgp_env(self.reactor_speed, self.run_dir, self.async_limit), cwd=str(self.run_dir),
             preexec_fn=_die_with_parent)
         log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(self.neighbors),
                  sum(len(r) for r in snapshot.values()))

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from bgp.config import BGPConfig
 from bgp.ops import RoutesOps, Speaker
 from bgp.tables import Neighbor, PeerRoutes, RouteAttrs
 from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, bgp_lab
@@ -46,13 +47,14 @@ async def wait_for(cond, limit: float, interval: float = 0.02) -> float:  # type
 
 
 async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float) -> dict[str, float]:
-    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up."""
+    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up
+    (api-untuned: with ExaBGP's default per-loop work slice)."""
     out: dict[str, float] = {}
     with bgp_lab() as lab:
         lab.start_bird(hold=30)
         routes = {p: ATTRS for p in prefixes(n)}
-        sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "exabgp"],
-                     reactor_speed=speed, batch=2000,
+        sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
+                     reactor_speed=speed, batch=2000, async_limit=0 if mode == "api-untuned" else 100000,
                      desired=(lambda: {PEER: routes}) if mode == "config" else dict)
         ops = RoutesOps(sp)
         sp.configure({PEER: neighbor()})
@@ -61,7 +63,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
             t_start = time.monotonic()
             t_est = await wait_for(lab.established, limit, 0.01)
             out["start_to_established"] = t_est - t_start
-            if mode == "api":
+            if mode != "config":
                 await wait_for(sp.ready, 10)
                 await ops.update(PeerRoutes(PEER, routes))
             t_done = await wait_for(lambda: lab.route_count() >= n, limit, 0.05)
@@ -97,10 +99,10 @@ async def bird_run(n: int, limit: float) -> dict[str, float]:
         conf.write_text(f"""
 router id {NODE_IP};
 protocol device {{ }}
-protocol static s {{ ipv4;
+protocol static prefixes {{ ipv4;
 {routes}
 }}
-protocol bgp router {{
+protocol bgp uplink {{
     local {NODE_IP} as {NODE_ASN};
     neighbor {ROUTER_IP} as {ROUTER_ASN};
     hold time 30;
@@ -124,7 +126,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--speed", type=float, default=0.05)
-    ap.add_argument("--modes", default="config,api,bird")
+    ap.add_argument("--modes", default="config,api,api-untuned,bird")
     ap.add_argument("--limit", type=float, default=240.0)
     a = ap.parse_args()
     print(f"# kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ class Agent:
         self.hive.provide(LOCAL_NODE, LocalNode(CLUSTER, 1, "n1", NODE_IP, "10.1.1.0/24"))
         self.manifests = self.hive.provide(MANIFESTS, manifests_table())
         self.services = self.hive.provide(SERVICES, services_table())
-        cmd = ["ip", "netns", "exec", lab.node_ns, sys.executable, "-m", "exabgp"]
+        cmd = ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp]
         self.bgp = BGPControlPlane(self.hive, BGPConfig(exabgp=cmd, secrets_dir=tmp / "secrets"))
 
 
@@ -112,8 +111,9 @@ async def test_routes_communities_change_withdraw_restart_and_bad_config(env: tu
     assert r["10.1.1.0/24"] == {"communities": "(65000,100) (65000,200)", "large": "(65001, 1, 2)",
                                 "local_pref": "300"}
     assert r["10.96.0.10/32"]["communities"] == "(65535,65281)"
-    peers = agent.bgp.peers()
-    assert peers[0]["state"] == "established" and peers[0]["advertised"] == 3
+    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established", 10, 0.05,
+                     "agent sees the session up")
+    assert agent.bgp.peers()[0]["advertised"] == 3
 
     # a table change shows up; a removal withdraws; changed attributes are re-announced
     agent.services.upsert(service("api", "10.96.0.12", bgp="yes"))
