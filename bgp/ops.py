@@ -254,6 +254,7 @@ class Speaker:
         self._server: asyncio.Server | None = None
         self._generation = 0
         self._reader: asyncio.Future[None] | None = None
+        self._connected_generation = -1
         self._pending_announced: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
 
     @property
@@ -388,7 +389,11 @@ class Speaker:
         if self._writer is not None:
             self._writer.close()
         self._writer = writer
-        self.announced = {p: dict(r) for p, r in self._pending_announced.items()}
+        if self._connected_generation != self._generation:
+            # A fresh ExaBGP holds exactly what its config carried; a respawned helper of the
+            # same ExaBGP leaves its RIB (and so our view of it) as it was.
+            self._connected_generation = self._generation
+            self.announced = {p: dict(r) for p, r in self._pending_announced.items()}
         self._ready.set()
         log.info("ExaBGP API connected generation=%d", self._generation)
         self.on_ready()
@@ -447,7 +452,10 @@ class Speaker:
             self._acks.append(futs[-1])
             writer.write(safe(c).encode() + b"\n")
         await writer.drain()
-        answers = await asyncio.gather(*futs)
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*futs), 60 + len(commands) * 0.5)
+        except TimeoutError:
+            raise TemporaryError(f"ExaBGP did not acknowledge {len(commands)} commands in time") from None
         bad = sum(1 for a in answers if a != "done")
         if bad:
             raise PermanentError(f"ExaBGP refused {bad} of {len(commands)} commands: "
