@@ -10,7 +10,7 @@ DEBS=(
   make etcd-server etcd-client bird2 wireguard-tools wireguard-go
   python3-bpfcc bpftool clang llvm linux-headers-amd64 libelf1
   iproute2 iputils-ping nftables iptables ipset tcpdump iperf3 procps psmisc
-  python3-venv python3-dev ca-certificates gobgpd
+  python3-venv python3-dev ca-certificates
 )
 
 missing=()

@@ -29,12 +29,19 @@ PEER = ipaddress.ip_address(ROUTER_IP)
 
 def prefixes(n: int) -> list[ipaddress.IPv4Network]:
     base = int(ipaddress.ip_address("10.0.0.0"))
-    return [ipaddress.ip_network((base + (i << 4), 28)) for i in range(n)]
+    return [ipaddress.ip_network((base + i, 32)) for i in range(n)]
 
 
 def neighbor() -> Neighbor:
     return Neighbor(PEER, ROUTER_ASN, NODE_ASN, ipaddress.ip_address(NODE_IP),
                     ipaddress.ip_address(NODE_IP), hold_time=30, keepalive=10)
+
+
+async def until_all(lab: object, n: int, t_est: float, limit: float) -> dict[str, float]:
+    """Seconds from established until the router holds 99% and then all of the n prefixes."""
+    t99 = await wait_for(lambda: lab.route_count() >= n * 0.99, limit, 0.02)  # type: ignore[attr-defined]
+    t_all = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)  # type: ignore[attr-defined]
+    return {"established_to_99pct": t99 - t_est, "established_to_all": t_all - t_est}
 
 
 async def wait_for(cond, limit: float, interval: float = 0.02) -> float:  # type: ignore[no-untyped-def]
@@ -66,8 +73,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
             if mode != "config":
                 await wait_for(sp.ready, 10)
                 await ops.update(PeerRoutes(PEER, routes))
-            t_done = await wait_for(lambda: lab.route_count() >= n, limit, 0.05)
-            out["established_to_all"] = t_done - t_est
+            out.update(await until_all(lab, n, t_est, limit))
             if changes:
                 await wait_for(sp.ready, 10)
                 sp.announced[PEER] = dict(routes)
@@ -117,8 +123,7 @@ protocol bgp uplink {{
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lab.procs.append(proc)
         t_est = await wait_for(lab.established, limit, 0.005)
-        t_done = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)
-        return {"start_to_established": t_est - t_start, "established_to_all": t_done - t_est}
+        return {"start_to_established": t_est - t_start, **(await until_all(lab, n, t_est, limit))}
 
 
 def main() -> None:
