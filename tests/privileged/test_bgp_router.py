@@ -21,6 +21,7 @@ from clustermesh.tables import (
     manifests_table,
     services_table,
 )
+from plexus.commands.bgp import _render_peers
 from plexus.core.module import Hive
 from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_IP, Lab, bgp_lab
 from tests.support import eventually
@@ -114,6 +115,11 @@ async def test_routes_communities_change_withdraw_restart_and_bad_config(env: tu
     await eventually(lambda: agent.bgp.peers()[0]["state"] == "established", 10, 0.05,
                      "agent sees the session up")
     assert agent.bgp.peers()[0]["advertised"] == 3
+    adv = {r["prefix"]: r for r in await agent.bgp._advertised({}, None)}
+    assert adv["10.1.1.0/24"]["communities"] == ["65000:100", "65000:200"]
+    assert adv["10.1.1.0/24"]["localPreference"] == 300
+    table = _render_peers(await agent.bgp._peers({}, None))
+    assert ROUTER_IP in table and "established" in table
 
     # a table change shows up; a removal withdraws; changed attributes are re-announced
     agent.services.upsert(service("api", "10.96.0.12", bgp="yes"))
