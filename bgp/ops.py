@@ -292,7 +292,17 @@ class Speaker:
                     continue
                 started = time.monotonic()
                 self._reconfigure.clear()
-                await self._spawn()
+                try:
+                    await self._spawn()
+                except (OSError, CommandError) as e:
+                    self.last_exit = f"cannot start ExaBGP: {e}"
+                    for st in self.peers.values():
+                        st.set("idle", self.last_exit)
+                    attempt += 1
+                    delay = min(self.backoff_max, 0.2 * 2 ** attempt)
+                    log.error("%s, retrying in %.1fs", self.last_exit, delay)
+                    await asyncio.sleep(delay)
+                    continue
                 assert self.proc is not None
                 wait = asyncio.ensure_future(self.proc.wait())
                 reconf = asyncio.ensure_future(self._reconfigure.wait())

@@ -23,6 +23,7 @@ from bgp.tables import ManifestCache, Neighbor, PeerRoutes, RouteAttrs, resolve
 from clustermesh.models import ClusterService, L4Addr
 from clustermesh.tables import LocalNode, Manifest
 from plexus.core.config import ConfigError, parse
+from tests.support import eventually
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
@@ -211,4 +212,19 @@ def test_ops_send_only_the_difference() -> None:
         assert sp.sent[3] == [
             "neighbor 10.0.0.2 withdraw attributes next-hop self nlri 10.1.0.0/24 10.3.0.0/24"]
         assert sp.announced == {}
+    asyncio.run(go())
+
+
+def test_speaker_that_cannot_start_reports_and_retries(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Speaker(tmp_path / "bgp", [str(tmp_path / "no-such-exabgp")], backoff_max=0.2)
+        sp.configure({A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, A("10.0.0.1"), A("10.0.0.1"))})
+        task = asyncio.ensure_future(sp.run())
+        try:
+            await eventually(lambda: "cannot start ExaBGP" in sp.last_exit, 5, 0.01, "start failure reported")
+            assert "cannot start ExaBGP" in sp.peers[A("10.0.0.2")].reason
+            assert not task.done()  # still supervising
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
     asyncio.run(go())
