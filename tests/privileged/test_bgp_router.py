@@ -145,19 +145,20 @@ async def test_routes_communities_change_withdraw_restart_and_bad_config(env: tu
     assert proc is not None
     old_pid = proc.pid
     proc.kill()
+    agent.services.upsert(service("late", "10.96.0.13", bgp="yes"))  # changed while ExaBGP is down
     await eventually(lambda: agent.bgp.speaker.proc is not None and agent.bgp.speaker.proc.pid != old_pid
                      and agent.bgp.speaker.ready(), 20, 0.1, "ExaBGP restarted")
     await eventually(lambda: "Established" in lab.protocol_state() and agent.bgp.peers()[0]["state"]
                      == "established", 30, 0.2, "session re-established")
-    await eventually(lambda: set(lab.routes()) == {"10.1.1.0/24", "10.96.0.12/32"}, 20, 0.2,
-                     "routes back after the restart")
+    await eventually(lambda: set(lab.routes()) == {"10.1.1.0/24", "10.96.0.12/32", "10.96.0.13/32"}, 20,
+                     0.2, "routes back after the restart, with the change made meanwhile")
     assert agent.bgp.speaker.restarts == 1
 
     # drain withdraws everything deliberately
     await agent.bgp._drain({}, None)
     await eventually(lambda: lab.routes() == {}, 10, 0.1, "drained")
     await agent.bgp._undrain({}, None)
-    await eventually(lambda: len(lab.routes()) == 2, 10, 0.1, "undrained")
+    await eventually(lambda: len(lab.routes()) == 3, 10, 0.1, "undrained")
 
 
 @pytest.mark.parametrize("right", [True, False])
