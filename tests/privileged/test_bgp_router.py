@@ -179,3 +179,30 @@ async def test_md5(env: tuple[Lab, Agent], right: bool) -> None:
     assert not lab.established()
     assert agent.bgp.peers()[0]["state"] != "established"
     await asyncio.sleep(0)
+
+
+async def test_agent_stop_leaves_routes_drain_removes_them(env: tuple[Lab, Agent]) -> None:
+    lab, agent = env
+    lab.start_bird()
+    for m in [cluster_config(peer_asn=65000), peer_config(), *ADVERTS]:
+        agent.manifests.upsert(m)
+    await agent.bgp.start()
+    await eventually(lambda: set(lab.routes()) == {"10.1.1.0/24"}, 30, 0.2, "pod CIDR announced")
+    await agent.bgp.stop()
+    # The session is gone, yet the router keeps the routes (graceful restart): stop is not remove.
+    await eventually(lambda: not lab.established(), 15, 0.1, "session down after stop")
+    assert set(lab.routes()) == {"10.1.1.0/24"}
+
+    # A new agent picks up: routes ride in ExaBGP's config; drain then withdraws for real.
+    again = Agent(lab, agent.hive.state_dir)
+    for m in agent.manifests:
+        again.manifests.upsert(m)
+    await again.bgp.start()
+    try:
+        await eventually(lambda: again.bgp.peers()[0]["state"] == "established", 30, 0.2, "session back")
+        assert set(lab.routes()) == {"10.1.1.0/24"}
+        await again.bgp._drain({}, None)
+        await eventually(lambda: lab.routes() == {}, 10, 0.1, "drained")
+        assert (agent.hive.state_dir / "bgp" / "drained").exists()  # a drain survives restarts
+    finally:
+        await again.bgp.stop()
