@@ -25,6 +25,7 @@ from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, bgp_lab
 
 ATTRS = RouteAttrs(((65000, 100),), ((65001, 1, 2),), None)
 PEER = ipaddress.ip_address(ROUTER_IP)
+BATCH = 2000
 
 
 def prefixes(n: int) -> list[ipaddress.IPv4Network]:
@@ -61,7 +62,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
         lab.start_bird(hold=30)
         routes = {p: ATTRS for p in prefixes(n)}
         sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
-                     reactor_speed=speed, batch=2000, async_limit=0 if mode == "api-untuned" else 100000,
+                     reactor_speed=speed, batch=BATCH, async_limit=0 if mode == "api-untuned" else 100000,
                      desired=(lambda: {PEER: routes}) if mode == "config" else dict)
         ops = RoutesOps(sp)
         sp.configure({PEER: neighbor()})
@@ -133,7 +134,9 @@ def main() -> None:
     ap.add_argument("--speed", type=float, default=0.05)
     ap.add_argument("--modes", default="config,api,api-untuned,bird")
     ap.add_argument("--limit", type=float, default=240.0)
+    ap.add_argument("--batch", type=int, default=BATCH, help="prefixes per bulk API command")
     a = ap.parse_args()
+    globals()["BATCH"] = a.batch
     print(f"# kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "
           f"cmd: {' '.join(sys.argv)}")
     for n in [int(x) for x in a.sizes.split(",")]:
