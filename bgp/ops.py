@@ -421,7 +421,7 @@ class Speaker:
             writer.close()
 
     def _on_line(self, line: str) -> None:
-        log.debug("api line=%s", line[200:600])
+        log.debug("exabgp api: %s", line[:300])
         if line in ("done", "error", "shutdown"):
             if self._acks:
                 fut = self._acks.popleft()
