@@ -25,6 +25,9 @@ from clustermesh.models import (
     IPCACHE_PREFIX,
     NODES_PREFIX,
     REGISTRATIONS_PREFIX,
+    SERVICE_LABEL_EXTERNAL_IPS,
+    SERVICE_LABEL_LB_IP,
+    SERVICE_LABEL_TRAFFIC_POLICY,
     SERVICES_PREFIX,
     SYNCED_PREFIXES,
     ClusterConfig,
@@ -111,11 +114,11 @@ class ApiServer:
         for b in spec.backends:
             backends[str(b.ip)] = backend_ports
         labels = {**svc.metadata.labels, "service.cilium.io/affinity": svc.affinity,
-                  "service.plexus.io/external-traffic-policy": spec.external_traffic_policy}
+                  SERVICE_LABEL_TRAFFIC_POLICY: spec.external_traffic_policy}
         if spec.load_balancer_ip is not None:
-            labels["service.plexus.io/load-balancer-ip"] = str(spec.load_balancer_ip)
+            labels[SERVICE_LABEL_LB_IP] = str(spec.load_balancer_ip)
         if spec.external_ips:
-            labels["service.plexus.io/external-ips"] = ",".join(map(str, spec.external_ips))
+            labels[SERVICE_LABEL_EXTERNAL_IPS] = ",".join(map(str, spec.external_ips))
         return ClusterService(
             cluster=self.cluster, namespace=svc.metadata.namespace, name=svc.metadata.name,
             frontends=frontends, backends=backends, labels=labels, selector=dict(spec.selector),

@@ -55,6 +55,10 @@ RESERVED_IDENTITIES = {
 }
 
 LABEL_CLUSTER = "io.cilium.k8s.policy.cluster"
+# What a Service manifest says beyond Cilium's service record, carried as its labels.
+SERVICE_LABEL_LB_IP = "plexus.io/load-balancer-ip"            # comma-separated addresses
+SERVICE_LABEL_EXTERNAL_IPS = "plexus.io/external-ips"         # comma-separated addresses
+SERVICE_LABEL_TRAFFIC_POLICY = "plexus.io/external-traffic-policy"  # Local or Cluster
 LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
 
 

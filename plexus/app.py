@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bgp.module import module as bgp
 from bpf.module import module as bpf
 from clustermesh.module import module as clustermesh
 from encryption.module import module as encryption
@@ -15,4 +16,5 @@ MODULES: list[Module[Any]] = [
     clustermesh,
     bpf,
     encryption,
+    bgp,
 ]

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bgp.models import MANIFEST_KINDS as BGP_KINDS
 from bpf.models import MANIFEST_KINDS as BPF_KINDS
 from clustermesh.kvstore import KvStore
 from clustermesh.manifests import MANIFEST_KINDS as CLUSTERMESH_KINDS
 from clustermesh.manifests import manifest_key
 from plexus.core.config import ConfigError, Strict, parse, read_yaml_documents
 
-KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS}
+KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS, **BGP_KINDS}
 
 
 @dataclass(frozen=True)

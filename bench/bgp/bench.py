@@ -1,0 +1,157 @@
+"""BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs BIRD as the speaker.
+
+Run (root, from the repo root):
+    /work/main/.venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50]
+
+Everything runs in two fresh network namespaces (plx-tb...) joined by a veth; nothing
+touches the root namespace. Prints one line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bgp.config import BGPConfig
+from bgp.ops import RoutesOps, Speaker
+from bgp.tables import Neighbor, PeerRoutes, RouteAttrs
+from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, bgp_lab
+
+ATTRS = RouteAttrs(((65000, 100),), ((65001, 1, 2),), None)
+PEER = ipaddress.ip_address(ROUTER_IP)
+BATCH = 2000
+
+
+def prefixes(n: int) -> list[ipaddress.IPv4Network]:
+    base = int(ipaddress.ip_address("10.0.0.0"))
+    return [ipaddress.ip_network((base + i, 32)) for i in range(n)]
+
+
+def neighbor() -> Neighbor:
+    return Neighbor(PEER, ROUTER_ASN, NODE_ASN, ipaddress.ip_address(NODE_IP),
+                    ipaddress.ip_address(NODE_IP), hold_time=30, keepalive=10)
+
+
+async def until_all(lab: object, n: int, t_est: float, limit: float) -> dict[str, float]:
+    """Seconds from established until the router holds 99% and then all of the n prefixes."""
+    t99 = await wait_for(lambda: lab.route_count() >= n * 0.99, limit, 0.02)  # type: ignore[attr-defined]
+    t_all = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)  # type: ignore[attr-defined]
+    return {"established_to_99pct": t99 - t_est, "established_to_all": t_all - t_est}
+
+
+async def wait_for(cond, limit: float, interval: float = 0.02) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > limit:
+            raise TimeoutError
+        await asyncio.sleep(interval)
+    return time.monotonic()
+
+
+async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float) -> dict[str, float]:
+    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up
+    (api-untuned: with ExaBGP's default per-loop work slice)."""
+    out: dict[str, float] = {}
+    with bgp_lab() as lab:
+        lab.start_bird(hold=30)
+        routes = {p: ATTRS for p in prefixes(n)}
+        sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
+                     reactor_speed=speed, batch=BATCH, async_limit=0 if mode == "api-untuned" else 100000,
+                     desired=(lambda: {PEER: routes}) if mode == "config" else dict)
+        ops = RoutesOps(sp)
+        sp.configure({PEER: neighbor()})
+        task = asyncio.ensure_future(sp.run())
+        try:
+            t_start = time.monotonic()
+            t_est = await wait_for(lab.established, limit, 0.01)
+            out["start_to_established"] = t_est - t_start
+            if mode != "config":
+                await wait_for(sp.ready, 10)
+                await ops.update(PeerRoutes(PEER, routes))
+            out.update(await until_all(lab, n, t_est, limit))
+            if changes:
+                await wait_for(sp.ready, 10)
+                sp.announced[PEER] = dict(routes)
+                lat = []
+                cur = dict(routes)
+                for i in range(changes):
+                    net = ipaddress.ip_network(f"172.16.{i}.0/24")
+                    cur = {**cur, net: ATTRS}
+                    t0 = time.monotonic()
+                    await ops.update(PeerRoutes(PEER, cur))
+                    await wait_for(lambda net=net: str(net) in lab.birdc("show", "route", str(net)),
+                                   10, 0.002)
+                    lat.append(time.monotonic() - t0)
+                lat.sort()
+                out["change_p50_ms"] = 1000 * statistics.median(lat)
+                out["change_p99_ms"] = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return out
+
+
+async def bird_run(n: int, limit: float) -> dict[str, float]:
+    """A second BIRD in the node namespace, speaking the same prefixes from static routes."""
+    with bgp_lab() as lab:
+        lab.start_bird(hold=30)
+        conf = lab.tmp / "speaker.conf"
+        routes = "\n".join(f"    route {p} blackhole;" for p in prefixes(n))
+        conf.write_text(f"""
+router id {NODE_IP};
+protocol device {{ }}
+protocol static prefixes {{ ipv4;
+{routes}
+}}
+protocol bgp uplink {{
+    local {NODE_IP} as {NODE_ASN};
+    neighbor {ROUTER_IP} as {ROUTER_ASN};
+    hold time 30;
+    connect retry time 1;
+    ipv4 {{ import none; export all; next hop self; }};
+}}
+""")
+        sock = lab.tmp / "speaker.ctl"
+        t_start = time.monotonic()
+        proc = subprocess.Popen(["ip", "netns", "exec", lab.node_ns, "bird", "-f", "-c", str(conf),  # noqa: ASYNC220
+                                 "-s", str(sock), "-P", str(lab.tmp / "speaker.pid")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.procs.append(proc)
+        t_est = await wait_for(lab.established, limit, 0.005)
+        return {"start_to_established": t_est - t_start, **(await until_all(lab, n, t_est, limit))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--changes", type=int, default=50)
+    ap.add_argument("--speed", type=float, default=0.05)
+    ap.add_argument("--modes", default="config,api,api-untuned,bird")
+    ap.add_argument("--limit", type=float, default=240.0)
+    ap.add_argument("--batch", type=int, default=BATCH, help="prefixes per bulk API command")
+    a = ap.parse_args()
+    globals()["BATCH"] = a.batch
+    print(f"# kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "
+          f"cmd: {' '.join(sys.argv)}")
+    for n in [int(x) for x in a.sizes.split(",")]:
+        for mode in a.modes.split(","):
+            try:
+                if mode == "bird":
+                    r = asyncio.run(bird_run(n, a.limit))
+                else:
+                    r = asyncio.run(plexus_run(n, mode, a.changes if n == 10000 else 0, a.speed, a.limit))
+            except TimeoutError:
+                print(f"N={n} speaker={mode}: timed out after {a.limit}s", flush=True)
+                continue
+            print(f"N={n} speaker={mode} " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    main()

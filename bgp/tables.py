@@ -1,0 +1,289 @@
+"""What BGP wants: neighbors for ExaBGP's config and the routes desired per peer.
+
+`resolve` turns manifests, the local node and services into typed rows; it is pure so the
+module and the tests call the same thing. A manifest that fails validation is reported
+and its last good version (if any) keeps being used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bgp.models import (
+    MANIFEST_KINDS,
+    WELL_KNOWN,
+    Advertisement,
+    BGPAdvertisement,
+    BGPClusterConfig,
+    BGPNodeConfigOverride,
+    BGPPeerConfig,
+    PeerConfigSpec,
+    large_community,
+    standard_community,
+)
+from clustermesh.models import (
+    SERVICE_LABEL_EXTERNAL_IPS,
+    SERVICE_LABEL_LB_IP,
+    SERVICE_LABEL_TRAFFIC_POLICY,
+    ClusterService,
+)
+from clustermesh.tables import LocalNode, Manifest, ManifestKey
+from plexus.core.config import ConfigError, parse
+from plexus.core.tables import Table
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LB_IP_LABEL = SERVICE_LABEL_LB_IP
+EXTERNAL_IPS_LABEL = SERVICE_LABEL_EXTERNAL_IPS
+TRAFFIC_POLICY_LABEL = SERVICE_LABEL_TRAFFIC_POLICY
+
+
+@dataclass(frozen=True, order=True)
+class RouteAttrs:
+    """Path attributes of one announced prefix (next hop is always self)."""
+
+    communities: tuple[tuple[int, int], ...] = ()
+    large_communities: tuple[tuple[int, int, int], ...] = ()
+    local_pref: int | None = None
+
+    def merge(self, other: RouteAttrs) -> RouteAttrs:
+        """Overlapping advertisements: union communities, highest local preference."""
+        prefs = [p for p in (self.local_pref, other.local_pref) if p is not None]
+        return RouteAttrs(
+            tuple(sorted(set(self.communities) | set(other.communities))),
+            tuple(sorted(set(self.large_communities) | set(other.large_communities))),
+            max(prefs) if prefs else None)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One BGP session of this node, as rendered into ExaBGP's config."""
+
+    peer_address: IPAddress
+    peer_asn: int
+    local_asn: int
+    router_id: ipaddress.IPv4Address
+    local_address: IPAddress
+    instance: str = "default"
+    name: str = ""
+    port: int = 179
+    hold_time: int = 90
+    keepalive: int = 30
+    connect_retry: int = 120
+    multihop: int = 1
+    password: str | None = field(default=None, repr=False)
+    graceful_restart: int | None = 120
+    families: tuple[str, ...] = ("ipv4", "ipv6")
+
+    @property
+    def key(self) -> IPAddress:
+        return self.peer_address
+
+
+@dataclass(frozen=True)
+class PeerRoutes:
+    """The routes desired towards one peer: prefix -> attributes."""
+
+    peer: IPAddress
+    routes: dict[IPNetwork, RouteAttrs]
+
+    @property
+    def key(self) -> IPAddress:
+        return self.peer
+
+
+def peer_routes_table() -> Table[IPAddress, PeerRoutes]:
+    return Table("bgp-peer-routes", key=lambda r: r.key)
+
+
+@dataclass
+class Resolved:
+    neighbors: dict[IPAddress, Neighbor]
+    routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]]
+    problems: dict[str, str]
+
+
+class ManifestCache:
+    """Validated manifests by key; a bad new version keeps the last good one in use."""
+
+    def __init__(self) -> None:
+        self.good: dict[ManifestKey, object] = {}
+        self.problems: dict[ManifestKey, str] = {}
+
+    def sync(self, manifests: Iterable[Manifest]) -> None:
+        present = set()
+        for m in manifests:
+            if m.kind not in MANIFEST_KINDS:
+                continue
+            present.add(m.key)
+            src = f"{m.kind}/{m.namespace}/{m.name}"
+            try:
+                self.good[m.key] = parse(MANIFEST_KINDS[m.kind], m.body, src)
+                self.problems.pop(m.key, None)
+            except ConfigError as e:
+                self.problems[m.key] = str(e) + (" (keeping the last good version)"
+                                                 if m.key in self.good else "")
+        for k in list(self.good):
+            if k not in present:
+                del self.good[k]
+        for k in list(self.problems):
+            if k not in present:
+                del self.problems[k]
+
+    def of(self, kind: str) -> list[object]:
+        return [v for k, v in sorted(self.good.items(), key=lambda kv: kv[0]) if k[1] == kind]
+
+
+def read_password(spec: PeerConfigSpec, secrets_dir: Path) -> str | None:
+    path = None
+    if spec.auth_password_file:
+        path = Path(spec.auth_password_file)
+    elif spec.auth_secret_ref:
+        path = secrets_dir / spec.auth_secret_ref
+    if path is None:
+        return None
+    try:
+        pw = path.read_text().strip("\n")
+    except OSError as e:
+        raise ValueError(f"cannot read password file {path}: {e.strerror}") from None
+    if not pw or len(pw) > 80 or any(ord(c) < 0x20 or ord(c) == 0x7F or c in "\"\\" for c in pw):
+        raise ValueError(f"password in {path} must be 1..80 printable characters without quotes")
+    return pw
+
+
+def attrs_of(adv: Advertisement) -> RouteAttrs:
+    c = adv.attributes.communities
+    std = {standard_community(x) for x in c.standard} | {WELL_KNOWN[w] for w in c.well_known}
+    return RouteAttrs(tuple(sorted(std)), tuple(sorted({large_community(x) for x in c.large})),
+                      adv.attributes.local_preference)
+
+
+def _addresses(text: str) -> list[IPAddress]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            try:
+                out.append(ipaddress.ip_address(part))
+            except ValueError:
+                continue
+    return out
+
+
+def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
+                     local: LocalNode) -> list[IPNetwork]:
+    assert adv.service is not None
+    pod_nets = [ipaddress.ip_network(c) for c in (local.pod_cidr, local.pod_cidr_v6) if c]
+    out: list[IPNetwork] = []
+    for svc in services:
+        if svc.cluster != local.cluster:
+            continue
+        if adv.selector is not None and not adv.selector.matches(svc.labels):
+            continue
+        if svc.labels.get(TRAFFIC_POLICY_LABEL) == "Local":
+            backends = [ipaddress.ip_address(b) for b in svc.backends]
+            if not any(b in n for b in backends for n in pod_nets if b.version == n.version):
+                continue
+        addrs: list[IPAddress] = []
+        for kind in adv.service.addresses:
+            if kind == "ClusterIP":
+                addrs += [ipaddress.ip_address(f) for f in svc.frontends]
+            elif kind == "LoadBalancerIP":
+                addrs += _addresses(svc.labels.get(LB_IP_LABEL, ""))
+            else:
+                addrs += _addresses(svc.labels.get(EXTERNAL_IPS_LABEL, ""))
+        out += [ipaddress.ip_network(a) for a in addrs]
+    return out
+
+
+def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterService],
+            secrets_dir: Path) -> Resolved:
+    problems = {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in cache.problems.items() if k[0] == local.cluster}
+    mine = [(k, v) for k, v in cache.good.items() if k[0] == local.cluster]
+    clusters = [v for _, v in sorted(mine, key=lambda kv: kv[0]) if isinstance(v, BGPClusterConfig)]
+    peer_cfgs = {v.metadata.name: v for _, v in mine if isinstance(v, BGPPeerConfig)}
+    adverts = [v for _, v in mine if isinstance(v, BGPAdvertisement)]
+    overrides = [v for _, v in mine
+                 if isinstance(v, BGPNodeConfigOverride) and v.metadata.name == local.name]
+    labels = {**local.labels, "kubernetes.io/hostname": local.name, "plexus.io/node": local.name}
+    svcs = list(services)
+    neighbors: dict[IPAddress, Neighbor] = {}
+    routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
+    node_ip = ipaddress.ip_address(local.ip)
+    for cc in clusters:
+        if cc.spec.node_selector is not None and not cc.spec.node_selector.matches(labels):
+            continue
+        where = f"BGPClusterConfig/{cc.metadata.namespace}/{cc.metadata.name}"
+        for i, inst in enumerate(cc.spec.bgp_instances):
+            local_asn, router_id, local_addr = inst.local_asn, inst.router_id, None
+            for ov in overrides:
+                for io in ov.spec.bgp_instances:
+                    if io.name == inst.name:
+                        local_asn = io.local_asn or local_asn
+                        router_id = io.router_id or router_id
+                        local_addr = io.local_address or local_addr
+            if router_id is None:
+                if not isinstance(node_ip, ipaddress.IPv4Address):
+                    problems[where] = f"spec.bgpInstances[{i}].routerID: required on an IPv6-only node"
+                    continue
+                router_id = node_ip
+            for j, peer in enumerate(inst.peers):
+                field_ = f"spec.bgpInstances[{i}].peers[{j}]"
+                spec = PeerConfigSpec()
+                if peer.peer_config_ref is not None:
+                    pc = peer_cfgs.get(peer.peer_config_ref.name)
+                    if pc is None:
+                        problems[f"{where}/{peer.name}"] = (
+                            f"{field_}.peerConfigRef.name: no BGPPeerConfig {peer.peer_config_ref.name!r}")
+                        continue
+                    spec = pc.spec
+                try:
+                    password = read_password(spec, secrets_dir)
+                except ValueError as e:
+                    problems[f"{where}/{peer.name}"] = f"{field_}: {e}"
+                    continue
+                src = local_addr or node_ip
+                if src.version != peer.peer_address.version:
+                    problems[f"{where}/{peer.name}"] = (
+                        f"{field_}.peerAddress: IPv{peer.peer_address.version} peer but local "
+                        f"address {src} is IPv{src.version}")
+                    continue
+                if peer.peer_address in neighbors:
+                    problems[f"{where}/{peer.name}"] = (
+                        f"{field_}.peerAddress: {peer.peer_address} is configured twice")
+                    continue
+                gr = spec.graceful_restart
+                neighbors[peer.peer_address] = Neighbor(
+                    peer_address=peer.peer_address, peer_asn=peer.peer_asn, local_asn=local_asn,
+                    router_id=router_id, local_address=src, instance=inst.name, name=peer.name,
+                    port=spec.transport.peer_port, hold_time=spec.timers.hold_time_seconds,
+                    keepalive=spec.timers.keep_alive_time_seconds,
+                    connect_retry=spec.timers.connect_retry_time_seconds,
+                    multihop=spec.ebgp_multihop, password=password,
+                    graceful_restart=gr.restart_time_seconds if gr.enabled else None,
+                    families=tuple(sorted({f.afi for f in spec.families})))
+                wanted: dict[IPNetwork, RouteAttrs] = {}
+                for fam in spec.families:
+                    if fam.advertisements is None:
+                        continue
+                    version = 4 if fam.afi == "ipv4" else 6
+                    for ad in adverts:
+                        if not fam.advertisements.matches(ad.metadata.labels):
+                            continue
+                        for item in ad.spec.advertisements:
+                            attrs = attrs_of(item)
+                            if item.advertisement_type == "PodCIDR":
+                                cidr = local.pod_cidr if version == 4 else local.pod_cidr_v6
+                                nets = [ipaddress.ip_network(cidr)] if cidr else []
+                            else:
+                                nets = service_prefixes(item, svcs, local)
+                            for net in nets:
+                                if net.version != version:
+                                    continue
+                                old = wanted.get(net)
+                                wanted[net] = attrs if old is None else old.merge(attrs)
+                routes[peer.peer_address] = wanted
+    return Resolved(neighbors, routes, problems)
