@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from plexus.lab.ops import LabError
 from plexus.lab.topology import (
     POD_NAME_RE,
     ROUTER,
+    ROUTER_ASN,
     Cluster,
     Host,
     Node,
@@ -145,6 +147,10 @@ class Lab:
         self._ensure_all(state, [self.node_daemons(n) for n in self.topo.nodes()])
         self.say("==> waiting for every agent to sync every cluster")
         ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
+        self.say("==> BGP: every node peers with the router and announces its pod CIDR")
+        self._apply_bgp()
+        ops.wait_for(self._bgp_routes_in, 90, "the router to learn every pod CIDR over BGP",
+                     interval=0.3)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
 
     @property
@@ -271,23 +277,68 @@ class Lab:
     def bird_socket(self) -> Path:
         return self.root / "router" / "bird.ctl"
 
+    @staticmethod
+    def bgp_protocol(n: Node) -> str:
+        return f"node_{n.cluster}_{n.name}"
+
     def bird_config(self) -> str:
-        """Static routes to the pod CIDRs, exported to the router namespace's kernel table."""
+        """One eBGP session per node; what the nodes announce goes into the router's table."""
         seg = self.topo.segments[0]
-        statics = "\n".join(f"  route {n.pod_cidr} via {n.host.ip};" for n in self.topo.nodes())
-        return f"""# Written by plexus lab: the datacenter router.
+        sessions = "\n".join(
+            f"protocol bgp {self.bgp_protocol(n)} {{\n"
+            f"  local {n.host.segment.gateway} as {ROUTER_ASN};\n"
+            f"  neighbor {n.host.ip} as {n.asn};\n"
+            f"  hold time 9; keepalive time 3; connect retry time 1;\n"
+            f"  graceful restart on;\n"
+            f"  ipv4 {{ import all; export none; }};\n}}"
+            for n in self.topo.nodes())
+        return f"""# Written by plexus lab: the datacenter router. Pod CIDRs come from BGP alone.
 router id {seg.gateway};
 protocol device {{ }}
 protocol direct {{ ipv4; }}
 protocol kernel {{
   ipv4 {{ export where source != RTS_DEVICE; }};
 }}
-# Pod CIDRs until the nodes announce them over BGP.
-protocol static pods {{
-  ipv4;
-{statics}
-}}
+{sessions}
 """
+
+    def bgp_manifests(self, c: Cluster) -> str:
+        """What a cluster applies so its nodes peer with the router and announce pod CIDRs."""
+        docs = [{
+            "apiVersion": "plexus.io/v1", "kind": "BGPClusterConfig",
+            "metadata": {"name": "lab-router"},
+            "spec": {"nodeSelector": {}, "bgpInstances": [{
+                "name": "lab", "localASN": c.nodes[0].asn,
+                "peers": [{"name": "router", "peerAddress": c.segment.gateway,
+                           "peerASN": ROUTER_ASN, "peerConfigRef": {"name": "router"}}]}]}},
+            {"apiVersion": "plexus.io/v1", "kind": "BGPPeerConfig", "metadata": {"name": "router"},
+             "spec": {"timers": {"holdTimeSeconds": 9, "keepAliveTimeSeconds": 3},
+                      "gracefulRestart": {"enabled": True, "restartTimeSeconds": 120},
+                      "families": [{"afi": "ipv4", "safi": "unicast",
+                                    "advertisements": {"matchLabels": {"advertise": "lab"}}}]}},
+            {"apiVersion": "plexus.io/v1", "kind": "BGPAdvertisement",
+             "metadata": {"name": "pods", "labels": {"advertise": "lab"}},
+             "spec": {"advertisements": [
+                 {"advertisementType": "PodCIDR"},
+                 {"advertisementType": "Service", "service": {"addresses": ["ClusterIP"]},
+                  "selector": {"matchLabels": {}}}]}}]
+        return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
+
+    def _apply_bgp(self) -> None:
+        for c in self.topo.clusters:
+            path = self.root / "clusters" / c.name / "bgp.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(self.bgp_manifests(c))
+            r = subprocess.run([sys.executable, "-m", "plexus", "apply", "-f", str(path), "--lab",
+                                c.name], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+            if r.returncode != 0:
+                raise LabError(f"applying the BGP configuration of {c.name} failed: {r.stderr}")
+
+    def _bgp_routes_in(self) -> bool:
+        routes = self.birdc("show", "route")
+        return all(f"{n.pod_cidr}" in routes and self.bgp_protocol(n) in routes
+                   for n in self.topo.nodes())
 
     def birdc(self, *args: str) -> str:
         return ops.run("birdc", "-s", str(self.bird_socket()), *args, check=False).stdout

@@ -138,7 +138,7 @@ def default() -> Topology:
         cp = Host(f"{PREFIX}{name}-cp", seg, f"172.31.{octet}.250", "control-plane")
         nodes = tuple(
             Node(name, f"n{i}", Host(f"{PREFIX}{name}-n{i}", seg, f"172.31.{octet}.{10 + i}", "node"),
-                 f"10.{octet}.{i}.0/24", 65000 + octet * 10 + i)
+                 f"10.{octet}.{i}.0/24", 65000 + cid)
             for i in (1, 2))
         return Cluster(name, cid, seg, cp, nodes, f"10.96.{octet}.0/24")
 

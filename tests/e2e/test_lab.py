@@ -59,9 +59,9 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
 def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     before = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
-    extra = "  route 10.99.0.0/24 via 172.31.1.11;\n}\n"
+    extra = "protocol static extra {\n  ipv4;\n  route 10.99.0.0/24 via 172.31.1.11;\n}\n"
     base_bird, base_agent = Lab.bird_config, Lab.agent_config
-    monkeypatch.setattr(Lab, "bird_config", lambda self: base_bird(self).rstrip().removesuffix("}") + extra)
+    monkeypatch.setattr(Lab, "bird_config", lambda self: base_bird(self) + extra)
     monkeypatch.setattr(Lab, "agent_config", lambda self, n: base_agent(self, n) + (
         "logLevel: debug\n" if n.key == "west-n2" else ""))
     lab.up()
@@ -119,7 +119,7 @@ def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> 
     near = lab.pod_add("east", "n2", "cache", {"app": "cache"})
     far = lab.pod_add("west", "n2", "db", {"app": "db"})
     src = pod_netns(lab.topo.node("east", "n1"), "client")
-    # Same node; other node of the cluster; other cluster through the router's static routes.
+    # Same node; other node of the cluster; other cluster through the router's BGP routes.
     for ip in (web["ip"], near["ip"], far["ip"]):
         ops.run("ping", "-c", "1", "-W", "2", ip, ns=src)
     ops.run("ping", "-c", "1", "-W", "2", client["ip"], ns=pod_netns(lab.topo.node("west", "n2"), "db"))
@@ -130,6 +130,17 @@ def test_pods_reach_each_other_on_a_node_across_nodes_and_clusters(lab: Lab) -> 
     r = plexus("lab", "pod", "del", "east", "n1", "web")
     assert r.returncode == 0, r.stderr
     assert pod_netns(lab.topo.node("east", "n1"), "web") not in ops.namespaces()
+
+
+def test_router_learns_every_pod_cidr_over_bgp(lab: Lab) -> None:
+    routes = lab.birdc("show", "route")
+    for n in lab.topo.nodes():
+        line = next(ln for ln in routes.splitlines() if ln.startswith(n.pod_cidr))
+        assert f"[{lab.bgp_protocol(n)} " in line and f"AS{n.asn}i" in line
+    assert "static" not in routes
+    r = plexus("bgp", "peers", "--node", "west-n2", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    assert "established" in r.stdout
 
 
 def test_clustermesh_connects_the_clusters(lab: Lab) -> None:

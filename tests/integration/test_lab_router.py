@@ -14,6 +14,6 @@ def test_bird_parses_the_router_config(tmp_path: Path) -> None:
     r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0, r.stderr
 
-    conf.write_text(Lab(root=tmp_path).bird_config().replace("via", "vai", 1))
+    conf.write_text(Lab(root=tmp_path).bird_config().replace("neighbor", "neighbour", 1))
     r = subprocess.run(["bird", "-p", "-c", str(conf)], capture_output=True, text=True, timeout=10)
     assert r.returncode != 0  # the check above could fail

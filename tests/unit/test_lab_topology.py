@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from pathlib import Path
 
 from plexus.agent import load_config
@@ -73,9 +74,19 @@ def test_every_agent_config_is_valid_for_the_real_agent(tmp_path: Path) -> None:
         assert cfg.bpf.pin_dir == tmp_path / "bpffs" / n.key  # on the lab's own bpffs
 
 
-def test_router_has_a_static_route_to_every_pod_cidr_via_its_node() -> None:
+def test_router_peers_with_every_node_and_takes_pod_cidrs_from_bgp_only() -> None:
     lab = Lab(root=Path("/nonexistent"))
     conf = lab.bird_config()
     for n in lab.topo.nodes():
-        assert f"route {n.pod_cidr} via {n.host.ip};" in conf
+        assert f"neighbor {n.host.ip} as {n.asn};" in conf
+    assert "protocol static" not in conf
     assert "protocol kernel" in conf
+    # what each cluster applies is valid for the real manifest models
+    from plexus.apply import load_documents
+
+    for c in lab.topo.clusters:
+        f = Path(tempfile.mkdtemp()) / "bgp.yaml"
+        f.write_text(lab.bgp_manifests(c))
+        kinds = sorted(d.kind for d in load_documents([f]))
+        assert kinds == ["BGPAdvertisement", "BGPClusterConfig", "BGPPeerConfig"]
+
