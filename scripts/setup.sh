@@ -43,6 +43,12 @@ if [ ! -e "$kdir/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   fi
 fi
 
+# Pinned BPF maps live on a bpf filesystem; some machines do not mount one.
+if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
+  step "mounting the bpf filesystem at /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
 # bcc's Python module comes from Debian, so the venv sees system site packages.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
   step "creating .venv (Debian python, system site packages)"
