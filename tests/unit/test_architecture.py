@@ -35,3 +35,10 @@ def test_whole_graph_builds_without_starting(tmp_path: Path) -> None:
 def test_module_names_are_unique() -> None:
     names = [m.name for m in MODULES]
     assert len(names) == len(set(names))
+
+
+def test_core_and_shared_models_type_check_strictly() -> None:
+    exe = shutil.which("mypy", path=str(Path(sys.executable).parent)) or "mypy"
+    r = subprocess.run([exe, "--strict", "--no-incremental", "plexus/core", "clustermesh/models.py",
+                        "clustermesh/tables.py"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
