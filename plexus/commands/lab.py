@@ -173,6 +173,11 @@ def _demo(_args: argparse.Namespace) -> int:
             good = lab.etcd_healthy(n.host.netns, c)
             ok &= good
             _say(f"  {'ok  ' if good else 'FAIL'} {n.key} -> etcd of {c.name} ({c.etcd_url})")
+    sessions = lab.birdc("show", "protocols").count("Established")
+    learned = [n.pod_cidr for n in lab.topo.nodes()
+               if f"[{lab.bgp_protocol(n)} " in lab.birdc("show", "route", n.pod_cidr)]
+    _say(f"==> BGP: the router has {sessions} established sessions and learned "
+         f"{len(learned)} of {len(lab.topo.nodes())} pod CIDRs from them")
     _say("==> clustermesh (what east-n1 knows)")
     mesh = Client(lab.socket(lab.topo.nodes()[0]), timeout=5)
     for name, c in mesh.get("/v1/clustermesh/status")["clusters"].items():
