@@ -86,6 +86,7 @@ class Reconciler(Generic[K, R]):
         metrics: ReconcilerMetrics | None = None,
         backoff: Backoff = Backoff(),
         prune_interval: float = 60.0,
+        refresh_every: int = 5,
         concurrency: int = 16,
     ) -> None:
         self.name = name
@@ -94,6 +95,9 @@ class Reconciler(Generic[K, R]):
         self.metrics = metrics or ReconcilerMetrics.disabled()
         self.backoff = backoff
         self.prune_interval = prune_interval
+        # Every `refresh_every` prunes, every row is applied again: what someone changed
+        # behind our back (a deleted route, a flushed map entry) comes back. 0 disables.
+        self.refresh_every = refresh_every
         self.status: dict[K, Status] = {}
         self.applied: dict[K, R] = {}
         self.last_prune_error = ""
@@ -222,6 +226,7 @@ class Reconciler(Generic[K, R]):
 
     async def _prune_loop(self) -> None:
         await self.table.initialized.wait()
+        rounds = 0
         while True:
             try:
                 await self.ops.prune(self.table.all())
@@ -232,6 +237,9 @@ class Reconciler(Generic[K, R]):
                 self.metrics.observe(self.name, "prune", 0.0, ok=False)
                 log.warning("reconciler=%s prune failed: %s", self.name, e)
             self.pruned_once.set()
+            rounds += 1
+            if self.refresh_every and rounds % self.refresh_every == 0:
+                self._mark([k for k, _ in self.table.items()])
             self._prune_requested.clear()
             try:
                 await asyncio.wait_for(self._prune_requested.wait(), self.prune_interval)

@@ -158,3 +158,15 @@ async def test_one_object_in_order_objects_in_parallel() -> None:
 def test_backoff_grows_and_caps() -> None:
     b = Backoff(initial=1, maximum=8, factor=2, jitter=0)
     assert [b.delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 8]
+
+
+async def test_refresh_repairs_drift_behind_its_back() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget()
+    rec = Reconciler("fake", t, target, backoff=FAST, prune_interval=0.05, refresh_every=2)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: target.state == {"a": 1})
+    target.state.clear()  # someone removed it outside the reconciler
+    await eventually(lambda: target.state == {"a": 1}, 5, what="refresh re-applied the row")
+    task.cancel()
