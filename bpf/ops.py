@@ -61,6 +61,16 @@ class Ifindexes:
             return self.cache[ifname]
         return await asyncio.to_thread(attach.ifindex, ifname)
 
+    async def resolve(self, ifnames: Iterable[str]) -> dict[str, int]:
+        """Every interface that exists, looked up now: a prune must not forget a live one
+        just because no update has touched it since a restart."""
+        out = {}
+        for name in set(ifnames):
+            idx = await self.find(name)
+            if idx is not None:
+                self.cache[name] = out[name] = idx
+        return out
+
     async def get(self, ifname: str) -> int:
         idx = await asyncio.to_thread(attach.ifindex, ifname)
         if idx is None:
@@ -84,11 +94,10 @@ class PolicyOps:
             self.dp.policy_delete(idx, e.identity, e.port, e.proto, e.direction)
 
     async def prune(self, rows: Iterable[PolicyEntry]) -> None:
-        keep = set()
-        for r in rows:
-            idx = self.ifindexes.cache.get(r.ifname)
-            if idx is not None:
-                keep.add((idx, r.identity, r.port, r.proto, r.direction, r.action))
+        rows = list(rows)
+        idx = await self.ifindexes.resolve(r.ifname for r in rows)
+        keep = {(idx[r.ifname], r.identity, r.port, r.proto, r.direction, r.action)
+                for r in rows if r.ifname in idx}
         for item in self.dp.policy_items():
             if item not in keep:
                 self.dp.policy_delete(*item[:5])
@@ -108,7 +117,9 @@ class EnforceOps:
             self.dp.enforce_delete(idx, e.direction)
 
     async def prune(self, rows: Iterable[Enforced]) -> None:
-        keep = {(self.ifindexes.cache.get(r.ifname), r.direction) for r in rows}
+        rows = list(rows)
+        idx = await self.ifindexes.resolve(r.ifname for r in rows)
+        keep = {(idx[r.ifname], r.direction) for r in rows if r.ifname in idx}
         for item in self.dp.enforce_items():
             if item not in keep:
                 self.dp.enforce_delete(*item)
