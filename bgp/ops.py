@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -184,13 +182,8 @@ def exabgp_env(reactor_speed: float, run_dir: Path, async_limit: int = 0) -> dic
     env["PLEXUS_EXABGP_ASYNC_LIMIT"] = str(int(async_limit))  # read by bgp/launcher.py
     env["PATH"] = env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
     env["HOME"] = str(run_dir)
+    env["PLEXUS_PARENT_PID"] = str(os.getpid())  # bgp/launcher.py dies with this process
     return env
-
-
-def _die_with_parent() -> None:
-    # ExaBGP must not outlive the agent: a second agent would start a second speaker.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ---- the supervised speaker -------------------------------------------------------------
@@ -343,8 +336,7 @@ class Speaker:
         self.proc = await asyncio.create_subprocess_exec(
             *self.command, str(self.config_path), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            env=exabgp_env(self.reactor_speed, self.run_dir, self.async_limit), cwd=str(self.run_dir),
-            preexec_fn=_die_with_parent)
+            env=exabgp_env(self.reactor_speed, self.run_dir, self.async_limit), cwd=str(self.run_dir))
         log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(self.neighbors),
                  sum(len(r) for r in snapshot.values()))
         self._reader = asyncio.ensure_future(self._read_output(self.proc))

@@ -336,9 +336,13 @@ protocol kernel {{
                 raise LabError(f"applying the BGP configuration of {c.name} failed: {r.stderr}")
 
     def _bgp_routes_in(self) -> bool:
+        """Every session is up and every pod CIDR learned over it: a route kept from a
+        session that is down (graceful restart) does not count."""
+        established = {line.split()[0] for line in self.birdc("show", "protocols").splitlines()
+                       if line.split()[1:2] == ["BGP"] and line.rstrip().endswith("Established")}
         routes = self.birdc("show", "route")
-        return all(f"{n.pod_cidr}" in routes and self.bgp_protocol(n) in routes
-                   for n in self.topo.nodes())
+        return all(self.bgp_protocol(n) in established and f"{n.pod_cidr}" in routes
+                   and self.bgp_protocol(n) in routes for n in self.topo.nodes())
 
     def birdc(self, *args: str) -> str:
         return ops.run("birdc", "-s", str(self.bird_socket()), *args, check=False).stdout

@@ -28,6 +28,12 @@ def plexus(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
+def children(pid: int, program: str) -> list[int]:
+    found = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+             for c in (task / "children").read_text().split()]
+    return [c for c in found if program.encode() in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
 def lab_namespaces() -> set[str]:
     lab = Lab()
     return {ns for ns in ops.namespaces() if ns.startswith("plx-") and
@@ -82,8 +88,13 @@ def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
 def test_up_fills_in_what_is_missing(lab: Lab) -> None:
     state = State.load(lab.state_path)
     agent = state.processes["agent-west-n1"]
+    speakers = children(agent.pid, "bgp/launcher.py")
+    assert speakers, "the agent runs its BGP speaker as a child"
     os.kill(agent.pid, signal.SIGKILL)  # a PID the lab recorded: ours
     wait_until(lambda: not ops.alive(agent.pid, agent.marker), 10, what="agent gone")
+    # A speaker left behind would fight the restarted agent's speaker for the same session.
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in speakers), 10,
+               what="the killed agent's BGP speaker to exit")
     ops.delete_netns("plx-vm1")
     r = plexus("lab", "up")
     assert r.returncode == 0, r.stdout + r.stderr
