@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from plexus.lab.ops import hold_machine_lock
 from tests.support import Etcd, etcd_server
 
 
@@ -16,6 +17,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker in ("integration", "privileged", "e2e"):
             if f"/tests/{marker}/" in path:
                 item.add_marker(getattr(pytest.mark, marker))
+    if any(item.get_closest_marker(m) for item in items for m in ("integration", "privileged", "e2e")):
+        hold_machine_lock()
+
 
 
 @pytest.fixture

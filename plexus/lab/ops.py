@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -178,3 +179,21 @@ def stop_all(procs: Sequence[tuple[int, Callable[[], bool]]], timeout: float = 1
 def stop(pid: int, marker: str, timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL; only if the PID is still ours."""
     stop_all([(pid, lambda: alive(pid, marker))], timeout)
+
+
+MACHINE_LOCK = "/run/plexus-tests.lock"
+_held: list[int] = []
+
+
+def hold_machine_lock() -> None:
+    """The lab, the test namespaces and the pinned maps are one per machine: a second run
+    waits here instead of tearing down the first's. Held until this process exits."""
+    if _held:
+        return
+    fd = os.open(MACHINE_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"\nwaiting for {MACHINE_LOCK}: another test run or benchmark uses the machine")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    _held.append(fd)
