@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -115,30 +116,37 @@ async def _reconcile_all(dev: Device, peers: list[Peer], changes: int) -> tuple[
 def peers(args: argparse.Namespace) -> None:
     keys = [KeyPair.generate().public_bytes for _ in range(args.peers)]
     rows = [_peer(i, k) for i, k in enumerate(keys)]
+    fulls, floor_fulls, one, floor_one = [], [], [], []
     with Device("plxtwbench0") as dev:
-        full, one = asyncio.run(_reconcile_all(dev, rows, args.changes))
-        assert len(dev.backend.info().peers) == args.peers
-        dev.clear()
-        floor_full = dev.syncconf(_syncconf_text(dev.keys, rows))
-        assert len(dev.backend.info().peers) == args.peers
-        floor_one = []
-        current = list(rows)
-        for n in range(args.changes):
-            current[n % len(rows)] = _peer(n % len(rows), keys[n % len(rows)], extra=n + 1)
-            floor_one.append(dev.syncconf(_syncconf_text(dev.keys, current)))
-    print(f"WireGuard peers on wireguard-go: {args.peers} peers, then {args.changes} single changes; "
-          f"{machine()}")
+        for _ in range(args.rounds):  # interleaved, so both paths see the same machine load
+            dev.clear()
+            full, changes = asyncio.run(_reconcile_all(dev, rows, args.changes))
+            assert len(dev.backend.info().peers) == args.peers
+            fulls.append(full)
+            one += changes
+            dev.clear()
+            floor_fulls.append(dev.syncconf(_syncconf_text(dev.keys, rows)))
+            assert len(dev.backend.info().peers) == args.peers
+            current = list(rows)
+            for n in range(args.changes):
+                current[n % len(rows)] = _peer(n % len(rows), keys[n % len(rows)], extra=n + 1)
+                floor_one.append(dev.syncconf(_syncconf_text(dev.keys, current)))
+    full, floor_full = statistics.median(fulls), statistics.median(floor_fulls)
+    print(f"WireGuard peers on wireguard-go: {args.peers} peers, then {args.changes} single changes, "
+          f"{args.rounds} interleaved rounds (medians); {machine()}")
     print(f"{'path':<46} {'all peers':>10} {'change p50':>11} {'change p99':>11}")
     ms = [x * 1000 for x in one]
     fms = [x * 1000 for x in floor_one]
-    print(f"{'Plexus reconciler (UAPI, one peer per op)':<46} {full:>9.2f}s {percentile(ms, 50):>9.2f}ms "
+    print(f"{'Plexus reconciler (UAPI, one peer per op)':<46} {full:>9.3f}s {percentile(ms, 50):>9.2f}ms "
           f"{percentile(ms, 99):>9.2f}ms")
-    print(f"{'wg syncconf of the whole config (floor)':<46} {floor_full:>9.2f}s "
+    print(f"{'wg syncconf of the whole config (floor)':<46} {floor_full:>9.3f}s "
           f"{percentile(fms, 50):>9.2f}ms {percentile(fms, 99):>9.2f}ms")
+    print(f"all peers per round: Plexus {', '.join(f'{x:.3f}' for x in fulls)} s; "
+          f"floor {', '.join(f'{x:.3f}' for x in floor_fulls)} s")
     print(f"ratio to floor: all peers {full / floor_full:.2f}x, change p99 "
           f"{percentile(ms, 99) / percentile(fms, 99):.2f}x")
     print(f"rerun: .venv/bin/python -m bench.encryption.bench peers --peers {args.peers} "
-          f"--changes {args.changes}")
+          f"--changes {args.changes} --rounds {args.rounds}")
 
 
 def _iperf(server_ns: str, client_ns: str, ip: str, seconds: float) -> float:
@@ -208,6 +216,7 @@ def main() -> None:
     a = sub.add_parser("peers")
     a.add_argument("--peers", type=int, default=1000)
     a.add_argument("--changes", type=int, default=200)
+    a.add_argument("--rounds", type=int, default=5)
     a.set_defaults(func=peers)
     b = sub.add_parser("throughput")
     b.add_argument("--seconds", type=float, default=5)
