@@ -271,6 +271,14 @@ def echo_server(ns: str, proto: str, port: int) -> Iterator[subprocess.Popen[str
 
 def echo(ns: str, proto: str, ip: str, port: int, payload: str, timeout: float = 2.0) -> bool:
     """True when `payload` sent from `ns` comes back from the echo server at ip:port."""
+    return not echo_error(ns, proto, ip, port, payload, timeout)
+
+
+def echo_error(ns: str, proto: str, ip: str, port: int, payload: str, timeout: float = 2.0) -> str:
+    """Why the echo failed (the client's last error line), or "" when it came back."""
     r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_CLIENT, proto, ip,
-                        str(port), payload, str(timeout)], capture_output=True, timeout=timeout + 10)
-    return r.returncode == 0
+                        str(port), payload, str(timeout)], capture_output=True, text=True,
+                       timeout=timeout + 10)
+    if r.returncode == 0:
+        return ""
+    return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]

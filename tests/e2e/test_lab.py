@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -373,7 +374,7 @@ def apply_in(cluster: str, text: str, tmp: Path) -> subprocess.CompletedProcess[
 
 
 def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
-    from tests.support import echo, echo_server, wait_until
+    from tests.support import echo, echo_error, echo_server, wait_until
 
     web = lab.pod_add("east", "n1", "pweb", {"app": "pweb"})
     client = pod_netns(lab.topo.node("west", "n1"), "pcl")
@@ -456,17 +457,22 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         # Restart the agent under continuous traffic: no connection fails.
         state = State.load(lab.state_path)
         agent = state.processes["agent-east-n1"]
-        failures = 0
         ops.stop(agent.pid, agent.marker)
         restarted = subprocess.Popen([sys.executable, "-m", "plexus", "lab", "up"], cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sent = 0
+        started = time.monotonic()
+        failed: list[str] = []
         while restarted.poll() is None or sent < 40:
             # 5 s: a busy machine (bcc compiling the program) slows client start-up, not the path
-            failures += not echo(client, "tcp", web["ip"], 8080, f"n{sent}", timeout=5)
+            why = echo_error(client, "tcp", web["ip"], 8080, f"n{sent}", timeout=5)
+            if why:
+                failed.append(f"#{sent} at +{time.monotonic() - started:.1f}s: {why}")
             sent += 1
         assert restarted.returncode == 0
-        assert failures == 0, f"{failures} of {sent} connections failed across the restart"
+        assert not failed, (f"{len(failed)} of {sent} connections failed across the restart: "
+                            f"{failed}\n{lab.birdc('show', 'protocols')}\n"
+                            f"{(lab.root / 'logs' / 'agent-east-n1.log').read_text()[-3000:]}")
         # and the policy still holds after it
         assert not echo(other, "tcp", web["ip"], 8080, "x", timeout=1)
 
