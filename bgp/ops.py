@@ -4,7 +4,10 @@ and the Ops that sends each peer's route difference.
 ExaBGP reads commands from its helper process (bgp/bridge.py), which relays a unix
 socket the agent listens on. The agent reads everything ExaBGP writes, all the time, so
 ExaBGP never blocks on a full pipe; acknowledgements ("done"/"error") are matched to
-commands in order, which lets many commands be in flight at once.
+commands in order, which lets many commands be in flight at once. Route changes go as
+`plexus-bulk` commands (packed prefixes, added to ExaBGP by bgp/launcher.py) when the
+running ExaBGP answers the probe sent first on every API connection, else as ExaBGP's own
+`announce/withdraw attributes ... nlri` text.
 
 Stop is not remove: on agent stop ExaBGP is killed without a NOTIFICATION, so a router
 with graceful restart keeps the routes (stale) for the restart time, or until hold time
@@ -246,6 +249,7 @@ class Speaker:
 
     def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.05,
                  batch: int = 2000, backoff_max: float = 30.0, async_limit: int = 100000,
+                 bulk: bool = True,
                  desired: Callable[[], Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]] = dict,
                  on_ready: Callable[[], None] = lambda: None,
                  on_event: Callable[[str, IPAddress, str], None] = lambda *_: None) -> None:
@@ -255,6 +259,7 @@ class Speaker:
         self.batch = batch
         self.backoff_max = backoff_max
         self.async_limit = async_limit
+        self.bulk = bulk  # use `plexus-bulk` when ExaBGP has it (False: text commands only)
         self.desired = desired
         self.on_ready = on_ready
         self.on_event = on_event
@@ -475,7 +480,7 @@ class Speaker:
     async def bulk_supported(self) -> bool:
         """Whether the running ExaBGP answered the `plexus-bulk` probe with "done"."""
         probe = self._bulk_probe
-        if probe is None:
+        if probe is None or not self.bulk:
             return False
         try:
             return await asyncio.wait_for(asyncio.shield(probe), 10) == "done"
