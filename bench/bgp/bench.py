@@ -1,10 +1,14 @@
 """BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs GoBGP and BIRD as the speaker.
 
 Run (root, from the repo root):
-    /work/main/.venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50]
+    .venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50] [--modes ...]
 
-Everything runs in two fresh network namespaces (plx-tb...) joined by a veth; nothing
-touches the root namespace. Prints one line per figure.
+Modes: config, api, api-text (Plexus: routes in ExaBGP's config; sent on the live session as
+`plexus-bulk`; as ExaBGP's text commands), bird (BIRD as the speaker), gobgp-live,
+gobgp-preload, gobgp-mrt (GoBGP: routes added through gRPC on the live session; before the
+session; `gobgp mrt inject`, reporting how many gobgpd kept). Everything runs in two fresh
+network namespaces (plx-tb...) joined by a veth; gobgpd's gRPC is a unix socket; nothing
+touches the root namespace. Prints one line per speaker and size.
 """
 
 from __future__ import annotations
