@@ -4,7 +4,10 @@ and the Ops that sends each peer's route difference.
 ExaBGP reads commands from its helper process (bgp/bridge.py), which relays a unix
 socket the agent listens on. The agent reads everything ExaBGP writes, all the time, so
 ExaBGP never blocks on a full pipe; acknowledgements ("done"/"error") are matched to
-commands in order, which lets many commands be in flight at once.
+commands in order, which lets many commands be in flight at once. Route changes go as
+`plexus-bulk` commands (packed prefixes, added to ExaBGP by bgp/launcher.py) when the
+running ExaBGP answers the probe sent first on every API connection, else as ExaBGP's own
+`announce/withdraw attributes ... nlri` text.
 
 Stop is not remove: on agent stop ExaBGP is killed without a NOTIFICATION, so a router
 with graceful restart keeps the routes (stale) for the restart time, or until hold time
@@ -15,6 +18,7 @@ without it; the next agent re-announces before End-of-RIB (routes are in the con
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -27,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bgp.launcher import BULK
 from bgp.tables import IPAddress, IPNetwork, Neighbor, PeerRoutes, RouteAttrs
 from plexus.core.reconciler import PermanentError, TemporaryError
 
@@ -106,6 +111,29 @@ def withdraw_commands(peer: IPAddress, nets: Iterable[IPNetwork], batch: int) ->
     return [safe(f"neighbor {_addr(peer)} withdraw attributes next-hop self nlri "
                  + " ".join(_net(n) for n in ns))
             for _, ns in grouped(((n, RouteAttrs()) for n in nets), batch)]
+
+
+def pack_prefixes(nets: Iterable[IPNetwork]) -> str:
+    """Prefixes in BGP NLRI wire form (mask length, significant address bytes), base64."""
+    out = bytearray()
+    for n in nets:
+        size = (n.prefixlen + 7) // 8
+        out.append(n.prefixlen)
+        out += n.network_address.packed[:size]
+    return base64.b64encode(bytes(out)).decode()
+
+
+def bulk_commands(peer: IPAddress, gone: Iterable[IPNetwork], new: Iterable[tuple[IPNetwork, RouteAttrs]],
+                  batch: int) -> list[str]:
+    """The same changes as withdraw_commands + announce_commands, in the compact
+    `plexus-bulk` form that bgp/launcher.py adds to ExaBGP (withdrawals first)."""
+    head = f"neighbor {_addr(peer)} {BULK}"
+    fam = {4: "ipv4", 6: "ipv6"}
+    out = [f"{head} withdraw {fam[ns[0].version]} {pack_prefixes(ns)}"
+           for _, ns in grouped(((n, RouteAttrs()) for n in gone), batch)]
+    out += [safe(f"{head} announce {fam[ns[0].version]} {pack_prefixes(ns)} {attrs_text(a)}")
+            for a, ns in grouped(new, batch)]
+    return out
 
 
 # ---- config rendering -------------------------------------------------------------------
@@ -221,6 +249,7 @@ class Speaker:
 
     def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.05,
                  batch: int = 2000, backoff_max: float = 30.0, async_limit: int = 100000,
+                 bulk: bool = True,
                  desired: Callable[[], Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]] = dict,
                  on_ready: Callable[[], None] = lambda: None,
                  on_event: Callable[[str, IPAddress, str], None] = lambda *_: None) -> None:
@@ -230,6 +259,7 @@ class Speaker:
         self.batch = batch
         self.backoff_max = backoff_max
         self.async_limit = async_limit
+        self.bulk = bulk  # use `plexus-bulk` when ExaBGP has it (False: text commands only)
         self.desired = desired
         self.on_ready = on_ready
         self.on_event = on_event
@@ -249,6 +279,7 @@ class Speaker:
         self._reader: asyncio.Future[None] | None = None
         self._connected_generation = -1
         self._pending_announced: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
+        self._bulk_probe: asyncio.Future[str] | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -396,6 +427,12 @@ class Speaker:
             # same ExaBGP leaves its RIB (and so our view of it) as it was.
             self._connected_generation = self._generation
             self.announced = {p: dict(r) for p, r in self._pending_announced.items()}
+        # Does this ExaBGP take `plexus-bulk` (bgp/launcher.py)? The probe is the first
+        # command, so its answer is the first one.
+        self._bulk_probe = asyncio.get_running_loop().create_future()
+        self._bulk_probe.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._acks.append(self._bulk_probe)
+        writer.write(BULK.encode() + b"\n")
         self._ready.set()
         log.info("ExaBGP API connected generation=%d", self._generation)
         self.on_ready()
@@ -439,6 +476,16 @@ class Speaker:
         reason = str(nb.get("reason", ""))[:200]
         self.peers.setdefault(peer, PeerState()).set(state, reason)
         self.on_event(state, peer, reason)
+
+    async def bulk_supported(self) -> bool:
+        """Whether the running ExaBGP answered the `plexus-bulk` probe with "done"."""
+        probe = self._bulk_probe
+        if probe is None or not self.bulk:
+            return False
+        try:
+            return await asyncio.wait_for(asyncio.shield(probe), 10) == "done"
+        except (TimeoutError, TemporaryError):
+            return False
 
     async def send(self, commands: list[str]) -> None:
         """Send commands (pipelined) and wait until ExaBGP acknowledged every one."""
@@ -501,9 +548,13 @@ class RoutesOps:
 
     async def _apply(self, peer: IPAddress, cur: dict[IPNetwork, RouteAttrs], gone: list[IPNetwork],
                      new: list[tuple[IPNetwork, RouteAttrs]]) -> None:
-        b = self.speaker.batch
-        cmds = withdraw_commands(peer, gone, b) + announce_commands(peer, new, b)
-        await self.speaker.send(cmds)
+        sp = self.speaker
+        b = sp.batch
+        if await sp.bulk_supported():
+            cmds = bulk_commands(peer, gone, new, b)
+        else:
+            cmds = withdraw_commands(peer, gone, b) + announce_commands(peer, new, b)
+        await sp.send(cmds)
         for n in gone:
             cur.pop(n, None)
         for n, a in new:

@@ -1,10 +1,14 @@
-"""BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs BIRD as the speaker.
+"""BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs GoBGP and BIRD as the speaker.
 
 Run (root, from the repo root):
-    /work/main/.venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50]
+    .venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50] [--modes ...]
 
-Everything runs in two fresh network namespaces (plx-tb...) joined by a veth; nothing
-touches the root namespace. Prints one line per figure.
+Modes: config, api, api-text (Plexus: routes in ExaBGP's config; sent on the live session as
+`plexus-bulk`; as ExaBGP's text commands), bird (BIRD as the speaker), gobgp-live,
+gobgp-preload, gobgp-mrt (GoBGP: routes added through gRPC on the live session; before the
+session; `gobgp mrt inject`, reporting how many gobgpd kept). Everything runs in two fresh
+network namespaces (plx-tb...) joined by a veth; gobgpd's gRPC is a unix socket; nothing
+touches the root namespace. Prints one line per speaker and size.
 """
 
 from __future__ import annotations
@@ -55,14 +59,14 @@ async def wait_for(cond, limit: float, interval: float = 0.02) -> float:  # type
 
 
 async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float) -> dict[str, float]:
-    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up
-    (api-untuned: with ExaBGP's default per-loop work slice)."""
+    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up,
+    as `plexus-bulk` commands (api-text: as ExaBGP's text `announce attributes ... nlri`)."""
     out: dict[str, float] = {}
     with bgp_lab() as lab:
         lab.start_bird(hold=30)
         routes = {p: ATTRS for p in prefixes(n)}
         sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
-                     reactor_speed=speed, batch=BATCH, async_limit=0 if mode == "api-untuned" else 100000,
+                     reactor_speed=speed, batch=BATCH, bulk=mode != "api-text",
                      desired=(lambda: {PEER: routes}) if mode == "config" else dict)
         ops = RoutesOps(sp)
         sp.configure({PEER: neighbor()})
@@ -73,6 +77,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
             out["start_to_established"] = t_est - t_start
             if mode != "config":
                 await wait_for(sp.ready, 10)
+                out["bulk_command"] = float(await sp.bulk_supported())
                 await ops.update(PeerRoutes(PEER, routes))
             out.update(await until_all(lab, n, t_est, limit))
             if changes:
@@ -127,12 +132,66 @@ protocol bgp uplink {{
         return {"start_to_established": t_est - t_start, **(await until_all(lab, n, t_est, limit))}
 
 
+async def gobgp_run(n: int, mode: str, limit: float) -> dict[str, float]:
+    """GoBGP as the speaker. gobgp-live: routes added through gRPC once the session is up;
+    gobgp-preload: added before the router starts; gobgp-mrt: `gobgp mrt inject global` with a
+    TABLE_DUMPv2 file, reporting how many routes gobgpd holds afterwards."""
+    from bench.bgp import gobgp
+
+    out: dict[str, float] = {}
+    nets = prefixes(n)
+    pattrs = gobgp.path_attributes(ATTRS.communities, ATTRS.large_communities, ATTRS.local_pref)
+    with bgp_lab() as lab:
+        conf = gobgp.config(NODE_IP, NODE_ASN, ROUTER_IP, ROUTER_ASN, hold=30)
+        proc, sock = gobgp.start(lab.node_ns, lab.tmp, conf)
+        lab.procs.append(proc)
+        if mode == "gobgp-mrt":
+            mrt = lab.tmp / "routes.mrt"
+            mrt.write_bytes(gobgp.mrt_table_dump(nets, NODE_IP, NODE_ASN, ATTRS.communities,
+                                                 ATTRS.large_communities))
+            t0 = time.monotonic()
+            r = await asyncio.to_thread(gobgp.cli, sock, "mrt", "inject", "global", str(mrt))
+            out["inject_s"] = time.monotonic() - t0
+            out["cli_exit"] = r.returncode
+            # gobgpd may still be taking what the CLI sent: wait until the count stops moving.
+            last, t_last = -2, time.monotonic()
+            while time.monotonic() - t_last < 2 and time.monotonic() - t0 < limit:
+                c = await asyncio.to_thread(gobgp.rib_count, sock)
+                if c != last:
+                    last, t_last = c, time.monotonic()
+                await asyncio.sleep(0.1)
+            out["loaded"] = last
+            out["of"] = n
+            return out
+        if mode == "gobgp-preload":
+            t0 = time.monotonic()
+            await asyncio.to_thread(gobgp.add_paths, sock, gobgp.add_path_requests(nets, pattrs))
+            out["inject_s"] = time.monotonic() - t0
+            out["loaded"] = await asyncio.to_thread(gobgp.rib_count, sock)
+            t_start = time.monotonic()
+            lab.start_bird(hold=30)
+            t_est = await wait_for(lab.established, limit, 0.005)
+            out["start_to_established"] = t_est - t_start
+        else:
+            lab.start_bird(hold=30)
+            t_start = time.monotonic()
+            t_est = await wait_for(lab.established, limit, 0.005)
+            out["start_to_established"] = t_est - t_start
+            inject = asyncio.ensure_future(
+                asyncio.to_thread(gobgp.add_paths, sock, gobgp.add_path_requests(nets, pattrs)))
+        out.update(await until_all(lab, n, t_est, limit))
+        if mode == "gobgp-live":
+            await inject
+            out["loaded"] = await asyncio.to_thread(gobgp.rib_count, sock)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--speed", type=float, default=0.05)
-    ap.add_argument("--modes", default="config,api,api-untuned,bird")
+    ap.add_argument("--modes", default="config,api,api-text,bird,gobgp-live,gobgp-preload,gobgp-mrt")
     ap.add_argument("--limit", type=float, default=240.0)
     ap.add_argument("--batch", type=int, default=BATCH, help="prefixes per bulk API command")
     a = ap.parse_args()
@@ -144,6 +203,8 @@ def main() -> None:
             try:
                 if mode == "bird":
                     r = asyncio.run(bird_run(n, a.limit))
+                elif mode.startswith("gobgp"):
+                    r = asyncio.run(gobgp_run(n, mode, a.limit))
                 else:
                     r = asyncio.run(plexus_run(n, mode, a.changes if n == 10000 else 0, a.speed, a.limit))
             except TimeoutError:

@@ -194,6 +194,24 @@ def test_clustermesh_connects_the_clusters(lab: Lab) -> None:
     wait_until(lambda: merged() == {"east", "west"}, 20, what="global service backends")
 
 
+def test_router_learns_the_global_service_ip_from_both_clusters(lab: Lab) -> None:
+    """The lab's BGPAdvertisement announces Service ClusterIPs: a global service applied in
+    both clusters reaches the router as a /32 from every node of both."""
+    for cluster in ("east", "west"):
+        r = plexus("apply", "-f", str(ROOT / "examples" / "global-service.yaml"), "--lab", cluster)
+        assert r.returncode == 0, r.stderr
+
+    def learned_from() -> set[str]:
+        out = lab.birdc("show", "route", "10.96.1.10/32", "all")
+        return {n.key for n in lab.topo.nodes() if f"[{lab.bgp_protocol(n)} " in out}
+
+    wait_until(lambda: learned_from() == {n.key for n in lab.topo.nodes()}, 30,
+               what="10.96.1.10/32 learned over BGP from every node of east and west")
+    line = next(ln for ln in lab.birdc("show", "route", "10.96.1.10/32").splitlines()
+                if ln.startswith("10.96.1.10/32"))
+    assert "unicast" in line and "static" not in line
+
+
 def test_bad_pod_requests_are_refused(lab: Lab) -> None:
     r = plexus("lab", "pod", "add", "east", "n9", "web")
     assert r.returncode == 1 and "no lab node east n9" in r.stderr

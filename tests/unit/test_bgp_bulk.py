@@ -1,0 +1,168 @@
+"""The `plexus-bulk` ExaBGP command (bgp/launcher.py) against ExaBGP's own text commands:
+ExaBGP's real parser, RIB and UPDATE encoder run in-process; only the wire is absent."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bgp.launcher import install_bulk_command, parse_bulk
+from bgp.ops import announce_commands, bulk_commands, pack_prefixes, withdraw_commands
+from bgp.tables import IPNetwork, RouteAttrs
+
+A = ipaddress.ip_address
+N = ipaddress.ip_network
+V4, V6 = A("10.0.0.2"), A("fd00::2")
+CONFIG = """
+neighbor 10.0.0.2 {
+    router-id 10.0.0.1; local-address 10.0.0.1; local-as 65001; peer-as 65000;
+    group-updates true;
+    family { ipv4 unicast; }
+}
+neighbor fd00::2 {
+    router-id 10.0.0.1; local-address fd00::1; local-as 65001; peer-as 65000;
+    group-updates true;
+    family { ipv4 unicast; ipv6 unicast; }
+}
+"""
+
+
+class Speaker:
+    """ExaBGP's configuration, API and scheduler, driven without a reactor loop."""
+
+    def __init__(self, tmp: Path) -> None:
+        from exabgp.configuration.configuration import Configuration
+        from exabgp.environment import getenv
+        from exabgp.logger import log
+        from exabgp.reactor.api import API
+        from exabgp.reactor.asynchronous import ASYNC
+        from exabgp.rib import RIB
+
+        env = getenv()
+        env.log.level = "WARNING"  # not a line per route
+        log.init(env)
+        RIB._cache = {}  # ExaBGP shares a neighbor's RIB by name across configurations
+        (tmp / "exabgp.conf").write_text(CONFIG)
+        self.configuration = Configuration([str(tmp / "exabgp.conf")])
+        assert self.configuration.reload(), self.configuration.error
+        self.asynchronous = ASYNC()
+        self.answers: list[str] = []
+        self.processes = self
+        self.api = API(self)
+        assert install_bulk_command()
+
+    def peers(self, service: str) -> list[str]:
+        return list(self.configuration.neighbors)
+
+    def answer_done(self, service: str) -> None:
+        self.answers.append("done")
+
+    def answer_error(self, service: str) -> None:
+        self.answers.append("error")
+
+    def run(self, commands: list[str]) -> list[str]:
+        self.answers = []
+        for c in commands:
+            self.api.process(self, "plexus", c)
+        while self.asynchronous.run():
+            pass
+        return self.answers
+
+    def flush(self) -> dict[str, list[bytes]]:
+        """The UPDATE messages each neighbor would send now."""
+        from exabgp.configuration.check import _negotiated
+
+        out = {}
+        for n in self.configuration.neighbors.values():
+            neg = _negotiated(n)
+            out[str(n["peer-address"])] = [m for u in n.rib.outgoing.updates(True) for m in u.messages(neg)]
+        return out
+
+    def advertised(self) -> dict[str, set[tuple[str, str, str]]]:
+        """What each neighbor's adj-rib-out holds: (prefix, next hop, attributes)."""
+        return {str(n["peer-address"]): {(c.nlri.cidr.prefix(), str(c.nlri.nexthop), str(c.attributes))
+                                         for c in n.rib.outgoing.cached_changes()}
+                for n in self.configuration.neighbors.values()}
+
+
+ATTRS = RouteAttrs(((65000, 100), (65000, 200)), ((65001, 1, 2),), 300)
+STEPS: list[tuple[Any, list[IPNetwork], list[tuple[IPNetwork, RouteAttrs]]]] = [
+    (V4, [], [(N(f"10.{i // 256}.{i % 256}.0/24"), ATTRS) for i in range(700)]
+     + [(N("192.0.2.0/25"), RouteAttrs()), (N("0.0.0.0/0"), RouteAttrs(local_pref=5))]),
+    (V4, [N("10.0.3.0/24"), N("10.1.0.0/24"), N("198.51.100.0/24")],  # the last was never announced
+     [(N("10.0.4.0/24"), RouteAttrs(((1, 2),), (), None)), (N("10.9.9.9/32"), ATTRS)]),
+    (V6, [], [(N("fd10::/64"), ATTRS), (N("fd10:0:0:1::/64"), ATTRS), (N("2001:db8::/32"), RouteAttrs()),
+              (N("10.5.0.0/16"), ATTRS)]),
+    (V6, [N("fd10::/64"), N("10.5.0.0/16")], [(N("2001:db8::/32"), RouteAttrs(local_pref=9))]),
+]
+
+
+def test_bulk_commands_send_what_the_text_commands_send(tmp_path: Path) -> None:
+    """Step by step, the same UPDATE messages leave ExaBGP and the same routes stay in its
+    adj-rib-out, whether the changes came as text or as `plexus-bulk`."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "b").mkdir()
+    text, bulk = Speaker(tmp_path / "t"), Speaker(tmp_path / "b")
+    for peer, gone, new in STEPS:
+        t_cmds = withdraw_commands(peer, gone, 300) + announce_commands(peer, new, 300)
+        b_cmds = bulk_commands(peer, gone, new, 300)
+        assert len(b_cmds) == len(t_cmds)
+        assert text.run(t_cmds) == ["done"] * len(t_cmds)
+        assert bulk.run(b_cmds) == ["done"] * len(b_cmds)
+        sent = bulk.flush()
+        assert sent == text.flush()
+        assert sent[str(peer)], "the step sent nothing"
+        assert bulk.advertised() == text.advertised()
+    held = {peer: {p: (nh, a) for p, nh, a in routes} for peer, routes in bulk.advertised().items()}
+    v4, v6 = held["10.0.0.2"], held["fd00::2"]
+    assert len(v4) == 700 + 2 - 2 + 1  # 10.0.4.0/24 was among the 700
+    assert v4["10.0.0.0/24"] == ("10.0.0.1", " local-preference 300 community [ 65000:100 65000:200 ] "
+                                             "large-community 65001:1:2")
+    assert v4["10.0.4.0/24"] == ("10.0.0.1", " community 1:2")  # changed attributes replace the old
+    assert v4["192.0.2.0/25"] == ("10.0.0.1", "") and "10.0.3.0/24" not in v4 and "10.1.0.0/24" not in v4
+    assert v6 == {"fd10:0:0:1::/64": ("fd00::1", v4["10.0.0.0/24"][1]),
+                  "2001:db8::/32": ("fd00::1", " local-preference 9")}
+
+
+def test_last_command_for_a_prefix_wins_within_one_flush(tmp_path: Path) -> None:
+    sp = Speaker(tmp_path)
+    net = [(N("10.7.0.0/24"), ATTRS)]
+    assert sp.run(bulk_commands(V4, [], net, 10) + bulk_commands(V4, [net[0][0]], [], 10)) == ["done", "done"]
+    sp.flush()
+    assert "10.7.0.0/24" not in {p for p, _, _ in sp.advertised()["10.0.0.2"]}
+    assert sp.run(bulk_commands(V4, [net[0][0]], [], 10) + bulk_commands(V4, [], net, 10)) == ["done", "done"]
+    (msg,) = sp.flush()["10.0.0.2"]
+    assert msg.endswith(bytes([24, 10, 7, 0]))  # announced, not withdrawn after the announcement
+    assert "10.7.0.0/24" in {p for p, _, _ in sp.advertised()["10.0.0.2"]}
+
+
+@pytest.mark.parametrize("command", [
+    "neighbor 10.0.0.2 plexus-bulk announce ipv4 !!! next-hop self",          # not base64
+    "neighbor 10.0.0.2 plexus-bulk announce ipv4 " + pack_prefixes([N("fd00::/64")]),  # mask 64 > 32
+    "neighbor 10.0.0.2 plexus-bulk announce ipv5 " + pack_prefixes([N("10.0.0.0/8")]),
+    "neighbor 10.0.0.2 plexus-bulk replace ipv4 " + pack_prefixes([N("10.0.0.0/8")]),
+    "neighbor 10.0.0.2 plexus-bulk announce ipv4 " + pack_prefixes([N("10.0.0.0/8")]) + " community [x]",
+    "neighbor 10.0.0.2 plexus-bulk announce ipv6 " + pack_prefixes([N("fd00::/64")]),  # family not on peer
+    "neighbor 10.0.0.9 plexus-bulk announce ipv4 " + pack_prefixes([N("10.0.0.0/8")]),  # no such peer
+    "neighbor 10.0.0.2 plexus-bulk announce ipv4 AA== next-hop self",  # truncated: /0 fine, then nothing
+])
+def test_bad_bulk_commands_are_answered_error(tmp_path: Path, command: str) -> None:
+    sp = Speaker(tmp_path)
+    expected = "done" if command.endswith("AA== next-hop self") else "error"
+    assert sp.run([command, "plexus-bulk"]) == [expected, "done"]  # and the next command still runs
+    if expected == "error":
+        assert sp.flush() == {"10.0.0.2": [], "fd00::2": []}
+
+
+def test_packed_prefixes_round_trip() -> None:
+    nets = [N("0.0.0.0/0"), N("10.0.0.0/8"), N("10.1.2.0/23"), N("10.1.2.3/32")]
+    cmd = f"plexus-bulk announce ipv4 {pack_prefixes(nets)} local-preference 5"
+    action, family, prefixes, attrs = parse_bulk(cmd)
+    assert (action, family, attrs) == ("announce", "ipv4", "local-preference 5")
+    assert [ipaddress.ip_network((bytes(p), m)) for p, m in prefixes] == nets
+    v6 = [N("::/0"), N("fd00::/8"), N("2001:db8:1::/48"), N("2001:db8::1/128")]
+    _, _, prefixes, attrs = parse_bulk(f"plexus-bulk withdraw ipv6 {pack_prefixes(v6)}")
+    assert [ipaddress.ip_network((bytes(p), m)) for p, m in prefixes] == v6 and attrs == "next-hop self"
