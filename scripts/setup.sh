@@ -23,6 +23,11 @@ if ((${#missing[@]})); then
   apt-get update -q
   # no recommends: wireguard-tools would otherwise pull a whole kernel image
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Debian starts etcd, BIRD and gobgpd as services on install; Plexus runs its own inside
+  # namespaces, and nothing of ours listens in the root namespace.
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd.service bird.service gobgpd.service 2>/dev/null || true
+  fi
 else
   step "Debian packages present"
 fi
