@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import socket
 import struct
 from pathlib import Path
@@ -20,6 +21,13 @@ BPF_FS_MAGIC = 0xCAFE4A11
 
 class LoadError(Exception):
     pass
+
+
+def program_text(path: Path = PROGRAM) -> str:
+    """The program with its local `#include "x.h"` files inlined: bcc rewrites map calls
+    (`m.lookup()`) only in the text it is given, not in headers it includes."""
+    return re.sub(r'^#include "([\w.]+)"$', lambda m: program_text(path.parent / m[1]),
+                  path.read_text(), flags=re.MULTILINE)
 
 
 def _statfs_type(path: Path) -> int:
@@ -60,7 +68,7 @@ class Datapath:
 
         ensure_pin_dir(pin_dir)
         self.pin_dir = pin_dir
-        text = PROGRAM.read_text()
+        text = program_text()
         # -w: Debian's headers may be older than the running kernel; the UAPI we use is stable
         self.bpf = BPF(text=text, cflags=[f'-DPIN_DIR="{pin_dir}"', "-w"])
         self.from_pod = self.bpf.load_func("from_pod", BPF.SCHED_CLS)

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from bpf.config import BpfConfig
+from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import Datapath, LoadError
 from bpf.models import PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
@@ -75,6 +76,7 @@ class BpfDatapath:
         self.flows_lost = 0
         self._polling = threading.Event()
         hive.metrics.registry.register(_Counters(self))
+        self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self._emit)
 
     async def start(self) -> None:
         if not self.config.enabled:
@@ -98,6 +100,7 @@ class BpfDatapath:
         self.ifindexes = ifx
         loop = asyncio.get_running_loop()
         self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev))
+        self.lb.start(self.dp.bpf, loop)  # its reconcilers, and its flows polled with ours
         self._polling.set()
         threading.Thread(target=self._poll, name="bpf-flows", daemon=True).start()
         for table in (self.endpoints, self.ipcache_src, self.identities, self.manifests, self.nodes):
@@ -116,7 +119,9 @@ class BpfDatapath:
             self.dp.poll_flows(200)
 
     def _publish(self, ev: dict[str, Any]) -> None:
-        flow = self._enrich(ev)
+        self._emit(self._enrich(ev))
+
+    def _emit(self, flow: dict[str, Any]) -> None:
         self.recent.append(flow)
         for q in list(self.subscribers):
             if q.full():
@@ -154,7 +159,9 @@ class BpfDatapath:
             return False
         if q.get("to_cluster") and flow["destination"]["cluster"] != q["to_cluster"]:
             return False
-        return not (q.get("pod") and q["pod"] not in (flow["source"]["pod"], flow["destination"]["pod"]))
+        # only the local side of a flow carries a pod name
+        pods = (flow["source"].get("pod"), flow["destination"].get("pod"))
+        return not (q.get("pod") and q["pod"] not in pods)
 
     async def _observe(self, q: dict[str, str]) -> AsyncIterator[Any]:
         last = int(q.get("last", "20"))
@@ -281,6 +288,7 @@ class BpfDatapath:
         return {"enabled": True, "loaded": self.dp is not None, "pinDir": str(self.config.pin_dir),
                 "ipcache": len(self.ipcache), "policyEntries": len(self.entries),
                 "policies": len(self.policies), "rejected": len(self.rejected),
+                "lb": self.lb.status(),
                 **(self.dp.counter_totals() if self.dp else {})}
 
 

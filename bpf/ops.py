@@ -7,9 +7,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bpf import attach
+from bpf.lb import LbBackend, LbFrontend, LbMaps
 from bpf.loader import Datapath
 from bpf.policy import Enforced, PolicyEntry
 from plexus.core.reconciler import TemporaryError
+from plexus.core.tables import Table
 
 
 @dataclass(frozen=True)
@@ -148,3 +150,48 @@ class AttachOps:
 
     async def prune(self, rows: Iterable[Attachment]) -> None:
         pass  # filters live and die with their veth
+
+
+# ---- global service load-balancing (bpf/lb.py, programs/lb.h) --------------------------
+
+class LbFrontendOps:
+    """A frontend's entry, written after the backends it names (so a new connection never
+    meets an id it cannot resolve); a removed backend is skipped by the datapath until
+    its frontend is rewritten."""
+
+    def __init__(self, maps: LbMaps, backends: Table[int, LbBackend]) -> None:
+        self.maps = maps
+        self.backends = backends
+
+    async def update(self, f: LbFrontend) -> None:
+        for bid in f.backend_ids:
+            b = self.backends.get(bid)
+            if b is not None:
+                self.maps.backend_set(b)
+        self.maps.service_set(f)
+
+    async def delete(self, f: LbFrontend) -> None:
+        self.maps.service_delete(f.key)
+
+    async def prune(self, rows: Iterable[LbFrontend]) -> None:
+        keep = {r.key for r in rows}
+        for key in self.maps.service_items():
+            if key not in keep:
+                self.maps.service_delete(key)
+
+
+class LbBackendOps:
+    def __init__(self, maps: LbMaps) -> None:
+        self.maps = maps
+
+    async def update(self, b: LbBackend) -> None:
+        self.maps.backend_set(b)
+
+    async def delete(self, b: LbBackend) -> None:
+        self.maps.backend_delete(b.id)
+
+    async def prune(self, rows: Iterable[LbBackend]) -> None:
+        keep = {r.id for r in rows}
+        for bid in self.maps.backend_items():
+            if bid not in keep:
+                self.maps.backend_delete(bid)

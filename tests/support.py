@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -282,3 +283,83 @@ def echo_error(ns: str, proto: str, ip: str, port: int, payload: str, timeout: f
     if r.returncode == 0:
         return ""
     return (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+
+
+WHOAMI_SERVER = r"""
+import socket, sys, threading
+proto, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+print("ready", flush=True)
+
+def serve(c):
+    with c:
+        while c.recv(65536):
+            c.sendall(name)
+
+if proto == "tcp":
+    s.listen(64)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+else:
+    while True:
+        _, peer = s.recvfrom(65536)
+        s.sendto(name, peer)
+"""
+
+WHOAMI_CLIENT = r"""
+import json, socket, sys
+proto, ip, port, conns, msgs, timeout = (sys.argv[1], sys.argv[2], int(sys.argv[3]),
+                                         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+out = []
+for _ in range(conns):
+    names = []
+    s = socket.socket(socket.AF_INET, kind)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))  # UDP too: only replies from ip:port are received
+        for _ in range(msgs):
+            s.send(b"?")
+            names.append(s.recv(65536).decode())
+    except OSError as e:
+        names.append(None)
+        sport = s.getsockname()[1] if s.fileno() >= 0 else 0
+        print(f"{proto} from port {sport}: {e!r} after {names[:-1]}", file=sys.stderr)
+    finally:
+        s.close()
+    out.append(names)
+print(json.dumps(out))
+"""
+
+
+@contextmanager
+def whoami_server(ns: str, proto: str, port: int, name: str) -> Iterator[subprocess.Popen[str]]:
+    """A TCP or UDP server in `ns` that answers every message with `name`."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", WHOAMI_SERVER, proto,
+                             str(port), name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        stop_pid(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def whoami(ns: str, proto: str, ip: str, port: int, conns: int = 1, msgs: int = 1,
+           timeout: float = 2.0, errors: list[str] | None = None) -> list[list[str | None]]:
+    """From `ns`, `conns` connections (sockets) to ip:port, `msgs` messages each: who
+    answered each message (None where a connection failed; why goes to `errors`)."""
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", WHOAMI_CLIENT, proto, ip,
+                        str(port), str(conns), str(msgs), str(timeout)], capture_output=True,
+                       text=True, timeout=conns * (msgs + 1) * timeout + 20)
+    assert r.returncode == 0, r.stderr
+    if errors is not None:
+        errors.extend(r.stderr.splitlines())
+    result: list[list[str | None]] = json.loads(r.stdout)
+    return result

@@ -115,5 +115,19 @@ static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
     return action == ACTION_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
-int from_pod(struct __sk_buff *skb) { return handle(skb, DIR_EGRESS); }
-int to_pod(struct __sk_buff *skb) { return handle(skb, DIR_INGRESS); }
+// Global service load-balancing (lb.h, inlined by the loader): the service translation
+// comes before policy on the way out, so policy sees the backend, and the reverse
+// translation after policy on the way in, so the reply matches the conntrack entry.
+#include "lb.h"
+
+int from_pod(struct __sk_buff *skb) {
+    int lb = lb4_from_pod(skb);
+    return lb == TC_ACT_OK ? handle(skb, DIR_EGRESS) : lb;
+}
+
+int to_pod(struct __sk_buff *skb) {
+    int action = handle(skb, DIR_INGRESS);
+    if (action == TC_ACT_OK)
+        lb4_to_pod(skb);
+    return action;
+}

@@ -1,4 +1,4 @@
-"""`plexus bpf ipcache list` and `plexus bpf policy get <endpoint>`."""
+"""`plexus bpf ipcache list`, `plexus bpf policy get <endpoint>`, `plexus bpf lb list`."""
 
 from __future__ import annotations
 
@@ -25,12 +25,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_agent_args(get)
     add_output_arg(get)
     get.set_defaults(func=_policy)
+    lb = b.add_parser("lb", help="global services: frontends -> backends").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    lbls = lb.add_parser("list")
+    add_agent_args(lbls)
+    add_output_arg(lbls)
+    lbls.set_defaults(func=_lb)
 
 
 def _ipcache(args: argparse.Namespace) -> int:
     rows = client(args).get("/v1/bpf/ipcache")
     emit(args, rows, lambda rs: table([(r["prefix"], r["identity"], r["hostIP"], r["flags"])
                                        for r in rs], ["PREFIX", "IDENTITY", "HOST", "FLAGS"]))
+    return 0
+
+
+def _lb(args: argparse.Namespace) -> int:
+    rows = client(args).get("/v1/bpf/lb")
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        lines = []
+        for r in rs:
+            bes = r["backends"] or [{"ip": "(none)", "port": "", "cluster": "", "state": "", "id": ""}]
+            for i, b in enumerate(bes):
+                backend = f"{b['ip']}:{b['port']}" if b["port"] else b["ip"]
+                lines.append((r["frontend"] if i == 0 else "", r["service"] if i == 0 else "",
+                              r["affinity"] if i == 0 else "", b["id"], backend, b["cluster"],
+                              b["state"]))
+        return table(lines, ["FRONTEND", "SERVICE", "AFFINITY", "ID", "BACKEND", "CLUSTER", "STATE"])
+
+    emit(args, rows, render)
     return 0
 
 
@@ -50,8 +74,9 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def register_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("observe", help="follow policy verdicts live, with identities and clusters")
-    p.add_argument("--verdict", choices=["FORWARDED", "DROPPED"])
+    p = sub.add_parser("observe", help="follow policy verdicts and service translations live, with "
+                       "identities and clusters")
+    p.add_argument("--verdict", choices=["FORWARDED", "DROPPED", "TRANSLATED"])
     p.add_argument("--from-cluster")
     p.add_argument("--to-cluster")
     p.add_argument("--pod", help="namespace/name of a local pod")
@@ -69,7 +94,10 @@ def _line(f: dict[str, Any]) -> str:
         name = x.get("pod") or ",".join(x["labels"][:2])
         return f"{x['ip']}:{x['port']} ({x['cluster'] or '-'} {name})"
 
-    return f"{f['time'][11:23]} {f['node']:<8} {who(s)} -> {who(d)} {f['protocol']} {f['verdict']}"
+    svc = f.get("service")
+    via = f" via {svc['name'] or '?'} {svc['frontend']['ip']}:{svc['frontend']['port']}" if svc else ""
+    return (f"{f['time'][11:23]} {f['node']:<8} {who(s)} -> {who(d)} {f['protocol']} {f['verdict']}"
+            f"{via}")
 
 
 def _observe(args: argparse.Namespace) -> int:

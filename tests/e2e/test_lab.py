@@ -495,6 +495,133 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         assert not echo(other, "tcp", web["ip"], 8080, "x", timeout=1)
 
 
+LB_VIP = "10.96.1.20"
+LB_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: lbweb
+  namespace: default
+  annotations: {service.cilium.io/global: "true", service.cilium.io/affinity: AFFINITY}
+spec:
+  clusterIP: 10.96.1.20
+  selector: {app: lbweb}
+  ports:
+    - {name: tcp, port: 80, targetPort: 8080, protocol: TCP}
+    - {name: udp, port: 80, targetPort: 8080, protocol: UDP}
+"""
+
+
+def lb_frontends(node: str, service: str) -> list[dict[str, Any]]:
+    r = plexus("bpf", "lb", "list", "--node", node, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return [f for f in json.loads(r.stdout) if f["service"] == service]
+
+
+def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from tests.support import wait_until, whoami, whoami_server
+
+    backends = {"lbe1": ("east", "n1"), "lbe2": ("east", "n2"), "lbw1": ("west", "n1"),
+                "lbw2": ("west", "n2")}
+    ips = {name: lab.pod_add(c, n, name, {"app": "lbweb"})["ip"] for name, (c, n) in backends.items()}
+    lab.pod_add("east", "n1", "lbcl", {"app": "lbclient"})
+    client = pod_netns(lab.topo.node("east", "n1"), "lbcl")
+
+    def landed(proto: str, want: set[str], conns: int = 16) -> set[str | None]:
+        """Where new connections to the cluster IP land, until every one of `want` is seen.
+        Every connection must succeed and, asked three times, answer from one backend."""
+        seen: set[str | None] = set()
+
+        def more() -> bool:
+            errors: list[str] = []
+            for conn in whoami(client, proto, LB_VIP, 80, conns=conns, msgs=3, errors=errors):
+                if None in conn:
+                    flows = plexus("observe", "--node", "east-n1", "--pod", "default/lbcl", "--last",
+                                   "100", "--no-follow").stdout
+                    lbs = plexus("bpf", "lb", "list", "--node", "east-n1").stdout
+                    raise AssertionError(f"{proto} connection failed: {conn}, {errors}\n{lbs}\n{flows}")
+                assert len(set(conn)) == 1, f"{proto} connection moved between backends: {conn}"
+                seen.update(conn)
+            return want <= seen
+
+        wait_until(more, 60, interval=0.2, what=f"{proto} connections to {sorted(want)}")
+        return seen
+
+    def clusters(fronts: list[dict[str, Any]]) -> set[str]:
+        return {b["cluster"] for f in fronts for b in f["backends"]}
+
+    with ExitStack() as stack:
+        for name, (c, n) in backends.items():
+            for proto in ("tcp", "udp"):
+                stack.enter_context(whoami_server(pod_netns(lab.topo.node(c, n), name), proto, 8080,
+                                                  name))
+        # the client reaches every backend directly first (an agent restart, as the test
+        # before does, leaves the node's pods cut off from other nodes for a while)
+        for name in backends:
+            wait_until(lambda n=name: whoami(client, "tcp", ips[n], 8080, timeout=1) == [[n]], 60,
+                       interval=0.5, what=f"client reaches {name} directly")
+        for cluster in ("east", "west"):
+            r = apply_in(cluster, LB_SERVICE.replace("AFFINITY", "none"), tmp_path)
+            assert r.returncode == 0, r.stderr
+        wait_until(lambda: [len(f["backends"]) for f in lb_frontends("east-n1", "default/lbweb")]
+                   == [4, 4], 30, what="the service's frontends and backends in the LB map")
+
+        # affinity none: new connections land on the backends of both clusters, TCP and UDP
+        assert landed("tcp", set(backends)) == set(backends)
+        assert landed("udp", set(backends)) == set(backends)
+
+        # the agent shows the frontends with every backend and its cluster
+        fronts = lb_frontends("east-n1", "default/lbweb")
+        assert {f["frontend"] for f in fronts} == {f"{LB_VIP}:80/TCP", f"{LB_VIP}:80/UDP"}
+        assert all(f["affinity"] == "none" and len(f["backends"]) == 4 for f in fronts)
+        assert {(b["ip"], b["port"], b["cluster"]) for f in fronts for b in f["backends"]} == {
+            (ips[n], 8080, c) for n, (c, _) in backends.items()}
+
+        # bpftool sees the pinned LB maps with the frontends and backends in them
+        pin = lab.bpffs / "east-n1"
+        for name, least in (("lb4_services", 2), ("lb4_backends", 8)):
+            dump = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pin / name)],
+                                  capture_output=True, text=True)
+            assert dump.returncode == 0, dump.stderr
+            assert len(json.loads(dump.stdout)) >= least, name
+
+        # translations are flows: the client, the frontend and the chosen backend
+        r = plexus("observe", "--node", "east-n1", "--verdict", "TRANSLATED", "--last", "500",
+                   "--no-follow", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        flows = [json.loads(line) for line in r.stdout.splitlines()]
+        mine = [f for f in flows if f["service"]["name"] == "default/lbweb"]
+        assert mine and all(f["source"]["pod"] == "default/lbcl" for f in mine)
+        assert {f["service"]["frontend"]["ip"] for f in mine} == {LB_VIP}
+        assert {f["service"]["backend"]["cluster"] for f in mine} == {"east", "west"}
+        west = next(f for f in mine if f["service"]["backend"]["cluster"] == "west")
+        assert west["destination"]["cluster"] == "west"
+        assert west["destination"]["ip"] == west["service"]["backend"]["ip"]
+
+        # affinity local (east's copy decides for east): only east's backends
+        assert apply_in("east", LB_SERVICE.replace("AFFINITY", "local"), tmp_path).returncode == 0
+        wait_until(lambda: clusters(lb_frontends("east-n1", "default/lbweb")) == {"east"}, 30,
+                   what="affinity local in the LB map")
+        assert lb_frontends("east-n1", "default/lbweb")[0]["affinity"] == "local"
+        for proto in ("tcp", "udp"):
+            assert landed(proto, {"lbe1", "lbe2"}) == {"lbe1", "lbe2"}
+
+        # a backend that goes away receives no new connection
+        lab.pod_del("east", "n2", "lbe2")
+        wait_until(lambda: all(ips["lbe2"] not in {b["ip"] for b in f["backends"]}
+                               for f in lb_frontends("east-n1", "default/lbweb")), 30,
+                   what="removed backend gone from the LB map")
+        for proto in ("tcp", "udp"):
+            assert landed(proto, {"lbe1"}, conns=20) == {"lbe1"}
+        # and with no backend left in east, local affinity falls back to west's
+        lab.pod_del("east", "n1", "lbe1")
+        wait_until(lambda: clusters(lb_frontends("east-n1", "default/lbweb")) == {"west"}, 30,
+                   what="fallback to the remote cluster")
+        assert landed("tcp", {"lbw1", "lbw2"}) == {"lbw1", "lbw2"}
+
+
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
