@@ -162,6 +162,9 @@ class ClusterMesh:
                     wireguard_pubkey=attrs.get("WireguardPubKey", ""), source="plexus")
 
     async def _publish_own_node(self) -> None:
+        # Modules that add attributes (the WireGuard key) hold the table until they have:
+        # a record written without them would take this node out of its peers' view.
+        await self.node_attributes.initialized.wait()
         self.own_node.upsert(self._node_record())
         async for _ in self.node_attributes.watch():
             self.own_node.upsert(self._node_record())

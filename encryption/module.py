@@ -47,6 +47,10 @@ class Encryption:
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self._synced_done = [self.peers.register_initializer("nodes"),
                              self.routes.register_initializer("nodes")]
+        # The node record waits for the key: a restarted agent that registered without it
+        # would make every peer drop this node until the key came back.
+        self._attributes_done = (self.attributes.register_initializer("encryption")
+                                 if config.enabled else lambda: None)
         hive.routes.get("/v1/encryption/status", self._status_api)
         hive.routes.post("/v1/encryption/rotate-key", self._rotate_api)
         hive.metrics.registry.register(_WireGuardCollector(self))
@@ -59,7 +63,12 @@ class Encryption:
         if not self.config.enabled:
             return
         cfg = self.config
-        self.keys = KeyPair.load_or_create(self.hive.state_dir)
+        try:
+            self.keys = KeyPair.load_or_create(self.hive.state_dir)
+            self._publish_key()
+            self.attributes.upsert(NodeAttribute("PodMTU", str(self.device_mtu)))
+        finally:
+            self._attributes_done()
         self.backend = await asyncio.to_thread(
             detect, cfg.backend, cfg.device, self.hive.state_dir, cfg.wireguard_go, self.keys,
             cfg.port, self.device_mtu)
@@ -67,8 +76,6 @@ class Encryption:
         await asyncio.to_thread(route_ops.ensure_rule)
         log.info("encryption on: backend=%s device=%s port=%d public_key=%s", self.backend.name,
                  cfg.device, cfg.port, self.keys.public_b64)
-        self._publish_key()
-        self.attributes.upsert(NodeAttribute("PodMTU", str(self.device_mtu)))
         metrics = self.hive.metrics.reconciler
         self.reconcilers = [
             Reconciler("wireguard-peers", self.peers, PeerOps(self.backend), metrics=metrics,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,11 @@ from clustermesh.tables import (
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
+    NODE_ATTRIBUTES,
     NODES,
     SERVICES,
     Endpoint,
+    NodeAttribute,
 )
 from plexus.agent import build, config_model
 from plexus.app import MODULES
@@ -61,8 +63,8 @@ async def apiserver(name: str, etcd: Etcd, **kw: Any) -> AsyncIterator[ApiServer
 
 
 @asynccontextmanager
-async def agent(tmp_path: Path, etcd: Etcd, cluster: str = "east",
-                node: str = "n1") -> AsyncIterator[App]:
+async def agent(tmp_path: Path, etcd: Etcd, cluster: str = "east", node: str = "n1",
+                before_start: Callable[[App], None] = lambda _app: None) -> AsyncIterator[App]:
     cfg = config_model(MODULES).model_validate({
         "cluster": {"name": cluster, "id": IDS[cluster]},
         "node": {"name": node, "ip": "172.31.1.11", "podCIDR": "10.1.1.0/24"},
@@ -73,6 +75,7 @@ async def agent(tmp_path: Path, etcd: Etcd, cluster: str = "east",
     })
     (tmp_path / "mesh").mkdir(exist_ok=True)
     app = build(cfg, MODULES)
+    before_start(app)
     await app.start()
     try:
         yield app
@@ -135,6 +138,27 @@ async def test_remote_pod_appears_with_the_remote_identity(tmp_path: Path, etcds
         assert own.cluster == "east" and identity_range(1)[0] <= own.identity <= identity_range(1)[1]
         nodes = app.hive.require(NODES)
         await eventually(lambda: nodes.get(("east", "n1")), 10, what="own node published")
+
+
+async def test_node_record_waits_for_the_attributes_modules_publish(tmp_path: Path,
+                                                                     etcd: Etcd) -> None:
+    # A restarted agent must not register its node without its WireGuard key: every peer
+    # would drop it until the key came back.
+    held: list[Callable[[], None]] = []
+
+    def hold(app: App) -> None:
+        held.append(app.hive.require(NODE_ATTRIBUTES).register_initializer("wireguard-key"))
+
+    async with apiserver("east", etcd), agent(tmp_path, etcd, before_start=hold) as app:
+        nodes, ipcache = app.hive.require(NODES), app.hive.require(IPCACHE)
+        app.hive.require(ENDPOINTS).upsert(Endpoint("own1", "10.1.1.7", "default", "web",
+                                                    {"app": "web"}, "plxown"))
+        await eventually(lambda: ipcache.get("10.1.1.7/32"), 10, what="own pod published")
+        assert nodes.get(("east", "n1")) is None, "the node was registered before its key"
+        app.hive.require(NODE_ATTRIBUTES).upsert(NodeAttribute("WireguardPubKey", "k" * 43 + "="))
+        held[0]()
+        node = await eventually(lambda: nodes.get(("east", "n1")), 10, what="own node published")
+        assert node.wireguard_pubkey == "k" * 43 + "="
 
 
 async def test_global_service_merges_backends_per_affinity(tmp_path: Path, etcds: dict[str, Etcd]) -> None:
