@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -398,10 +398,10 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
     client = pod_netns(lab.topo.node("west", "n1"), "pcl")
     lab.pod_add("west", "n1", "pcl", {"app": "pclient", "zone": "a"})
     other = pod_netns(lab.topo.node("east", "n2"), "pother")
-    lab.pod_add("east", "n2", "pother", {"app": "pother"})
+    other_pod = lab.pod_add("east", "n2", "pother", {"app": "pother"})
     web_ns = pod_netns(lab.topo.node("east", "n1"), "pweb")
 
-    with echo_server(web_ns, "tcp", 8080), echo_server(web_ns, "udp", 8080):
+    with ExitStack() as stack, echo_server(web_ns, "tcp", 8080), echo_server(web_ns, "udp", 8080):
         # Not selected by any policy: everything may reach it.
         assert wait_until(lambda: echo(other, "tcp", web["ip"], 8080, "x"), 20, what="open before")
         assert echo(client, "udp", web["ip"], 8080, "x")
@@ -472,7 +472,10 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         assert r.returncode == 2 and "ports[0].port" in r.stderr
         assert echo(client, "tcp", web["ip"], 8080, "x")
 
-        # Restart the agent under continuous traffic: no connection fails.
+        # Restart the agent under continuous traffic, into and out of its node: no
+        # connection fails.
+        peer_server = stack.enter_context(echo_server(other, "tcp", 9090))
+        assert peer_server.poll() is None
         state = State.load(lab.state_path)
         agent = state.processes["agent-east-n1"]
         ops.stop(agent.pid, agent.marker)
@@ -483,9 +486,10 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         failed: list[str] = []
         while restarted.poll() is None or sent < 40:
             # 5 s: a busy machine (bcc compiling the program) slows client start-up, not the path
-            why = echo_error(client, "tcp", web["ip"], 8080, f"n{sent}", timeout=5)
-            if why:
-                failed.append(f"#{sent} at +{time.monotonic() - started:.1f}s: {why}")
+            for src, dst, port in ((client, web["ip"], 8080), (web_ns, other_pod["ip"], 9090)):
+                why = echo_error(src, "tcp", dst, port, f"n{sent}", timeout=5)
+                if why:
+                    failed.append(f"#{sent} {src}->{dst} at +{time.monotonic() - started:.1f}s: {why}")
             sent += 1
         assert restarted.returncode == 0
         assert not failed, (f"{len(failed)} of {sent} connections failed across the restart: "
@@ -519,7 +523,6 @@ def lb_frontends(node: str, service: str) -> list[dict[str, Any]]:
 
 
 def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None:
-    from contextlib import ExitStack
 
     from tests.support import wait_until, whoami, whoami_server
 
