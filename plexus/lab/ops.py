@@ -182,13 +182,14 @@ def stop(pid: int, marker: str, timeout: float = 10) -> None:
 
 
 MACHINE_LOCK = os.environ.get("PLEXUS_MACHINE_LOCK", "/run/plexus-tests.lock")
+LOCK_HELD_ENV = "PLEXUS_MACHINE_LOCK_HELD"  # inherited by children: they run under our lock
 _held: list[int] = []
 
 
 def hold_machine_lock() -> None:
     """The lab, the test namespaces and the pinned maps are one per machine: a second run
     waits here instead of tearing down the first's. Held until this process exits."""
-    if _held:
+    if _held or os.environ.get(LOCK_HELD_ENV):  # held here or by the process that spawned us
         return
     for inherited in _fds_open_on(MACHINE_LOCK):  # `flock LOCK cmd` or a parent run holds it
         try:
@@ -196,6 +197,7 @@ def hold_machine_lock() -> None:
         except BlockingIOError:
             continue
         _held.append(inherited)
+        os.environ[LOCK_HELD_ENV] = str(os.getpid())
         return
     fd = os.open(MACHINE_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
     try:
@@ -204,6 +206,7 @@ def hold_machine_lock() -> None:
         print(f"\nwaiting for {MACHINE_LOCK}: another test run or benchmark uses the machine")
         fcntl.flock(fd, fcntl.LOCK_EX)
     _held.append(fd)
+    os.environ[LOCK_HELD_ENV] = str(os.getpid())
 
 
 def _fds_open_on(path: str) -> list[int]:
