@@ -6,6 +6,7 @@ The only module that imports bcc.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
 import re
@@ -60,6 +61,25 @@ def u32_ip(v: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", v))
 
 
+def ip6_bytes(ip: str) -> bytes:
+    """An address as the IPv6 map holds it: 16 bytes; an IPv4 address IPv4-mapped."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 4:
+        return ipaddress.IPv6Address(f"::ffff:{addr}").packed
+    return addr.packed
+
+
+def bytes_ip6(raw: bytes, *, unmap: bool = False) -> str:
+    addr = ipaddress.IPv6Address(bytes(raw))
+    if unmap and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _u8x16(raw: bytes) -> Any:
+    return (ctypes.c_ubyte * 16).from_buffer_copy(raw)
+
+
 class Datapath:
     """The loaded program: its two tc functions and its pinned maps."""
 
@@ -74,6 +94,7 @@ class Datapath:
         self.from_pod = self.bpf.load_func("from_pod", BPF.SCHED_CLS)
         self.to_pod = self.bpf.load_func("to_pod", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]
+        self.ipcache6: Any = self.bpf["ipcache6"]
         self.policy: Any = self.bpf["policy"]
         self.enforce: Any = self.bpf["enforce"]
         self.counters: Any = self.bpf["counters"]
@@ -82,11 +103,15 @@ class Datapath:
     # ---- ipcache --------------------------------------------------------------------
     def ipcache_set(self, prefix: str, identity: int, host_ip: str, flags: int) -> None:
         addr, _, length = prefix.partition("/")
+        if ":" in addr:
+            return self._ipcache6_set(addr, int(length or 128), identity, host_ip, flags)
         k = self.ipcache.Key(int(length or 32), ip_u32(addr))
         self.ipcache[k] = self.ipcache.Leaf(identity, ip_u32(host_ip) if host_ip else 0, flags)
 
     def ipcache_delete(self, prefix: str) -> None:
         addr, _, length = prefix.partition("/")
+        if ":" in addr:
+            return self._ipcache6_delete(addr, int(length or 128))
         try:
             del self.ipcache[self.ipcache.Key(int(length or 32), ip_u32(addr))]
         except KeyError:
@@ -95,7 +120,27 @@ class Datapath:
     def ipcache_items(self) -> dict[str, tuple[int, str, int]]:
         return {f"{u32_ip(k.addr)}/{k.prefixlen}": (v.identity, u32_ip(v.host_ip) if v.host_ip else "",
                                                      v.flags)
-                for k, v in self.ipcache.items()}
+                for k, v in self.ipcache.items()} | self._ipcache6_items()
+
+    # IPv6 prefixes live in their own LPM trie; callers see one prefix namespace.
+    def _ipcache6_set(self, addr: str, length: int, identity: int, host_ip: str, flags: int) -> None:
+        k = self.ipcache6.Key(length, _u8x16(ip6_bytes(addr)))
+        host = _u8x16(ip6_bytes(host_ip) if host_ip else bytes(16))
+        self.ipcache6[k] = self.ipcache6.Leaf(identity, host, flags)
+
+    def _ipcache6_delete(self, addr: str, length: int) -> None:
+        try:
+            del self.ipcache6[self.ipcache6.Key(length, _u8x16(ip6_bytes(addr)))]
+        except KeyError:
+            pass
+
+    def _ipcache6_items(self) -> dict[str, tuple[int, str, int]]:
+        out = {}
+        for k, v in self.ipcache6.items():
+            host = bytes(v.host_ip)
+            out[f"{bytes_ip6(bytes(k.addr))}/{k.prefixlen}"] = (
+                v.identity, bytes_ip6(host, unmap=True) if any(host) else "", v.flags)
+        return out
 
     # ---- policy ---------------------------------------------------------------------
     def policy_set(self, ifindex: int, identity: int, port: int, proto: int, direction: int,
@@ -136,6 +181,19 @@ class Datapath:
                       "proto": e.proto, "direction": e.direction, "verdict": e.verdict})
 
         table.open_perf_buffer(on_event, page_cnt=64)
+        self._open_flows6(callback)
+
+    def _open_flows6(self, callback: Any) -> None:
+        table = self.bpf["flows6"]
+
+        def on_event(_cpu: int, data: Any, _size: int) -> None:
+            e = table.event(data)
+            callback({"ifindex": e.ifindex, "src": bytes_ip6(bytes(e.saddr)),
+                      "dst": bytes_ip6(bytes(e.daddr)), "identity": e.identity, "sport": e.sport,
+                      "dport": e.dport, "proto": e.proto, "direction": e.direction,
+                      "verdict": e.verdict})
+
+        table.open_perf_buffer(on_event, page_cnt=16)
 
     def poll_flows(self, timeout_ms: int) -> None:
         self.bpf.perf_buffer_poll(timeout=timeout_ms)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, IPvAnyNetwork, model_validator
 
 from plexus.core.config import Strict
 
@@ -60,13 +59,13 @@ class PortRule(Strict):
 
 class IngressRule(Strict):
     from_endpoints: list[Selector] = Field(default_factory=list)
-    from_cidr: list[ipaddress.IPv4Network] = Field(default_factory=list, alias="fromCIDR")
+    from_cidr: list[IPvAnyNetwork] = Field(default_factory=list, alias="fromCIDR")
     to_ports: list[PortRule] = Field(default_factory=list)
 
 
 class EgressRule(Strict):
     to_endpoints: list[Selector] = Field(default_factory=list)
-    to_cidr: list[ipaddress.IPv4Network] = Field(default_factory=list, alias="toCIDR")
+    to_cidr: list[IPvAnyNetwork] = Field(default_factory=list, alias="toCIDR")
     to_ports: list[PortRule] = Field(default_factory=list)
 
 

@@ -4,6 +4,10 @@ Reads the merged tables (ipcache, identities, local endpoints, policy manifests 
 cluster), derives map contents, and reconciles them into maps pinned under `pinDir`. A
 restarted agent adopts the pinned maps and replaces the programs in place, so policy is
 never lost and traffic never dropped across an upgrade. Stop leaves everything attached.
+
+After the first full derivation a change derives only what it touches: an identity that
+appears or vanishes in any cluster changes only the entries of the rules it enters or leaves
+(bpf.resolver); an ipcache or node change, only its prefixes (bpf.ipcache).
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from bpf.config import BpfConfig
+from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import Datapath, LoadError
 from bpf.models import PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
-from bpf.policy import Enforced, LocalEndpoint, PolicyEntry, cidr_identities, compute
+from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
+from bpf.resolver import Resolver
 from clustermesh.models import (
-    ID_HOST,
-    ID_REMOTE_NODE,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
     RESERVED_IDENTITIES,
     identity_labels,
 )
-from clustermesh.tables import ENDPOINTS, IDENTITIES, IPCACHE, LOCAL_NODE, MANIFESTS, NODES
+from clustermesh.tables import ENDPOINTS, IDENTITIES, IPCACHE, LOCAL_NODE, MANIFESTS, NODES, Endpoint
 from plexus.core.api import ApiError
 from plexus.core.config import ConfigError, parse
 from plexus.core.module import Hive, Module
@@ -41,7 +45,6 @@ from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
-FLAG_REMOTE_CLUSTER = 1
 
 
 class BpfDatapath:
@@ -67,6 +70,9 @@ class BpfDatapath:
         self.ifindexes = Ifindexes()
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self._dirty = asyncio.Event()
+        self._changed: dict[str, set[Any]] = {}  # source table name -> keys changed since
+        self.resolver = Resolver()
+        self.ipcache_rows = IpcacheRows(self.local)
         hive.routes.get("/v1/bpf/ipcache", self._ipcache_api)
         hive.routes.get("/v1/bpf/policy/{endpoint}", self._policy_api)
         hive.routes.get("/v1/bpf/policies", self._policies_api)
@@ -146,7 +152,7 @@ class BpfDatapath:
             "node": f"{self.local.cluster}/{self.local.name}",
             "verdict": "FORWARDED" if ev["verdict"] == 1 else "DROPPED",
             "direction": "egress" if egress else "ingress",
-            "protocol": {1: "ICMP", 6: "TCP", 17: "UDP"}.get(ev["proto"], str(ev["proto"])),
+            "protocol": {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}.get(ev["proto"], str(ev["proto"])),
             "source": {**src, "ip": ev["src"], "port": ev["sport"]},
             "destination": {**dst, "ip": ev["dst"], "port": ev["dport"]},
         }
@@ -189,7 +195,8 @@ class BpfDatapath:
             done()
 
     async def _follow(self, table: Table[Any, Any]) -> None:
-        async for _ in table.watch():
+        async for keys in table.watch():
+            self._changed.setdefault(table.name, set()).update(keys)
             self._dirty.set()
 
     async def _derive(self) -> None:
@@ -197,7 +204,8 @@ class BpfDatapath:
             await self._dirty.wait()
             await asyncio.sleep(0.005)  # one pass for a burst of changes
             self._dirty.clear()
-            self.recompute()
+            changed, self._changed = self._changed, {}
+            self.apply(changed)
 
     # ---- derivation -----------------------------------------------------------------
     def _load_policies(self) -> None:
@@ -216,38 +224,75 @@ class BpfDatapath:
                 log.warning("policy rejected (the previous version, if any, stays): %s", why)
         self.policies, self.rejected = policies, rejected
 
+    def _local_endpoint(self, ep: Endpoint) -> LocalEndpoint:
+        labels = {k.partition(":")[2].partition("=")[0]: k.partition("=")[2]
+                  for k in identity_labels(self.local.cluster, ep.namespace, ep.labels)}
+        labels.setdefault(LABEL_CLUSTER, self.local.cluster)
+        labels.setdefault(LABEL_NAMESPACE, ep.namespace)
+        return LocalEndpoint(ep.host_ifname, ep.ip, labels)
+
     def recompute(self) -> None:
+        """Derive everything from scratch (the first time, and for changes `apply` does not
+        know how to derive on their own)."""
+        self._changed.clear()
         self._load_policies()
-        policies = list(self.policies.values())
-        # ipcache: every endpoint of every cluster, node IPs, and CIDRs that policies name
-        rows: dict[str, IpcacheEntry] = {}
-        for n in self.nodes:
-            for a in n.addresses:
-                me = n.cluster == self.local.cluster and n.name == self.local.name
-                rows[f"{a.ip}/32"] = IpcacheEntry(f"{a.ip}/32", ID_HOST if me else ID_REMOTE_NODE,
-                                                  a.ip, 0)
-        rows.setdefault(f"{self.local.ip}/32", IpcacheEntry(f"{self.local.ip}/32", ID_HOST,
-                                                            self.local.ip, 0))
-        for cidr, ident in cidr_identities(policies).items():
-            rows[cidr] = IpcacheEntry(cidr, ident, "", 0)
-        for e in self.ipcache_src:
-            if ":" in e.ip:
-                continue  # the map is IPv4 for now
-            flags = FLAG_REMOTE_CLUSTER if e.cluster != self.local.cluster else 0
-            rows[e.prefix] = IpcacheEntry(e.prefix, e.identity, e.host_ip, flags)
-        self.ipcache.replace_where(lambda _r: True, rows.values())
-        identities = {i.id: i.label_map() for i in self.identities}
-        local = []
-        for ep in self.endpoints:
-            labels = {k.partition(":")[2].partition("=")[0]: k.partition("=")[2]
-                      for k in identity_labels(self.local.cluster, ep.namespace, ep.labels)}
-            labels.setdefault(LABEL_CLUSTER, self.local.cluster)
-            labels.setdefault(LABEL_NAMESPACE, ep.namespace)
-            local.append(LocalEndpoint(ep.host_ifname, ep.ip, labels))
-        entries, enforced = compute(policies, identities, local)
-        self.attachments.replace_where(lambda _r: True, [Attachment(e.ifname) for e in local])
-        self.entries.replace_where(lambda _r: True, entries)
-        self.enforced.replace_where(lambda _r: True, enforced)
+        local = {ep.key: self._local_endpoint(ep) for ep in self.endpoints}
+        self.resolver.reset(self.policies, {i.id: i.label_map() for i in self.identities}, local)
+        # ipcache: every endpoint of every cluster (both families), node IPs, CIDRs policies name
+        self.ipcache_rows = IpcacheRows.build(self.local, self.nodes, self.resolver.cidrs.ids)
+        self.ipcache.replace_where(lambda _r: True, self.ipcache_rows.all(self.ipcache_src).values())
+        self.attachments.replace_where(lambda _r: True, [Attachment(e.ifname) for e in local.values()])
+        self.entries.replace_where(lambda _r: True, self.resolver.entries())
+        self.enforced.replace_where(lambda _r: True, self.resolver.enforced())
+
+    def apply(self, changed: dict[str, set[Any]]) -> None:
+        """Derive what the changed keys of the source tables touch, and only that."""
+        known = {t.name for t in (self.endpoints, self.ipcache_src, self.identities,
+                                  self.manifests, self.nodes)}
+        if not changed.keys() <= known:
+            self.recompute()
+            return
+        prefixes: set[str] = set(changed.get(self.ipcache_src.name, ()))
+        if self.manifests.name in changed:
+            before = set(self.policies)
+            self._load_policies()
+            for name in before | set(self.policies):
+                self.resolver.set_policy(name, self.policies.get(name))
+            prefixes |= self.ipcache_rows.set_cidrs(self.resolver.cidrs.ids)
+        for ident in changed.get(self.identities.name, ()):
+            row = self.identities.get(ident)
+            self.resolver.set_identity(ident, row.label_map() if row is not None else None)
+        for key in changed.get(self.nodes.name, ()):
+            prefixes |= self.ipcache_rows.set_node(key, self.nodes.get(key))
+        ifnames: set[str] = set()
+        for key in changed.get(self.endpoints.name, ()):
+            old = self.resolver.endpoints.get(key)
+            ep = self.endpoints.get(key)
+            new = self._local_endpoint(ep) if ep is not None else None
+            self.resolver.set_endpoint(key, new)
+            ifnames.update(e.ifname for e in (old, new) if e is not None)
+        for name in ifnames:
+            if any(e.ifname == name for e in self.resolver.endpoints.values()):
+                self.attachments.upsert(Attachment(name))
+            else:
+                self.attachments.delete(name)
+        for prefix in prefixes:
+            ipc = self.ipcache_rows.row(prefix, self.ipcache_src.get(prefix))
+            if ipc is None:
+                self.ipcache.delete(prefix)
+            else:
+                self.ipcache.upsert(ipc)
+        entries, enforced = self.resolver.drain()
+        for key, entry in entries:
+            if entry is None:
+                self.entries.delete(key)
+            else:
+                self.entries.upsert(entry)
+        for ekey, enf in enforced:
+            if enf is None:
+                self.enforced.delete(ekey)
+            else:
+                self.enforced.upsert(enf)
 
     # ---- API ------------------------------------------------------------------------
     def _need(self) -> Datapath:
@@ -258,7 +303,7 @@ class BpfDatapath:
     async def _ipcache_api(self, _q: dict[str, str], _b: Any) -> Any:
         dp = self._need()
         return [{"prefix": p, "identity": v[0], "hostIP": v[1], "flags": v[2]}
-                for p, v in sorted(dp.ipcache_items().items())]
+                for p, v in sorted(dp.ipcache_items().items(), key=lambda kv: prefix_order(kv[0]))]
 
     async def _policy_api(self, q: dict[str, str], _b: Any) -> Any:
         dp = self._need()

@@ -7,23 +7,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bpf import attach
+from bpf.ipcache import IpcacheEntry as IpcacheEntry  # re-exported: rows of IpcacheOps
 from bpf.lb import LbBackend, LbFrontend, LbMaps
 from bpf.loader import Datapath
 from bpf.policy import Enforced, PolicyEntry
 from plexus.core.reconciler import TemporaryError
 from plexus.core.tables import Table
-
-
-@dataclass(frozen=True)
-class IpcacheEntry:
-    prefix: str
-    identity: int
-    host_ip: str
-    flags: int
-
-    @property
-    def key(self) -> str:
-        return self.prefix
 
 
 @dataclass(frozen=True)

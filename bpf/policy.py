@@ -53,40 +53,45 @@ class Enforced:
 
 
 def cidr_identities(policies: Iterable[PlexusNetworkPolicy]) -> dict[str, int]:
-    """A stable node-local identity for every CIDR any policy names."""
+    """A node-local identity for every CIDR any policy names, numbered in sorted order."""
     cidrs: set[str] = set()
     for p in policies:
         for r in [*p.spec.ingress, *p.spec.ingress_deny]:
             cidrs.update(str(c) for c in r.from_cidr)
-        for r in [*p.spec.egress, *p.spec.egress_deny]:
-            cidrs.update(str(c) for c in r.to_cidr)
+        for e in [*p.spec.egress, *p.spec.egress_deny]:
+            cidrs.update(str(c) for c in e.to_cidr)
     return {c: CIDR_IDENTITY_BASE + i for i, c in enumerate(sorted(cidrs))}
 
 
-def _in_namespace(sel: Selector, namespace: str, labels: dict[str, str]) -> bool:
+def in_namespace(sel: Selector, namespace: str, labels: dict[str, str]) -> bool:
+    """Whether a peer selector of a policy in `namespace` matches an identity's labels."""
     if not sel.mentions(LABEL_NAMESPACE) and labels.get(LABEL_NAMESPACE) != namespace:
         return False
     return sel.matches(labels)
 
 
-def _peers(selectors: list[Selector], cidrs: list[ipaddress.IPv4Network], namespace: str,
-           identities: dict[int, dict[str, str]], cidr_ids: dict[str, int]) -> set[int]:
+def _peers(selectors: list[Selector], cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+           namespace: str, identities: dict[int, dict[str, str]], cidr_ids: dict[str, int]) -> set[int]:
     out = {i for i, labels in identities.items()
-           if any(_in_namespace(s, namespace, labels) for s in selectors)}
+           if any(in_namespace(s, namespace, labels) for s in selectors)}
     out.update(cidr_ids[str(c)] for c in cidrs)
     return out
 
 
-def _ports(rule: IngressRule | EgressRule) -> list[tuple[int, int]]:
+def rule_ports(rule: IngressRule | EgressRule) -> list[tuple[int, int]]:
     if not rule.to_ports:
         return [(0, 0)]
     return [(p.port, PROTOCOLS[p.protocol]) for pr in rule.to_ports for p in pr.ports]
 
 
 def compute(policies: Iterable[PlexusNetworkPolicy], identities: dict[int, dict[str, str]],
-            endpoints: Iterable[LocalEndpoint]) -> tuple[list[PolicyEntry], list[Enforced]]:
+            endpoints: Iterable[LocalEndpoint], cidr_ids: dict[str, int] | None = None,
+            ) -> tuple[list[PolicyEntry], list[Enforced]]:
+    """Every entry from scratch. `cidr_ids` gives the CIDRs' identities (default: numbered in
+    sorted order, as `cidr_identities`); the incremental resolver keeps its own, stable."""
     policies = list(policies)
-    cidr_ids = cidr_identities(policies)
+    if cidr_ids is None:
+        cidr_ids = cidr_identities(policies)
     entries: dict[tuple[str, int, int, int, int], PolicyEntry] = {}
     enforced: set[Enforced] = set()
 
@@ -113,7 +118,7 @@ def compute(policies: Iterable[PlexusNetworkPolicy], identities: dict[int, dict[
                     else:
                         peers = _peers(rule.to_endpoints, rule.to_cidr, ns, identities, cidr_ids)
                     for ident in peers:
-                        for port, proto in _ports(rule):
+                        for port, proto in rule_ports(rule):
                             add(PolicyEntry(ep.ifname, ident, port, proto, direction, action))
     for e in enforced:  # the node itself always reaches its pods (health checks, probes)
         add(PolicyEntry(e.ifname, ID_HOST, 0, 0, e.direction, ALLOW))
