@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from bpf import attach
@@ -30,6 +30,9 @@ class IpcacheOps:
 
     async def update(self, e: IpcacheEntry) -> None:
         self.dp.ipcache_set(e.prefix, e.identity, e.host_ip, e.flags)
+
+    async def update_batch(self, rows: Sequence[IpcacheEntry]) -> None:
+        self.dp.ipcache_set_many([(e.prefix, e.identity, e.host_ip, e.flags) for e in rows])
 
     async def delete(self, e: IpcacheEntry) -> None:
         self.dp.ipcache_delete(e.prefix)

@@ -9,7 +9,7 @@ step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 DEBS=(
   make etcd-server etcd-client bird2 gobgpd wireguard-tools wireguard-go
   python3-bpfcc bpftool clang llvm linux-headers-amd64 libelf1
-  iproute2 iputils-ping nftables iptables ipset tcpdump iperf3 procps psmisc
+  iproute2 iputils-ping nftables iptables ipset tcpdump iperf3 ethtool procps psmisc
   python3-venv python3-dev ca-certificates
 )
 

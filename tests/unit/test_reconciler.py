@@ -170,3 +170,64 @@ async def test_refresh_repairs_drift_behind_its_back() -> None:
     target.state.clear()  # someone removed it outside the reconciler
     await eventually(lambda: target.state == {"a": 1}, 5, what="refresh re-applied the row")
     task.cancel()
+
+
+@dataclass
+class BatchTarget(FakeTarget):
+    """A target that also takes many updates at once, and refuses a batch holding a bad row."""
+
+    batches: list[int] = field(default_factory=list)
+    bad: set[str] = field(default_factory=set)
+
+    async def update(self, row: Row) -> None:
+        if row.name in self.bad:
+            self.calls.append(("update", row.name))
+            raise PermanentError(f"{row.name} is bad")
+        await super().update(row)
+
+    async def update_batch(self, rows: list[Row]) -> None:
+        self.batches.append(len(rows))
+        if any(r.name in self.bad for r in rows):
+            raise RuntimeError("batch refused")
+        for r in rows:
+            self.state[r.name] = r.value
+
+
+async def test_a_burst_of_updates_goes_out_in_batches() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = BatchTarget()
+    rec = Reconciler("fake", t, target, backoff=FAST, batch_size=100)
+    for i in range(250):
+        t.upsert(Row(f"k{i}", i))
+    task = await run(rec)
+    await eventually(lambda: len(target.state) == 250 and rec.settled())
+    assert sorted(target.batches) == [50, 100, 100]
+    assert target.calls == []
+    assert all(rec.status[f"k{i}"].state is State.DONE for i in range(250))
+    assert rec.applied["k7"] == Row("k7", 7)
+    # one change on its own takes the one-row path; a delete always does
+    t.upsert(Row("k1", 100))
+    t.delete("k2")
+    await eventually(lambda: target.state.get("k1") == 100 and "k2" not in target.state)
+    assert sorted(target.calls) == [("delete", "k2"), ("update", "k1")]
+    task.cancel()
+
+
+async def test_a_failed_batch_is_applied_row_by_row_with_its_own_errors() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = BatchTarget(bad={"k3"})
+    rec = Reconciler("fake", t, target, backoff=FAST, batch_size=100)
+    for i in range(10):
+        t.upsert(Row(f"k{i}", i))
+    task = await run(rec)
+    await eventually(lambda: len(target.state) == 9 and "k3" in rec.errors())
+    assert rec.errors() == {"k3": "k3 is bad"}
+    assert target.batches == [10]
+    assert all(rec.status[f"k{i}"].state is State.DONE for i in range(10) if i != 3)
+    assert len(target.calls) == 10  # every row once more, on its own
+    assert {st.attempts for st in rec.status.values()} == {1}  # as if there had been no batch
+    # the good rows are done; the bad one is not retried until it changes
+    target.bad.clear()
+    t.upsert(Row("k3", 33))
+    await eventually(lambda: target.state.get("k3") == 33 and rec.settled())
+    task.cancel()
