@@ -53,7 +53,7 @@ class Ifindexes:
     async def find(self, ifname: str) -> int | None:
         if ifname in self.cache:
             return self.cache[ifname]
-        return await asyncio.to_thread(attach.ifindex, ifname)
+        return attach.ifindex(ifname)
 
     async def resolve(self, ifnames: Iterable[str]) -> dict[str, int]:
         """Every interface that exists, looked up now: a prune must not forget a live one
@@ -66,7 +66,7 @@ class Ifindexes:
         return out
 
     async def get(self, ifname: str) -> int:
-        idx = await asyncio.to_thread(attach.ifindex, ifname)
+        idx = attach.ifindex(ifname)
         if idx is None:
             raise TemporaryError(f"interface {ifname} not there yet", delay=1.0)
         self.cache[ifname] = idx
