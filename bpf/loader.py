@@ -86,6 +86,48 @@ def _u8x16(raw: bytes) -> Any:
     return (ctypes.c_ubyte * 16).from_buffer_copy(raw)
 
 
+_PINNED = re.compile(r'BPF_TABLE_PINNED\("(\w+)",[^;]*?,\s*(\w+),\s*(\d+),\s*PIN_DIR\s*"/(\w+)"')
+_MAP_TYPES = {"hash": 1, "array": 2, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11}
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_SYS_BPF = 321  # x86_64
+
+
+def _obj_info(fd: int, words: int) -> Any:
+    """The start of the kernel's bpf_map_info or bpf_prog_info of `fd`, as u32 words."""
+    info = (ctypes.c_uint32 * words)()
+    attr = struct.pack("=IIQ", fd, ctypes.sizeof(info), ctypes.addressof(info))
+    buf = ctypes.create_string_buffer(attr, 64)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, buf, 64) != 0:
+        raise LoadError(f"object info of fd {fd}: {os.strerror(ctypes.get_errno())}")
+    return info
+
+
+def map_info(fd: int) -> tuple[int, int, int, int]:
+    """The kernel's (type, key size, value size, max entries) of the map behind `fd`."""
+    info = _obj_info(fd, 5)  # type, id, key_size, value_size, max_entries
+    return info[0], info[2], info[3], info[4]
+
+
+def prog_id(fd: int) -> int:
+    """The kernel's id of the program behind `fd` (what bpftool names it by)."""
+    return int(_obj_info(fd, 2)[1])  # type, id
+
+
+def stale_pins(bpf: Any, text: str, pin_dir: Path) -> list[tuple[str, Path, str]]:
+    """The pinned maps whose type, key, value or size differ from what `text` declares."""
+    stale = []
+    for kind, name, max_entries, pin_name in _PINNED.findall(text):
+        table = bpf[name]
+        leaf = getattr(table, "sLeaf", table.Leaf)  # a per-CPU table's Leaf is one per CPU
+        want = (_MAP_TYPES[kind], ctypes.sizeof(table.Key), ctypes.sizeof(leaf), int(max_entries))
+        have = map_info(table.map_fd)
+        if have != want:
+            why = "type {} key {} value {} entries {}; now {} {} {} {}".format(*have, *want)
+            stale.append((name, pin_dir / pin_name, why))
+    return stale
+
+
 class Datapath:
     """The loaded program: its two tc functions and its pinned maps."""
 
@@ -96,7 +138,18 @@ class Datapath:
         self.pin_dir = pin_dir
         text = program_text()
         # -w: Debian's headers may be older than the running kernel; the UAPI we use is stable
-        self.bpf = BPF(text=text, cflags=[f'-DPIN_DIR="{pin_dir}"', "-w"])
+        cflags = [f'-DPIN_DIR="{pin_dir}"', "-w"]
+        self.bpf = BPF(text=text, cflags=cflags)
+        # bcc adopts a pinned map whatever its layout; one left by an older program whose key
+        # or value changed would be read wrongly, so it is replaced by an empty one
+        stale = stale_pins(self.bpf, text, pin_dir)
+        if stale:
+            for name, pin, why in stale:
+                log.warning("pinned map %s was made by another version of the program (%s): "
+                            "replaced by an empty one", name, why)
+                pin.unlink(missing_ok=True)
+            self.bpf.cleanup()
+            self.bpf = BPF(text=text, cflags=cflags)
         self.from_pod = self.bpf.load_func("from_pod", BPF.SCHED_CLS)
         self.to_pod = self.bpf.load_func("to_pod", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]

@@ -77,7 +77,7 @@ import asyncio, json, sys, threading, time
 from pathlib import Path
 from bcc import BPF
 from bpf import attach
-from bpf.loader import Datapath
+from bpf.loader import Datapath, prog_id
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, PolicyEntry
 from plexus.core.reconciler import Reconciler
@@ -140,6 +140,9 @@ for line in sys.stdin:
         print("{}", flush=True)
     elif cmd == "counters":
         print(json.dumps(dp.counter_totals()), flush=True)
+    elif cmd == "prog-ids":
+        ids = {f.name.decode(): prog_id(f.fd) for f in (dp.from_pod, dp.to_pod, noop)}
+        print(json.dumps(ids), flush=True)
     else:
         break
 """
@@ -449,14 +452,15 @@ def traffic(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     work = Workload(args.identities, args.rules).build()
     modes = ["gso", "1500"] if args.packets == "both" else [args.packets]
-    results: dict[tuple[str, str], list[Sample]] = {(m, c): [] for m in modes for c in CASES}
+    cases = tuple(c for c in CASES if c == "none" or c in args.cases.split(","))
+    results: dict[tuple[str, str], list[Sample]] = {(m, c): [] for m in modes for c in cases}
     setup = {}
     with interrupts_clean_up(), Topology(work) as topo:
         took = ", ".join(f"{x['compiled']:.1f}+{x['filled']:.1f}s" for x in topo.loaded)
         print(f"namespaces {', '.join(topo.namespaces)}; node agents loaded in {took} "
               f"(compile + reconcile); built in {time.perf_counter() - t0:.0f}s", flush=True)
         enforced = {}
-        for case in CASES:
+        for case in cases:
             t = time.perf_counter()
             topo.install(case)
             setup[case] = time.perf_counter() - t
@@ -465,14 +469,14 @@ def traffic(args: argparse.Namespace) -> None:
             finally:
                 topo.remove(case)
         print("  a ping from a pod1 address no identity covers is dropped: " +
-              ", ".join(f"{c} {'yes' if enforced[c] else 'no'}" for c in CASES), flush=True)
-        if any(enforced[c] != (c in FILTERS) for c in CASES):
+              ", ".join(f"{c} {'yes' if enforced[c] else 'no'}" for c in cases), flush=True)
+        if any(enforced[c] != (c in FILTERS) for c in cases):
             raise RuntimeError("the filters do not enforce the policy as set up; figures would mean nothing")
         counters_before = [topo.agent(i, "counters") for i in range(2)]
         for rnd in range(args.rounds):
             for mode in modes:
                 topo.packets(mode)
-                order = CASES[rnd % len(CASES):] + CASES[:rnd % len(CASES)]
+                order = cases[rnd % len(cases):] + cases[:rnd % len(cases)]
                 for case in order:
                     topo.install(case)
                     try:
@@ -485,6 +489,7 @@ def traffic(args: argparse.Namespace) -> None:
                           f"mean {mean:5.0f} µs lost {lost}", flush=True)
         counters = [topo.agent(i, "counters") for i in range(2)]
         loaded = topo.loaded
+        costs = program_costs(topo, [c for c in ("tc-noop", "ebpf") if c in cases], modes, args.seconds)
     print()
     print(f"Pod to pod across two nodes (veth, routed), iperf3 TCP {args.seconds:g} s and {args.pings} pings "
           f"at 10 ms, {args.rounds} interleaved rounds, medians; {machine()}")
@@ -492,16 +497,25 @@ def traffic(args: argparse.Namespace) -> None:
     for i, x in enumerate(loaded):
         print(f"  node{i + 1} maps as read back: ipcache {x['ipcache']:,}, policy {x['policy']:,}, "
               f"enforce {x['enforce']}; compile {x['compiled']:.1f} s, reconcile {x['filled']:.1f} s")
-    print(f"  iptables: {len(work.allow_list(1)):,} rules per node (set up in {setup['iptables']:.1f} s for "
-          f"both nodes, backend: {_iptables_backend()}); nftables sets: set up in {setup['nftables']:.1f} s")
+    if "iptables" in setup:
+        print(f"  iptables: {len(work.allow_list(1)):,} rules per node (set up in {setup['iptables']:.1f} s "
+              f"for both nodes, backend: {_iptables_backend()})")
+    if "nftables" in setup:
+        print(f"  nftables sets: set up in {setup['nftables']:.1f} s")
     for i in range(2):
         fwd = counters[i]["forwarded"] - counters_before[i]["forwarded"]
         drop = counters[i]["dropped"] - counters_before[i]["dropped"]
         print(f"  node{i + 1} datapath verdicts during the runs: {fwd:,} forwarded, {drop:,} dropped")
     names = {"gso": "offload on", "1500": "1500-byte"}
+    if costs:
+        print("\n  time in the programs per run (kernel.bpf_stats_enabled, one more iperf3 run each, "
+              "both nodes summed):")
+        for (mode, case), per_prog in costs.items():
+            print(f"    {names[mode]:>10} {case:<8} " + ", ".join(
+                f"{prog} {ns:.0f} ns x {runs:,}" for prog, (ns, runs) in per_prog.items()))
     head = "".join(f" {names[m] + ' Gbit/s':>17} {'ratio':>6}" for m in modes)
     print(f"\n  {'filter':<9}{head} {'ping p50':>9} {'added':>7} {'mean':>6} {'added':>7}  lost")
-    for case in CASES:
+    for case in cases:
         line = f"  {case:<9}"
         pings: list[tuple[Sample, Sample]] = []
         for mode in modes:
@@ -518,7 +532,50 @@ def traffic(args: argparse.Namespace) -> None:
     print("  (ratio: median over rounds of Gbit/s / no filter's in the same round; ping: the "
           f"{len(modes) * args.rounds} ping runs of each filter, each against no filter's in its round)")
     print(f"\nrerun: .venv/bin/python -m bench.datapath.bench --only traffic --rounds {args.rounds} "
-          f"--seconds {args.seconds:g} --pings {args.pings} --packets {args.packets}")
+          f"--seconds {args.seconds:g} --pings {args.pings} --packets {args.packets} "
+          f"--cases {','.join(cases)}")
+
+
+def program_costs(topo: Topology, cases: list[str], modes: list[str],
+                  seconds: float) -> dict[tuple[str, str], dict[str, tuple[float, int]]]:
+    """Mean ns per program run during one iperf3 run, by program name, for each case and mode.
+    Measured apart from the rounds: the kernel's run-time accounting costs time of its own."""
+    ids: dict[str, list[int]] = {}
+    for i in range(2):
+        for name, pid in topo.agent(i, "prog-ids").items():
+            ids.setdefault(name, []).append(pid)
+
+    def totals(name: str) -> tuple[int, int]:
+        ns = runs = 0
+        for pid in ids[name]:
+            info = json.loads(sh("bpftool", "prog", "show", "id", str(pid), "-j").stdout)
+            ns += int(info.get("run_time_ns", 0))
+            runs += int(info.get("run_cnt", 0))
+        return ns, runs
+
+    sysctl = Path("/proc/sys/kernel/bpf_stats_enabled")
+    before = sysctl.read_text().strip()
+    out: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
+    sysctl.write_text("1")
+    try:
+        for mode in modes:
+            topo.packets(mode)
+            for case in cases:
+                progs = ["noop"] if case == "tc-noop" else ["from_pod", "to_pod"]
+                topo.install(case)
+                try:
+                    start = {p: totals(p) for p in progs}
+                    topo.iperf(seconds)
+                    end = {p: totals(p) for p in progs}
+                finally:
+                    topo.remove(case)
+                out[(mode, case)] = {}
+                for p in progs:
+                    runs = end[p][1] - start[p][1]
+                    out[(mode, case)][p] = ((end[p][0] - start[p][0]) / max(runs, 1), runs)
+    finally:
+        sysctl.write_text(before)
+    return out
 
 
 def _iptables_backend() -> str:
@@ -616,6 +673,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--pings", type=int, default=200)
     p.add_argument("--packets", choices=("both", "gso", "1500"), default="both")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {', '.join(CASES)} (none is always run)")
     p.add_argument("--identities", type=int, default=10_000)
     p.add_argument("--rules", type=int, default=100)
     p.add_argument("--entries", type=int, default=100_000)

@@ -2,8 +2,9 @@
 //
 // from_pod runs at tc ingress of the host veth (the pod's egress), to_pod at tc egress (the
 // pod's ingress). The peer's identity comes from the ipcache (LPM tries, one per family);
-// verdicts come from the policy map, shared by both families; replies to allowed connections
-// pass through a small conntrack.
+// verdicts come from the policy map, shared by both families. A connection's first packet gets
+// the verdict; conntrack then lets the rest of it and its replies through with one lookup and
+// no ipcache or policy lookup at all, so an established flow costs the least it can.
 // Maps are pinned under PIN_DIR so a restarted agent adopts them.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -19,13 +20,24 @@
 #define ACTION_DENY 2
 #define ID_WORLD 2
 #define CT_LIFETIME_NS (60ULL * 1000000000ULL)
+#define CT_REFRESH_NS (1000000000ULL)  // an entry's clock is written at most once a second:
+                                       // a write per packet bounces its cache line across CPUs
+#define CT_REVNAT 1  // a service connection: its replies get the frontend back as their source
+#define CT_NEW 2     // (returned only) the packet got a verdict: no entry let it through
+#define REASON_NEW 0
+#define REASON_ESTABLISHED 1
 
 struct ipcache_key { u32 prefixlen; u32 addr; };
 struct ipcache_value { u32 identity; u32 host_ip; u32 flags; };
 struct policy_key { u32 ifindex; u32 identity; u16 port; u8 proto; u8 direction; };
 struct policy_value { u8 action; u8 pad[3]; };
 struct enforce_key { u32 ifindex; u32 direction; };
-struct ct_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u32 proto; };
+// Conntrack is per endpoint and direction: an allowed connection gets two entries on the veth
+// that allowed it, its own (its direction) and its replies' (reversed tuple, the other
+// direction). Two pods on one node each decide for themselves: one's egress entry never lets a
+// packet into the other past that one's ingress policy.
+struct ct_key { u32 ifindex; u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 direction; u8 pad[2]; };
+struct ct_value { u64 seen; u32 flags; u32 pad; };
 struct flow_event {
     u64 ts; u32 ifindex; u32 saddr; u32 daddr; u32 identity;
     u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason;
@@ -34,7 +46,7 @@ struct flow_event {
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 262144, PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, 1048576, PIN_DIR "/policy");
 BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enforce");
-BPF_TABLE_PINNED("lru_hash", struct ct_key, u64, conntrack, 262144, PIN_DIR "/conntrack");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, conntrack, 524288, PIN_DIR "/conntrack");
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
 BPF_PERF_OUTPUT(flows);
 
@@ -63,6 +75,20 @@ static __always_inline int verdict(u32 ifindex, u32 identity, u16 port, u8 proto
     return enforce.lookup(&e) ? ACTION_DENY : ACTION_ALLOW;  // not selected: allow all
 }
 
+static __always_inline void count(int action) {
+    u32 idx = action == ACTION_ALLOW ? 0 : 1;
+    u64 *n = counters.lookup(&idx);
+    if (n) *n += 1;
+}
+
+// A live entry lets the packet through; 0 when there is none or it has expired. `refresh` is
+// set when its clock is due to be written, which the caller does for both of the pair.
+static __always_inline int ct_live(struct ct_value *v, u64 now, int *refresh) {
+    if (!v || now - v->seen >= CT_LIFETIME_NS) return 0;
+    *refresh = now - v->seen >= CT_REFRESH_NS;
+    return 1;
+}
+
 // ---- IPv6 ---------------------------------------------------------------------------------
 // Its own ipcache (LPM trie on 128-bit prefixes), conntrack and flow events; the verdict is
 // the same function on the same policy map, so one rule covers both families. ICMPv6 has no
@@ -80,14 +106,14 @@ static __always_inline int verdict(u32 ifindex, u32 identity, u16 port, u8 proto
 struct ipcache6_key { u32 prefixlen; u8 addr[16]; };
 // host_ip: the node's address; an IPv4 node address is stored IPv4-mapped (::ffff:a.b.c.d)
 struct ipcache6_value { u32 identity; u8 host_ip[16]; u32 flags; };
-struct ct6_key { u8 saddr[16]; u8 daddr[16]; u16 sport; u16 dport; u32 proto; };
+struct ct6_key { u32 ifindex; u8 saddr[16]; u8 daddr[16]; u16 sport; u16 dport; u8 proto; u8 direction; u8 pad[2]; };
 struct flow_event6 {
     u64 ts; u32 ifindex; u8 saddr[16]; u8 daddr[16]; u32 identity;
     u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason;
 };
 
 BPF_TABLE_PINNED("lpm_trie", struct ipcache6_key, struct ipcache6_value, ipcache6, 262144, PIN_DIR "/ipcache6", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lru_hash", struct ct6_key, u64, conntrack6, 262144, PIN_DIR "/conntrack6");
+BPF_TABLE_PINNED("lru_hash", struct ct6_key, struct ct_value, conntrack6, 262144, PIN_DIR "/conntrack6");
 BPF_PERF_OUTPUT(flows6);
 
 static __always_inline u32 lookup_identity6(const u8 *addr) {
@@ -138,110 +164,162 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
     }
     u8 *saddr = (u8 *)&ip6->saddr;
     u8 *daddr = (u8 *)&ip6->daddr;
-    u32 identity = lookup_identity6(dir == DIR_EGRESS ? daddr : saddr);
     u32 ifindex = skb->ifindex;
-    struct ct6_key fwd = { .sport = sport, .dport = dport, .proto = proto };
-    struct ct6_key reverse = { .sport = dport, .dport = sport, .proto = proto };
+    struct ct6_key fwd = { .ifindex = ifindex, .sport = sport, .dport = dport, .proto = proto,
+                           .direction = dir };
     __builtin_memcpy(fwd.saddr, saddr, 16);
     __builtin_memcpy(fwd.daddr, daddr, 16);
+    u64 now = bpf_ktime_get_coarse_ns();
+    int refresh = 0;
+    struct ct_value *seen = conntrack6.lookup(&fwd);
+    struct ct6_key reverse = { .ifindex = ifindex, .sport = dport, .dport = sport, .proto = proto,
+                               .direction = !dir };
     __builtin_memcpy(reverse.saddr, daddr, 16);
     __builtin_memcpy(reverse.daddr, saddr, 16);
-    u64 now = bpf_ktime_get_ns();
-    int action;
-    u8 reason = 0;
-    u64 *seen = conntrack6.lookup(&fwd);
-    if (!seen)
-        seen = conntrack6.lookup(&reverse);
-    if (seen && now - *seen < CT_LIFETIME_NS) {
-        *seen = now;
-        action = ACTION_ALLOW;
-        reason = 1;
-    } else {
-        action = verdict(ifindex, identity, dport, proto, dir);
+    if (ct_live(seen, now, &refresh)) {
+        if (refresh) {
+            seen->seen = now;
+            struct ct_value *pair = conntrack6.lookup(&reverse);
+            if (pair) pair->seen = now;
+        }
+        count(ACTION_ALLOW);
+        return TC_ACT_OK;
     }
-    u32 idx = action == ACTION_ALLOW ? 0 : 1;
-    u64 *count = counters.lookup(&idx);
-    if (count) *count += 1;
-    if (action == ACTION_ALLOW && reason == 0)
-        conntrack6.update(&fwd, &now);
-    if (reason == 0) {
-        struct flow_event6 ev = { .ts = now, .ifindex = ifindex, .identity = identity,
-                                  .sport = sport, .dport = dport, .proto = proto,
-                                  .direction = dir, .verdict = action, .reason = reason };
-        __builtin_memcpy(ev.saddr, saddr, 16);
-        __builtin_memcpy(ev.daddr, daddr, 16);
-        flows6.perf_submit(skb, &ev, sizeof(ev));
+    u32 identity = lookup_identity6(dir == DIR_EGRESS ? daddr : saddr);
+    int action = verdict(ifindex, identity, dport, proto, dir);
+    count(action);
+    if (action == ACTION_ALLOW) {
+        struct ct_value v = { .seen = now };
+        conntrack6.update(&fwd, &v);
+        conntrack6.update(&reverse, &v);
     }
+    struct flow_event6 ev = { .ts = bpf_ktime_get_ns(), .ifindex = ifindex, .identity = identity,
+                              .sport = sport, .dport = dport, .proto = proto,
+                              .direction = dir, .verdict = action, .reason = REASON_NEW };
+    __builtin_memcpy(ev.saddr, saddr, 16);
+    __builtin_memcpy(ev.daddr, daddr, 16);
+    flows6.perf_submit(skb, &ev, sizeof(ev));
     return action == ACTION_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, u8 dir) {
+// An IPv4 packet's addresses, ports (host order; 0 when it has none) and where they are.
+struct flow4 { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 has_ports; u16 l4off; };
+
+// 0 when the packet is not IPv4 or is cut short.
+static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end) return TC_ACT_OK;
-    if (eth->h_proto == htons(ETH_P_IPV6)) return handle6(skb, dir);
-    if (eth->h_proto != htons(ETH_P_IP)) return TC_ACT_OK;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP)) return 0;
     struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > data_end) return TC_ACT_OK;
-    u16 sport = 0, dport = 0;
-    u8 proto = ip->protocol;
-    if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+    if ((void *)(ip + 1) > data_end) return 0;
+    f->saddr = ip->saddr;
+    f->daddr = ip->daddr;
+    f->proto = ip->protocol;
+    f->sport = f->dport = 0;
+    f->has_ports = 0;
+    f->l4off = sizeof(struct ethhdr) + ip->ihl * 4;
+    int later_fragment = ip->frag_off & htons(0x1FFF);  // carries no transport header
+    if (!later_fragment && (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP)) {
         u16 *ports = (void *)ip + ip->ihl * 4;
-        if ((void *)(ports + 2) > data_end) return TC_ACT_OK;
-        sport = ntohs(ports[0]);
-        dport = ntohs(ports[1]);
+        if ((void *)(ports + 2) > data_end) return 0;
+        f->sport = ntohs(ports[0]);
+        f->dport = ntohs(ports[1]);
+        f->has_ports = 1;
     }
-    u32 peer = dir == DIR_EGRESS ? ip->daddr : ip->saddr;
-    u32 identity = lookup_identity(peer);
+    return 1;
+}
+
+// 1 when a live conntrack entry lets the packet through (counted); its flags in `flags`.
+// A service connection's replies may need `want` flags the entry lacks: 0 then.
+static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct_flags,
+                                    u32 *flags) {
+    struct ct_key fwd = { .ifindex = ifindex, .saddr = f->saddr, .daddr = f->daddr,
+                          .sport = f->sport, .dport = f->dport, .proto = f->proto,
+                          .direction = dir };
+    struct ct_value *seen = conntrack.lookup(&fwd);
+    u64 now = bpf_ktime_get_coarse_ns();
+    int refresh = 0;
+    if (!ct_live(seen, now, &refresh)) return 0;
+    if (refresh || (seen->flags & ct_flags) != ct_flags) {
+        seen->seen = now;
+        seen->flags |= ct_flags;
+        struct ct_key reverse = { .ifindex = ifindex, .saddr = f->daddr, .daddr = f->saddr,
+                                  .sport = f->dport, .dport = f->sport, .proto = f->proto,
+                                  .direction = !dir };
+        struct ct_value *pair = conntrack.lookup(&reverse);
+        if (pair) { pair->seen = now; pair->flags |= ct_flags; }
+    }
+    count(ACTION_ALLOW);
+    *flags = seen->flags;
+    return 1;
+}
+
+// The verdict on an IPv4 packet at the pod's veth. `ct_flags` are stored with a new
+// connection; `flags` returns those of the entry that let the packet through, or CT_NEW.
+static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 dir, u32 ct_flags,
+                                   u32 *flags) {
     u32 ifindex = skb->ifindex;
-    // A flow already let through, either way round, passes without a new verdict or event.
-    struct ct_key fwd = { .saddr = ip->saddr, .daddr = ip->daddr, .sport = sport,
-                          .dport = dport, .proto = proto };
-    struct ct_key reverse = { .saddr = ip->daddr, .daddr = ip->saddr, .sport = dport,
-                              .dport = sport, .proto = proto };
-    u64 now = bpf_ktime_get_ns();
-    int action;
-    u8 reason = 0;
-    u64 *seen = conntrack.lookup(&fwd);
-    if (!seen)
-        seen = conntrack.lookup(&reverse);
-    if (seen && now - *seen < CT_LIFETIME_NS) {
-        *seen = now;
-        action = ACTION_ALLOW;
-        reason = 1;
-    } else {
-        // the port that matters is the destination's: ours on ingress, theirs on egress
-        action = verdict(ifindex, identity, dport, proto, dir);
+    if (ct4_pass(ifindex, f, dir, ct_flags, flags)) return TC_ACT_OK;
+    u32 identity = lookup_identity(dir == DIR_EGRESS ? f->daddr : f->saddr);
+    // the port that matters is the destination's: ours on ingress, theirs on egress
+    int action = verdict(ifindex, identity, f->dport, f->proto, dir);
+    count(action);
+    if (action == ACTION_ALLOW) {
+        struct ct_value v = { .seen = bpf_ktime_get_coarse_ns(), .flags = ct_flags };
+        struct ct_key fwd = { .ifindex = ifindex, .saddr = f->saddr, .daddr = f->daddr,
+                              .sport = f->sport, .dport = f->dport, .proto = f->proto,
+                              .direction = dir };
+        struct ct_key reverse = { .ifindex = ifindex, .saddr = f->daddr, .daddr = f->saddr,
+                                  .sport = f->dport, .dport = f->sport, .proto = f->proto,
+                                  .direction = !dir };
+        conntrack.update(&fwd, &v);
+        conntrack.update(&reverse, &v);
+        *flags = ct_flags | CT_NEW;
     }
-    u32 idx = action == ACTION_ALLOW ? 0 : 1;
-    u64 *count = counters.lookup(&idx);
-    if (count) *count += 1;
-    if (action == ACTION_ALLOW && reason == 0)
-        conntrack.update(&fwd, &now);
-    if (reason == 0) {
-        struct flow_event ev = { .ts = now, .ifindex = ifindex, .saddr = ip->saddr,
-                                 .daddr = ip->daddr, .identity = identity, .sport = sport,
-                                 .dport = dport, .proto = proto, .direction = dir,
-                                 .verdict = action, .reason = reason };
-        flows.perf_submit(skb, &ev, sizeof(ev));
-    }
+    struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = ifindex, .saddr = f->saddr,
+                             .daddr = f->daddr, .identity = identity, .sport = f->sport,
+                             .dport = f->dport, .proto = f->proto, .direction = dir,
+                             .verdict = action, .reason = REASON_NEW };
+    flows.perf_submit(skb, &ev, sizeof(ev));
     return action == ACTION_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
+}
+
+// IPv6 goes its own way; anything neither IPv4 nor IPv6 is not policy's business.
+static __always_inline int handle_other(struct __sk_buff *skb, u8 dir) {
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IPV6)) return TC_ACT_OK;
+    return handle6(skb, dir);
 }
 
 // Global service load-balancing (lb.h, inlined by the loader): the service translation
 // comes before policy on the way out, so policy sees the backend, and the reverse
-// translation after policy on the way in, so the reply matches the conntrack entry.
+// translation after policy on the way in, so the reply matches the conntrack entry. Only a
+// connection conntrack marks as a service's, or one it does not know, pays for the reverse
+// lookup.
 #include "lb.h"
 
 int from_pod(struct __sk_buff *skb) {
-    int lb = lb4_from_pod(skb);
-    return lb == TC_ACT_OK ? handle(skb, DIR_EGRESS) : lb;
+    struct flow4 f;
+    u32 ct_flags = 0, flags = 0;
+    if (!parse4(skb, &f)) return handle_other(skb, DIR_EGRESS);
+    // An established connection that is not a service's needs nothing more: conntrack first
+    // spares it the service lookup. (A service connection's entries hold the backend, not the
+    // frontend this packet is addressed to, so it does not match here.)
+    if (ct4_pass(skb->ifindex, &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
+        return TC_ACT_OK;
+    int lb = lb4_from_pod(skb, &f, &ct_flags);  // f is the backend's from here on
+    return lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
 }
 
 int to_pod(struct __sk_buff *skb) {
-    int action = handle(skb, DIR_INGRESS);
-    if (action == TC_ACT_OK)
-        lb4_to_pod(skb);
+    struct flow4 f;
+    u32 flags = 0;
+    if (!parse4(skb, &f)) return handle_other(skb, DIR_INGRESS);
+    int action = handle4(skb, &f, DIR_INGRESS, 0, &flags);
+    if (action == TC_ACT_OK && (flags & (CT_REVNAT | CT_NEW)))
+        lb4_to_pod(skb, &f);
     return action;
 }

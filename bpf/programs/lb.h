@@ -1,10 +1,11 @@
 // Plexus global service load-balancing, on the pod's host-side veth (IPv4, TCP and UDP).
 //
 // Inlined into datapath.c by the loader (bcc rewrites map calls only in the main file).
-// lb4_from_pod runs first at tc ingress (the pod's egress): a packet to a frontend
-// (cluster IP, port, protocol) is DNATed to a backend, so policy then sees the backend.
-// lb4_to_pod runs last at tc egress (the pod's ingress): a reply from a backend gets the
-// frontend back as its source. A connection sticks to its backend through lb4_ct (keyed by
+// lb4_from_pod runs at tc ingress (the pod's egress) before policy, for packets conntrack
+// does not already know: a packet to a frontend (cluster IP, port, protocol) is DNATed to a
+// backend, so policy then sees the backend. lb4_to_pod runs last at tc egress (the pod's
+// ingress), for connections conntrack marks as a service's or does not know: a reply from a
+// backend gets the frontend back as its source. A connection sticks to its backend through lb4_ct (keyed by
 // the client's 5-tuple to the frontend); lb4_reverse maps the backend's replies back.
 // A backend that is gone from lb4_backends is never chosen: a connection that pointed at
 // it is sent to another one. Everything is pinned under PIN_DIR, so a restart adopts it.
@@ -36,32 +37,9 @@ BPF_TABLE_PINNED("lru_hash", struct lb4_ct_key, struct lb4_ct_value, lb4_ct, 262
 BPF_TABLE_PINNED("lru_hash", struct lb4_rev_key, struct lb4_rev_value, lb4_reverse, 262144, PIN_DIR "/lb4_reverse");
 BPF_PERF_OUTPUT(lb4_flows);
 
-struct lb4_l4 { u32 l4off; u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; };
-
-// The IPv4 TCP/UDP packet's addresses and ports, or 0 when it is anything else.
-static __always_inline int lb4_parse(struct __sk_buff *skb, struct lb4_l4 *p) {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP)) return 0;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > data_end) return 0;
-    if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP) return 0;
-    if (ip->frag_off & htons(0x1FFF)) return 0;  // a later fragment carries no ports
-    u32 l4off = sizeof(struct ethhdr) + ip->ihl * 4;
-    u16 *ports = (void *)ip + ip->ihl * 4;
-    if ((void *)(ports + 2) > data_end) return 0;
-    p->l4off = l4off;
-    p->saddr = ip->saddr;
-    p->daddr = ip->daddr;
-    p->sport = ports[0];
-    p->dport = ports[1];
-    p->proto = ip->protocol;
-    return 1;
-}
-
 // Rewrite one address and its port (destination when dst, else source), checksums included.
-static __always_inline void lb4_rewrite(struct __sk_buff *skb, struct lb4_l4 *p, int dst,
+// Ports in network byte order, as the maps hold them.
+static __always_inline void lb4_rewrite(struct __sk_buff *skb, struct flow4 *p, int dst,
                                         u32 old_addr, u32 new_addr, u16 old_port, u16 new_port) {
     u32 csum_off = p->l4off + (p->proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
                                                        : __builtin_offsetof(struct udphdr, check));
@@ -100,17 +78,18 @@ static __always_inline struct lb4_backend *lb4_select(struct lb4_service *svc, u
 }
 
 // Pod egress: DNAT a packet to a frontend. TC_ACT_OK to go on (translated or not a service),
-// TC_ACT_SHOT when the service has no backend.
-static __always_inline int lb4_from_pod(struct __sk_buff *skb) {
-    struct lb4_l4 p = {};
-    if (!lb4_parse(skb, &p)) return TC_ACT_OK;
-    struct lb4_key key = { .vip = p.daddr, .port = p.dport, .proto = p.proto, .pad = 0 };
+// TC_ACT_SHOT when the service has no backend. When translated, `f` becomes the packet as it
+// now is (the backend's address and port) and `ct_flags` gets CT_REVNAT.
+static __always_inline int lb4_from_pod(struct __sk_buff *skb, struct flow4 *f, u32 *ct_flags) {
+    if (!f->has_ports) return TC_ACT_OK;
+    u16 cport = htons(f->sport), vport = htons(f->dport);
+    struct lb4_key key = { .vip = f->daddr, .port = vport, .proto = f->proto, .pad = 0 };
     struct lb4_service *svc = lb4_services.lookup(&key);
     if (!svc) return TC_ACT_OK;
 
     struct lb4_ct_key ck;
     __builtin_memset(&ck, 0, sizeof(ck));
-    ck.client = p.saddr; ck.vip = p.daddr; ck.cport = p.sport; ck.vport = p.dport; ck.proto = p.proto;
+    ck.client = f->saddr; ck.vip = f->daddr; ck.cport = cport; ck.vport = vport; ck.proto = f->proto;
     u32 id = 0;
     struct lb4_backend *be = 0;
     int fresh = 0;
@@ -119,15 +98,16 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb) {
         id = ct->backend_id;
         be = lb4_backends.lookup(&id);  // sticks to its backend while that one exists
     }
-    u64 now = bpf_ktime_get_ns();
     if (!be) {
-        be = lb4_select(svc, p.saddr, &id);
+        be = lb4_select(svc, f->saddr, &id);
         fresh = 1;
     }
     struct lb4_event ev;
     __builtin_memset(&ev, 0, sizeof(ev));
-    ev.ts = now; ev.ifindex = skb->ifindex; ev.client = p.saddr; ev.vip = p.daddr;
-    ev.cport = p.sport; ev.vport = p.dport; ev.proto = p.proto;
+    if (fresh) {
+        ev.ts = bpf_ktime_get_ns(); ev.ifindex = skb->ifindex; ev.client = f->saddr;
+        ev.vip = f->daddr; ev.cport = cport; ev.vport = vport; ev.proto = f->proto;
+    }
     if (!be) {
         ev.verdict = LB_VERDICT_NO_BACKEND;
         lb4_flows.perf_submit(skb, &ev, sizeof(ev));
@@ -136,31 +116,34 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb) {
     u32 baddr = be->addr;
     u16 bport = be->port;
     if (fresh) {
-        struct lb4_ct_value cv = { .backend_id = id, .pad = 0, .created = now };
+        struct lb4_ct_value cv = { .backend_id = id, .pad = 0, .created = ev.ts };
         lb4_ct.update(&ck, &cv);
         struct lb4_rev_key rk;
         __builtin_memset(&rk, 0, sizeof(rk));
-        rk.backend = baddr; rk.client = p.saddr; rk.bport = bport; rk.cport = p.sport; rk.proto = p.proto;
-        struct lb4_rev_value rv = { .vip = p.daddr, .vport = p.dport, .pad = 0 };
+        rk.backend = baddr; rk.client = f->saddr; rk.bport = bport; rk.cport = cport; rk.proto = f->proto;
+        struct lb4_rev_value rv = { .vip = f->daddr, .vport = vport, .pad = 0 };
         lb4_reverse.update(&rk, &rv);
         ev.verdict = LB_VERDICT_TRANSLATED;
         ev.backend = baddr; ev.bport = bport; ev.backend_id = id;
         lb4_flows.perf_submit(skb, &ev, sizeof(ev));
     }
-    lb4_rewrite(skb, &p, 1, p.daddr, baddr, p.dport, bport);
+    lb4_rewrite(skb, f, 1, f->daddr, baddr, vport, bport);
+    f->daddr = baddr;
+    f->dport = ntohs(bport);
+    *ct_flags = CT_REVNAT;
     return TC_ACT_OK;
 }
 
 // Pod ingress: a backend's reply comes from the frontend the pod connected to.
-static __always_inline void lb4_to_pod(struct __sk_buff *skb) {
-    struct lb4_l4 p = {};
-    if (!lb4_parse(skb, &p)) return;
+static __always_inline void lb4_to_pod(struct __sk_buff *skb, struct flow4 *f) {
+    if (!f->has_ports) return;
     struct lb4_rev_key rk;
     __builtin_memset(&rk, 0, sizeof(rk));
-    rk.backend = p.saddr; rk.client = p.daddr; rk.bport = p.sport; rk.cport = p.dport; rk.proto = p.proto;
+    rk.backend = f->saddr; rk.client = f->daddr; rk.bport = htons(f->sport);
+    rk.cport = htons(f->dport); rk.proto = f->proto;
     struct lb4_rev_value *rv = lb4_reverse.lookup(&rk);
     if (!rv) return;
     u32 vip = rv->vip;
     u16 vport = rv->vport;
-    lb4_rewrite(skb, &p, 0, p.saddr, vip, p.sport, vport);
+    lb4_rewrite(skb, f, 0, f->saddr, vip, rk.bport, vport);
 }

@@ -17,7 +17,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -46,7 +46,10 @@ class PermanentError(Exception):
 class Ops(Protocol[R_contra]):
     async def update(self, row: R_contra) -> None: ...
     async def delete(self, row: R_contra) -> None: ...
-    async def prune(self, rows: Iterable[R_contra]) -> None: ...
+    async def prune(self, rows: Iterable[R_contra]) -> None:
+        """Remove from the target what no row names. `rows` is read when first iterated: an
+        Ops that reads a large target in a thread iterates it afterwards, so a row the table
+        gained meanwhile is kept."""
 
 
 class BatchOps(Ops[R_contra], Protocol[R_contra]):
@@ -290,12 +293,15 @@ class Reconciler(Generic[K, R]):
         self._retry_at[key] = time.monotonic() + delay
         self._dirty.add(key)
 
+    def _rows_when_read(self) -> Iterator[R]:
+        yield from self.table.all()
+
     async def _prune_loop(self) -> None:
         await self.table.initialized.wait()
         rounds = 0
         while True:
             try:
-                await self.ops.prune(self.table.all())
+                await self.ops.prune(self._rows_when_read())
                 self.last_prune_error = ""
                 self.metrics.observe(self.name, "prune", 0.0, ok=True)
             except Exception as e:

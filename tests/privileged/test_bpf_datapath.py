@@ -246,3 +246,80 @@ def test_policy_by_identity_on_real_tcp(dp: Datapath, flows: list[dict[str, Any]
     while time.monotonic() < deadline and not any(want.items() <= f.items() for f in flows):
         dp.poll_flows(100)
     assert any(want.items() <= f.items() for f in flows), flows[-5:]
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_two_pods_on_one_node_each_enforce_their_own_policy(dp: Datapath, v6: bool) -> None:
+    """A connection one pod's egress lets out is judged again by the other pod's ingress: the
+    first veth's conntrack entry must not let it past the second one's policy."""
+    a_ip, b_ip, a_gw, b_gw, plen = (("fd00:c1::5", "fd00:c2::5", "fd00:c1::1", "fd00:c2::1", 64) if v6 else
+                                    ("10.203.1.5", "10.203.2.5", "10.203.1.1", "10.203.2.1", 24))
+    host = 128 if v6 else 32
+    a_id, b_id = 131500, 131501
+    with netns("plx-tba") as pod_a, netns("plx-tbb") as pod_b, netns("plx-tbn") as node:
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1" if v6 else "net.ipv4.ip_forward=1", ns=node)
+        idx = {}
+        for pod, ip, gw in ((pod_a, a_ip, a_gw), (pod_b, b_ip, b_gw)):
+            host_if, pod_if = unique("plxh"), unique("plxp")
+            sh("ip", "link", "add", host_if, "netns", node, "type", "veth", "peer", "name", pod_if,
+               "netns", pod)
+            extra = ["nodad"] if v6 else []
+            sh("ip", "addr", "add", f"{ip}/{plen}", "dev", pod_if, *extra, ns=pod)
+            sh("ip", "addr", "add", f"{gw}/{plen}", "dev", host_if, *extra, ns=node)
+            sh("ip", "link", "set", pod_if, "up", ns=pod)
+            sh("ip", "link", "set", host_if, "up", ns=node)
+            sh("ip", "-6" if v6 else "-4", "route", "add", "default", "via", gw, ns=pod)
+            with inside(node):
+                idx[pod] = attach.attach(host_if, (dp.from_pod.fd, dp.from_pod.name),
+                                         (dp.to_pod.fd, dp.to_pod.name))
+        dp.ipcache_set(f"{a_ip}/{host}", a_id, "", 0)
+        dp.ipcache_set(f"{b_ip}/{host}", b_id, "", 0)
+        try:
+            with server(pod_b, b_ip, 8080):
+                assert connects(pod_a, a_ip, b_ip, 8080, timeout=3)  # nobody selected
+                # B's ingress selected with no rule for A: A's egress (open) does not decide it
+                dp.enforce_set(idx[pod_b], INGRESS)
+                assert not connects(pod_a, a_ip, b_ip, 8080)
+                dp.policy_set(idx[pod_b], a_id, 8080, TCP, INGRESS, ALLOW)
+                assert connects(pod_a, a_ip, b_ip, 8080)
+                # and A's egress, once selected, needs its own rule for B, replies included
+                dp.enforce_set(idx[pod_a], EGRESS)
+                assert not connects(pod_a, a_ip, b_ip, 8080)
+                dp.policy_set(idx[pod_a], b_id, 8080, TCP, EGRESS, ALLOW)
+                assert connects(pod_a, a_ip, b_ip, 8080)
+        finally:
+            for prefix in (f"{a_ip}/{host}", f"{b_ip}/{host}"):
+                dp.ipcache_delete(prefix)
+            for item in dp.policy_items():
+                if item[0] in idx.values():
+                    dp.policy_delete(*item[:5])
+            for i in idx.values():
+                for d in (INGRESS, EGRESS):
+                    dp.enforce_delete(i, d)
+
+
+def test_a_pinned_map_of_another_layout_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    """bcc would adopt a pinned map whatever its key and value; one left by a program whose
+    layout has changed is replaced by an empty map of the new layout, and said so."""
+    from bcc import BPF
+
+    pin = Path(f"/sys/fs/bpf/plexus-test-{secrets.token_hex(3)}")
+    pin.mkdir()
+    try:
+        old = BPF(text=f'BPF_TABLE_PINNED("lru_hash", u64, u64, conntrack, 1024, "{pin}/conntrack");\n'
+                       "int f(void *ctx) { return 0; }")
+        old["conntrack"][old["conntrack"].Key(5)] = old["conntrack"].Leaf(7)
+        old.cleanup()
+        first = Datapath(pin)
+        table = first.bpf["conntrack"]
+        assert ctypes.sizeof(table.Key) != 8 and not list(table.keys())
+        assert any("pinned map conntrack" in r.getMessage() for r in caplog.records)
+        table[table.Key(ifindex=3)] = table.Leaf(seen=1)
+        caplog.clear()
+        second = Datapath(pin)  # same layout: adopted, entries kept
+        assert [k.ifindex for k in second.bpf["conntrack"].keys()] == [3]
+        assert not any("pinned map" in r.getMessage() for r in caplog.records)
+        for d in (first, second):
+            d.bpf.cleanup()
+    finally:
+        shutil.rmtree(pin, ignore_errors=True)

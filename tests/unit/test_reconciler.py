@@ -123,6 +123,39 @@ async def test_prune_waits_for_initialized_then_removes_strays() -> None:
     task.cancel()
 
 
+@dataclass
+class SlowReadTarget(FakeTarget):
+    """A prune that yields before it has read the target (as a large map is read in a
+    thread), and reads its rows only after."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def prune(self, rows: Iterable[Row]) -> None:
+        self.started.set()
+        await self.go.wait()
+        present = dict(self.state)
+        keep = {r.name for r in rows}
+        for k in present.keys() - keep:
+            self.state.pop(k, None)
+
+
+async def test_prune_keeps_rows_added_while_it_waited() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = SlowReadTarget(state={"stray": 9})
+    rec = Reconciler("fake", t, target, backoff=FAST, prune_interval=3600)
+    task = await run(rec)
+    await asyncio.wait_for(target.started.wait(), 5)
+    # added and applied after the prune began, before it read the target: rows handed to the
+    # prune at its start would not name it, and it would be deleted
+    t.upsert(Row("late", 1))
+    await eventually(lambda: target.state.get("late") == 1)
+    target.go.set()
+    await asyncio.wait_for(rec.pruned_once.wait(), 5)
+    assert target.state == {"late": 1}
+    task.cancel()
+
+
 async def test_one_object_in_order_objects_in_parallel() -> None:
     t: Table[str, Row] = Table("rows", key=lambda r: r.name)
     active: set[str] = set()
