@@ -31,8 +31,8 @@ struct lb4_event {
     u16 cport; u16 vport; u16 bport; u8 proto; u8 verdict;
 };
 
-BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_services, 65536, PIN_DIR "/lb4_services");
-BPF_TABLE_PINNED("hash", u32, struct lb4_backend, lb4_backends, 65536, PIN_DIR "/lb4_backends");
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb4_service, lb4_services, 65536, PIN_DIR "/lb4_services", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", u32, struct lb4_backend, lb4_backends, 65536, PIN_DIR "/lb4_backends", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct lb4_ct_key, struct lb4_ct_value, lb4_ct, 262144, PIN_DIR "/lb4_ct");
 BPF_TABLE_PINNED("lru_hash", struct lb4_rev_key, struct lb4_rev_value, lb4_reverse, 262144, PIN_DIR "/lb4_reverse");
 BPF_PERF_OUTPUT(lb4_flows);
