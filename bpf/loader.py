@@ -19,6 +19,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 PROGRAM = Path(__file__).parent / "programs" / "datapath.c"
 BPF_FS_MAGIC = 0xCAFE4A11
+CT_LIFETIME_S = 60  # CT_LIFETIME_NS of datapath.c
+CT_REVNAT = 1       # a conntrack entry of a service connection
 
 
 class LoadError(Exception):
@@ -243,6 +245,16 @@ class Datapath:
 
     def enforce_items(self) -> list[tuple[int, int]]:
         return [(k.ifindex, k.direction) for k in self.enforce.keys()]
+
+    # ---- conntrack ------------------------------------------------------------------
+    def ct_items(self) -> list[tuple[int, int, str, str, int, int, int, int, int]]:
+        """Every conntrack entry of both families: (ifindex, direction, source, destination,
+        source port, destination port, protocol, last seen (CLOCK_MONOTONIC ns), flags)."""
+        out = [(k.ifindex, k.direction, u32_ip(k.saddr), u32_ip(k.daddr), k.sport, k.dport, k.proto,
+                v.seen, v.flags) for k, v in self.bpf["conntrack"].items()]
+        out += [(k.ifindex, k.direction, bytes_ip6(bytes(k.saddr)), bytes_ip6(bytes(k.daddr)),
+                 k.sport, k.dport, k.proto, v.seen, v.flags) for k, v in self.bpf["conntrack6"].items()]
+        return out
 
     def open_flows(self, callback: Any) -> None:
         """Call `callback(event)` for every verdict the datapath reports (poll to deliver)."""

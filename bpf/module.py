@@ -17,6 +17,7 @@ import collections
 import datetime
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from prometheus_client.registry import Collector
 from bpf.config import BpfConfig
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
-from bpf.loader import Datapath, LoadError
+from bpf.loader import CT_LIFETIME_S, CT_REVNAT, Datapath, LoadError
 from bpf.models import PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
@@ -76,6 +77,7 @@ class BpfDatapath:
         hive.routes.get("/v1/bpf/ipcache", self._ipcache_api)
         hive.routes.get("/v1/bpf/policy/{endpoint}", self._policy_api)
         hive.routes.get("/v1/bpf/policies", self._policies_api)
+        hive.routes.get("/v1/bpf/ct", self._ct_api)
         hive.routes.stream("/v1/observe", self._observe)
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
         self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -323,6 +325,31 @@ class BpfDatapath:
         return {"endpoint": ep.container_id, "pod": f"{ep.namespace}/{ep.pod_name}",
                 "interface": ep.host_ifname, "ifindex": idx, "enforced": sorted(enforced),
                 "entries": sorted(entries, key=lambda e: (e["direction"], e["identity"], e["port"]))}
+
+    async def _ct_api(self, _q: dict[str, str], _b: Any) -> Any:
+        """Live conntrack entries, with the endpoint each belongs to."""
+        from bpf.attach import ifindex
+
+        dp = self._need()
+        rows = await asyncio.to_thread(dp.ct_items)  # the maps hold up to 786k entries
+        now = time.monotonic_ns()
+        by_ifindex = {}
+        for ep in self.endpoints:
+            idx = ifindex(ep.host_ifname)
+            if idx is not None:
+                by_ifindex[idx] = f"{ep.namespace}/{ep.pod_name}"
+        out = []
+        for idx, direction, src, dst, sport, dport, proto, seen, flags in rows:
+            left = CT_LIFETIME_S - (now - seen) / 1e9
+            if left <= 0:
+                continue  # expired: the next packet gets a new verdict
+            out.append({"endpoint": by_ifindex.get(idx, ""), "ifindex": idx,
+                        "direction": "ingress" if direction else "egress", "source": src,
+                        "destination": dst, "sourcePort": sport, "destinationPort": dport,
+                        "protocol": proto, "expiresIn": round(left, 1),
+                        "service": bool(flags & CT_REVNAT)})
+        return sorted(out, key=lambda r: (r["endpoint"], r["ifindex"], r["direction"], r["source"],
+                                          r["destination"], r["sourcePort"], r["destinationPort"]))
 
     async def _policies_api(self, _q: dict[str, str], _b: Any) -> Any:
         return {"policies": sorted(self.policies), "rejected": self.rejected}

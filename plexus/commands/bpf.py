@@ -1,4 +1,5 @@
-"""`plexus bpf ipcache list`, `plexus bpf policy get <endpoint>`, `plexus bpf lb list`."""
+"""`plexus bpf ipcache list`, `plexus bpf policy get <endpoint>`, `plexus bpf lb list`,
+`plexus bpf ct list`."""
 
 from __future__ import annotations
 
@@ -31,12 +32,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_agent_args(lbls)
     add_output_arg(lbls)
     lbls.set_defaults(func=_lb)
+    ct = b.add_parser("ct", help="connections conntrack lets through").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    ctls = ct.add_parser("list")
+    ctls.add_argument("--endpoint", help="only this pod (namespace/name)")
+    add_agent_args(ctls)
+    add_output_arg(ctls)
+    ctls.set_defaults(func=_ct)
 
 
 def _ipcache(args: argparse.Namespace) -> int:
     rows = client(args).get("/v1/bpf/ipcache")
     emit(args, rows, lambda rs: table([(r["prefix"], r["identity"], r["hostIP"], r["flags"])
                                        for r in rs], ["PREFIX", "IDENTITY", "HOST", "FLAGS"]))
+    return 0
+
+
+def _ct(args: argparse.Namespace) -> int:
+    rows = [r for r in client(args).get("/v1/bpf/ct") if args.endpoint in (None, r["endpoint"])]
+    proto = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        return table([(r["endpoint"] or r["ifindex"], r["direction"].upper(),
+                       proto.get(r["protocol"], r["protocol"]), f"{r['source']}:{r['sourcePort']}",
+                       f"{r['destination']}:{r['destinationPort']}", f"{r['expiresIn']:.0f}s",
+                       "service" if r["service"] else "") for r in rs],
+                     ["ENDPOINT", "DIRECTION", "PROTO", "SOURCE", "DESTINATION", "EXPIRES", ""])
+
+    emit(args, rows, render)
     return 0
 
 

@@ -465,6 +465,15 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         pol = json.loads(r.stdout)
         assert pol["enforced"] == ["ingress"]
         assert any(e["action"] == "deny" for e in pol["entries"])
+        # an allowed connection from west is in pweb's conntrack, its replies' entry too
+        assert echo(client, "tcp", web["ip"], 8080, "ct")
+        r = plexus("bpf", "ct", "list", "--node", "east-n1", "--endpoint", "default/pweb", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        conns = json.loads(r.stdout)
+        assert any(c["direction"] == "ingress" and c["destination"] == web["ip"]
+                   and c["destinationPort"] == 8080 and 0 < c["expiresIn"] <= 60 for c in conns), conns
+        assert any(c["direction"] == "egress" and c["source"] == web["ip"] and c["sourcePort"] == 8080
+                   for c in conns), conns
 
         # A malformed policy is refused by apply, naming the field; the running one stays.
         bad = POLICY.replace("port: 8080", "port: 99999")

@@ -287,6 +287,11 @@ def test_two_pods_on_one_node_each_enforce_their_own_policy(dp: Datapath, v6: bo
                 assert not connects(pod_a, a_ip, b_ip, 8080)
                 dp.policy_set(idx[pod_a], b_id, 8080, TCP, EGRESS, ALLOW)
                 assert connects(pod_a, a_ip, b_ip, 8080)
+            # each veth holds its own entry and its replies', keyed by endpoint and direction
+            conns = {(i, d, src, dst) for i, d, src, dst, sport, dport, proto, _seen, _flags
+                     in dp.ct_items() if proto == TCP and 8080 in (sport, dport)}
+            assert {(idx[pod_a], EGRESS, a_ip, b_ip), (idx[pod_a], INGRESS, b_ip, a_ip),
+                    (idx[pod_b], INGRESS, a_ip, b_ip), (idx[pod_b], EGRESS, b_ip, a_ip)} <= conns
         finally:
             for prefix in (f"{a_ip}/{host}", f"{b_ip}/{host}"):
                 dp.ipcache_delete(prefix)
