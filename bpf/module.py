@@ -48,6 +48,21 @@ from plexus.core.tables import Table
 log = logging.getLogger(__name__)
 
 
+def _ct_rows(dp: Datapath, pods: dict[int, str]) -> list[dict[str, Any]]:
+    now = time.monotonic_ns()
+    out = []
+    for idx, direction, src, dst, sport, dport, proto, seen, flags in dp.ct_items():
+        left = CT_LIFETIME_S - (now - seen) / 1e9
+        if left <= 0:
+            continue  # expired: the next packet gets a new verdict
+        out.append({"endpoint": pods.get(idx, ""), "ifindex": idx,
+                    "direction": "ingress" if direction else "egress", "source": src,
+                    "destination": dst, "sourcePort": sport, "destinationPort": dport,
+                    "protocol": proto, "expiresIn": round(left, 1), "service": bool(flags & CT_REVNAT)})
+    return sorted(out, key=lambda r: (r["endpoint"], r["ifindex"], r["direction"], r["source"],
+                                      r["destination"], r["sourcePort"], r["destinationPort"]))
+
+
 class BpfDatapath:
     def __init__(self, hive: Hive, config: BpfConfig) -> None:
         self.hive = hive
@@ -331,25 +346,12 @@ class BpfDatapath:
         from bpf.attach import ifindex
 
         dp = self._need()
-        rows = await asyncio.to_thread(dp.ct_items)  # the maps hold up to 786k entries
-        now = time.monotonic_ns()
-        by_ifindex = {}
+        pods = {}
         for ep in self.endpoints:
             idx = ifindex(ep.host_ifname)
             if idx is not None:
-                by_ifindex[idx] = f"{ep.namespace}/{ep.pod_name}"
-        out = []
-        for idx, direction, src, dst, sport, dport, proto, seen, flags in rows:
-            left = CT_LIFETIME_S - (now - seen) / 1e9
-            if left <= 0:
-                continue  # expired: the next packet gets a new verdict
-            out.append({"endpoint": by_ifindex.get(idx, ""), "ifindex": idx,
-                        "direction": "ingress" if direction else "egress", "source": src,
-                        "destination": dst, "sourcePort": sport, "destinationPort": dport,
-                        "protocol": proto, "expiresIn": round(left, 1),
-                        "service": bool(flags & CT_REVNAT)})
-        return sorted(out, key=lambda r: (r["endpoint"], r["ifindex"], r["direction"], r["source"],
-                                          r["destination"], r["sourcePort"], r["destinationPort"]))
+                pods[idx] = f"{ep.namespace}/{ep.pod_name}"
+        return await asyncio.to_thread(_ct_rows, dp, pods)  # up to 786k entries: off the loop
 
     async def _policies_api(self, _q: dict[str, str], _b: Any) -> Any:
         return {"policies": sorted(self.policies), "rejected": self.rejected}

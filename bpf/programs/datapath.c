@@ -24,8 +24,7 @@
                                        // a write per packet bounces its cache line across CPUs
 #define CT_REVNAT 1  // a service connection: its replies get the frontend back as their source
 #define CT_NEW 2     // (returned only) the packet got a verdict: no entry let it through
-#define REASON_NEW 0
-#define REASON_ESTABLISHED 1
+#define REASON_NEW 0  // flow events are sent for a connection's first packet only
 
 struct ipcache_key { u32 prefixlen; u32 addr; };
 struct ipcache_value { u32 identity; u32 host_ip; u32 flags; };
@@ -231,7 +230,8 @@ static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
 }
 
 // 1 when a live conntrack entry lets the packet through (counted); its flags in `flags`.
-// A service connection's replies may need `want` flags the entry lacks: 0 then.
+// `ct_flags` are what this packet says of its connection (a service's): an entry made before
+// it knew gets them, and so does its pair.
 static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct_flags,
                                     u32 *flags) {
     struct ct_key fwd = { .ifindex = ifindex, .saddr = f->saddr, .daddr = f->daddr,

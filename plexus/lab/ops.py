@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import signal
@@ -73,6 +74,15 @@ def spawn(ns: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = 
 
 
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@atexit.register
+def _reap_exited() -> None:
+    """Collect the daemons we started that another process stopped (`plexus lab down` run
+    apart from us): otherwise they stay zombies until we exit and their handles complain."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            del _CHILDREN[pid]
 
 
 def cmdline(pid: int) -> str:
