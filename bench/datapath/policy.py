@@ -45,9 +45,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 from bench.common import machine, percentile
-from bpf.config import BpfConfig
 from bpf.models import PlexusNetworkPolicy
-from bpf.module import BpfDatapath
 from bpf.policy import LocalEndpoint, compute
 from bpf.resolver import Resolver
 from clustermesh.kvstore import KvStore
@@ -63,27 +61,10 @@ from clustermesh.models import (
     format_labels,
     synced_key,
 )
-from clustermesh.tables import (
-    ENDPOINTS,
-    IDENTITIES,
-    IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
-    NODES,
-    SERVICES,
-    Endpoint,
-    LocalNode,
-    Manifest,
-    endpoints_table,
-    identities_table,
-    ipcache_table,
-    manifests_table,
-    nodes_table,
-    services_table,
-)
+from clustermesh.tables import Endpoint, LocalNode, Manifest
 from plexus.core.client import Client
 from plexus.core.config import parse
-from plexus.core.module import Hive
+from tests.bpf_fixture import bpf_module
 from tests.support import etcd_server, sh, stop_pid, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,14 +127,8 @@ def engine(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
 
 
 def module(args: argparse.Namespace, workdir: Path) -> list[tuple[str, list[float]]]:
-    hive = Hive(agent=None, state_dir=workdir)
-    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
-    eps = hive.provide(ENDPOINTS, endpoints_table())
-    ipc = hive.provide(IPCACHE, ipcache_table())
-    ids = hive.provide(IDENTITIES, identities_table())
-    mf = hive.provide(MANIFESTS, manifests_table())
-    hive.provide(NODES, nodes_table())
-    hive.provide(SERVICES, services_table())
+    dp, tables = bpf_module(workdir, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    eps, ipc, ids, mf = (tables[name] for name in ("endpoints", "ipcache", "identities", "manifests"))
     for b in policy_bodies(args.rules):
         mf.upsert(Manifest("east", "PlexusNetworkPolicy", "default", b["metadata"]["name"], b))
     for i in range(args.identities):
@@ -163,7 +138,6 @@ def module(args: argparse.Namespace, workdir: Path) -> list[tuple[str, list[floa
     for e in range(args.endpoints):
         eps.upsert(Endpoint(f"c{e}", f"10.1.1.{e + 2}", "default", f"server-{e}", {"role": "server"},
                             f"plxbench{e}"))
-    dp = BpfDatapath(hive, BpfConfig())
     new = WEST + 256 + args.identities
     full = []
     for n in range(args.full_runs):
