@@ -44,7 +44,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from bench.common import machine, percentile
+from bench.common import machine, percentile, seed_cluster, start_agent
 from bpf.models import PlexusNetworkPolicy
 from bpf.policy import LocalEndpoint, compute
 from bpf.resolver import Resolver
@@ -54,15 +54,11 @@ from clustermesh.models import (
     IDENTITIES_PREFIX,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
-    SYNCED_PREFIXES,
-    ClusterConfig,
     Identity,
     IPIdentity,
     format_labels,
-    synced_key,
 )
 from clustermesh.tables import Endpoint, LocalNode, Manifest
-from plexus.core.client import Client
 from plexus.core.config import parse
 from tests.bpf_fixture import bpf_module
 from tests.support import etcd_server, sh, stop_pid, wait_until
@@ -282,10 +278,7 @@ def _unshare_net() -> None:
 
 async def _seed(east: str, west: str, args: argparse.Namespace) -> None:
     for endpoint, name, cid in ((east, "east", 1), (west, "west", 2)):
-        async with KvStore([endpoint]) as kv:
-            await kv.put(f"cilium/cluster-config/{name}", ClusterConfig(id=cid).to_json())
-            for prefix in SYNCED_PREFIXES:
-                await kv.put(synced_key(name, prefix), "now")
+        await seed_cluster(endpoint, name, cid)
     async with KvStore([west]) as kv:
         await kv.put_many([(f"{IDENTITIES_PREFIX}/{WEST + 256 + i}", format_labels(labels_of(i)))
                            for i in range(args.identities)])
@@ -326,22 +319,12 @@ def latency(args: argparse.Namespace) -> None:
             asyncio.run(_seed(east.endpoint, west.endpoint, args))
             seeded = time.monotonic() - t0
             (work / "mesh" / "west").write_text(f"endpoints: ['{west.endpoint}']\n")
-            (work / "agent.yaml").write_text(
-                "cluster: {name: east, id: 1}\n"
-                "node: {name: n1, ip: 172.31.1.11, podCIDR: 10.1.1.0/24}\n"
-                f"stateDir: {work / 'state'}\napiSocket: {work / 'agent.sock'}\nmetrics: {{port: null}}\n"
-                f"clustermesh: {{etcd: {{endpoints: ['{east.endpoint}']}}, configDir: {work / 'mesh'}, "
-                "directRoutes: false}\n"
-                f"bpf: {{enabled: true, pinDir: {pin}}}\n")
             sh("ip", "link", "add", "plxlat0", "type", "veth", "peer", "name", "plxlat0p")
             sh("ip", "link", "set", "plxlat0", "up")
             sh("ip", "link", "set", "plxlat0p", "up")
             ifindex = socket.if_nametoindex("plxlat0")
-            with open(work / "agent.log", "ab") as log:
-                agent = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config",
-                                          str(work / "agent.yaml")], cwd=ROOT, stderr=log)
-            wait_until(lambda: (work / "agent.sock").exists(), 60, what="agent socket")
-            api = Client(work / "agent.sock", timeout=30)
+            agent, api = start_agent(work, east.endpoint, extra=f"bpf: {{enabled: true, pinDir: {pin}}}\n",
+                                     timeout=60)
             api.post("/v1/endpoints", {"container_id": "bench", "ip": "10.1.1.2", "namespace": "default",
                                        "pod_name": "server", "labels": {"role": "server"},
                                        "host_ifname": "plxlat0"})
