@@ -256,10 +256,11 @@ sys.exit(0 if data == payload else 3)
 
 
 @contextmanager
-def echo_server(ns: str, proto: str, port: int) -> Iterator[subprocess.Popen[str]]:
-    """A TCP or UDP echo server inside namespace `ns`, stopped by PID afterwards."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO_SERVER, proto,
-                             str(port)], stdout=subprocess.PIPE, text=True)
+def _script_server(ns: str, script: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Python `script` run inside namespace `ns`, yielded once it prints "ready", stopped by
+    PID afterwards."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script, *args],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -268,6 +269,13 @@ def echo_server(ns: str, proto: str, port: int) -> Iterator[subprocess.Popen[str
         stop_pid(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@contextmanager
+def echo_server(ns: str, proto: str, port: int) -> Iterator[subprocess.Popen[str]]:
+    """A TCP or UDP echo server inside namespace `ns`, stopped by PID afterwards."""
+    with _script_server(ns, ECHO_SERVER, proto, str(port)) as proc:
+        yield proc
 
 
 def echo(ns: str, proto: str, ip: str, port: int, payload: str, timeout: float = 2.0) -> bool:
@@ -339,16 +347,8 @@ print(json.dumps(out))
 @contextmanager
 def whoami_server(ns: str, proto: str, port: int, name: str) -> Iterator[subprocess.Popen[str]]:
     """A TCP or UDP server in `ns` that answers every message with `name`."""
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", WHOAMI_SERVER, proto,
-                             str(port), name], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+    with _script_server(ns, WHOAMI_SERVER, proto, str(port), name) as proc:
         yield proc
-    finally:
-        stop_pid(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def whoami(ns: str, proto: str, ip: str, port: int, conns: int = 1, msgs: int = 1,

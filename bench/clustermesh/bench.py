@@ -13,27 +13,22 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, percentile, rss_mb
+from bench.common import machine, percentile, rss_mb, seed_cluster, start_agent
 from clustermesh.kvstore import KvStore
 from clustermesh.models import (
     IDENTITIES_PREFIX,
     IPCACHE_PREFIX,
     NODES_PREFIX,
     SERVICES_PREFIX,
-    SYNCED_PREFIXES,
-    ClusterConfig,
     ClusterService,
     IPIdentity,
     L4Addr,
     Node,
     NodeAddress,
-    synced_key,
 )
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.tables import (
@@ -45,15 +40,7 @@ from clustermesh.tables import (
 )
 from tests.support import etcd_server, stop_pid, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 WEST_ID = 2
-
-
-async def seed_cluster(endpoint: str, name: str, cid: int) -> None:
-    async with KvStore([endpoint]) as kv:
-        await kv.put(f"cilium/cluster-config/{name}", ClusterConfig(id=cid).to_json())
-        for prefix in SYNCED_PREFIXES:
-            await kv.put(synced_key(name, prefix), "now")
 
 
 # ---- propagation ---------------------------------------------------------------------
@@ -188,20 +175,8 @@ async def _floor_sync(endpoint: str) -> tuple[float, int]:
 def _agent_sync(west: str, east: str, expect: int) -> tuple[float, float, int]:
     work = Path(tempfile.mkdtemp(prefix="plexus-bench-"))
     (work / "mesh").mkdir()
-    cfg = work / "agent.yaml"
-    cfg.write_text("cluster: {name: east, id: 1}\n"
-                   "node: {name: n1, ip: 172.31.1.11, podCIDR: 10.1.1.0/24}\n"
-                   f"stateDir: {work / 'state'}\napiSocket: {work / 'agent.sock'}\nmetrics: {{port: null}}\n"
-                   f"clustermesh: {{etcd: {{endpoints: ['{east}']}}, configDir: {work / 'mesh'}, "
-                   f"directRoutes: false, configPollInterval: 0.05}}\n")
-    from plexus.core.client import Client
-
-    with open(work / "agent.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config", str(cfg)],
-                                cwd=ROOT, stderr=log)
+    proc, api = start_agent(work, east, mesh_options=", configPollInterval: 0.05")
     try:
-        wait_until(lambda: (work / "agent.sock").exists(), 30)
-        api = Client(work / "agent.sock", timeout=30)
         wait_until(lambda: api.get("/v1/clustermesh/status")["clusters"]["east"]["ready"], 30)
         base_rss = rss_mb(proc.pid)
         t0 = time.monotonic()

@@ -44,10 +44,8 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from bench.common import machine, percentile
-from bpf.config import BpfConfig
+from bench.common import machine, percentile, seed_cluster, start_agent
 from bpf.models import PlexusNetworkPolicy
-from bpf.module import BpfDatapath
 from bpf.policy import LocalEndpoint, compute
 from bpf.resolver import Resolver
 from clustermesh.kvstore import KvStore
@@ -56,34 +54,13 @@ from clustermesh.models import (
     IDENTITIES_PREFIX,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
-    SYNCED_PREFIXES,
-    ClusterConfig,
     Identity,
     IPIdentity,
     format_labels,
-    synced_key,
 )
-from clustermesh.tables import (
-    ENDPOINTS,
-    IDENTITIES,
-    IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
-    NODES,
-    SERVICES,
-    Endpoint,
-    LocalNode,
-    Manifest,
-    endpoints_table,
-    identities_table,
-    ipcache_table,
-    manifests_table,
-    nodes_table,
-    services_table,
-)
-from plexus.core.client import Client
+from clustermesh.tables import Endpoint, LocalNode, Manifest
 from plexus.core.config import parse
-from plexus.core.module import Hive
+from tests.bpf_fixture import bpf_module
 from tests.support import etcd_server, sh, stop_pid, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,14 +123,8 @@ def engine(args: argparse.Namespace) -> list[tuple[str, list[float]]]:
 
 
 def module(args: argparse.Namespace, workdir: Path) -> list[tuple[str, list[float]]]:
-    hive = Hive(agent=None, state_dir=workdir)
-    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
-    eps = hive.provide(ENDPOINTS, endpoints_table())
-    ipc = hive.provide(IPCACHE, ipcache_table())
-    ids = hive.provide(IDENTITIES, identities_table())
-    mf = hive.provide(MANIFESTS, manifests_table())
-    hive.provide(NODES, nodes_table())
-    hive.provide(SERVICES, services_table())
+    dp, tables = bpf_module(workdir, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    eps, ipc, ids, mf = (tables[name] for name in ("endpoints", "ipcache", "identities", "manifests"))
     for b in policy_bodies(args.rules):
         mf.upsert(Manifest("east", "PlexusNetworkPolicy", "default", b["metadata"]["name"], b))
     for i in range(args.identities):
@@ -163,7 +134,6 @@ def module(args: argparse.Namespace, workdir: Path) -> list[tuple[str, list[floa
     for e in range(args.endpoints):
         eps.upsert(Endpoint(f"c{e}", f"10.1.1.{e + 2}", "default", f"server-{e}", {"role": "server"},
                             f"plxbench{e}"))
-    dp = BpfDatapath(hive, BpfConfig())
     new = WEST + 256 + args.identities
     full = []
     for n in range(args.full_runs):
@@ -308,10 +278,7 @@ def _unshare_net() -> None:
 
 async def _seed(east: str, west: str, args: argparse.Namespace) -> None:
     for endpoint, name, cid in ((east, "east", 1), (west, "west", 2)):
-        async with KvStore([endpoint]) as kv:
-            await kv.put(f"cilium/cluster-config/{name}", ClusterConfig(id=cid).to_json())
-            for prefix in SYNCED_PREFIXES:
-                await kv.put(synced_key(name, prefix), "now")
+        await seed_cluster(endpoint, name, cid)
     async with KvStore([west]) as kv:
         await kv.put_many([(f"{IDENTITIES_PREFIX}/{WEST + 256 + i}", format_labels(labels_of(i)))
                            for i in range(args.identities)])
@@ -352,22 +319,12 @@ def latency(args: argparse.Namespace) -> None:
             asyncio.run(_seed(east.endpoint, west.endpoint, args))
             seeded = time.monotonic() - t0
             (work / "mesh" / "west").write_text(f"endpoints: ['{west.endpoint}']\n")
-            (work / "agent.yaml").write_text(
-                "cluster: {name: east, id: 1}\n"
-                "node: {name: n1, ip: 172.31.1.11, podCIDR: 10.1.1.0/24}\n"
-                f"stateDir: {work / 'state'}\napiSocket: {work / 'agent.sock'}\nmetrics: {{port: null}}\n"
-                f"clustermesh: {{etcd: {{endpoints: ['{east.endpoint}']}}, configDir: {work / 'mesh'}, "
-                "directRoutes: false}\n"
-                f"bpf: {{enabled: true, pinDir: {pin}}}\n")
             sh("ip", "link", "add", "plxlat0", "type", "veth", "peer", "name", "plxlat0p")
             sh("ip", "link", "set", "plxlat0", "up")
             sh("ip", "link", "set", "plxlat0p", "up")
             ifindex = socket.if_nametoindex("plxlat0")
-            with open(work / "agent.log", "ab") as log:
-                agent = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config",
-                                          str(work / "agent.yaml")], cwd=ROOT, stderr=log)
-            wait_until(lambda: (work / "agent.sock").exists(), 60, what="agent socket")
-            api = Client(work / "agent.sock", timeout=30)
+            agent, api = start_agent(work, east.endpoint, extra=f"bpf: {{enabled: true, pinDir: {pin}}}\n",
+                                     timeout=60)
             api.post("/v1/endpoints", {"container_id": "bench", "ip": "10.1.1.2", "namespace": "default",
                                        "pod_name": "server", "labels": {"role": "server"},
                                        "host_ifname": "plxlat0"})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from plexus.commands.common import add_agent_args, add_output_arg, client, emit, table
@@ -13,32 +14,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     register_observe(sub)
     p = sub.add_parser("bpf", help="what the eBPF datapath holds")
     b = p.add_subparsers(dest="bpf_command", required=True, metavar="MAP")
-    ipc = b.add_parser("ipcache", help="prefix -> identity").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    ls = ipc.add_parser("list")
-    add_agent_args(ls)
-    add_output_arg(ls)
-    ls.set_defaults(func=_ipcache)
-    pol = b.add_parser("policy", help="an endpoint's policy map").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    get = pol.add_parser("get")
+    _map_command(b, "ipcache", "prefix -> identity", "list", _ipcache)
+    get = _map_command(b, "policy", "an endpoint's policy map", "get", _policy)
     get.add_argument("endpoint", help="container id, pod name, IP or host interface")
-    add_agent_args(get)
-    add_output_arg(get)
-    get.set_defaults(func=_policy)
-    lb = b.add_parser("lb", help="global services: frontends -> backends").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    lbls = lb.add_parser("list")
-    add_agent_args(lbls)
-    add_output_arg(lbls)
-    lbls.set_defaults(func=_lb)
-    ct = b.add_parser("ct", help="connections conntrack lets through").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    ctls = ct.add_parser("list")
-    ctls.add_argument("--endpoint", help="only this pod (namespace/name)")
-    add_agent_args(ctls)
-    add_output_arg(ctls)
-    ctls.set_defaults(func=_ct)
+    _map_command(b, "lb", "global services: frontends -> backends", "list", _lb)
+    ct = _map_command(b, "ct", "connections conntrack lets through", "list", _ct)
+    ct.add_argument("--endpoint", help="only this pod (namespace/name)")
+
+
+def _map_command(maps: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str,
+                 action: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """`plexus bpf <name> <action>`, with the agent and output options every one takes."""
+    actions = maps.add_parser(name, help=summary).add_subparsers(dest="action", required=True,
+                                                               metavar="ACTION")
+    p = actions.add_parser(action)
+    add_agent_args(p)
+    add_output_arg(p)
+    p.set_defaults(func=func)
+    return p
 
 
 def _ipcache(args: argparse.Namespace) -> int:

@@ -7,30 +7,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-from bpf.config import BpfConfig
 from bpf.ipcache import FLAG_REMOTE_CLUSTER, IpcacheEntry, ipcache_rows
 from bpf.module import BpfDatapath
 from bpf.policy import CIDR_IDENTITY_BASE
 from clustermesh.models import ID_HOST, ID_REMOTE_NODE, Identity, IPIdentity, Node, NodeAddress
-from clustermesh.tables import (
-    ENDPOINTS,
-    IDENTITIES,
-    IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
-    NODES,
-    SERVICES,
-    Endpoint,
-    LocalNode,
-    Manifest,
-    endpoints_table,
-    identities_table,
-    ipcache_table,
-    manifests_table,
-    nodes_table,
-    services_table,
-)
-from plexus.core.module import Hive
+from clustermesh.tables import Endpoint, LocalNode, Manifest
+from tests.bpf_fixture import bpf_module
 
 LOCAL = LocalNode(cluster="east", cluster_id=1, name="n1", ip="172.31.1.11", pod_cidr="10.1.1.0/24",
                   pod_cidr_v6="fd00:1:1::/64")
@@ -77,18 +59,6 @@ def test_an_endpoint_entry_beats_a_cidr_a_node_and_the_local_ip() -> None:
 
 # ---- the module: apply(changed keys) == recompute() ---------------------------------------
 
-def make_module(tmp_path: Path) -> tuple[BpfDatapath, dict[str, Any]]:
-    hive = Hive(agent=None, state_dir=tmp_path)
-    hive.provide(LOCAL_NODE, LOCAL)
-    t = {"endpoints": hive.provide(ENDPOINTS, endpoints_table()),
-         "ipcache": hive.provide(IPCACHE, ipcache_table()),
-         "identities": hive.provide(IDENTITIES, identities_table()),
-         "manifests": hive.provide(MANIFESTS, manifests_table()),
-         "nodes": hive.provide(NODES, nodes_table())}
-    hive.provide(SERVICES, services_table())  # the service load-balancer's, unused here
-    return BpfDatapath(hive, BpfConfig()), t
-
-
 CIDRS = ["198.51.100.0/24", "fd00:db8::/64", "10.9.0.0/16"]
 
 
@@ -122,8 +92,8 @@ def snapshot(m: BpfDatapath) -> tuple[Any, ...]:
 
 def test_incremental_derivation_equals_recompute(tmp_path: Path) -> None:
     rng = random.Random(7)
-    inc, ti = make_module(tmp_path / "a")
-    ref, tr = make_module(tmp_path / "b")
+    inc, ti = bpf_module(tmp_path / "a", LOCAL)
+    ref, tr = bpf_module(tmp_path / "b", LOCAL)
     inc.recompute()
     for _ in range(400):
         kind = rng.choice(["endpoints", "ipcache", "identities", "identities", "manifests", "nodes"])
@@ -167,7 +137,7 @@ def test_incremental_derivation_equals_recompute(tmp_path: Path) -> None:
 
 
 def test_unknown_source_falls_back_to_recompute(tmp_path: Path) -> None:
-    m, t = make_module(tmp_path)
+    m, t = bpf_module(tmp_path, LOCAL)
     m.recompute()
     t["ipcache"].upsert(IPIdentity("fd00:2:1::9", 131400, cluster="west"))
     m.apply({"something-new": {"x"}})  # a table this module does not derive incrementally
