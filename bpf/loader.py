@@ -285,7 +285,13 @@ class Datapath:
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
 
     def counter_totals(self) -> dict[str, int]:
-        out = {}
-        for idx, name in ((0, "forwarded"), (1, "dropped")):
-            out[name] = int(sum(self.counters[ctypes.c_uint32(idx)]))
-        return out
+        """Packets forwarded and dropped, all CPUs summed."""
+        drops = self.drop_reasons()
+        return {"forwarded": self._counter(0), "dropped": sum(drops.values())}
+
+    def drop_reasons(self) -> dict[str, int]:
+        """Dropped packets by why (COUNT_* of datapath.c)."""
+        return {"policy-denied": self._counter(1), "no-service-backend": self._counter(2)}
+
+    def _counter(self, idx: int) -> int:
+        return int(sum(self.counters[ctypes.c_uint32(idx)]))

@@ -373,10 +373,15 @@ class _Counters(Collector):
     def collect(self) -> Iterator[Any]:
         c = CounterMetricFamily("plexus_datapath_packets", "Policy verdicts in the datapath.",
                                 labels=["verdict"])
+        drops = CounterMetricFamily("plexus_datapath_drops", "Packets the datapath dropped, by reason.",
+                                    labels=["reason"])
         if self.owner.dp is not None:
             for name, value in self.owner.dp.counter_totals().items():
                 c.add_metric([name], float(value))
+            for reason, value in self.owner.dp.drop_reasons().items():
+                drops.add_metric([reason], float(value))
         yield c
+        yield drops
 
 
 module = Module(name="bpf", doc=__doc__ or "", config=BpfConfig,

@@ -74,10 +74,18 @@ static __always_inline int verdict(u32 ifindex, u32 identity, u16 port, u8 proto
     return enforce.lookup(&e) ? ACTION_DENY : ACTION_ALLOW;  // not selected: allow all
 }
 
-static __always_inline void count(int action) {
-    u32 idx = action == ACTION_ALLOW ? 0 : 1;
+// counters: packets forwarded, dropped by policy, dropped for want of a service backend
+#define COUNT_FORWARDED 0
+#define COUNT_POLICY_DENIED 1
+#define COUNT_NO_BACKEND 2
+
+static __always_inline void count_as(u32 idx) {
     u64 *n = counters.lookup(&idx);
     if (n) *n += 1;
+}
+
+static __always_inline void count(int action) {
+    count_as(action == ACTION_ALLOW ? COUNT_FORWARDED : COUNT_POLICY_DENIED);
 }
 
 // A live entry lets the packet through; 0 when there is none or it has expired. `refresh` is

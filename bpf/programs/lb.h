@@ -111,6 +111,7 @@ static __always_inline int lb4_from_pod(struct __sk_buff *skb, struct flow4 *f, 
     if (!be) {
         ev.verdict = LB_VERDICT_NO_BACKEND;
         lb4_flows.perf_submit(skb, &ev, sizeof(ev));
+        count_as(COUNT_NO_BACKEND);
         return TC_ACT_SHOT;
     }
     u32 baddr = be->addr;

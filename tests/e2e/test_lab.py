@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,6 +454,8 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         metrics = ops.run("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
                           "'http://172.31.1.11:9962/metrics').read().decode())", ns="plx-east-n1").stdout
         assert 'plexus_datapath_packets_total{verdict="dropped"}' in metrics
+        denied = re.search(r'^plexus_datapath_drops_total\{reason="policy-denied"\} (\S+)$', metrics, re.M)
+        assert denied and float(denied[1]) >= 1, metrics
 
         # The maps are pinned where bpftool sees them, with the remote identity in them.
         pin = lab.bpffs / "east-n1"

@@ -119,9 +119,14 @@ def test_tcp_and_udp_spread_stick_and_follow_backend_removal(node: Node) -> None
         stack.enter_context(whoami_server(client, "tcp", 8080, "client"))
         program(node, ["client", "b2"])
         assert spread(node, "tcp", conns=10) == {"b2"}
-        # a service with no backend drops
+        # a service with no backend drops, and says why in its counters
+        before = node.dp.drop_reasons()
         node.maps.service_set(LbFrontend(VIP, 80, TCP, "default/web", "none", ()))
         assert whoami(client, "tcp", VIP, 80, timeout=1) == [[None]]
+        after = node.dp.drop_reasons()
+        assert after["no-service-backend"] > before["no-service-backend"]
+        assert after["policy-denied"] == before["policy-denied"]
+        assert node.dp.counter_totals()["dropped"] == sum(after.values())
         # not a frontend any more: the packet goes to the VIP untouched (and nowhere here)
         node.maps.service_delete((VIP, 80, TCP))
         assert whoami(client, "tcp", VIP, 80, timeout=1) == [[None]]
