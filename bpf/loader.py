@@ -19,8 +19,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 PROGRAM = Path(__file__).parent / "programs" / "datapath.c"
 BPF_FS_MAGIC = 0xCAFE4A11
-CT_LIFETIME_S = 60  # CT_LIFETIME_NS of datapath.c
-CT_REVNAT = 1       # a conntrack entry of a service connection
+# conntrack of datapath.c: how long an entry lives after its last packet, and its flags
+CT_LIFETIME_S, CT_LIFETIME_TCP_S, CT_CLOSE_S = 60, 21600, 10
+CT_REVNAT, CT_CLOSING = 1, 4  # a service connection's; a FIN or RST went by
+
+
+def ct_lifetime(proto: int, flags: int) -> int:
+    if flags & CT_CLOSING:
+        return CT_CLOSE_S
+    return CT_LIFETIME_TCP_S if proto == socket.IPPROTO_TCP else CT_LIFETIME_S
 
 
 class LoadError(Exception):

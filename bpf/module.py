@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from bpf.config import BpfConfig
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
-from bpf.loader import CT_LIFETIME_S, CT_REVNAT, Datapath, LoadError
+from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
 from bpf.models import PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
@@ -52,13 +52,14 @@ def _ct_rows(dp: Datapath, pods: dict[int, str]) -> list[dict[str, Any]]:
     now = time.monotonic_ns()
     out = []
     for idx, direction, src, dst, sport, dport, proto, seen, flags in dp.ct_items():
-        left = CT_LIFETIME_S - (now - seen) / 1e9
+        left = ct_lifetime(proto, flags) - (now - seen) / 1e9
         if left <= 0:
             continue  # expired: the next packet gets a new verdict
         out.append({"endpoint": pods.get(idx, ""), "ifindex": idx,
                     "direction": "ingress" if direction else "egress", "source": src,
                     "destination": dst, "sourcePort": sport, "destinationPort": dport,
-                    "protocol": proto, "expiresIn": round(left, 1), "service": bool(flags & CT_REVNAT)})
+                    "protocol": proto, "expiresIn": round(left, 1), "service": bool(flags & CT_REVNAT),
+                    "closing": bool(flags & CT_CLOSING)})
     return sorted(out, key=lambda r: (r["endpoint"], r["ifindex"], r["direction"], r["source"],
                                       r["destination"], r["sourcePort"], r["destinationPort"]))
 

@@ -19,11 +19,17 @@
 #define ACTION_ALLOW 1
 #define ACTION_DENY 2
 #define ID_WORLD 2
-#define CT_LIFETIME_NS (60ULL * 1000000000ULL)
+#define NS_PER_S 1000000000ULL
+#define CT_LIFETIME_NS (60ULL * NS_PER_S)         // UDP, ICMP and the rest
+#define CT_LIFETIME_TCP_NS (21600ULL * NS_PER_S)  // an open TCP connection may idle for hours
+#define CT_CLOSE_NS (10ULL * NS_PER_S)            // after a FIN or RST: the tuple may come back
 #define CT_REFRESH_NS (1000000000ULL)  // an entry's clock is written at most once a second:
                                        // a write per packet bounces its cache line across CPUs
 #define CT_REVNAT 1  // a service connection: its replies get the frontend back as their source
 #define CT_NEW 2     // (returned only) the packet got a verdict: no entry let it through
+#define CT_CLOSING 4 // a FIN or RST went by: the connection is ending
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
 #define REASON_NEW 0  // flow events are sent for a connection's first packet only
 
 struct ipcache_key { u32 prefixlen; u32 addr; };
@@ -88,11 +94,22 @@ static __always_inline void count(int action) {
     count_as(action == ACTION_ALLOW ? COUNT_FORWARDED : COUNT_POLICY_DENIED);
 }
 
-// A live entry lets the packet through; 0 when there is none or it has expired. `refresh` is
-// set when its clock is due to be written, which the caller does for both of the pair.
-static __always_inline int ct_live(struct ct_value *v, u64 now, int *refresh) {
-    if (!v || now - v->seen >= CT_LIFETIME_NS) return 0;
-    *refresh = now - v->seen >= CT_REFRESH_NS;
+static __always_inline u64 ct_lifetime(u8 proto, u32 flags) {
+    if (flags & CT_CLOSING) return CT_CLOSE_NS;
+    return proto == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_NS;
+}
+
+// The flags a packet adds to its connection's entries: `ct_flags`, and CT_CLOSING on a FIN or RST.
+static __always_inline u32 ct_marks(u32 ct_flags, u8 tcp_flags) {
+    return ct_flags | (tcp_flags & (TCP_FIN | TCP_RST) ? CT_CLOSING : 0);
+}
+
+// A live entry lets the packet through; 0 when there is none or it has expired. `write` is
+// set when the entry is due to be written (its clock, or `marks` it lacks), which the caller
+// does for both of the pair.
+static __always_inline int ct_live(struct ct_value *v, u64 now, u8 proto, u32 marks, int *write) {
+    if (!v || now - v->seen >= ct_lifetime(proto, v->flags)) return 0;
+    *write = now - v->seen >= CT_REFRESH_NS || (v->flags & marks) != marks;
     return 1;
 }
 
@@ -159,11 +176,14 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
         proto = ext[0];
     }
     u16 sport = 0, dport = 0;
+    u8 tcp_flags = 0;
     if (!later_fragment && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)) {
         u16 *ports = l4;
         if ((void *)(ports + 2) > data_end) return TC_ACT_OK;
         sport = ntohs(ports[0]);
         dport = ntohs(ports[1]);
+        u8 *tcp = l4;
+        if (proto == IPPROTO_TCP && (void *)(tcp + 14) <= data_end) tcp_flags = tcp[13];
     } else if (!later_fragment && proto == NEXTHDR_ICMPV6) {
         u8 *type = l4;
         if ((void *)(type + 1) > data_end) return TC_ACT_OK;
@@ -177,17 +197,19 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
     __builtin_memcpy(fwd.saddr, saddr, 16);
     __builtin_memcpy(fwd.daddr, daddr, 16);
     u64 now = bpf_ktime_get_coarse_ns();
-    int refresh = 0;
+    u32 marks = ct_marks(0, tcp_flags);
+    int write = 0;
     struct ct_value *seen = conntrack6.lookup(&fwd);
     struct ct6_key reverse = { .ifindex = ifindex, .sport = dport, .dport = sport, .proto = proto,
                                .direction = !dir };
     __builtin_memcpy(reverse.saddr, daddr, 16);
     __builtin_memcpy(reverse.daddr, saddr, 16);
-    if (ct_live(seen, now, &refresh)) {
-        if (refresh) {
+    if (ct_live(seen, now, proto, marks, &write)) {
+        if (write) {
             seen->seen = now;
+            seen->flags |= marks;
             struct ct_value *pair = conntrack6.lookup(&reverse);
-            if (pair) pair->seen = now;
+            if (pair) { pair->seen = now; pair->flags |= marks; }
         }
         count(ACTION_ALLOW);
         return TC_ACT_OK;
@@ -196,7 +218,7 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
     int action = verdict(ifindex, identity, dport, proto, dir);
     count(action);
     if (action == ACTION_ALLOW) {
-        struct ct_value v = { .seen = now };
+        struct ct_value v = { .seen = now, .flags = marks };
         conntrack6.update(&fwd, &v);
         conntrack6.update(&reverse, &v);
     }
@@ -210,7 +232,9 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
 }
 
 // An IPv4 packet's addresses, ports (host order; 0 when it has none) and where they are.
-struct flow4 { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 has_ports; u16 l4off; };
+struct flow4 {
+    u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 has_ports; u16 l4off; u8 tcp_flags;
+};
 
 // 0 when the packet is not IPv4 or is cut short.
 static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
@@ -225,21 +249,24 @@ static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
     f->proto = ip->protocol;
     f->sport = f->dport = 0;
     f->has_ports = 0;
+    f->tcp_flags = 0;
     f->l4off = sizeof(struct ethhdr) + ip->ihl * 4;
     int later_fragment = ip->frag_off & htons(0x1FFF);  // carries no transport header
     if (!later_fragment && (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP)) {
         u16 *ports = (void *)ip + ip->ihl * 4;
-        if ((void *)(ports + 2) > data_end) return 0;
+        if ((void *)(ports + 2) > data_end) return 1;  // cut short: judged as portless
         f->sport = ntohs(ports[0]);
         f->dport = ntohs(ports[1]);
         f->has_ports = 1;
+        u8 *tcp = (void *)ports;
+        if (f->proto == IPPROTO_TCP && (void *)(tcp + 14) <= data_end) f->tcp_flags = tcp[13];
     }
     return 1;
 }
 
 // 1 when a live conntrack entry lets the packet through (counted); its flags in `flags`.
 // `ct_flags` are what this packet says of its connection (a service's): an entry made before
-// it knew gets them, and so does its pair.
+// it knew gets them, and so does its pair; so does CT_CLOSING on a FIN or RST.
 static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct_flags,
                                     u32 *flags) {
     struct ct_key fwd = { .ifindex = ifindex, .saddr = f->saddr, .daddr = f->daddr,
@@ -247,16 +274,17 @@ static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct
                           .direction = dir };
     struct ct_value *seen = conntrack.lookup(&fwd);
     u64 now = bpf_ktime_get_coarse_ns();
-    int refresh = 0;
-    if (!ct_live(seen, now, &refresh)) return 0;
-    if (refresh || (seen->flags & ct_flags) != ct_flags) {
+    u32 marks = ct_marks(ct_flags, f->tcp_flags);
+    int write = 0;
+    if (!ct_live(seen, now, f->proto, marks, &write)) return 0;
+    if (write) {
         seen->seen = now;
-        seen->flags |= ct_flags;
+        seen->flags |= marks;
         struct ct_key reverse = { .ifindex = ifindex, .saddr = f->daddr, .daddr = f->saddr,
                                   .sport = f->dport, .dport = f->sport, .proto = f->proto,
                                   .direction = !dir };
         struct ct_value *pair = conntrack.lookup(&reverse);
-        if (pair) { pair->seen = now; pair->flags |= ct_flags; }
+        if (pair) { pair->seen = now; pair->flags |= marks; }
     }
     count(ACTION_ALLOW);
     *flags = seen->flags;
@@ -274,7 +302,8 @@ static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 di
     int action = verdict(ifindex, identity, f->dport, f->proto, dir);
     count(action);
     if (action == ACTION_ALLOW) {
-        struct ct_value v = { .seen = bpf_ktime_get_coarse_ns(), .flags = ct_flags };
+        struct ct_value v = { .seen = bpf_ktime_get_coarse_ns(),
+                              .flags = ct_marks(ct_flags, f->tcp_flags) };
         struct ct_key fwd = { .ifindex = ifindex, .saddr = f->saddr, .daddr = f->daddr,
                               .sport = f->sport, .dport = f->dport, .proto = f->proto,
                               .direction = dir };

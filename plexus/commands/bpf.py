@@ -49,7 +49,8 @@ def _ct(args: argparse.Namespace) -> int:
         return table([(r["endpoint"] or r["ifindex"], r["direction"].upper(),
                        proto.get(r["protocol"], r["protocol"]), f"{r['source']}:{r['sourcePort']}",
                        f"{r['destination']}:{r['destinationPort']}", f"{r['expiresIn']:.0f}s",
-                       "service" if r["service"] else "") for r in rs],
+                       " ".join(f for f, on in (("service", r["service"]), ("closing", r["closing"])) if on))
+                      for r in rs],
                      ["ENDPOINT", "DIRECTION", "PROTO", "SOURCE", "DESTINATION", "EXPIRES", ""])
 
     emit(args, rows, render)

@@ -468,13 +468,14 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         pol = json.loads(r.stdout)
         assert pol["enforced"] == ["ingress"]
         assert any(e["action"] == "deny" for e in pol["entries"])
-        # an allowed connection from west is in pweb's conntrack, its replies' entry too
+        # an allowed connection from west is in pweb's conntrack, its replies' entry too; it has
+        # closed, so its entries go within 10 s
         assert echo(client, "tcp", web["ip"], 8080, "ct")
         r = plexus("bpf", "ct", "list", "--node", "east-n1", "--endpoint", "default/pweb", "-o", "json")
         assert r.returncode == 0, r.stderr
         conns = json.loads(r.stdout)
-        assert any(c["direction"] == "ingress" and c["destination"] == web["ip"]
-                   and c["destinationPort"] == 8080 and 0 < c["expiresIn"] <= 60 for c in conns), conns
+        assert any(c["direction"] == "ingress" and c["destination"] == web["ip"] and c["closing"]
+                   and c["destinationPort"] == 8080 and 0 < c["expiresIn"] <= 10 for c in conns), conns
         assert any(c["direction"] == "egress" and c["source"] == web["ip"] and c["sourcePort"] == 8080
                    for c in conns), conns
 

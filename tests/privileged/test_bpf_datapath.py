@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bpf import attach
-from bpf.loader import Datapath
+from bpf.loader import CT_CLOSE_S, CT_LIFETIME_TCP_S, Datapath, ct_lifetime
 from bpf.policy import ALLOW, DENY, EGRESS, INGRESS
 from tests.support import netns, sh, stop_pid, unique
 
@@ -248,6 +248,14 @@ def test_policy_by_identity_on_real_tcp(dp: Datapath, flows: list[dict[str, Any]
     assert any(want.items() <= f.items() for f in flows), flows[-5:]
 
 
+HOLD = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_two_pods_on_one_node_each_enforce_their_own_policy(dp: Datapath, v6: bool) -> None:
     """A connection one pod's egress lets out is judged again by the other pod's ingress: the
@@ -287,6 +295,19 @@ def test_two_pods_on_one_node_each_enforce_their_own_policy(dp: Datapath, v6: bo
                 assert not connects(pod_a, a_ip, b_ip, 8080)
                 dp.policy_set(idx[pod_a], b_id, 8080, TCP, EGRESS, ALLOW)
                 assert connects(pod_a, a_ip, b_ip, 8080)
+                # an open TCP connection may idle for hours; a closed one's entries go in seconds
+                held = subprocess.Popen(["ip", "netns", "exec", pod_a, sys.executable, "-c", HOLD, b_ip,
+                                         "8080"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                try:
+                    assert held.stdout is not None and held.stdout.readline().strip() == "connected"
+                    lifetimes = {ct_lifetime(proto, flags) for i, d, _s, _d, _sp, dport, proto, _seen, flags
+                                 in dp.ct_items() if (i, d, dport, proto) == (idx[pod_a], EGRESS, 8080, TCP)}
+                finally:
+                    stop_pid(held)
+                    for pipe in (held.stdin, held.stdout):
+                        if pipe is not None:
+                            pipe.close()
+                assert lifetimes == {CT_LIFETIME_TCP_S, CT_CLOSE_S}, lifetimes
             # each veth holds its own entry and its replies', keyed by endpoint and direction
             conns = {(i, d, src, dst) for i, d, src, dst, sport, dport, proto, _seen, _flags
                      in dp.ct_items() if proto == TCP and 8080 in (sport, dport)}
