@@ -45,10 +45,16 @@ def _ct(args: argparse.Namespace) -> int:
     rows = [r for r in client(args).get("/v1/bpf/ct") if args.endpoint in (None, r["endpoint"])]
     proto = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 
+    def at(r: dict[str, Any], side: str) -> str:
+        ip = r[side]
+        if r["protocol"] not in (6, 17):
+            return ip  # no ports
+        return f"[{ip}]:{r[side + 'Port']}" if ":" in ip else f"{ip}:{r[side + 'Port']}"
+
     def render(rs: list[dict[str, Any]]) -> str:
         return table([(r["endpoint"] or r["ifindex"], r["direction"].upper(),
-                       proto.get(r["protocol"], r["protocol"]), f"{r['source']}:{r['sourcePort']}",
-                       f"{r['destination']}:{r['destinationPort']}", f"{r['expiresIn']:.0f}s",
+                       proto.get(r["protocol"], r["protocol"]), at(r, "source"), at(r, "destination"),
+                       f"{r['expiresIn']:.0f}s",
                        " ".join(f for f, on in (("service", r["service"]), ("closing", r["closing"])) if on))
                       for r in rs],
                      ["ENDPOINT", "DIRECTION", "PROTO", "SOURCE", "DESTINATION", "EXPIRES", ""])

@@ -191,6 +191,8 @@ def _demo(_args: argparse.Namespace) -> int:
   .venv/bin/plexus clustermesh status --node {first.key}
   .venv/bin/plexus clustermesh list endpoints --node {first.key}
   .venv/bin/plexus encrypt status --node {first.key}
+  .venv/bin/plexus observe --node {first.key}              # every verdict, live (Ctrl-C)
+  .venv/bin/plexus bpf ct list --node {first.key}          # connections the datapath lets through
   .venv/bin/plexus apply -f examples/global-service.yaml --lab east
   ip netns exec {client} ping {ip('west', 'n1', 'web')}
   ip netns exec plx-router birdc -s {lab.bird_socket()} show route
