@@ -170,7 +170,7 @@ class ApiServer:
     async def _follow(self, prefix: str, listed: Callable[[], Awaitable[None]]) -> None:
         first = True
         while True:
-            items, rev = await self.kv.list(prefix)
+            items, rev = await self.kv.list_prefix(prefix)
             fresh = {i.key for i in items}
             for stale in [k for k in self._known(prefix) if k not in fresh]:
                 self._apply(stale, None)
@@ -200,7 +200,7 @@ class ApiServer:
         mine = [f"{NODES_PREFIX}/{self.cluster}/", f"{SERVICES_PREFIX}/{self.cluster}/",
                 f"{IPCACHE_PREFIX}/"]
         for prefix in mine:
-            items, _ = await self.kv.list(prefix)
+            items, _ = await self.kv.list_prefix(prefix)
             self.published.update({i.key: i.value for i in items})
 
     async def _heartbeat(self) -> None:

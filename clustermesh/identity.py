@@ -74,7 +74,7 @@ class Allocator:
                 return ident
             ident += 1
         # wrap once: ids freed by garbage collection below the cursor
-        items, _ = await self.kv.list(f"{IDENTITIES_PREFIX}/")
+        items, _ = await self.kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         used = {int(i.key.rsplit("/", 1)[1]) for i in items if i.key.rsplit("/", 1)[1].isdigit()}
         for ident in range(self.first, self.last + 1):
             if ident not in used:
@@ -95,7 +95,7 @@ class Allocator:
         return await self.kv.delete_if_mod_revision(f"{IDENTITIES_PREFIX}/{ident}", got.mod_revision)
 
     async def owned(self) -> dict[int, tuple[str, ...]]:
-        items, _ = await self.kv.list(f"{IDENTITIES_PREFIX}/")
+        items, _ = await self.kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         out = {}
         for i in items:
             tail = i.key.rsplit("/", 1)[1]

@@ -74,7 +74,7 @@ class EndpointRegistrationOps:
     async def prune(self, rows: Iterable[Endpoint]) -> None:
         prefix = f"{REGISTRATIONS_PREFIX}/{self.cluster}/endpoints/{self.node}/"
         keep = {self._key(ep) for ep in rows}
-        items, _ = await self.kv.list(prefix)
+        items, _ = await self.kv.list_prefix(prefix)
         for item in items:
             if item.key not in keep:
                 await self.kv.delete(item.key)

@@ -255,7 +255,7 @@ class ClusterWatcher:
             self._update_ready()
 
         while True:
-            items, rev = await self.kv.list(prefix)
+            items, rev = await self.kv.list_prefix(prefix)
             keys = {i.key for i in items}
             update(keys)
             try:
@@ -284,7 +284,7 @@ class ClusterWatcher:
 
     async def _follow(self, p: _Prefix[Any, Any]) -> None:
         while True:
-            items, rev = await self.kv.list(p.prefix)
+            items, rev = await self.kv.list_prefix(p.prefix)
             rows = {}
             p.keys.clear()
             for item in items:

@@ -226,7 +226,7 @@ from clustermesh.models import IDENTITIES_PREFIX
 async def main() -> None:
     expected, seen = int(sys.argv[2]), set()
     async with KvStore([sys.argv[1]]) as kv:
-        _, rev = await kv.list(f"{IDENTITIES_PREFIX}/")
+        _, rev = await kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         print("ready", flush=True)
         async for events, _ in kv.watch(f"{IDENTITIES_PREFIX}/", rev + 1):
             now = time.monotonic()

@@ -75,13 +75,13 @@ async def test_tls_roles_and_mismatch(tmp_path: Path, secure_etcd: tuple[Etcd, P
         d = tmp_path / "east-mesh"
         remote = KvStore([etcd.endpoint], Tls(d / "west.ca.crt", d / "west.client.crt",
                                               d / "west.client.key"))
-        items, _ = await remote.list(f"{IPCACHE_PREFIX}/")
+        items, _ = await remote.list_prefix(f"{IPCACHE_PREFIX}/")
         assert [i.key for i in items] == [f"{IPCACHE_PREFIX}/10.2.1.5"]
         assert await remote.get("cilium/cluster-config/west") is not None
         with pytest.raises(PermissionDenied):
             await remote.put(f"{IPCACHE_PREFIX}/10.9.9.9", "{}")
         with pytest.raises(PermissionDenied):
-            await remote.list("plexus/registrations/v1/")
+            await remote.list_prefix("plexus/registrations/v1/")
         await remote.close()
 
         # A certificate from another CA, or the wrong CA, is refused.
@@ -121,7 +121,7 @@ async def test_three_member_cluster_loses_a_member_and_nothing(tmp_path: Path) -
                         await asyncio.sleep(0.1 * (attempt + 1))
 
             async def published() -> bool:
-                items, _ = await kv.list(f"{IPCACHE_PREFIX}/")
+                items, _ = await kv.list_prefix(f"{IPCACHE_PREFIX}/")
                 return len(items) == 40
 
             await eventually(published, 30, what=lambda: f"all 40 endpoints published; server "
