@@ -42,6 +42,7 @@ class Allocator:
         self.first = max(self.first, 256)
         self._cache: dict[tuple[str, ...], int] = {}
         self._next = self.first
+        self.allocated = 0  # identities this allocator created in etcd
 
     async def allocate(self, labels: tuple[str, ...]) -> int:
         labels = tuple(sorted(labels))
@@ -61,6 +62,7 @@ class Allocator:
             ])
             if created:
                 self._cache[labels] = candidate
+                self.allocated += 1
                 log.info("allocated identity=%d labels=%s", candidate, format_labels(labels))
                 return candidate
             self._next = candidate + 1  # lost a race for this id or for these labels
