@@ -255,6 +255,11 @@ class KvStore:
                    for k, v in items[i:i + 128]]
             await self._call("_kv", "Txn", rpc.TxnRequest(success=ops), deadline=30)
 
+    async def compact(self, revision: int) -> None:
+        """Forget every revision before `revision`; watches from before it get Compacted."""
+        await self._call("_kv", "Compact", rpc.CompactionRequest(revision=revision, physical=True),
+                         deadline=max(self.timeout, 30))
+
     # ---- leases ---------------------------------------------------------------------
     async def grant(self, ttl: int) -> int:
         resp = await self._call("_lease", "LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl))
