@@ -86,6 +86,7 @@ class ApiServer:
         self._dirty = asyncio.Event()
         self.backoff = Backoff(initial=0.2, maximum=30.0)
         self._session_synced = False
+        self.ready = False  # this etcd session's initial sync is written
         self.reg_prefix = f"{REGISTRATIONS_PREFIX}/{cluster}/"
         self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
         self.counters = Counters()
@@ -248,6 +249,8 @@ class ApiServer:
                 if failures is None:
                     raise
                 self._etcd_error("etcd session", "; ".join(sorted(set(map(str, failures)))))
+            finally:
+                self.ready = False
             attempt = 1 if self._session_synced else attempt + 1
             await asyncio.sleep(self.backoff.delay(attempt))
 
@@ -276,6 +279,7 @@ class ApiServer:
                                   datetime.datetime.now(datetime.UTC).isoformat())
             self.synced.set()
             self._session_synced = True
+            self.ready = True
             self.log.info("initial sync done: canaries written")
             tg.create_task(self._gc())
             while True:
@@ -286,6 +290,7 @@ class ApiServer:
 
     def status(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "id": self.cluster_id, "synced": self.synced.is_set(),
+                "ready": self.ready,
                 "nodes": len(self.sources.nodes), "endpoints": len(self.sources.endpoints),
                 "services": len(self.sources.services), "rejected": dict(self.sources.rejected),
                 "published": len(self.published),
