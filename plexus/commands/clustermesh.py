@@ -10,21 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from plexus.commands.common import (
-    LAB_DIR,
     add_agent_args,
     add_output_arg,
     client,
     emit,
+    lab_apiserver_socket,
     table,
 )
 from plexus.core.client import Client
 
 APISERVER_SOCKET = "/run/plexus/clustermesh-apiserver.sock"
-
-
-def lab_apiserver_socket(cluster: str) -> Path:
-    """The API socket of lab cluster `cluster`'s clustermesh-apiserver."""
-    return LAB_DIR / "clusters" / cluster / "apiserver.sock"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -22,7 +22,7 @@ import yaml
 from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
-from plexus.commands.common import LAB_DIR, lab_socket
+from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_socket
 from plexus.core.client import Client, ClientError
 from plexus.lab import ops
 from plexus.lab.ops import LabError
@@ -42,6 +42,7 @@ from plexus.lab.topology import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # where older labs pinned; removed if found
 WG_DIR = Path("/var/run/wireguard")
+APISERVER_METRICS_PORT = 9963  # each control plane is its own namespace
 
 
 # Stop order, last tier first: agents go before the etcd they talk to.
@@ -392,7 +393,14 @@ protocol kernel {{
         return [sys.executable, "-m", "plexus", "clustermesh-apiserver", "--cluster-name", c.name,
                 "--cluster-id", str(c.id), "--etcd", "https://127.0.0.1:2379",
                 "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
-                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60"]
+                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60",
+                "--api-socket", str(self.apiserver_socket(c)),
+                "--metrics-address", c.control_plane.ip, "--metrics-port", str(APISERVER_METRICS_PORT)]
+
+    def apiserver_socket(self, c: Cluster) -> Path:
+        """The clustermesh-apiserver's API socket (`plexus clustermesh-apiserver status`)."""
+        return (lab_apiserver_socket(c.name) if self.root == LAB_DIR
+                else self.root / "clusters" / c.name / "apiserver.sock")
 
     def _apiserver_synced(self, c: Cluster) -> bool:
         r = self.etcdctl(c.control_plane.netns, c, "get", "--prefix", "--keys-only",

@@ -195,6 +195,24 @@ def test_clustermesh_connects_the_clusters(lab: Lab) -> None:
     wait_until(lambda: merged() == {"east", "west"}, 20, what="global service backends")
 
 
+def test_each_clustermesh_apiserver_reports_status_health_and_metrics(lab: Lab) -> None:
+    for c in lab.topo.clusters:
+        r = plexus("clustermesh-apiserver", "status", "--cluster", c.name, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        a = st["modules"]["apiserver"]
+        assert st["cluster"] == c.name and a["health"] == "ok" and a["ready"]
+        assert all(p["synced"] for p in a["prefixes"].values()) and a["nodes"] == len(c.nodes)
+        assert a["written"]["puts"] > 0
+        get = ("import sys, urllib.request; "
+               "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+        url = f"http://{c.control_plane.ip}:9963"
+        health = ops.run(sys.executable, "-c", get, f"{url}/healthz", ns=c.control_plane.netns).stdout
+        assert json.loads(health)["ok"]
+        metrics = ops.run(sys.executable, "-c", get, f"{url}/metrics", ns=c.control_plane.netns).stdout
+        assert "plexus_clustermesh_apiserver_ready 1.0" in metrics
+
+
 def test_router_learns_the_global_service_ip_from_both_clusters(lab: Lab) -> None:
     """The lab's BGPAdvertisement announces Service ClusterIPs: a global service applied in
     both clusters reaches the router as a /32 from every node of both."""
