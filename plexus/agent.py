@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from plexus.core import log as plog
 from plexus.core.api import ApiServer
 from plexus.core.config import ConfigError, Strict, parse, read_yaml
 from plexus.core.module import App, Hive, Module
+from plexus.core.serve import serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +117,8 @@ async def run(config_path: str | Path) -> int:
     add_core_routes(app)
     server = ApiServer(app.hive.routes, config.api_socket, app.hive.metrics.registry,
                        config.metrics.address, config.metrics.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await app.start()
-        await server.start()
-        log.info("agent ready cluster=%s node=%s api=%s", config.cluster.name, config.node.name,
-                 config.api_socket)
-        await stop.wait()
-        log.info("agent stopping (kernel and BGP state stay in place)")
-    finally:
-        await server.stop()
-        await app.stop()
+    await serve_until_signalled(
+        app, server, f"agent ready cluster={config.cluster.name} node={config.node.name} "
+                     f"api={config.api_socket}",
+        "agent stopping (kernel and BGP state stay in place)")
     return 0

@@ -6,10 +6,7 @@ unix socket and `/metrics` and `/healthz` on TCP, runs until SIGTERM.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,7 @@ from plexus.core import log as plog
 from plexus.core.api import ApiServer
 from plexus.core.config import Strict, parse
 from plexus.core.module import App, Hive, Module
-
-log = logging.getLogger(__name__)
+from plexus.core.serve import serve_until_signalled
 
 DEFAULT_API_SOCKET = Path("/run/plexus/clustermesh-apiserver.sock")
 DEFAULT_METRICS_PORT = 9963
@@ -93,17 +89,7 @@ async def run(config: ApiServerBase) -> int:
     app = build(config, MODULES)
     add_core_routes(app)
     server = server_for(app)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await app.start()
-        await server.start()
-        log.info("clustermesh-apiserver ready cluster=%s api=%s metrics=%s:%s", config.cluster.name,
-                 config.api_socket, config.metrics.address, config.metrics.port)
-        await stop.wait()
-    finally:
-        await server.stop()
-        await app.stop()
+    await serve_until_signalled(
+        app, server, f"clustermesh-apiserver ready cluster={config.cluster.name} "
+                     f"api={config.api_socket} metrics={config.metrics.address}:{config.metrics.port}")
     return 0
