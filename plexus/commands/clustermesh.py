@@ -25,6 +25,7 @@ APISERVER_SOCKET = "/run/plexus/clustermesh-apiserver.sock"
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("clustermesh-apiserver",
                        help="publish a cluster's state into its etcd (Cilium's layout)",
+                       allow_abbrev=False,
                        description="Run the apiserver (with --cluster-name, --cluster-id, --etcd), "
                                    "or show a running one's status.")
     p.add_argument("--cluster-name", help="required to run")
