@@ -58,8 +58,9 @@ from clustermesh.models import (
     IPIdentity,
     format_labels,
 )
-from clustermesh.tables import Endpoint, LocalNode, Manifest
 from plexus.core.config import parse
+from plexus.core.manifests import Manifest
+from plexus.core.node import Endpoint, LocalNode
 from tests.bpf_fixture import bpf_module
 from tests.support import etcd_server, sh, stop_pid, wait_until
 

@@ -19,10 +19,11 @@ from bgp.ops import (
     safe,
     withdraw_commands,
 )
-from bgp.tables import ManifestCache, Neighbor, PeerRoutes, RouteAttrs, resolve
+from bgp.tables import Neighbor, PeerRoutes, RouteAttrs, resolve
 from clustermesh.models import ClusterService, L4Addr
-from clustermesh.tables import LocalNode, Manifest
 from plexus.core.config import ConfigError, parse
+from plexus.core.manifests import Manifest, ManifestCache
+from plexus.core.node import LocalNode
 from tests.support import eventually
 
 A = ipaddress.ip_address
@@ -73,7 +74,7 @@ def test_invalid_manifests_name_the_field(kind: str, spec: dict[str, Any], field
 
 
 def test_bad_new_version_keeps_last_good() -> None:
-    cache = ManifestCache()
+    cache = ManifestCache(MANIFEST_KINDS)
     good = m("BGPPeerConfig", "p", {"timers": {"holdTimeSeconds": 9, "keepAliveTimeSeconds": 3}})
     cache.sync([good])
     bad = m("BGPPeerConfig", "p", {"timers": {"holdTimeSeconds": 1}})
@@ -87,7 +88,7 @@ def test_bad_new_version_keeps_last_good() -> None:
 
 def _resolve(manifests: list[Manifest], services: tuple[ClusterService, ...] = (),
              tmp: Path = Path("/nonexistent")) -> Any:
-    cache = ManifestCache()
+    cache = ManifestCache(MANIFEST_KINDS)
     cache.sync(manifests)
     return resolve(cache, LOCAL, services, tmp)
 
