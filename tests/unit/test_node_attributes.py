@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 import pytest
 
-from plexus.core.node import POD_MTU, WIREGUARD_PUBLIC_KEY, NodeAttr, NodeAttributes
+from plexus.agent import build, config_model
+from plexus.app import MODULES
+from plexus.core.node import NODE_ATTRIBUTES, POD_MTU, WIREGUARD_PUBLIC_KEY, NodeAttr, NodeAttributes
+from plexus.node.module import EndpointManager
 
 
 def test_set_and_get_are_typed() -> None:
@@ -42,3 +46,16 @@ async def test_readers_wait_for_the_modules_that_will_set_attributes() -> None:
     assert await asyncio.wait_for(anext(changes), 1) == {"flavour"}
     assert isinstance(changes, AsyncGenerator)
     await changes.aclose()
+
+
+async def test_the_pod_mtu_a_module_sets_is_the_mtu_pods_get(tmp_path: Path) -> None:
+    cfg = config_model(MODULES).model_validate({
+        "cluster": {"name": "east", "id": 1},
+        "node": {"name": "n1", "ip": "172.31.1.11", "podCIDR": "10.1.1.0/24", "mtu": 1500},
+        "stateDir": str(tmp_path)})
+    app = build(cfg, MODULES)
+    manager = app.components["endpoints"]
+    assert isinstance(manager, EndpointManager)
+    assert (await manager._node({}, None))["mtu"] == 1500
+    app.hive.require(NODE_ATTRIBUTES).set(POD_MTU, 1420)  # what encryption sets
+    assert (await manager._node({}, None))["mtu"] == 1420
