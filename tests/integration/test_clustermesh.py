@@ -177,8 +177,13 @@ async def test_global_service_merges_backends_per_affinity(tmp_path: Path, etcds
 
         async with KvStore([etcds["east"].endpoint]) as kv:
             await kv.put("plexus/manifests/v1/east/Service/default/web", service_manifest("local"))
-        await eventually(lambda: [b.cluster for b in gs.get(("default", "web")).backends] == ["east"],
-                         10, what="local affinity keeps local backends")
+
+        def local_only() -> bool:
+            current = gs.get(("default", "web"))
+            assert current is not None, "the global service is gone"
+            return [b.cluster for b in current.backends] == ["east"]
+
+        await eventually(local_only, 10, what="local affinity keeps local backends")
 
 
 async def test_removing_the_config_file_drains(tmp_path: Path, etcds: dict[str, Etcd]) -> None:
