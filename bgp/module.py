@@ -17,10 +17,12 @@ from bgp.config import BGPConfig
 from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
 from bgp.ops import RoutesOps, Speaker, attrs_text, explain
-from bgp.tables import IPAddress, IPNetwork, ManifestCache, PeerRoutes, RouteAttrs, peer_routes_table, resolve
-from clustermesh.tables import LOCAL_NODE, MANIFESTS, SERVICES
+from bgp.tables import IPAddress, IPNetwork, PeerRoutes, RouteAttrs, peer_routes_table, resolve
+from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
+from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
+from plexus.core.node import LOCAL_NODE
 from plexus.core.reconciler import Backoff, Reconciler
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class BGPControlPlane:
         self.manifests = hive.require(MANIFESTS)
         self.services = hive.optional(SERVICES)
         self.table = peer_routes_table()
-        self.cache = ManifestCache()
+        self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
         self.drain_flag = self.run_dir / "drained"
@@ -88,8 +90,8 @@ class BGPControlPlane:
         res = resolve(self.cache, self.local, self.services or [], self.config.secrets_dir)
         if res.problems != self.problems:
             for where, p in res.problems.items():
-                if self.problems.get(where) != p:
-                    log.warning("bgp config problem where=%s: %s", where, p)
+                if self.problems.get(where) != p and p not in self.cache.problems.values():
+                    log.warning("bgp config problem where=%s: %s", where, p)  # the cache logs its own
         self.problems = res.problems
         self.speaker.configure(res.neighbors)
         rows = [PeerRoutes(p, {} if self.drained else r) for p, r in res.routes.items()]

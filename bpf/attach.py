@@ -9,6 +9,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
+TC_PRIORITY = 1  # of our filter on each clsact hook of a pod's host veth
+TC_HANDLE = 1
 
 
 def ifindex(ifname: str) -> int | None:
@@ -32,8 +34,8 @@ def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str]) -> i
             if e.code != 17:  # EEXIST: adopted from a previous run
                 raise
         for parent, (fd, name) in ((INGRESS, from_pod), (EGRESS, to_pod)):
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name, parent=parent,
-                   classid=1, direct_action=True, prio=1)
+            ipr.tc("replace-filter", "bpf", idx, f":{TC_HANDLE:x}", fd=fd, name=name, parent=parent,
+                   classid=1, direct_action=True, prio=TC_PRIORITY)
         return idx
 
 

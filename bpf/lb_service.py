@@ -30,9 +30,10 @@ from bpf.loader import u32_ip
 from bpf.ops import LbBackendOps, LbFrontendOps
 from clustermesh.models import ID_WORLD
 from clustermesh.services import merge
-from clustermesh.tables import IPCACHE, LOCAL_NODE, NODES, SERVICES
+from clustermesh.tables import IPCACHE, NODES, SERVICES
 from plexus.core.api import ApiError
 from plexus.core.module import Hive
+from plexus.core.node import LOCAL_NODE
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 

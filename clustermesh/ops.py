@@ -15,7 +15,7 @@ from clustermesh.models import (
     endpoint_registration_key,
     node_registration_key,
 )
-from clustermesh.tables import Endpoint
+from plexus.core.node import Endpoint
 from plexus.core.reconciler import TemporaryError
 
 RTPROT_PLEXUS = 190  # marks the routes this agent owns, so prune touches no other

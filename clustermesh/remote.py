@@ -36,9 +36,9 @@ from clustermesh.models import (
     identity_cluster_id,
     parse_labels,
 )
-from clustermesh.tables import Manifest
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
+from plexus.core.manifests import Manifest
 from plexus.core.reconciler import Backoff
 from plexus.core.tables import Table
 

@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, create_model, field_validator
 
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/plexus")
 DEFAULT_API_SOCKET = Path("/run/plexus/agent.sock")
+
+C = TypeVar("C", bound=Strict)
 
 
 class ClusterSection(Strict):
@@ -65,8 +67,15 @@ class AgentBase(Strict):
     state_dir: Path = Field(DEFAULT_STATE_DIR,
                             description="Persistent state (IPAM, keys, endpoints).")
     api_socket: Path = Field(DEFAULT_API_SOCKET, description="Unix socket of the local API.")
-    metrics: MetricsSection = Field(default_factory=MetricsSection)  # type: ignore[arg-type]
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+    def section(self, module: Module[C]) -> C:
+        """One module's config: a field that config_model adds, so typed through its Module."""
+        value = getattr(self, module.name)
+        if not isinstance(value, module.config):
+            raise TypeError(f"config section {module.name!r} is not a {module.config.__name__}")
+        return value
 
 
 def config_model(modules: list[Module[Any]]) -> type[AgentBase]:

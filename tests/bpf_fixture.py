@@ -9,22 +9,18 @@ from typing import Any
 from bpf.config import BpfConfig
 from bpf.module import BpfDatapath
 from clustermesh.tables import (
-    ENDPOINTS,
     IDENTITIES,
     IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
     NODES,
     SERVICES,
-    LocalNode,
-    endpoints_table,
     identities_table,
     ipcache_table,
-    manifests_table,
     nodes_table,
     services_table,
 )
+from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, LocalNode, endpoints_table
 from plexus.core.tables import Table
 
 

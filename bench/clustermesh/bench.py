@@ -31,13 +31,8 @@ from clustermesh.models import (
     NodeAddress,
 )
 from clustermesh.remote import ClusterWatcher, MeshTables
-from clustermesh.tables import (
-    identities_table,
-    ipcache_table,
-    manifests_table,
-    nodes_table,
-    services_table,
-)
+from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
+from plexus.core.manifests import manifests_table
 from tests.support import etcd_server, stop_pid, wait_until
 
 WEST_ID = 2

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +374,7 @@ protocol kernel {{
                 "--logger", "zap", "--log-level", "warn"]
 
     def etcdctl(self, ns: str, c: Cluster, *args: str, url: str | None = None,
-                check: bool = False) -> ops.subprocess.CompletedProcess[str]:
+                check: bool = False) -> subprocess.CompletedProcess[str]:
         return ops.run("etcdctl", "--endpoints", url or c.etcd_url, "--dial-timeout", "2s",
                        *etcdctl_tls(self.pki(c.name)), *args, ns=ns, check=check)
 
@@ -550,12 +551,10 @@ protocol kernel {{
             procs = [p for p in state.processes.values() if p.tier == tier and ops.alive(p.pid, p.marker)]
             # What they started (wireguard-go under an agent) is ours too; stop it after them.
             below = ops.descendants(p.pid for p in procs)
-            ops.stop_all([(p.pid, lambda p=p: ops.alive(p.pid, p.marker)) for p in procs])
+            ops.stop_all([(p.pid, partial(ops.alive, p.pid, p.marker)) for p in procs])
             done += [f"stopped {p.name} (pid {p.pid})" for p in procs]
-            left = [(pid, ops.cmdline(pid).strip()) for pid, t in below
-                    if ops.running(pid) and ops.start_time(pid) == t]
-            ops.stop_all([(pid, lambda pid=pid, t=t: ops.running(pid) and ops.start_time(pid) == t)
-                          for pid, t in below])
+            left = [(pid, ops.cmdline(pid).strip()) for pid, t in below if ops.still_running(pid, t)]
+            ops.stop_all([(pid, partial(ops.still_running, pid, t)) for pid, t in below])
             done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
         # wireguard-go outlives its agent by design (stop is not remove), and one started by an
         # earlier agent is no longer below the current one: its pid file names it.

@@ -130,7 +130,8 @@ class Link:
 
 @pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
 def family(request: pytest.FixtureRequest) -> Family:
-    return request.param  # type: ignore[no-any-return]
+    param: Family = request.param
+    return param
 
 
 @pytest.fixture
