@@ -15,6 +15,7 @@ from clustermesh.models import (
     endpoint_registration_key,
     node_registration_key,
 )
+from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.node import Endpoint
 from plexus.core.reconciler import TemporaryError
 
@@ -95,13 +96,11 @@ class DirectRoute:
 class RouteOps:
     """Routes in the main table, marked with our protocol number."""
 
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute  # only where routes are really managed
-
-        self._ipr_factory = IPRoute
+    def __init__(self, netlink: Netlink = AGENT_NETNS) -> None:
+        self.netlink = netlink
 
     def _sync_update(self, row: DirectRoute) -> None:
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             # Only a node on a shared segment is a direct next hop.
             found = ipr.route("get", dst=row.via)
             if not found or found[0].get_attr("RTA_GATEWAY"):
@@ -113,7 +112,7 @@ class RouteOps:
     def _sync_delete(self, row: DirectRoute) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             try:
                 ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
             except NetlinkError as e:
@@ -122,7 +121,7 @@ class RouteOps:
 
     def _sync_prune(self, rows: list[DirectRoute]) -> None:
         keep = {ipaddress.ip_network(r.dst) for r in rows}
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             # only the main table: other features keep their routes in tables of their own
             for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN):
                 dst = r.get_attr("RTA_DST")
