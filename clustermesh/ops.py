@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from clustermesh.kvstore import KvError, KvStore
 from clustermesh.models import (
     REGISTRATIONS_PREFIX,
@@ -102,7 +104,10 @@ class RouteOps:
     def _sync_update(self, row: DirectRoute) -> None:
         with self.netlink.route() as ipr:
             # Only a node on a shared segment is a direct next hop.
-            found = ipr.route("get", dst=row.via)
+            try:
+                found = ipr.route("get", dst=row.via)
+            except NetlinkError as e:  # ENETUNREACH: no route to the node at all
+                raise TemporaryError(f"no route to node {row.via}: {e}", delay=30) from None
             if not found or found[0].get_attr("RTA_GATEWAY"):
                 raise TemporaryError(f"node {row.via} is not on a directly connected segment",
                                      delay=30)
@@ -110,8 +115,6 @@ class RouteOps:
                       table=RT_TABLE_MAIN)
 
     def _sync_delete(self, row: DirectRoute) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         with self.netlink.route() as ipr:
             try:
                 ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
@@ -123,13 +126,14 @@ class RouteOps:
         keep = {ipaddress.ip_network(r.dst) for r in rows}
         with self.netlink.route() as ipr:
             # only the main table: other features keep their routes in tables of their own
-            for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN):
+            for r in list(ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)):
                 dst = r.get_attr("RTA_DST")
                 if dst is None or r.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
                     continue
                 net = ipaddress.ip_network(f"{dst}/{r['dst_len']}")
                 if net not in keep:
-                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
+                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN,
+                              scope=r["scope"])
 
     async def update(self, row: DirectRoute) -> None:
         await asyncio.to_thread(self._sync_update, row)

@@ -321,13 +321,16 @@ class RouteOps:
         keep = {ipaddress.ip_network(r.dst, strict=False) for r in rows}
         with self.netlink.route() as ipr:
             for family in FAMILIES:
-                for route in ipr.get_routes(family=family, table=self.table):
+                for route in list(ipr.get_routes(family=family, table=self.table)):
                     dst = route.get_attr("RTA_DST")
                     if dst is None or route.get_attr("RTA_TABLE") != self.table:
                         continue
                     net = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
                     if net not in keep:
-                        ipr.route("del", dst=str(net), family=family, table=self.table)
+                        # its own scope: the kernel matches it, and a route someone added
+                        # by hand is often scope link
+                        ipr.route("del", dst=str(net), family=family, table=self.table,
+                                  scope=route["scope"])
 
     async def update(self, r: EncryptedRoute) -> None:
         await asyncio.to_thread(self._update, r)

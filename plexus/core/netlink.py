@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from pyroute2 import IPRoute, WireGuard
 
 CLONE_NEWNET = 0x40000000
+NETLINK_ROUTE = 0
+NETLINK_GENERIC = 16
 NETNS_DIR = "/var/run/netns"
 
 
@@ -41,8 +43,7 @@ class Netlink:
 
         if self.netns is None:
             return IPRoute()
-        # flags=0: a namespace that is not there is an error, never made on the fly
-        return IPRoute(netns=self.path, flags=0)
+        return IPRoute(fileno=self._socket(NETLINK_ROUTE))
 
     def wireguard(self) -> WireGuard:
         """A socket of the WireGuard generic-netlink family."""
@@ -50,18 +51,16 @@ class Netlink:
 
         if self.netns is None:
             return WireGuard()
-        return WireGuard(netns=self.path, flags=0)
+        return WireGuard(fileno=self._socket(NETLINK_GENERIC))
 
     def ifindex(self, ifname: str) -> int | None:
         """An interface's index; None when there is no such interface."""
-        if self.netns is None:
-            try:  # one ioctl, not a netlink dump: callers look veths up one by one
+        # one ioctl, not a netlink dump: callers look veths up one by one, on the event loop
+        with self.entered():
+            try:
                 return socket.if_nametoindex(ifname)
             except OSError:
                 return None
-        with self.route() as ipr:
-            found = ipr.link_lookup(ifname=ifname)
-        return int(found[0]) if found else None
 
     def argv(self, cmd: list[str]) -> list[str]:
         """A command line that runs `cmd` in this namespace (`ip netns exec` execs it, so
@@ -70,10 +69,19 @@ class Netlink:
             return list(cmd)
         return ["ip", "netns", "exec", self.netns, *cmd]
 
+    def _socket(self, protocol: int) -> int:
+        """A netlink socket made in this namespace, where it stays bound whichever thread
+        uses it. Made from this thread rather than by pyroute2's forked child: no fork in a
+        threaded process, and a namespace that is not there is an error, never created."""
+        with self.entered():
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
+        return sock.detach()
+
     @contextmanager
     def entered(self) -> Iterator[None]:
         """The calling thread in this namespace for the block: for what is not netlink
-        (a sysctl under /proc/sys/net). Call it from a worker thread, never the event loop's."""
+        (a sysctl under /proc/sys/net, an ioctl). Nothing else runs on the thread meanwhile, so
+        a block that does not wait may run on the event loop's."""
         path = self.path
         if path is None:
             yield
