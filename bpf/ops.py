@@ -133,6 +133,7 @@ class AttachOps:
     def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
         self.dp = dp
         self.ifindexes = ifindexes
+        self.attached: set[str] = set()  # by this run's update; its delete detaches them
 
     @property
     def netlink(self) -> Netlink:
@@ -147,20 +148,23 @@ class AttachOps:
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx
+        self.attached.add(a.ifname)
 
     async def delete(self, a: Attachment) -> None:
         # usually the veth is gone already, and its filters with it
         await asyncio.to_thread(attach.detach, a.ifname, self.netlink)
         self.ifindexes.cache.pop(a.ifname, None)
+        self.attached.discard(a.ifname)
 
     async def prune(self, rows: Iterable[Attachment]) -> None:
-        keep = frozenset(a.ifname for a in rows)
-        # only the links no row names are dumped: the node's own few, in the usual case
-        stale = await asyncio.to_thread(attach.attached, self.dp.from_pod.name, self.netlink,
-                                        keep)
-        for ifname in stale:
-            await asyncio.to_thread(attach.detach, ifname, self.netlink)
-            self.ifindexes.cache.pop(ifname, None)
+        # only links this run has not attached are dumped: few, once the first prune is done
+        found = await asyncio.to_thread(attach.attached, self.dp.from_pod.name, self.netlink,
+                                        frozenset(self.attached))
+        keep = {a.ifname for a in rows}  # read after the dump: a row added meanwhile stays
+        for ifname in found:
+            if ifname not in keep:
+                await asyncio.to_thread(attach.detach, ifname, self.netlink)
+                self.ifindexes.cache.pop(ifname, None)
 
 
 # ---- global service load-balancing (bpf/lb.py, programs/lb.h) --------------------------
