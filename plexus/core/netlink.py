@@ -13,10 +13,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute, WireGuard
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
@@ -37,7 +34,8 @@ class Netlink:
             return self.netns
         return f"{NETNS_DIR}/{self.netns}"
 
-    def route(self) -> IPRoute:
+    # Any: pyroute2 ships no type information
+    def route(self) -> Any:
         """An rtnetlink socket (links, addresses, routes, rules, tc)."""
         from pyroute2 import IPRoute
 
@@ -45,7 +43,7 @@ class Netlink:
             return IPRoute()
         return IPRoute(fileno=self._socket(NETLINK_ROUTE))
 
-    def wireguard(self) -> WireGuard:
+    def wireguard(self) -> Any:
         """A socket of the WireGuard generic-netlink family."""
         from pyroute2 import WireGuard
 
