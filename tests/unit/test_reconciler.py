@@ -94,13 +94,16 @@ async def test_temporary_error_delay_is_respected() -> None:
 async def test_permanent_error_is_shown_and_not_retried_until_row_changes() -> None:
     t: Table[str, Row] = Table("rows", key=lambda r: r.name)
     target = FakeTarget(fail_update={"a": [PermanentError("invalid row")]})
-    rec = Reconciler("fake", t, target, backoff=FAST)
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=FAST, prune_interval=3600, clock=clock)
     task = await run(rec)
     t.upsert(Row("a", 1))
     await eventually(lambda: rec.status.get("a") and rec.status["a"].state is State.ERROR)
     assert rec.errors() == {"a": "invalid row"}
     calls = len(target.calls)
-    await asyncio.sleep(0.1)  # would have retried several times with FAST backoff
+    for _ in range(10):  # would have retried several times with FAST backoff
+        clock.advance(0.1)
+        await settle()
     assert len(target.calls) == calls
     assert rec.status["a"].permanent and rec.last_error() == "a: invalid row"
     t.upsert(Row("a", 2))
