@@ -47,8 +47,7 @@ class BGPControlPlane:
             backoff_max=config.restart_backoff_max, async_limit=config.async_limit,
             desired=self._desired, on_ready=self._on_ready, on_event=self._on_event)
         self.ops = RoutesOps(self.speaker, on_sent=self._on_sent)
-        self.reconciler = Reconciler("bgp", self.table, self.ops, metrics=hive.metrics.reconciler,
-                                     backoff=Backoff(initial=0.05, maximum=5.0), prune_interval=30.0)
+        self.reconciler: Reconciler[IPAddress, PeerRoutes]  # registered with the hive on start
         self._dirty = asyncio.Event()
         self._restarts_seen = 0
         hive.routes.get("/v1/bgp/peers", self._peers)
@@ -63,7 +62,8 @@ class BGPControlPlane:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.recompute()
         self.hive.spawn("bgp", self.speaker.run(), "speaker")
-        self.hive.spawn("bgp", self.reconciler.run(), "reconciler")
+        self.reconciler = self.hive.reconcile("bgp", "bgp", self.table, self.ops,
+                                              backoff=Backoff(initial=0.05, maximum=5.0), prune_interval=30.0)
         self.hive.spawn("bgp", self._follow(self.manifests), "manifests")
         if self.services is not None:
             self.hive.spawn("bgp", self._follow(self.services), "services")

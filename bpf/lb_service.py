@@ -68,13 +68,11 @@ class ServiceLoadBalancer:
         self.maps = maps = LbMaps(bpf)
         self.ids = BackendIds({(ip, port, proto): bid for bid, (ip, port, proto, _c)
                                in maps.backend_items().items()})
-        m = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("bpf-lb-backends", self.backends, LbBackendOps(maps), metrics=m),
-            Reconciler("bpf-lb-frontends", self.frontends, LbFrontendOps(maps, self.backends), metrics=m),
+            self.hive.reconcile("bpf", "bpf-lb-backends", self.backends, LbBackendOps(maps)),
+            self.hive.reconcile("bpf", "bpf-lb-frontends", self.frontends,
+                                LbFrontendOps(maps, self.backends)),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("bpf", rec.run(), rec.name)
         self.hive.spawn("bpf", self._follow(), "lb-derive")
 
         def on_event(_cpu: int, data: Any, _size: int) -> None:

@@ -125,15 +125,12 @@ class BpfDatapath:
             log.error("datapath not loaded: %s", e)
             return
         ifx = self.ifindexes
-        m = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("bpf-attach", self.attachments, AttachOps(self.dp, ifx), metrics=m),
-            Reconciler("bpf-ipcache", self.ipcache, IpcacheOps(self.dp), metrics=m),
-            Reconciler("bpf-policy", self.entries, PolicyOps(self.dp, ifx), metrics=m),
-            Reconciler("bpf-enforce", self.enforced, EnforceOps(self.dp, ifx), metrics=m),
+            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(self.dp, ifx)),
+            self.hive.reconcile("bpf", "bpf-ipcache", self.ipcache, IpcacheOps(self.dp)),
+            self.hive.reconcile("bpf", "bpf-policy", self.entries, PolicyOps(self.dp, ifx)),
+            self.hive.reconcile("bpf", "bpf-enforce", self.enforced, EnforceOps(self.dp, ifx)),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("bpf", rec.run(), rec.name)
         self.ifindexes = ifx
         loop = asyncio.get_running_loop()
         self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev))

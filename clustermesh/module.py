@@ -112,19 +112,15 @@ class ClusterMesh:
         owner = "clustermesh"
         own = self._watcher(self.local.cluster, self.kv)
         self.remotes[self.local.cluster] = _Remote(own, self.hive.spawn(owner, own.run(), "own"), "")
-        metrics = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("node-registration", self.own_node, NodeRegistrationOps(self.kv),
-                       metrics=metrics),
-            Reconciler("endpoint-registration", self.endpoints,
-                       EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
-                                               self.local.ip), metrics=metrics),
+            self.hive.reconcile(owner, "node-registration", self.own_node,
+                                NodeRegistrationOps(self.kv)),
+            self.hive.reconcile(owner, "endpoint-registration", self.endpoints,
+                                EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
+                                                        self.local.ip)),
         ]
         if self.config.direct_routes:
-            self.reconcilers.append(Reconciler("direct-routes", self.routes, RouteOps(),
-                                               metrics=metrics))
-        for rec in self.reconcilers:
-            self.hive.spawn(owner, rec.run(), rec.name)
+            self.reconcilers.append(self.hive.reconcile(owner, "direct-routes", self.routes, RouteOps()))
         self.hive.spawn(owner, self._publish_own_node(), "own-node")
         self.hive.spawn(owner, self._merge_services(), "global-services")
         self.hive.spawn(owner, self._derive_routes(), "routes")

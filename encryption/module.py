@@ -84,14 +84,11 @@ class Encryption:
         await asyncio.to_thread(route_ops.ensure_rule)
         log.info("encryption on: backend=%s device=%s port=%d public_key=%s", self.backend.name,
                  cfg.device, cfg.port, self.keys.public_b64)
-        metrics = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("wireguard-peers", self.peers, PeerOps(self.backend), metrics=metrics,
-                       concurrency=512),
-            Reconciler("wireguard-routes", self.routes, route_ops, metrics=metrics),
+            self.hive.reconcile("encryption", "wireguard-peers", self.peers, PeerOps(self.backend),
+                                concurrency=512),
+            self.hive.reconcile("encryption", "wireguard-routes", self.routes, route_ops),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("encryption", rec.run(), rec.name)
         self.hive.spawn("encryption", self._derive(), "derive")
         self.hive.spawn("encryption", self._open_prune(), "initial-sync")
 

@@ -107,7 +107,8 @@ def add_core_routes(app: App) -> None:
     app.hive.routes.get("/v1/status", status)
 
     async def healthz(_q: dict[str, str], _b: Any) -> Any:
-        return {"ok": all(h == "ok" for h in app.hive.health.values()), "health": app.hive.health}
+        # objects in error make a module "degraded", not the agent unhealthy (App.health)
+        return app.health()
 
     app.hive.routes.get("/v1/healthz", healthz)
 

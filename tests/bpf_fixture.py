@@ -24,7 +24,8 @@ from plexus.core.node import ENDPOINTS, LOCAL_NODE, LocalNode, endpoints_table
 from plexus.core.tables import Table
 
 
-def bpf_module(state_dir: Path, local: LocalNode) -> tuple[BpfDatapath, dict[str, Table[Any, Any]]]:
+def bpf_module(state_dir: Path, local: LocalNode, config: BpfConfig | None = None
+               ) -> tuple[BpfDatapath, dict[str, Table[Any, Any]]]:
     """The module and its source tables by name: endpoints, ipcache, identities, manifests, nodes."""
     hive = Hive(agent=None, state_dir=state_dir)
     hive.provide(LOCAL_NODE, local)
@@ -35,4 +36,4 @@ def bpf_module(state_dir: Path, local: LocalNode) -> tuple[BpfDatapath, dict[str
         "manifests": hive.provide(MANIFESTS, manifests_table()),
         "nodes": hive.provide(NODES, nodes_table())}
     hive.provide(SERVICES, services_table())  # the service load-balancer's, unused here
-    return BpfDatapath(hive, BpfConfig()), tables
+    return BpfDatapath(hive, config or BpfConfig()), tables

@@ -130,6 +130,16 @@ async def test_remote_pod_appears_with_the_remote_identity(tmp_path: Path, etcds
         nodes = app.hive.require(NODES)
         await eventually(lambda: nodes.get(("east", "n1")), 10, what="own node published")
 
+        # the registrations are the hive's reconcilers, reported as every module's are
+        def registrations() -> dict[str, Any]:
+            return app.status()["clustermesh"]["reconcilers"]  # type: ignore[no-any-return]
+
+        assert set(registrations()) == {"node-registration", "endpoint-registration"}
+        await eventually(lambda: registrations()["endpoint-registration"]["objects"]
+                         == {"pending": 0, "done": 1, "error": 0}, 10)
+        assert all(r["running"] and r["last_error"] == "" for r in registrations().values())
+        assert app.health()["status"] == "ok"
+
 
 async def test_node_record_waits_for_the_attributes_modules_publish(tmp_path: Path,
                                                                      etcd: Etcd) -> None:
