@@ -358,7 +358,7 @@ async def test_the_module_reports_its_reconcilers_as_every_module_does(tmp_path:
     with their object counts while they run, and ended by the module's stop."""
     from bpf.config import BpfConfig
     from bpf.policy import Enforced
-    from clustermesh.tables import LocalNode
+    from plexus.core.node import LocalNode
     from tests.bpf_fixture import bpf_module
 
     pin = Path(f"/sys/fs/bpf/plexus-test-{secrets.token_hex(3)}")
