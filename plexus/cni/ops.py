@@ -8,11 +8,9 @@ its own host veth, where the datapath attaches its programs.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -22,8 +20,6 @@ from plexus.cni.errors import NETLINK_FAILURE, CniError
 from plexus.core.netlink import AGENT_NETNS, Netlink
 
 GATEWAY = "169.254.1.1"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def host_ifname(container_id: str, ifname: str = "eth0") -> str:
@@ -31,28 +27,9 @@ def host_ifname(container_id: str, ifname: str = "eth0") -> str:
     return "plx" + digest[:11]
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def in_netns(path: str) -> Iterator[None]:
+def in_netns(path: str) -> AbstractContextManager[None]:
     """Run the block inside the network namespace at `path`, then come back."""
-    here = os.open("/proc/self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(path, os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(here)
-    finally:
-        os.close(here)
+    return Netlink(path).entered()
 
 
 @dataclass(frozen=True)
