@@ -9,16 +9,11 @@ from typing import Any
 
 import pytest
 
+from bgp.commands import CommandError, announce_commands, safe, withdraw_commands
 from bgp.models import MANIFEST_KINDS
-from bgp.ops import (
-    CommandError,
-    RoutesOps,
-    Speaker,
-    announce_commands,
-    render_config,
-    safe,
-    withdraw_commands,
-)
+from bgp.ops import RoutesOps
+from bgp.render import render_config
+from bgp.speaker import Speaker
 from bgp.tables import ManifestCache, Neighbor, PeerRoutes, RouteAttrs, resolve
 from clustermesh.models import ClusterService, L4Addr
 from clustermesh.tables import LocalNode, Manifest
@@ -187,8 +182,9 @@ class FakeSpeaker(Speaker):
     def __init__(self) -> None:
         super().__init__(Path("/nonexistent"), [], batch=100)
         self.sent: list[list[str]] = []
-        self._ready.set()
+        self.api._ready.set()
         self.neighbors = {A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, A("10.0.0.1"), A("10.0.0.1"))}
+        self.loaded = dict(self.neighbors)
 
     async def send(self, commands: list[str]) -> None:
         self.sent.append(commands)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from bgp.launcher import install_bulk_command, parse_bulk
-from bgp.ops import announce_commands, bulk_commands, pack_prefixes, withdraw_commands
+from bgp.commands import announce_commands, bulk_commands, pack_prefixes, withdraw_commands
+from bgp.launcher import install_commands, parse_bulk
 from bgp.tables import IPNetwork, RouteAttrs
 
 A = ipaddress.ip_address
@@ -52,7 +52,7 @@ class Speaker:
         self.answers: list[str] = []
         self.processes = self
         self.api = API(self)
-        assert install_bulk_command()
+        assert install_commands()
 
     def peers(self, service: str) -> list[str]:
         return list(self.configuration.neighbors)
