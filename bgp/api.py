@@ -78,7 +78,7 @@ class ApiClient:
         if self._writer is not None:
             self._writer.close()
         self._writer = writer
-        # Was ExaBGP started through bgp/launcher.py (`plexus-bulk`, `plexus-reload`)? The
+        # Was ExaBGP started through bgp/launcher.py (`plexus-bulk`, `plexus-neighbor`)? The
         # probe is the first command, so its answer is the first one.
         self._probe = asyncio.get_running_loop().create_future()
         self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())

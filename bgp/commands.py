@@ -1,4 +1,4 @@
-"""ExaBGP API commands built from typed values: route text, the bulk form, the reload.
+"""ExaBGP API commands built from typed values: route text, the bulk form, peers added or removed.
 
 Everything here is pure: typed prefixes, addresses and attributes in, command lines out.
 A value that is not of the expected type, or text holding a control character (a newline
@@ -11,7 +11,7 @@ import base64
 import ipaddress
 from collections.abc import Iterable
 
-from bgp.launcher import BULK, RELOAD
+from bgp.launcher import BULK, NEIGHBOR
 from bgp.tables import IPAddress, IPNetwork, RouteAttrs
 
 
@@ -114,6 +114,12 @@ def probe_command() -> str:
     return BULK
 
 
-def reload_command() -> str:
-    """Re-read the config file now: peers added or removed, the others left alone."""
-    return RELOAD
+def add_neighbors_command(config: str) -> str:
+    """Start the peers of `config` (a rendered config: process and neighbor sections) in the
+    running ExaBGP; base64, so the multi-line config travels as one command."""
+    return f"{NEIGHBOR} add {base64.b64encode(config.encode()).decode()}"
+
+
+def remove_neighbor_command(peer: IPAddress) -> str:
+    """Stop the session with the peer (no NOTIFICATION) and forget it."""
+    return f"{NEIGHBOR} remove {address_text(peer)}"

@@ -15,8 +15,11 @@ Three changes before ExaBGP's own `main` runs:
       [neighbor <ip>] plexus-bulk withdraw ipv4|ipv6 <prefixes>
       plexus-bulk                                   (probe: answers "done")
 
-- the `plexus-reload` API command: re-reads the config file at once and answers "done"
-  when the new neighbors are loaded ("error" if the config was refused); see reload_steps.
+- the `plexus-neighbor` API command: adds peers (their config sections, base64) to the
+  running ExaBGP or removes them, leaving every other session alone; see neighbor_steps.
+
+      plexus-neighbor add <base64 of a config with a process and neighbor sections>
+      plexus-neighbor remove <peer address>
 
   <prefixes> is base64 of the prefixes in BGP NLRI wire form (mask length, then the
   significant address bytes); <attributes> is ExaBGP's text (`next-hop self community [...]`).
@@ -40,7 +43,7 @@ from types import ModuleType
 from typing import Any
 
 BULK = "plexus-bulk"
-RELOAD = "plexus-reload"
+NEIGHBOR = "plexus-neighbor"
 STEP = 2000  # prefixes queued per scheduler step, so keepalives and reads interleave
 WIDTH = {"ipv4": 4, "ipv6": 16}
 
@@ -108,6 +111,8 @@ class ExaBGP:
     afis: dict[str, Any]         # "ipv4"/"ipv6" -> exabgp.protocol.family.AFI
     unicast: Any                 # exabgp.protocol.family.SAFI.unicast
     api: Any                     # exabgp.reactor.api.API, whose response() dispatches commands
+    configuration: Any           # exabgp.configuration.configuration.Configuration
+    peer: Any                    # exabgp.reactor.peer.Peer
     extract_neighbors: Callable[[str], tuple[Any, str]]
     match_neighbors: Callable[[Any, Any], list[str]]
     log: Any                     # exabgp.logger.log
@@ -119,7 +124,7 @@ def exabgp_module(name: str) -> ModuleType:
 
 def load_exabgp() -> ExaBGP | None:
     """ExaBGP's internals, or None if this ExaBGP's layout is not the one the commands were
-    written against (the agent then uses text commands and restarts instead of reloading)."""
+    written against (the agent then uses text commands, and restarts ExaBGP for new peers)."""
     try:
         message = exabgp_module("bgp.message")
         nlri = exabgp_module("bgp.message.update.nlri")
@@ -130,7 +135,9 @@ def load_exabgp() -> ExaBGP | None:
             action=message.Action, cidr=nlri.CIDR, inet=nlri.INET,
             change=exabgp_module("rib.change").Change,
             afis={"ipv4": family.AFI.ipv4, "ipv6": family.AFI.ipv6}, unicast=family.SAFI.unicast,
-            api=exabgp_module("reactor.api").API, extract_neighbors=limit.extract_neighbors,
+            api=exabgp_module("reactor.api").API,
+            configuration=exabgp_module("configuration.configuration").Configuration,
+            peer=exabgp_module("reactor.peer").Peer, extract_neighbors=limit.extract_neighbors,
             match_neighbors=limit.match_neighbors, log=exabgp_module("logger").log)
     except (ImportError, AttributeError):
         return None
@@ -211,32 +218,70 @@ def bulk_steps(x: ExaBGP, api: Any, reactor: Any, service: str, line: str) -> It
         yield True
 
 
-def reload_steps(x: ExaBGP, reactor: Any, service: str) -> Iterator[bool]:
-    """`plexus-reload`: re-read the config file now, answered after it ran.
+def parse_neighbor_command(command: str) -> tuple[str, str]:
+    """`plexus-neighbor add <base64 config>` or `plexus-neighbor remove <address>` -> its parts."""
+    words = command.split(" ")
+    if len(words) != 3 or words[0] != NEIGHBOR or words[1] not in ("add", "remove"):
+        raise ValueError(f"expected '{NEIGHBOR} add <base64 config>' or '{NEIGHBOR} remove <address>'")
+    return words[1], words[2]
 
-    ExaBGP's own `reload` (and SIGUSR1) only sets a flag: its answer comes before the reload,
-    and the reload is dropped when any peer still has updates queued, which a peer that is
-    down always has. This one runs ExaBGP's Reactor.reload at once: new peers start, removed
-    ones stop, and a peer whose config is unchanged keeps its session and its routes (ExaBGP
-    diffs the routes of its old and new config, and leaves what the API announced alone).
-    A peer removed by one reload has left the reactor before the next reload arrives: the
-    agent sends that only after this answer, and the reactor runs every peer in between."""
+
+def add_neighbors(x: ExaBGP, reactor: Any, text: str) -> list[str]:
+    """Parse the neighbor sections of `text` (a config of its own) and start their peers."""
+    config = x.configuration([text], text=True)
+    if not config.reload():
+        raise ValueError(f"config refused: {str(config.error).strip()}")
+    running = reactor.peers()
+    for key in config.neighbors:
+        if key in running or key in reactor.configuration.neighbors:
+            raise ValueError(f"{key} already runs")
+    for key, neighbor in config.neighbors.items():
+        reactor.configuration.neighbors[key] = neighbor
+        reactor._peers[key] = x.peer(neighbor, reactor)
+    return list(config.neighbors)
+
+
+def remove_neighbors(reactor: Any, address: str) -> list[str]:
+    """Stop (without NOTIFICATION) and forget every neighbor with this peer address."""
+    removed = []
+    for key, neighbor in list(reactor.configuration.neighbors.items()):
+        if str(neighbor["peer-address"]) == address:
+            del reactor.configuration.neighbors[key]
+            peer = reactor._peers.get(key)
+            if peer is not None:
+                peer.remove()
+            removed.append(key)
+    return removed
+
+
+def neighbor_steps(x: ExaBGP, reactor: Any, service: str, command: str) -> Iterator[bool]:
+    """`plexus-neighbor`: add or remove peers of the running ExaBGP, the others untouched.
+
+    ExaBGP's own reload (the `reload` command, SIGUSR1) re-reads the whole config file: as
+    the unprivileged user ExaBGP drops to, which cannot read the agent's 0600 file; parsing
+    every peer's static routes again (seconds for 100,000, with keepalives stalled); only
+    after every peer's queued updates went out, which a peer that is down never does, and
+    otherwise dropped; and it answers before it ran. These commands touch only the peers
+    they name and answer after they ran. A removed peer leaves the reactor on its next turn,
+    which comes before the agent's next command (sent only after this answer)."""
     try:
-        ok = bool(reactor.reload())
-        reactor.processes.start(reactor.configuration.processes, False)
-    except Exception as e:  # the agent waits for an answer, whatever failed
-        reason = f"{RELOAD}: {e}"
-        x.log.error(lambda: reason, "configuration")
-        ok = False
-    if ok:
+        action, arg = parse_neighbor_command(command)
+        if action == "add":
+            text = base64.b64decode(arg, validate=True).decode()
+            keys = add_neighbors(x, reactor, text)
+        else:
+            keys = remove_neighbors(reactor, arg)
+        x.log.info(lambda: f"{NEIGHBOR}: {action} {', '.join(keys) or 'nothing'}", "reactor")
         reactor.processes.answer_done(service)
-    else:
+    except Exception as e:  # the agent waits for an answer, whatever failed
+        reason = f"{NEIGHBOR}: {e}: {command[:200]}"
+        x.log.error(lambda: reason, "reactor")
         reactor.processes.answer_error(service)
     yield True
 
 
 def install_commands() -> bool:
-    """Hooks `plexus-bulk` and `plexus-reload` in front of ExaBGP's command dispatch; False
+    """Hooks `plexus-bulk` and `plexus-neighbor` in front of ExaBGP's command dispatch; False
     if this ExaBGP's layout is not the one they were written against."""
     x = load_exabgp()
     if x is None:
@@ -247,8 +292,8 @@ def install_commands() -> bool:
 
     def dispatch(api: Any, reactor: Any, service: str, command: str, use_json: bool) -> Any:
         # Scheduled like every route command, so answers keep the order of the commands.
-        if command.strip() == RELOAD:
-            reactor.asynchronous.schedule(service, command, reload_steps(x, reactor, service))
+        if command.startswith(NEIGHBOR + " "):
+            reactor.asynchronous.schedule(service, command, neighbor_steps(x, reactor, service, command))
             return True
         if BULK in command.split(" ", 3)[:3]:
             reactor.asynchronous.schedule(service, command, bulk_steps(x, api, reactor, service, command))

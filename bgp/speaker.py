@@ -5,12 +5,10 @@ Stop is not remove: on agent stop ExaBGP is killed without a NOTIFICATION, so a 
 with graceful restart keeps the routes (stale) for the restart time, or until hold time
 without it; the next agent re-announces before End-of-RIB (routes are in the config).
 
-Adding or removing a peer rewrites the config and sends `plexus-reload` (bgp/launcher.py):
-ExaBGP starts the new peers and stops the removed ones, the other sessions stay up. Every
-peer ExaBGP already runs keeps the routes its config carried when it was loaded, so the
-reload changes nothing for it (ExaBGP diffs a peer's config routes against the previous
-config's, and leaves what the API announced alone). A new peer's config carries its
-desired routes, so they go out before End-of-RIB. A peer whose settings change, or an
+Adding or removing a peer changes only that peer in the running ExaBGP (`plexus-neighbor`,
+bgp/launcher.py): the other sessions, and what they announce, stay as they are. A new peer
+starts with no routes in its config; the Ops send them through the API, usually before the
+session is up, so they still go out before End-of-RIB. A peer whose settings change, or an
 ExaBGP not started through bgp/launcher.py, still means a restart.
 """
 
@@ -27,7 +25,7 @@ from pathlib import Path
 
 from bgp.announced import Announced
 from bgp.api import ApiClient
-from bgp.commands import CommandError, reload_command
+from bgp.commands import CommandError, add_neighbors_command, remove_neighbor_command
 from bgp.render import exabgp_env, render_config, write_config
 from bgp.tables import IPAddress, IPNetwork, Neighbor, RouteAttrs
 from plexus.core.reconciler import PermanentError, TemporaryError
@@ -92,7 +90,7 @@ class Speaker:
         self.peers: dict[IPAddress, PeerState] = {}
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
-        self.reloads = 0
+        self.peer_changes = 0  # times peers were added or removed without a restart
         self.last_exit = ""
         self.output: deque[str] = deque(maxlen=200)
         self.api = ApiClient(self.socket_path, on_connect=self._on_connect, on_state=self._on_state,
@@ -115,7 +113,7 @@ class Speaker:
         return self.api.ready()
 
     def configure(self, neighbors: dict[IPAddress, Neighbor]) -> None:
-        """New neighbor set: ExaBGP reloads it (peers added or removed) or restarts with it."""
+        """New neighbor set: peers added or removed in the running ExaBGP, else a restart."""
         if neighbors == self.neighbors:
             return
         self.neighbors = dict(neighbors)
@@ -167,7 +165,7 @@ class Speaker:
 
     async def _supervise(self, proc: asyncio.subprocess.Process) -> bool:
         """Until ExaBGP exits (True) or needs a restart for new neighbors (False); peers
-        added or removed meanwhile are reloaded into the running ExaBGP."""
+        added or removed meanwhile are changed in the running ExaBGP."""
         exited = asyncio.ensure_future(proc.wait())
         try:
             while True:
@@ -186,7 +184,7 @@ class Speaker:
                     connected.cancel()
                     if exited.done():
                         return True
-                if not await self._reload():
+                if not await self._change_peers():
                     return False
         finally:
             exited.cancel()
@@ -209,38 +207,46 @@ class Speaker:
                  sum(len(r) for r in snapshot.values()))
         self._reader = asyncio.ensure_future(self._read_output(self.proc))
 
-    def reloadable(self) -> bool:
-        """Peers only added or removed: every peer ExaBGP runs and still wanted is unchanged."""
+    def only_added_or_removed(self) -> bool:
+        """Every peer ExaBGP runs and still wanted is unchanged (else only a restart applies it)."""
         return bool(self.neighbors) and all(
             self.loaded[p] == n for p, n in self.neighbors.items() if p in self.loaded)
 
-    async def _reload(self) -> bool:
-        """Load the wanted neighbors into the running ExaBGP; False if only a restart can."""
-        if not self.reloadable() or not self.ready() or not await self.api.extended():
+    async def _change_peers(self) -> bool:
+        """Add and remove peers in the running ExaBGP; False if only a restart can."""
+        if not self.only_added_or_removed() or not self.ready() or not await self.api.extended():
             return False
         wanted = dict(self.neighbors)
-        added = [p for p in wanted if p not in self.loaded]
+        added = [wanted[p] for p in wanted if p not in self.loaded]
         removed = [p for p in self.loaded if p not in wanted]
-        desired = self.desired()
-        routes = {p: self._config_routes.get(p, {}) if p in self.loaded else dict(desired.get(p, {}))
-                  for p in wanted}
         try:
-            write_config(self.config_path, render_config(wanted.values(), routes, self.socket_path,
-                                                         self.batch))
-            await self.api.send([reload_command()])
-        except (OSError, CommandError, TemporaryError, PermanentError) as e:
-            log.warning("ExaBGP reload failed, restarting it instead: %s", e)
+            commands = [remove_neighbor_command(p) for p in removed]
+            if added:
+                commands.append(add_neighbors_command(
+                    render_config(added, {}, self.socket_path, self.batch)))
+            await self.api.send(commands)
+        except (CommandError, TemporaryError, PermanentError) as e:
+            log.warning("changing ExaBGP's peers failed, restarting it instead: %s", e)
             return False
-        self.reloads += 1
+        self.peer_changes += 1
         self.loaded = wanted
-        self._config_routes = routes
         for p in removed:
             self.announced.drop(p)
-        for p in added:
-            self.announced.load(p, routes[p])
-            self.peers.setdefault(p, PeerState()).set("connect")
-        log.info("ExaBGP reloaded added=%s removed=%s", [str(p) for p in added], [str(p) for p in removed])
+            self._config_routes.pop(p, None)
+        for n in added:
+            self.peers.setdefault(n.peer_address, PeerState()).set("connect")
+        self._write_config()
+        log.info("ExaBGP peers changed without a restart added=%s removed=%s",
+                 [str(n.peer_address) for n in added], [str(p) for p in removed])
         return True
+
+    def _write_config(self) -> None:
+        """The config file says what ExaBGP now runs (a restart renders it afresh anyway)."""
+        try:
+            write_config(self.config_path, render_config(self.loaded.values(), self._config_routes,
+                                                         self.socket_path, self.batch))
+        except (OSError, CommandError) as e:
+            log.warning("cannot rewrite %s: %s", self.config_path, e)
 
     async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
