@@ -231,9 +231,8 @@ def add_neighbors(x: ExaBGP, reactor: Any, text: str) -> list[str]:
     config = x.configuration([text], text=True)
     if not config.reload():
         raise ValueError(f"config refused: {str(config.error).strip()}")
-    running = reactor.peers()
     for key in config.neighbors:
-        if key in running or key in reactor.configuration.neighbors:
+        if key in reactor._peers or key in reactor.configuration.neighbors:
             raise ValueError(f"{key} already runs")
     for key, neighbor in config.neighbors.items():
         reactor.configuration.neighbors[key] = neighbor
