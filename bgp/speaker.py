@@ -300,7 +300,8 @@ class Speaker:
         self.on_ready()
 
     def _on_state(self, peer: IPAddress, state: str, reason: str) -> None:
-        self.peers.setdefault(peer, PeerState()).set(state, reason)
+        if peer in self.neighbors:  # a removed peer still reports its session going down
+            self.peers.setdefault(peer, PeerState()).set(state, reason)
         self.on_event(state, peer, reason)
 
     # ---- what the Ops use -----------------------------------------------------------
