@@ -39,7 +39,9 @@ class RoutesOps:
     async def delete(self, row: PeerRoutes) -> None:
         sp = self.speaker
         cur = sp.announced.of(row.peer)
-        if not cur or not sp.serves(row.peer) or not sp.ready():
+        # A peer no longer wanted is being removed from ExaBGP, its routes with it: a
+        # withdrawal racing that removal would only be refused.
+        if not cur or row.peer not in sp.neighbors or not sp.serves(row.peer) or not sp.ready():
             sp.announced.drop(row.peer)
             return
         await self._apply(row.peer, list(cur), [])
