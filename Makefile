@@ -16,6 +16,7 @@ down:
 lint: setup
 	$(VENV)/ruff check .
 	$(VENV)/lint-imports
+	$(VENV)/mypy
 
 test: setup
 	$(VENV)/ruff check .

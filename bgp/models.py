@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from plexus.core.config import Strict
+from plexus.core.manifests import Metadata, Name
+from plexus.core.selectors import LabelSelector
 
 API_VERSION = "plexus.io/v1"
 ASN = Annotated[int, Field(ge=1, le=4294967295)]
@@ -31,25 +33,6 @@ WELL_KNOWN = {
     "llgr-stale": (65535, 6),
     "no-llgr": (65535, 7),
 }
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$")
-
-
-def _name(v: str) -> str:
-    if len(v) > 253 or not _NAME.match(v):
-        raise ValueError(f"{v!r} is not a valid name (lower-case alphanumerics, '-', '.')")
-    return v
-
-
-def _labels(v: dict[str, str]) -> dict[str, str]:
-    for k, x in v.items():
-        if not _LABEL.match(k) or (x and not _LABEL.match(x)):
-            raise ValueError(f"invalid label {k!r}={x!r}")
-    return v
-
-
-Name = Annotated[str, AfterValidator(_name)]
-Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 
 
 def standard_community(v: str) -> tuple[int, int]:
@@ -74,42 +57,6 @@ def _check_standard(v: str) -> str:
 def _check_large(v: str) -> str:
     large_community(v)
     return v
-
-
-class Metadata(Strict):
-    name: Name
-    namespace: Name = "default"
-    labels: Labels = {}
-
-
-class LabelSelector(Strict):
-    """Kubernetes matchLabels plus matchExpressions (In, NotIn, Exists, DoesNotExist)."""
-
-    match_labels: Labels = {}
-    match_expressions: list[MatchExpression] = []
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        if any(labels.get(k) != v for k, v in self.match_labels.items()):
-            return False
-        return all(e.matches(labels) for e in self.match_expressions)
-
-
-class MatchExpression(Strict):
-    key: str
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = []
-
-    def matches(self, labels: dict[str, str]) -> bool:
-        if self.operator == "In":
-            return labels.get(self.key) in self.values
-        if self.operator == "NotIn":
-            return labels.get(self.key) not in self.values
-        if self.operator == "Exists":
-            return self.key in labels
-        return self.key not in labels
-
-
-LabelSelector.model_rebuild()
 
 
 # ---- BGPClusterConfig --------------------------------------------------------------------
@@ -192,7 +139,7 @@ class PeerConfigSpec(Strict):
     transport: Transport = Transport()
     timers: Timers = Timers()
     ebgp_multihop: int = Field(default=1, ge=1, le=255)
-    auth_secret_ref: Annotated[str, AfterValidator(_name)] | None = None
+    auth_secret_ref: Name | None = None
     auth_password_file: str | None = None
     graceful_restart: GracefulRestart = GracefulRestart()
     families: list[Family] = Field(

@@ -20,10 +20,12 @@ from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
 from bgp.ops import RoutesOps
 from bgp.speaker import Speaker, explain
-from bgp.tables import IPAddress, IPNetwork, ManifestCache, PeerRoutes, RouteAttrs, peer_routes_table, resolve
-from clustermesh.tables import LOCAL_NODE, MANIFESTS, SERVICES
+from bgp.tables import IPAddress, IPNetwork, PeerRoutes, RouteAttrs, peer_routes_table, resolve
+from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
+from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
+from plexus.core.node import LOCAL_NODE
 from plexus.core.reconciler import Backoff, Reconciler
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class BGPControlPlane:
         self.manifests = hive.require(MANIFESTS)
         self.services = hive.optional(SERVICES)
         self.table = peer_routes_table()
-        self.cache = ManifestCache()
+        self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
         self.drain_flag = self.run_dir / "drained"
@@ -48,8 +50,7 @@ class BGPControlPlane:
             backoff_max=config.restart_backoff_max, async_limit=config.async_limit,
             desired=self._desired, on_ready=self._on_ready, on_event=self._on_event)
         self.ops = RoutesOps(self.speaker, on_sent=self._on_sent)
-        self.reconciler = Reconciler("bgp", self.table, self.ops, metrics=hive.metrics.reconciler,
-                                     backoff=Backoff(initial=0.05, maximum=5.0), prune_interval=30.0)
+        self.reconciler: Reconciler[IPAddress, PeerRoutes]  # registered with the hive on start
         self._dirty = asyncio.Event()
         self._restarts_seen = 0
         hive.routes.get("/v1/bgp/peers", self._peers)
@@ -64,7 +65,8 @@ class BGPControlPlane:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.recompute()
         self.hive.spawn("bgp", self.speaker.run(), "speaker")
-        self.hive.spawn("bgp", self.reconciler.run(), "reconciler")
+        self.reconciler = self.hive.reconcile("bgp", "bgp", self.table, self.ops,
+                                              backoff=Backoff(initial=0.05, maximum=5.0), prune_interval=30.0)
         self.hive.spawn("bgp", self._follow(self.manifests), "manifests")
         if self.services is not None:
             self.hive.spawn("bgp", self._follow(self.services), "services")
@@ -91,8 +93,8 @@ class BGPControlPlane:
         res = resolve(self.cache, self.local, self.services or [], self.config.secrets_dir)
         if res.problems != self.problems:
             for where, p in res.problems.items():
-                if self.problems.get(where) != p:
-                    log.warning("bgp config problem where=%s: %s", where, p)
+                if self.problems.get(where) != p and p not in self.cache.problems.values():
+                    log.warning("bgp config problem where=%s: %s", where, p)  # the cache logs its own
         self.problems = res.problems
         self.speaker.configure(res.neighbors)
         rows = [PeerRoutes(p, {} if self.drained else r) for p, r in res.routes.items()]

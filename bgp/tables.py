@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bgp.models import (
-    MANIFEST_KINDS,
     WELL_KNOWN,
     Advertisement,
     BGPAdvertisement,
@@ -32,8 +31,8 @@ from clustermesh.models import (
     SERVICE_LABEL_TRAFFIC_POLICY,
     ClusterService,
 )
-from clustermesh.tables import LocalNode, Manifest, ManifestKey
-from plexus.core.config import ConfigError, parse
+from plexus.core.manifests import ManifestCache
+from plexus.core.node import LocalNode
 from plexus.core.tables import Table
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -106,37 +105,6 @@ class Resolved:
     neighbors: dict[IPAddress, Neighbor]
     routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]]
     problems: dict[str, str]
-
-
-class ManifestCache:
-    """Validated manifests by key; a bad new version keeps the last good one in use."""
-
-    def __init__(self) -> None:
-        self.good: dict[ManifestKey, object] = {}
-        self.problems: dict[ManifestKey, str] = {}
-
-    def sync(self, manifests: Iterable[Manifest]) -> None:
-        present = set()
-        for m in manifests:
-            if m.kind not in MANIFEST_KINDS:
-                continue
-            present.add(m.key)
-            src = f"{m.kind}/{m.namespace}/{m.name}"
-            try:
-                self.good[m.key] = parse(MANIFEST_KINDS[m.kind], m.body, src)
-                self.problems.pop(m.key, None)
-            except ConfigError as e:
-                self.problems[m.key] = str(e) + (" (keeping the last good version)"
-                                                 if m.key in self.good else "")
-        for k in list(self.good):
-            if k not in present:
-                del self.good[k]
-        for k in list(self.problems):
-            if k not in present:
-                del self.problems[k]
-
-    def of(self, kind: str) -> list[object]:
-        return [v for k, v in sorted(self.good.items(), key=lambda kv: kv[0]) if k[1] == kind]
 
 
 def read_password(spec: PeerConfigSpec, secrets_dir: Path) -> str | None:

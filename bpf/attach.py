@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import socket
+from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from plexus.core.netlink import AGENT_NETNS, Netlink
 
 INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
+TC_PRIORITY = 1  # of our filter on each clsact hook of a pod's host veth
+TC_HANDLE = 1
 
 
-def ifindex(ifname: str) -> int | None:
+def ifindex(ifname: str, netlink: Netlink = AGENT_NETNS) -> int | None:
     """One ioctl, not a netlink dump: policy entries look their veth up one by one."""
-    try:
-        return socket.if_nametoindex(ifname)
-    except OSError:
-        return None
+    return netlink.ifindex(ifname)
 
 
-def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str]) -> int:
+def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str],
+           netlink: Netlink = AGENT_NETNS) -> int:
     """Attach both programs to a host veth; returns its ifindex. Replacing is atomic."""
-    with IPRoute() as ipr:
+    with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             raise LookupError(f"interface {ifname} is gone")
@@ -32,13 +33,13 @@ def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str]) -> i
             if e.code != 17:  # EEXIST: adopted from a previous run
                 raise
         for parent, (fd, name) in ((INGRESS, from_pod), (EGRESS, to_pod)):
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name, parent=parent,
-                   classid=1, direct_action=True, prio=1)
+            ipr.tc("replace-filter", "bpf", idx, f":{TC_HANDLE:x}", fd=fd, name=name, parent=parent,
+                   classid=1, direct_action=True, prio=TC_PRIORITY)
         return idx
 
 
-def detach(ifname: str) -> None:
-    with IPRoute() as ipr:
+def detach(ifname: str, netlink: Netlink = AGENT_NETNS) -> None:
+    with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             return
@@ -47,3 +48,36 @@ def detach(ifname: str) -> None:
         except NetlinkError as e:
             if e.code not in (2, 22):  # nothing attached
                 raise
+
+
+def attached(program: str | bytes, netlink: Netlink = AGENT_NETNS,
+             skip: frozenset[str] = frozenset()) -> list[str]:
+    """The interfaces (other than `skip`) whose tc ingress runs `program`; a dump of each
+    one's filters, so `skip` holds the interfaces known to carry it."""
+    if isinstance(program, bytes):
+        program = program.decode()
+    out = []
+    with netlink.route() as ipr:
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if name in skip:
+                continue
+            try:
+                filters = ipr.get_filters(index=link["index"], parent=INGRESS)
+            except NetlinkError as e:
+                if e.code in (2, 19, 22):  # no clsact here, or the link went meanwhile
+                    continue
+                raise
+            if any(_program_name(f) == program for f in filters):
+                out.append(str(name))
+    return out
+
+
+def _program_name(tc_filter: Any) -> str | None:
+    options = tc_filter.get_attr("TCA_OPTIONS")
+    if options is None or not hasattr(options, "get_attr"):
+        return None
+    name = options.get_attr("TCA_BPF_NAME")
+    if isinstance(name, bytes):
+        name = name.decode()
+    return str(name) if name is not None else None

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from clustermesh.models import ID_HOST, ID_REMOTE_NODE, IPIdentity, Node
-from clustermesh.tables import LocalNode
+from plexus.core.node import LocalNode
 
 FLAG_REMOTE_CLUSTER = 1
 

@@ -30,9 +30,10 @@ from bpf.loader import u32_ip
 from bpf.ops import LbBackendOps, LbFrontendOps
 from clustermesh.models import ID_WORLD
 from clustermesh.services import merge
-from clustermesh.tables import IPCACHE, LOCAL_NODE, NODES, SERVICES
+from clustermesh.tables import IPCACHE, NODES, SERVICES
 from plexus.core.api import ApiError
 from plexus.core.module import Hive
+from plexus.core.node import LOCAL_NODE
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 
@@ -67,13 +68,11 @@ class ServiceLoadBalancer:
         self.maps = maps = LbMaps(bpf)
         self.ids = BackendIds({(ip, port, proto): bid for bid, (ip, port, proto, _c)
                                in maps.backend_items().items()})
-        m = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("bpf-lb-backends", self.backends, LbBackendOps(maps), metrics=m),
-            Reconciler("bpf-lb-frontends", self.frontends, LbFrontendOps(maps, self.backends), metrics=m),
+            self.hive.reconcile("bpf", "bpf-lb-backends", self.backends, LbBackendOps(maps)),
+            self.hive.reconcile("bpf", "bpf-lb-frontends", self.frontends,
+                                LbFrontendOps(maps, self.backends)),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("bpf", rec.run(), rec.name)
         self.hive.spawn("bpf", self._follow(), "lb-derive")
 
         def on_event(_cpu: int, data: Any, _size: int) -> None:

@@ -24,11 +24,12 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
-from bpf.models import PlexusNetworkPolicy
+from bpf.models import MANIFEST_KINDS, PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
 from bpf.resolver import Resolver
@@ -38,10 +39,12 @@ from clustermesh.models import (
     RESERVED_IDENTITIES,
     identity_labels,
 )
-from clustermesh.tables import ENDPOINTS, IDENTITIES, IPCACHE, LOCAL_NODE, MANIFESTS, NODES, Endpoint
+from clustermesh.tables import IDENTITIES, IPCACHE, NODES
 from plexus.core.api import ApiError
-from plexus.core.config import ConfigError, parse
+from plexus.core.kernel import kernel_numbers
+from plexus.core.manifests import MANIFESTS, ManifestCache, ManifestKey
 from plexus.core.module import Hive, Module
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, Endpoint
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 
@@ -64,6 +67,11 @@ def _ct_rows(dp: Datapath, pods: dict[int, str]) -> list[dict[str, Any]]:
                                       r["destination"], r["sourcePort"], r["destinationPort"]))
 
 
+def _policy_name(key: ManifestKey) -> str:
+    cluster, _kind, namespace, name = key
+    return f"{cluster}/{namespace}/{name}"
+
+
 class BpfDatapath:
     def __init__(self, hive: Hive, config: BpfConfig) -> None:
         self.hive = hive
@@ -81,6 +89,7 @@ class BpfDatapath:
         self.attachments: Table[str, Attachment] = Table("bpf-attach", key=lambda a: a.key)
         self._gates = [t.register_initializer("sources") for t in
                        (self.ipcache, self.entries, self.enforced)]
+        self.policy_cache = ManifestCache(MANIFEST_KINDS, log)
         self.rejected: dict[str, str] = {}
         self.policies: dict[str, PlexusNetworkPolicy] = {}
         self.dp: Datapath | None = None
@@ -101,6 +110,10 @@ class BpfDatapath:
         self._polling = threading.Event()
         hive.metrics.registry.register(_Counters(self))
         self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self._emit)
+        if config.enabled:
+            numbers = kernel_numbers(hive)
+            numbers.claim("tc-priority", TC_PRIORITY, "bpf", "policy programs on pod veths' clsact hooks")
+            numbers.claim("tc-handle", TC_HANDLE, "bpf", "policy programs on pod veths' clsact hooks")
 
     async def start(self) -> None:
         if not self.config.enabled:
@@ -112,15 +125,12 @@ class BpfDatapath:
             log.error("datapath not loaded: %s", e)
             return
         ifx = self.ifindexes
-        m = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("bpf-attach", self.attachments, AttachOps(self.dp, ifx), metrics=m),
-            Reconciler("bpf-ipcache", self.ipcache, IpcacheOps(self.dp), metrics=m),
-            Reconciler("bpf-policy", self.entries, PolicyOps(self.dp, ifx), metrics=m),
-            Reconciler("bpf-enforce", self.enforced, EnforceOps(self.dp, ifx), metrics=m),
+            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(self.dp, ifx)),
+            self.hive.reconcile("bpf", "bpf-ipcache", self.ipcache, IpcacheOps(self.dp)),
+            self.hive.reconcile("bpf", "bpf-policy", self.entries, PolicyOps(self.dp, ifx)),
+            self.hive.reconcile("bpf", "bpf-enforce", self.enforced, EnforceOps(self.dp, ifx)),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("bpf", rec.run(), rec.name)
         self.ifindexes = ifx
         loop = asyncio.get_running_loop()
         self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev))
@@ -227,20 +237,9 @@ class BpfDatapath:
 
     # ---- derivation -----------------------------------------------------------------
     def _load_policies(self) -> None:
-        policies: dict[str, PlexusNetworkPolicy] = {}
-        rejected: dict[str, str] = {}
-        for m in self.manifests.where(lambda m: m.kind == "PlexusNetworkPolicy"):
-            name = f"{m.cluster}/{m.namespace}/{m.name}"
-            try:
-                policies[name] = parse(PlexusNetworkPolicy, m.body, f"policy {name}")
-            except ConfigError as e:
-                rejected[name] = str(e)
-                if name in self.policies:  # keep running the last good version
-                    policies[name] = self.policies[name]
-        for name, why in rejected.items():
-            if self.rejected.get(name) != why:
-                log.warning("policy rejected (the previous version, if any, stays): %s", why)
-        self.policies, self.rejected = policies, rejected
+        self.policy_cache.sync(self.manifests)
+        self.policies = {_policy_name(k): p for k, p in self.policy_cache.parsed(PlexusNetworkPolicy).items()}
+        self.rejected = {_policy_name(k): why for k, why in self.policy_cache.problems.items()}
 
     def _local_endpoint(self, ep: Endpoint) -> LocalEndpoint:
         labels = {k.partition(":")[2].partition("=")[0]: k.partition("=")[2]

@@ -11,6 +11,7 @@ from bpf.ipcache import IpcacheEntry as IpcacheEntry  # re-exported: rows of Ipc
 from bpf.lb import LbBackend, LbFrontend, LbMaps
 from bpf.loader import Datapath
 from bpf.policy import Enforced, PolicyEntry
+from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.reconciler import TemporaryError
 from plexus.core.tables import Table
 
@@ -48,13 +49,14 @@ class IpcacheOps:
 class Ifindexes:
     """Interface indexes of host veths (netlink is synchronous: it runs in a thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, netlink: Netlink = AGENT_NETNS) -> None:
         self.cache: dict[str, int] = {}
+        self.netlink = netlink
 
     async def find(self, ifname: str) -> int | None:
         if ifname in self.cache:
             return self.cache[ifname]
-        return attach.ifindex(ifname)
+        return attach.ifindex(ifname, self.netlink)
 
     async def resolve(self, ifnames: Iterable[str]) -> dict[str, int]:
         """Every interface that exists, looked up now: a prune must not forget a live one
@@ -67,7 +69,7 @@ class Ifindexes:
         return out
 
     async def get(self, ifname: str) -> int:
-        idx = attach.ifindex(ifname)
+        idx = attach.ifindex(ifname, self.netlink)
         if idx is None:
             raise TemporaryError(f"interface {ifname} not there yet", delay=1.0)
         self.cache[ifname] = idx
@@ -124,28 +126,45 @@ class EnforceOps:
 
 
 class AttachOps:
-    """The programs on every local pod's host veth; gone pods take their filters with them."""
+    """The programs on every local pod's host veth. Gone pods usually take their filters
+    with them; prune detaches from a veth that outlived its row (removed while the agent
+    was down)."""
 
     def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
         self.dp = dp
         self.ifindexes = ifindexes
+        self.attached: set[str] = set()  # by this run's update; its delete detaches them
+
+    @property
+    def netlink(self) -> Netlink:
+        return self.ifindexes.netlink
 
     async def update(self, a: Attachment) -> None:
         try:
             idx = await asyncio.to_thread(attach.attach, a.ifname,
                                           (self.dp.from_pod.fd, self.dp.from_pod.name),
-                                          (self.dp.to_pod.fd, self.dp.to_pod.name))
+                                          (self.dp.to_pod.fd, self.dp.to_pod.name),
+                                          self.netlink)
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx
+        self.attached.add(a.ifname)
 
     async def delete(self, a: Attachment) -> None:
         # usually the veth is gone already, and its filters with it
-        await asyncio.to_thread(attach.detach, a.ifname)
+        await asyncio.to_thread(attach.detach, a.ifname, self.netlink)
         self.ifindexes.cache.pop(a.ifname, None)
+        self.attached.discard(a.ifname)
 
     async def prune(self, rows: Iterable[Attachment]) -> None:
-        pass  # filters live and die with their veth
+        # only links this run has not attached are dumped: few, once the first prune is done
+        found = await asyncio.to_thread(attach.attached, self.dp.from_pod.name, self.netlink,
+                                        frozenset(self.attached))
+        keep = {a.ifname for a in rows}  # read after the dump: a row added meanwhile stays
+        for ifname in found:
+            if ifname not in keep:
+                await asyncio.to_thread(attach.detach, ifname, self.netlink)
+                self.ifindexes.cache.pop(ifname, None)
 
 
 # ---- global service load-balancing (bpf/lb.py, programs/lb.h) --------------------------

@@ -12,8 +12,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bpf.models import EgressRule, IngressRule, PlexusNetworkPolicy, Selector
+from bpf.models import EgressRule, IngressRule, PlexusNetworkPolicy
 from clustermesh.models import ID_HOST, LABEL_NAMESPACE
+from plexus.core.selectors import LabelSelector
 
 EGRESS, INGRESS = 0, 1
 ALLOW, DENY = 1, 2
@@ -63,14 +64,14 @@ def cidr_identities(policies: Iterable[PlexusNetworkPolicy]) -> dict[str, int]:
     return {c: CIDR_IDENTITY_BASE + i for i, c in enumerate(sorted(cidrs))}
 
 
-def in_namespace(sel: Selector, namespace: str, labels: dict[str, str]) -> bool:
+def in_namespace(sel: LabelSelector, namespace: str, labels: dict[str, str]) -> bool:
     """Whether a peer selector of a policy in `namespace` matches an identity's labels."""
     if not sel.mentions(LABEL_NAMESPACE) and labels.get(LABEL_NAMESPACE) != namespace:
         return False
     return sel.matches(labels)
 
 
-def _peers(selectors: list[Selector], cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+def _peers(selectors: list[LabelSelector], cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
            namespace: str, identities: dict[int, dict[str, str]], cidr_ids: dict[str, int]) -> set[int]:
     out = {i for i, labels in identities.items()
            if any(in_namespace(s, namespace, labels) for s in selectors)}

@@ -30,7 +30,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bpf.models import EgressRule, IngressRule, PlexusNetworkPolicy, Selector
+from bpf.models import EgressRule, IngressRule, PlexusNetworkPolicy
 from bpf.policy import (
     ALLOW,
     CIDR_IDENTITY_BASE,
@@ -44,6 +44,7 @@ from bpf.policy import (
     rule_ports,
 )
 from clustermesh.models import ID_HOST, LABEL_NAMESPACE
+from plexus.core.selectors import LabelSelector
 
 EntryKey = tuple[str, int, int, int, int]   # (ifname, identity, port, proto, direction)
 EnforceKey = tuple[str, int]                # (ifname, direction)
@@ -79,7 +80,7 @@ class CidrIdentities:
 class _Selector:
     __slots__ = ("ids", "namespace", "selector", "users")
 
-    def __init__(self, selector: Selector, namespace: str) -> None:
+    def __init__(self, selector: LabelSelector, namespace: str) -> None:
         self.selector = selector
         self.namespace = namespace
         self.ids: set[int] = set()
@@ -114,7 +115,7 @@ class _Policy:
                 and self.model.spec.endpoint_selector.matches(ep.labels))
 
 
-def _canonical(sel: Selector) -> str:
+def _canonical(sel: LabelSelector) -> str:
     return json.dumps(sel.model_dump(), sort_keys=True)
 
 

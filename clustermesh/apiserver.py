@@ -12,12 +12,12 @@ import asyncio
 import datetime
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from clustermesh.identity import Allocator, GarbageCollector
-from clustermesh.kvstore import Compacted, KvError, KvStore, kv_failures
+from clustermesh.kvstore import KvError, KvStore, kv_failures
 from clustermesh.manifests import MANIFESTS_PREFIX, Service
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -40,6 +40,7 @@ from clustermesh.models import (
     identity_labels,
     synced_key,
 )
+from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.config import ConfigError, parse
 from plexus.core.log import Fields
 from plexus.core.reconciler import Backoff
@@ -53,6 +54,18 @@ class Sources:
     endpoints: dict[str, EndpointRegistration] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # key -> why
+
+
+@dataclass
+class Counters:
+    """What the apiserver did since it started, for status and metrics."""
+
+    puts: int = 0
+    deletes: int = 0
+    passes: int = 0  # sync passes that wrote something
+    etcd_errors: int = 0
+    last_error: str = ""
+    last_error_time: float = 0.0
 
 
 class ApiServer:
@@ -73,8 +86,13 @@ class ApiServer:
         self._dirty = asyncio.Event()
         self.backoff = Backoff(initial=0.2, maximum=30.0)
         self._session_synced = False
+        self.ready = False  # this etcd session's initial sync is written
         self.reg_prefix = f"{REGISTRATIONS_PREFIX}/{cluster}/"
         self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
+        self.counters = Counters()
+        # The sources, followed across sessions so a relist drops what vanished meanwhile.
+        self.watches = {"registrations": ListWatch(kv, self.reg_prefix),
+                        "services": ListWatch(kv, self.svc_prefix)}
 
     # ---- desired state --------------------------------------------------------------
     async def desired(self) -> dict[str, bytes]:
@@ -131,10 +149,13 @@ class ApiServer:
         gone = [k for k in self.published if k not in want]
         if puts:
             await self.kv.put_many(puts)
+            self.counters.puts += len(puts)
         for k in gone:
             await self.kv.delete(k)
+            self.counters.deletes += 1
         self.published = want
         if puts or gone:
+            self.counters.passes += 1
             self.log.info("published puts=%d deletes=%d", len(puts), len(gone))
         return len(puts) + len(gone)
 
@@ -143,7 +164,7 @@ class ApiServer:
         src = self.sources
         src.rejected.pop(key, None)
         for table in (src.nodes, src.endpoints, src.services):
-            table.pop(key, None)  # type: ignore[attr-defined]
+            table.pop(key, None)
         if value is None:
             return
         try:
@@ -167,32 +188,20 @@ class ApiServer:
             src.rejected[key] = str(e)
             self.log.warning("rejected key=%s: %s", key, e)
 
-    async def _follow(self, prefix: str, listed: Callable[[], Awaitable[None]]) -> None:
-        first = True
-        while True:
-            items, rev = await self.kv.list(prefix)
-            fresh = {i.key for i in items}
-            for stale in [k for k in self._known(prefix) if k not in fresh]:
-                self._apply(stale, None)
-            for item in items:
-                self._apply(item.key, item.value)
-            self._dirty.set()
-            if first:
-                await listed()
-                first = False
-            try:
-                async for events, _ in self.kv.watch(prefix, rev + 1):
-                    for ev in events:
-                        self._apply(ev.key, ev.value if ev.kind == "put" else None)
-                    if events:
-                        self._dirty.set()
-            except Compacted:
-                continue
-
-    def _known(self, prefix: str) -> list[str]:
-        src = self.sources
-        keys = list(src.nodes) + list(src.endpoints) + list(src.services) + list(src.rejected)
-        return [k for k in keys if k.startswith(prefix)]
+    async def _follow(self, watch: ListWatch, listed: asyncio.Event) -> None:
+        async for update in watch.updates():
+            if isinstance(update, Relisted):
+                for stale in update.vanished:
+                    self._apply(stale, None)
+                for item in update.items:
+                    self._apply(item.key, item.value)
+                self._dirty.set()
+            elif isinstance(update, Synced):
+                listed.set()
+            elif isinstance(update, Changed):
+                for ev in update.events:
+                    self._apply(ev.key, ev.value if ev.kind == "put" else None)
+                self._dirty.set()
 
     # ---- run ------------------------------------------------------------------------
     async def _adopt_published(self) -> None:
@@ -200,7 +209,7 @@ class ApiServer:
         mine = [f"{NODES_PREFIX}/{self.cluster}/", f"{SERVICES_PREFIX}/{self.cluster}/",
                 f"{IPCACHE_PREFIX}/"]
         for prefix in mine:
-            items, _ = await self.kv.list(prefix)
+            items, _ = await self.kv.list_prefix(prefix)
             self.published.update({i.key: i.value for i in items})
 
     async def _heartbeat(self) -> None:
@@ -212,7 +221,7 @@ class ApiServer:
                 now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
                 await self.kv.put(HEARTBEAT_KEY, now, lease=lease)
             except KvError as e:
-                self.log.warning("heartbeat failed: %s", e)
+                self._etcd_error("heartbeat", e)
                 lease = 0
             await asyncio.sleep(self.heartbeat_interval)
 
@@ -224,7 +233,7 @@ class ApiServer:
             try:
                 await self.gc.collect(in_use)
             except KvError as e:
-                self.log.warning("identity gc failed: %s", e)
+                self._etcd_error("identity gc", e)
 
     async def run(self) -> None:
         """Serve until cancelled; a lost etcd session is retried with backoff."""
@@ -234,31 +243,34 @@ class ApiServer:
             try:
                 await self._session()
             except KvError as e:
-                self.log.warning("etcd session failed: %s", e)
+                self._etcd_error("etcd session", e)
             except ExceptionGroup as eg:
                 failures = kv_failures(eg)
                 if failures is None:
                     raise
-                self.log.warning("etcd session failed: %s", "; ".join(sorted(set(map(str, failures)))))
+                self._etcd_error("etcd session", "; ".join(sorted(set(map(str, failures)))))
+            finally:
+                self.ready = False
             attempt = 1 if self._session_synced else attempt + 1
             await asyncio.sleep(self.backoff.delay(attempt))
+
+    def _etcd_error(self, what: str, e: KvError | str) -> None:
+        c = self.counters
+        c.etcd_errors += 1
+        c.last_error, c.last_error_time = f"{what}: {e}", time.time()
+        self.log.warning("%s failed: %s", what, e)
 
     async def _session(self) -> None:
         await self.kv.put(f"{CLUSTER_CONFIG_PREFIX}/{self.cluster}",
                           ClusterConfig(id=self.cluster_id).to_json())
         self.published = {}
         await self._adopt_published()
-        listed = {"registrations": asyncio.Event(), "services": asyncio.Event()}
-
-        def done(name: str) -> Callable[[], Awaitable[None]]:
-            async def mark() -> None:
-                listed[name].set()
-            return mark
+        listed = {name: asyncio.Event() for name in self.watches}
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._heartbeat())
-            tg.create_task(self._follow(self.reg_prefix, done("registrations")))
-            tg.create_task(self._follow(self.svc_prefix, done("services")))
+            for name, watch in self.watches.items():
+                tg.create_task(self._follow(watch, listed[name]))
             for ev in listed.values():
                 await ev.wait()
             await self.sync()
@@ -267,6 +279,7 @@ class ApiServer:
                                   datetime.datetime.now(datetime.UTC).isoformat())
             self.synced.set()
             self._session_synced = True
+            self.ready = True
             self.log.info("initial sync done: canaries written")
             tg.create_task(self._gc())
             while True:
@@ -277,7 +290,14 @@ class ApiServer:
 
     def status(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "id": self.cluster_id, "synced": self.synced.is_set(),
+                "ready": self.ready,
                 "nodes": len(self.sources.nodes), "endpoints": len(self.sources.endpoints),
                 "services": len(self.sources.services), "rejected": dict(self.sources.rejected),
-                "published": len(self.published)}
+                "published": len(self.published),
+                "prefixes": {name: w.status.as_dict() for name, w in self.watches.items()},
+                "written": {"puts": self.counters.puts, "deletes": self.counters.deletes,
+                            "passes": self.counters.passes},
+                "identitiesAllocated": self.allocator.allocated,
+                "etcdErrors": self.counters.etcd_errors, "lastError": self.counters.last_error,
+                "lastErrorTime": self.counters.last_error_time}
 

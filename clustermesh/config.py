@@ -20,7 +20,7 @@ class EtcdSection(Strict):
 class ClusterMeshConfig(Strict):
     """Where this cluster's own etcd is and where the remote clusters are described."""
 
-    etcd: EtcdSection = Field(default_factory=EtcdSection)  # type: ignore[arg-type]
+    etcd: EtcdSection = Field(default_factory=EtcdSection)
     config_dir: Path | None = Field(None, description="One file per remote cluster, named after it.")
     direct_routes: bool = Field(True, description="Route to same-segment nodes' pod CIDRs directly.")
     config_poll_interval: float = Field(1.0, gt=0, description="How often the config dir is read.")

@@ -42,6 +42,7 @@ class Allocator:
         self.first = max(self.first, 256)
         self._cache: dict[tuple[str, ...], int] = {}
         self._next = self.first
+        self.allocated = 0  # identities this allocator created in etcd
 
     async def allocate(self, labels: tuple[str, ...]) -> int:
         labels = tuple(sorted(labels))
@@ -61,6 +62,7 @@ class Allocator:
             ])
             if created:
                 self._cache[labels] = candidate
+                self.allocated += 1
                 log.info("allocated identity=%d labels=%s", candidate, format_labels(labels))
                 return candidate
             self._next = candidate + 1  # lost a race for this id or for these labels
@@ -74,7 +76,7 @@ class Allocator:
                 return ident
             ident += 1
         # wrap once: ids freed by garbage collection below the cursor
-        items, _ = await self.kv.list(f"{IDENTITIES_PREFIX}/")
+        items, _ = await self.kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         used = {int(i.key.rsplit("/", 1)[1]) for i in items if i.key.rsplit("/", 1)[1].isdigit()}
         for ident in range(self.first, self.last + 1):
             if ident not in used:
@@ -95,7 +97,7 @@ class Allocator:
         return await self.kv.delete_if_mod_revision(f"{IDENTITIES_PREFIX}/{ident}", got.mod_revision)
 
     async def owned(self) -> dict[int, tuple[str, ...]]:
-        items, _ = await self.kv.list(f"{IDENTITIES_PREFIX}/")
+        items, _ = await self.kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         out = {}
         for i in items:
             tail = i.key.rsplit("/", 1)[1]

@@ -116,7 +116,7 @@ def _translate(e: grpc.aio.AioRpcError) -> KvError:
 
 
 class KvStore:
-    """An etcd client: get/list/put/delete, transactions, leases, watches."""
+    """An etcd client: get/list_prefix/put/delete, transactions, leases, watches."""
 
     def __init__(self, endpoints: Sequence[str], tls: Tls | None = None,
                  timeout: float = 5.0) -> None:
@@ -183,7 +183,7 @@ class KvStore:
         resp = await self._call("_kv", "Range", rpc.RangeRequest(key=key.encode()))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    async def list(self, prefix: str) -> tuple[list[KV], int]:
+    async def list_prefix(self, prefix: str) -> tuple[list[KV], int]:
         """Every key under `prefix` at one revision, fetched in pages."""
         start = prefix.encode()
         end = prefix_end(start)
@@ -254,6 +254,11 @@ class KvStore:
             ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=_bytes(v)))
                    for k, v in items[i:i + 128]]
             await self._call("_kv", "Txn", rpc.TxnRequest(success=ops), deadline=30)
+
+    async def compact(self, revision: int) -> None:
+        """Forget every revision before `revision`; watches from before it get Compacted."""
+        await self._call("_kv", "Compact", rpc.CompactionRequest(revision=revision, physical=True),
+                         deadline=max(self.timeout, 30))
 
     # ---- leases ---------------------------------------------------------------------
     async def grant(self, ttl: int) -> int:

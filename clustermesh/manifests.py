@@ -8,23 +8,16 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from plexus.core.config import Strict
+from plexus.core.manifests import Metadata
 
 MANIFESTS_PREFIX = "plexus/manifests/v1"
 ANNOTATION_GLOBAL = "service.cilium.io/global"
 ANNOTATION_SHARED = "service.cilium.io/shared"
 ANNOTATION_AFFINITY = "service.cilium.io/affinity"
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 def manifest_key(cluster: str, kind: str, namespace: str, name: str) -> str:
     return f"{MANIFESTS_PREFIX}/{cluster}/{kind}/{namespace}/{name}"
-
-
-class Metadata(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
-    namespace: str = Field("default", pattern=NAME_PATTERN)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class ServicePort(Strict):

@@ -22,30 +22,34 @@ from prometheus_client.registry import Collector
 from clustermesh.config import ClusterMeshConfig, EtcdSection, RemoteClusterFile
 from clustermesh.kvstore import KvError, KvStore, Tls
 from clustermesh.models import InvalidValue, Node, NodeAddress, check_cluster_name
-from clustermesh.ops import DirectRoute, EndpointRegistrationOps, NodeRegistrationOps, RouteOps
+from clustermesh.ops import (
+    RT_TABLE_MAIN,
+    RTPROT_PLEXUS,
+    DirectRoute,
+    EndpointRegistrationOps,
+    NodeRegistrationOps,
+    RouteOps,
+)
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.services import merge
 from clustermesh.tables import (
-    ENDPOINTS,
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
-    NODE_ATTRIBUTES,
     NODES,
     SERVICES,
     global_services_table,
     identities_table,
     ipcache_table,
-    manifests_table,
-    node_attributes_table,
     nodes_table,
     services_table,
 )
 from plexus.core.api import ApiError
 from plexus.core.config import ConfigError, load
+from plexus.core.kernel import kernel_numbers
+from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive, Module
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 
@@ -76,7 +80,7 @@ class ClusterMesh:
             services=hive.provide(SERVICES, services_table()),
             manifests=hive.provide(MANIFESTS, manifests_table()))
         self.global_services = hive.provide(GLOBAL_SERVICES, global_services_table())
-        self.node_attributes = hive.provide(NODE_ATTRIBUTES, node_attributes_table())
+        self.node_attributes = hive.require(NODE_ATTRIBUTES)
         self.own_node: Table[str, Node] = Table("own-node", key=lambda n: n.name)
         self.routes: Table[str, DirectRoute] = Table("direct-routes", key=lambda r: r.key)
         self._routes_ready = self.routes.register_initializer("nodes")
@@ -88,6 +92,12 @@ class ClusterMesh:
         self.config_errors: dict[str, str] = {}
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self.kv: KvStore | None = None
+        if self.enabled and config.direct_routes:
+            numbers = kernel_numbers(hive)
+            numbers.claim("route-table", RT_TABLE_MAIN, "clustermesh", "direct routes to pod CIDRs",
+                          shared=True)
+            numbers.claim("route-protocol", RTPROT_PLEXUS, "clustermesh", "marks its direct routes",
+                          shared=True)
         hive.routes.get("/v1/clustermesh/status", self._status_api)
         hive.routes.get("/v1/clustermesh/tables/{table}", self._table_api)
         hive.metrics.registry.register(_MeshCollector(self))
@@ -102,19 +112,15 @@ class ClusterMesh:
         owner = "clustermesh"
         own = self._watcher(self.local.cluster, self.kv)
         self.remotes[self.local.cluster] = _Remote(own, self.hive.spawn(owner, own.run(), "own"), "")
-        metrics = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("node-registration", self.own_node, NodeRegistrationOps(self.kv),
-                       metrics=metrics),
-            Reconciler("endpoint-registration", self.endpoints,
-                       EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
-                                               self.local.ip), metrics=metrics),
+            self.hive.reconcile(owner, "node-registration", self.own_node,
+                                NodeRegistrationOps(self.kv)),
+            self.hive.reconcile(owner, "endpoint-registration", self.endpoints,
+                                EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
+                                                        self.local.ip)),
         ]
         if self.config.direct_routes:
-            self.reconcilers.append(Reconciler("direct-routes", self.routes, RouteOps(),
-                                               metrics=metrics))
-        for rec in self.reconcilers:
-            self.hive.spawn(owner, rec.run(), rec.name)
+            self.reconcilers.append(self.hive.reconcile(owner, "direct-routes", self.routes, RouteOps()))
         self.hive.spawn(owner, self._publish_own_node(), "own-node")
         self.hive.spawn(owner, self._merge_services(), "global-services")
         self.hive.spawn(owner, self._derive_routes(), "routes")
@@ -153,13 +159,13 @@ class ClusterMesh:
 
     # ---- own node -------------------------------------------------------------------
     def _node_record(self) -> Node:
-        attrs = {a.name: a.value for a in self.node_attributes}
         return Node(name=self.local.name, cluster=self.local.cluster,
                     cluster_id=self.local.cluster_id,
                     addresses=(NodeAddress("InternalIP", self.local.ip),),
                     ipv4_alloc_cidr=self.local.pod_cidr, ipv6_alloc_cidr=self.local.pod_cidr_v6,
                     labels=dict(self.local.labels),
-                    wireguard_pubkey=attrs.get("WireguardPubKey", ""), source="plexus")
+                    wireguard_pubkey=self.node_attributes.get(WIREGUARD_PUBLIC_KEY) or "",
+                    source="plexus")
 
     async def _publish_own_node(self) -> None:
         # Modules that add attributes (the WireGuard key) hold the table until they have:

@@ -7,6 +7,8 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from clustermesh.kvstore import KvError, KvStore
 from clustermesh.models import (
     REGISTRATIONS_PREFIX,
@@ -15,7 +17,8 @@ from clustermesh.models import (
     endpoint_registration_key,
     node_registration_key,
 )
-from clustermesh.tables import Endpoint
+from plexus.core.netlink import AGENT_NETNS, Netlink
+from plexus.core.node import Endpoint
 from plexus.core.reconciler import TemporaryError
 
 RTPROT_PLEXUS = 190  # marks the routes this agent owns, so prune touches no other
@@ -74,7 +77,7 @@ class EndpointRegistrationOps:
     async def prune(self, rows: Iterable[Endpoint]) -> None:
         prefix = f"{REGISTRATIONS_PREFIX}/{self.cluster}/endpoints/{self.node}/"
         keep = {self._key(ep) for ep in rows}
-        items, _ = await self.kv.list(prefix)
+        items, _ = await self.kv.list_prefix(prefix)
         for item in items:
             if item.key not in keep:
                 await self.kv.delete(item.key)
@@ -95,15 +98,16 @@ class DirectRoute:
 class RouteOps:
     """Routes in the main table, marked with our protocol number."""
 
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute  # only where routes are really managed
-
-        self._ipr_factory = IPRoute
+    def __init__(self, netlink: Netlink = AGENT_NETNS) -> None:
+        self.netlink = netlink
 
     def _sync_update(self, row: DirectRoute) -> None:
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             # Only a node on a shared segment is a direct next hop.
-            found = ipr.route("get", dst=row.via)
+            try:
+                found = ipr.route("get", dst=row.via)
+            except NetlinkError as e:  # ENETUNREACH: no route to the node at all
+                raise TemporaryError(f"no route to node {row.via}: {e}", delay=30) from None
             if not found or found[0].get_attr("RTA_GATEWAY"):
                 raise TemporaryError(f"node {row.via} is not on a directly connected segment",
                                      delay=30)
@@ -111,9 +115,7 @@ class RouteOps:
                       table=RT_TABLE_MAIN)
 
     def _sync_delete(self, row: DirectRoute) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             try:
                 ipr.route("del", dst=row.dst, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
             except NetlinkError as e:
@@ -122,15 +124,16 @@ class RouteOps:
 
     def _sync_prune(self, rows: list[DirectRoute]) -> None:
         keep = {ipaddress.ip_network(r.dst) for r in rows}
-        with self._ipr_factory() as ipr:
+        with self.netlink.route() as ipr:
             # only the main table: other features keep their routes in tables of their own
-            for r in ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN):
+            for r in list(ipr.get_routes(family=2, proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)):
                 dst = r.get_attr("RTA_DST")
                 if dst is None or r.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
                     continue
                 net = ipaddress.ip_network(f"{dst}/{r['dst_len']}")
                 if net not in keep:
-                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN)
+                    ipr.route("del", dst=str(net), proto=RTPROT_PLEXUS, table=RT_TABLE_MAIN,
+                              scope=r["scope"])
 
     async def update(self, row: DirectRoute) -> None:
         await asyncio.to_thread(self._sync_update, row)

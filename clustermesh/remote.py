@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from clustermesh.kvstore import Compacted, KvError, KvStore, kv_failures
+from clustermesh.kvstore import KV, Event, KvError, KvStore, kv_failures
 from clustermesh.manifests import MANIFESTS_PREFIX
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -36,8 +36,9 @@ from clustermesh.models import (
     identity_cluster_id,
     parse_labels,
 )
-from clustermesh.tables import Manifest
+from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
+from plexus.core.manifests import Manifest
 from plexus.core.reconciler import Backoff
 from plexus.core.tables import Table
 
@@ -91,13 +92,14 @@ class ConfigRejected(Exception):
 class _Prefix(Generic[K, R]):
     """One watched prefix: decodes etcd keys into rows of one table."""
 
-    def __init__(self, prefix: str, table: Table[K, R], decode: Callable[[str, bytes], R],
-                 owned: Callable[[R], bool]) -> None:
+    def __init__(self, kv: KvStore, prefix: str, table: Table[K, R],
+                 decode: Callable[[str, bytes], R], owned: Callable[[R], bool]) -> None:
         self.prefix = prefix
         self.table = table
         self.decode = decode
         self.owned = owned
         self.keys: dict[str, K] = {}  # etcd key -> table key, to apply deletes
+        self.watch = ListWatch(kv, prefix)
 
 
 class ClusterWatcher:
@@ -120,12 +122,13 @@ class ClusterWatcher:
         self._listed: set[str] = set()
         self.ready_event = asyncio.Event()
         self.prefixes: list[_Prefix[Any, Any]] = [
-            _Prefix(f"{NODES_PREFIX}/{name}/", tables.nodes, self._node, self._mine),
-            _Prefix(f"{IPCACHE_PREFIX}/", tables.ipcache, self._ip, self._mine),
-            _Prefix(f"{IDENTITIES_PREFIX}/", tables.identities, self._identity, self._mine),
-            _Prefix(f"{SERVICES_PREFIX}/{name}/", tables.services, self._service, self._mine),
-            _Prefix(f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest, self._mine),
+            _Prefix(kv, f"{NODES_PREFIX}/{name}/", tables.nodes, self._node, self._mine),
+            _Prefix(kv, f"{IPCACHE_PREFIX}/", tables.ipcache, self._ip, self._mine),
+            _Prefix(kv, f"{IDENTITIES_PREFIX}/", tables.identities, self._identity, self._mine),
+            _Prefix(kv, f"{SERVICES_PREFIX}/{name}/", tables.services, self._service, self._mine),
+            _Prefix(kv, f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest, self._mine),
         ]
+        self.canaries = ListWatch(kv, f"{SYNCED_PREFIX}/{name}/")
 
     @property
     def is_local(self) -> bool:
@@ -247,24 +250,17 @@ class ClusterWatcher:
                 tg.create_task(self._follow(p))
 
     async def _watch_canaries(self) -> None:
-        prefix = f"{SYNCED_PREFIX}/{self.name}/"
-
-        def update(keys: set[str]) -> None:
+        prefix = self.canaries.prefix
+        keys: set[str] = set()
+        async for update in self.canaries.updates():
+            if isinstance(update, Relisted):
+                keys = {i.key for i in update.items}
+            elif isinstance(update, Changed):
+                for ev in update.events:
+                    (keys.add if ev.kind == "put" else keys.discard)(ev.key)
             self.status.synced = {p: f"{prefix}{p}" in keys for p in SYNCED_PREFIXES}
             self._canaries_seen = all(self.status.synced.values())
             self._update_ready()
-
-        while True:
-            items, rev = await self.kv.list(prefix)
-            keys = {i.key for i in items}
-            update(keys)
-            try:
-                async for events, _ in self.kv.watch(prefix, rev + 1):
-                    for ev in events:
-                        (keys.add if ev.kind == "put" else keys.discard)(ev.key)
-                    update(keys)
-            except Compacted:
-                continue
 
     def _update_ready(self) -> None:
         ready = self._canaries_seen and len(self._listed) == len(self.prefixes)
@@ -283,40 +279,43 @@ class ClusterWatcher:
             return None
 
     async def _follow(self, p: _Prefix[Any, Any]) -> None:
-        while True:
-            items, rev = await self.kv.list(p.prefix)
-            rows = {}
-            p.keys.clear()
-            for item in items:
-                row = self._decode(p, item.key, item.value)
-                if row is not None:
-                    p.keys[item.key] = p.table.key_of(row)
-                    rows[p.keys[item.key]] = row
-            # A relist replaces this cluster's rows: what vanished while we were away goes.
-            p.table.replace_where(p.owned, rows.values())
-            self._listed.add(p.prefix)
-            self._update_ready()
-            self._notify()
-            try:
-                async for events, _ in self.kv.watch(p.prefix, rev + 1):
-                    for ev in events:
-                        self.status.events += 1
-                        old = p.keys.pop(ev.key, None)
-                        row = self._decode(p, ev.key, ev.value) if ev.kind == "put" else None
-                        if row is not None:
-                            new = p.table.key_of(row)
-                            if old is not None and old != new and p.owned(p.table.get(old)):
-                                p.table.delete(old)
-                            p.keys[ev.key] = new
-                            p.table.upsert(row)
-                        elif old is not None:
-                            current = p.table.get(old)
-                            if current is not None and p.owned(current):
-                                p.table.delete(old)
-                    if events:
-                        self._notify()
-            except Compacted:
-                continue
+        async for update in p.watch.updates():
+            if isinstance(update, Relisted):
+                self._relist(p, update.items)
+            elif isinstance(update, Synced):
+                self._listed.add(p.prefix)
+                self._update_ready()
+                self._notify()
+            else:
+                self._apply(p, update.events)
+
+    def _relist(self, p: _Prefix[Any, Any], items: tuple[KV, ...]) -> None:
+        rows = {}
+        p.keys.clear()
+        for item in items:
+            row = self._decode(p, item.key, item.value)
+            if row is not None:
+                p.keys[item.key] = p.table.key_of(row)
+                rows[p.keys[item.key]] = row
+        # A relist replaces this cluster's rows: what vanished while we were away goes.
+        p.table.replace_where(p.owned, rows.values())
+
+    def _apply(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:
+        for ev in events:
+            self.status.events += 1
+            old = p.keys.pop(ev.key, None)
+            row = self._decode(p, ev.key, ev.value) if ev.kind == "put" else None
+            if row is not None:
+                new = p.table.key_of(row)
+                if old is not None and old != new and p.owned(p.table.get(old)):
+                    p.table.delete(old)
+                p.keys[ev.key] = new
+                p.table.upsert(row)
+            elif old is not None:
+                current = p.table.get(old)
+                if current is not None and p.owned(current):
+                    p.table.delete(old)
+        self._notify()
 
     def _notify(self) -> None:
         if self.on_event is not None:

@@ -19,13 +19,15 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from clustermesh.tables import LOCAL_NODE, NODE_ATTRIBUTES, NODES, NodeAttribute
+from clustermesh.tables import NODES
 from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
-from encryption.ops import Backend, PeerOps, RouteOps, detect
+from encryption.ops import RTPROT_PLEXUS, Backend, PeerOps, RouteOps, detect
 from encryption.tables import EncryptedRoute, Peer, peers_table, routes_table
 from plexus.core.api import ApiError
+from plexus.core.kernel import kernel_numbers
 from plexus.core.module import Hive, Module
+from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, POD_MTU, WIREGUARD_PUBLIC_KEY
 from plexus.core.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,12 @@ class Encryption:
         # would make every peer drop this node until the key came back.
         self._attributes_done = (self.attributes.register_initializer("encryption")
                                  if config.enabled else lambda: None)
+        if config.enabled:
+            numbers = kernel_numbers(hive)
+            numbers.claim("route-table", config.table, "encryption", "routes of remote pod CIDRs")
+            numbers.claim("rule-priority", config.rule_priority, "encryption", "ip rule to its table")
+            numbers.claim("route-protocol", RTPROT_PLEXUS, "encryption", "marks its routes",
+                          shared=True)
         hive.routes.get("/v1/encryption/status", self._status_api)
         hive.routes.post("/v1/encryption/rotate-key", self._rotate_api)
         hive.metrics.registry.register(_WireGuardCollector(self))
@@ -66,7 +74,7 @@ class Encryption:
         try:
             self.keys = KeyPair.load_or_create(self.hive.state_dir)
             self._publish_key()
-            self.attributes.upsert(NodeAttribute("PodMTU", str(self.device_mtu)))
+            self.attributes.set(POD_MTU, self.device_mtu)
         finally:
             self._attributes_done()
         self.backend = await asyncio.to_thread(
@@ -76,14 +84,11 @@ class Encryption:
         await asyncio.to_thread(route_ops.ensure_rule)
         log.info("encryption on: backend=%s device=%s port=%d public_key=%s", self.backend.name,
                  cfg.device, cfg.port, self.keys.public_b64)
-        metrics = self.hive.metrics.reconciler
         self.reconcilers = [
-            Reconciler("wireguard-peers", self.peers, PeerOps(self.backend), metrics=metrics,
-                       concurrency=512),
-            Reconciler("wireguard-routes", self.routes, route_ops, metrics=metrics),
+            self.hive.reconcile("encryption", "wireguard-peers", self.peers, PeerOps(self.backend),
+                                concurrency=512),
+            self.hive.reconcile("encryption", "wireguard-routes", self.routes, route_ops),
         ]
-        for rec in self.reconcilers:
-            self.hive.spawn("encryption", rec.run(), rec.name)
         self.hive.spawn("encryption", self._derive(), "derive")
         self.hive.spawn("encryption", self._open_prune(), "initial-sync")
 
@@ -92,7 +97,7 @@ class Encryption:
 
     def _publish_key(self) -> None:
         assert self.keys is not None
-        self.attributes.upsert(NodeAttribute("WireguardPubKey", self.keys.public_b64))
+        self.attributes.set(WIREGUARD_PUBLIC_KEY, self.keys.public_b64)
 
     async def _open_prune(self) -> None:
         await self.nodes.initialized.wait()

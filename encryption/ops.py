@@ -1,31 +1,35 @@
 """The WireGuard device (kernel or wireguard-go), its peers and its routes.
 
-Everything here acts on the network namespace the agent runs in.
+Everything here acts on one network namespace: the agent's own unless a `Netlink` names another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterable
+from errno import EAFNOSUPPORT
 from pathlib import Path
+from socket import AF_INET, AF_INET6
 from typing import Protocol
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from encryption.keys import KeyPair
 from encryption.tables import EncryptedRoute, Peer
 from encryption.uapi import DeviceInfo, PeerInfo, Uapi, UapiError
+from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.reconciler import TemporaryError
 
 log = logging.getLogger(__name__)
 RTPROT_PLEXUS = 190
+FAMILIES = (AF_INET, AF_INET6)
 PID_FILE = "wireguard-go.pid"
 
 
@@ -44,8 +48,8 @@ class Backend(Protocol):
     def remove(self) -> None: ...
 
 
-def _link_up(device: str, mtu: int) -> int:
-    with IPRoute() as ipr:
+def _link_up(device: str, mtu: int, netlink: Netlink = AGENT_NETNS) -> int:
+    with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=device)
         if not found:
             raise BackendUnavailable(f"device {device} did not appear")
@@ -62,10 +66,12 @@ class UserspaceBackend:
 
     name = "userspace (wireguard-go)"
 
-    def __init__(self, device: str, state_dir: Path, binary: str = "wireguard-go") -> None:
+    def __init__(self, device: str, state_dir: Path, binary: str = "wireguard-go",
+                 netlink: Netlink = AGENT_NETNS) -> None:
         self.device = device
         self.state_dir = state_dir
         self.binary = binary
+        self.netlink = netlink
         self.uapi = Uapi(device)
 
     def _alive(self) -> bool:
@@ -82,7 +88,8 @@ class UserspaceBackend:
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / "wireguard-go.log", "ab") as out:
-            proc = subprocess.Popen([self.binary, "-f", self.device], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(self.netlink.argv([self.binary, "-f", self.device]),
+                                    stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=out, env=env, start_new_session=True)
         (self.state_dir / PID_FILE).write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 10
@@ -100,7 +107,7 @@ class UserspaceBackend:
         info = self.uapi.get()
         if info.private_key != keys.private_bytes or info.listen_port != port:
             self.uapi.set_device(keys.private_bytes, port)
-        _link_up(self.device, mtu)
+        _link_up(self.device, mtu, self.netlink)
 
     def info(self) -> DeviceInfo:
         return self.uapi.get()
@@ -137,11 +144,12 @@ class KernelBackend:
 
     name = "kernel"
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, netlink: Netlink = AGENT_NETNS) -> None:
         self.device = device
+        self.netlink = netlink
 
     def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
-        with IPRoute() as ipr:
+        with self.netlink.route() as ipr:
             found = ipr.link_lookup(ifname=self.device)
             if found:
                 info = ipr.get_links(found[0])[0].get_attr("IFLA_LINKINFO")
@@ -153,23 +161,19 @@ class KernelBackend:
                     ipr.link("add", ifname=self.device, kind="wireguard")
                 except NetlinkError as e:
                     raise BackendUnavailable(f"no WireGuard kernel module ({e})") from None
-        from pyroute2 import WireGuard
-
         try:
-            with WireGuard() as wg:
+            with self.netlink.wireguard() as wg:
                 wg.set(self.device, private_key=base64.b64encode(keys.private_bytes).decode(),
                        listen_port=port)
         except NetlinkError as e:
             # No WireGuard netlink family: the device found is wireguard-go's TUN, kept from
             # before a restart; the userspace backend adopts it.
             raise BackendUnavailable(f"no WireGuard netlink family ({e})") from None
-        _link_up(self.device, mtu)
+        _link_up(self.device, mtu, self.netlink)
 
     def info(self) -> DeviceInfo:
-        from pyroute2 import WireGuard
-
         out = DeviceInfo()
-        with WireGuard() as wg:
+        with self.netlink.wireguard() as wg:
             for msg in wg.info(self.device):
                 out.listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT") or 0
                 for p in msg.get_attr("WGDEVICE_A_PEERS") or []:
@@ -183,40 +187,36 @@ class KernelBackend:
             self.set_peer(p)
 
     def set_peer(self, peer: Peer) -> None:
-        from pyroute2 import WireGuard
-
-        with WireGuard() as wg:
+        with self.netlink.wireguard() as wg:
             wg.set(self.device, peer={
                 "public_key": base64.b64encode(peer.public_key).decode(),
                 "endpoint_addr": peer.endpoint, "endpoint_port": peer.port,
                 "allowed_ips": list(peer.allowed_ips)})
 
     def remove_peer(self, public_key: bytes) -> None:
-        from pyroute2 import WireGuard
-
-        with WireGuard() as wg:
+        with self.netlink.wireguard() as wg:
             wg.set(self.device, peer={"public_key": base64.b64encode(public_key).decode(),
                                       "remove": True})
 
     def remove(self) -> None:
-        with IPRoute() as ipr:
+        with self.netlink.route() as ipr:
             found = ipr.link_lookup(ifname=self.device)
             if found:
                 ipr.link("del", index=found[0])
 
 
 def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair, port: int,
-           mtu: int) -> Backend:
+           mtu: int, netlink: Netlink = AGENT_NETNS) -> Backend:
     """The backend to use: the kernel module when asked or available, else wireguard-go.
 
     A device wireguard-go already serves (an agent restart) is adopted, never probed.
     """
-    if choice == "auto" and UserspaceBackend(device, state_dir, binary)._alive():
-        backend = UserspaceBackend(device, state_dir, binary)
+    if choice == "auto" and UserspaceBackend(device, state_dir, binary, netlink)._alive():
+        backend = UserspaceBackend(device, state_dir, binary, netlink)
         backend.ensure(keys, port, mtu)
         return backend
     if choice in ("auto", "kernel"):
-        kernel = KernelBackend(device)
+        kernel = KernelBackend(device, netlink)
         try:
             kernel.ensure(keys, port, mtu)
             return kernel
@@ -224,7 +224,7 @@ def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair
             if choice == "kernel":
                 raise
             log.info("WireGuard kernel module unavailable (%s): using wireguard-go", e)
-    backend = UserspaceBackend(device, state_dir, binary)
+    backend = UserspaceBackend(device, state_dir, binary, netlink)
     backend.ensure(keys, port, mtu)
     return backend
 
@@ -273,50 +273,64 @@ class PeerOps:
 
 
 class RouteOps:
-    """Routes in the encryption table; an ip rule sends lookups there before `main`."""
+    """Routes in the encryption table; an ip rule per family sends lookups there before
+    `main`. Pod CIDRs are IPv4 and IPv6 alike, so every dump asks for both families
+    (netlink dumps one family per request)."""
 
-    def __init__(self, device: str, table: int, priority: int) -> None:
+    def __init__(self, device: str, table: int, priority: int,
+                 netlink: Netlink = AGENT_NETNS) -> None:
         self.device = device
         self.table = table
         self.priority = priority
+        self.netlink = netlink
 
     def ensure_rule(self) -> None:
-        with IPRoute() as ipr:
-            for rule in ipr.get_rules(family=2):
-                same = (rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_PRIORITY"))
-                if same == (self.table, self.priority):
-                    return
-            ipr.rule("add", table=self.table, priority=self.priority)
+        with self.netlink.route() as ipr:
+            for family in FAMILIES:
+                if any((rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_PRIORITY"))
+                       == (self.table, self.priority) for rule in ipr.get_rules(family=family)):
+                    continue
+                try:
+                    ipr.rule("add", family=family, table=self.table, priority=self.priority)
+                except NetlinkError as e:
+                    if family != AF_INET6 or e.code != EAFNOSUPPORT:
+                        raise
+                    log.info("no IPv6 in this namespace: encryption rule for IPv4 only")
 
     def _update(self, r: EncryptedRoute) -> None:
-        with IPRoute() as ipr:
+        with self.netlink.route() as ipr:
             if r.kind == "blackhole":
-                ipr.route("replace", dst=r.dst, table=self.table, type="blackhole",
-                          proto=RTPROT_PLEXUS)
+                ipr.route("replace", dst=r.dst, family=_family(r.dst), table=self.table,
+                          type="blackhole", proto=RTPROT_PLEXUS)
                 return
             found = ipr.link_lookup(ifname=self.device)
             if not found:
                 raise TemporaryError(f"device {self.device} is missing")
-            ipr.route("replace", dst=r.dst, table=self.table, oif=found[0], proto=RTPROT_PLEXUS)
+            ipr.route("replace", dst=r.dst, family=_family(r.dst), table=self.table,
+                      oif=found[0], proto=RTPROT_PLEXUS)
 
     def _delete(self, r: EncryptedRoute) -> None:
-        with IPRoute() as ipr:
+        with self.netlink.route() as ipr:
             try:
-                ipr.route("del", dst=r.dst, table=self.table)
+                ipr.route("del", dst=r.dst, family=_family(r.dst), table=self.table)
             except NetlinkError as e:
                 if e.code != 3:  # ESRCH: gone already
                     raise
 
     def _prune(self, rows: list[EncryptedRoute]) -> None:
-        keep = {r.dst for r in rows}
-        with IPRoute() as ipr:
-            for route in ipr.get_routes(family=2, table=self.table):
-                dst = route.get_attr("RTA_DST")
-                if dst is None or route.get_attr("RTA_TABLE") != self.table:
-                    continue
-                cidr = f"{dst}/{route['dst_len']}"
-                if cidr not in keep:
-                    ipr.route("del", dst=cidr, table=self.table)
+        keep = {ipaddress.ip_network(r.dst, strict=False) for r in rows}
+        with self.netlink.route() as ipr:
+            for family in FAMILIES:
+                for route in list(ipr.get_routes(family=family, table=self.table)):
+                    dst = route.get_attr("RTA_DST")
+                    if dst is None or route.get_attr("RTA_TABLE") != self.table:
+                        continue
+                    net = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
+                    if net not in keep:
+                        # its own scope: the kernel matches it, and a route someone added
+                        # by hand is often scope link
+                        ipr.route("del", dst=str(net), family=family, table=self.table,
+                                  scope=route["scope"])
 
     async def update(self, r: EncryptedRoute) -> None:
         await asyncio.to_thread(self._update, r)
@@ -326,3 +340,7 @@ class RouteOps:
 
     async def prune(self, rows: Iterable[EncryptedRoute]) -> None:
         await asyncio.to_thread(self._prune, list(rows))
+
+
+def _family(cidr: str) -> int:
+    return AF_INET6 if ":" in cidr else AF_INET

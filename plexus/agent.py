@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
-import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import Field, create_model, field_validator
 
@@ -17,11 +15,14 @@ from plexus.core import log as plog
 from plexus.core.api import ApiServer
 from plexus.core.config import ConfigError, Strict, parse, read_yaml
 from plexus.core.module import App, Hive, Module
+from plexus.core.serve import serve_until_signalled
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path("/var/lib/plexus")
 DEFAULT_API_SOCKET = Path("/run/plexus/agent.sock")
+
+C = TypeVar("C", bound=Strict)
 
 
 class ClusterSection(Strict):
@@ -66,8 +67,15 @@ class AgentBase(Strict):
     state_dir: Path = Field(DEFAULT_STATE_DIR,
                             description="Persistent state (IPAM, keys, endpoints).")
     api_socket: Path = Field(DEFAULT_API_SOCKET, description="Unix socket of the local API.")
-    metrics: MetricsSection = Field(default_factory=MetricsSection)  # type: ignore[arg-type]
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+    def section(self, module: Module[C]) -> C:
+        """One module's config: a field that config_model adds, so typed through its Module."""
+        value = getattr(self, module.name)
+        if not isinstance(value, module.config):
+            raise TypeError(f"config section {module.name!r} is not a {module.config.__name__}")
+        return value
 
 
 def config_model(modules: list[Module[Any]]) -> type[AgentBase]:
@@ -99,7 +107,8 @@ def add_core_routes(app: App) -> None:
     app.hive.routes.get("/v1/status", status)
 
     async def healthz(_q: dict[str, str], _b: Any) -> Any:
-        return {"ok": all(h == "ok" for h in app.hive.health.values()), "health": app.hive.health}
+        # objects in error make a module "degraded", not the agent unhealthy (App.health)
+        return app.health()
 
     app.hive.routes.get("/v1/healthz", healthz)
 
@@ -118,18 +127,8 @@ async def run(config_path: str | Path) -> int:
     add_core_routes(app)
     server = ApiServer(app.hive.routes, config.api_socket, app.hive.metrics.registry,
                        config.metrics.address, config.metrics.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await app.start()
-        await server.start()
-        log.info("agent ready cluster=%s node=%s api=%s", config.cluster.name, config.node.name,
-                 config.api_socket)
-        await stop.wait()
-        log.info("agent stopping (kernel and BGP state stay in place)")
-    finally:
-        await server.stop()
-        await app.stop()
+    await serve_until_signalled(
+        app, server, f"agent ready cluster={config.cluster.name} node={config.node.name} "
+                     f"api={config.api_socket}",
+        "agent stopping (kernel and BGP state stay in place)")
     return 0

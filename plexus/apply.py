@@ -51,7 +51,7 @@ def load_documents(paths: list[Path]) -> list[Document]:
             if kind not in KINDS:
                 problems.append(f"{where}: kind {kind!r} is not one of {', '.join(sorted(KINDS))}")
                 continue
-            meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+            meta = m if isinstance(m := raw.get("metadata"), dict) else {}
             label = f"{where} ({kind} {meta.get('namespace', 'default')}/{meta.get('name', '?')})"
             try:
                 model = parse(KINDS[kind], raw, label)

@@ -9,26 +9,23 @@ from typing import Any
 from bpf.config import BpfConfig
 from bpf.module import BpfDatapath
 from clustermesh.tables import (
-    ENDPOINTS,
     IDENTITIES,
     IPCACHE,
-    LOCAL_NODE,
-    MANIFESTS,
     NODES,
     SERVICES,
-    LocalNode,
-    endpoints_table,
     identities_table,
     ipcache_table,
-    manifests_table,
     nodes_table,
     services_table,
 )
+from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, LocalNode, endpoints_table
 from plexus.core.tables import Table
 
 
-def bpf_module(state_dir: Path, local: LocalNode) -> tuple[BpfDatapath, dict[str, Table[Any, Any]]]:
+def bpf_module(state_dir: Path, local: LocalNode, config: BpfConfig | None = None
+               ) -> tuple[BpfDatapath, dict[str, Table[Any, Any]]]:
     """The module and its source tables by name: endpoints, ipcache, identities, manifests, nodes."""
     hive = Hive(agent=None, state_dir=state_dir)
     hive.provide(LOCAL_NODE, local)
@@ -39,4 +36,4 @@ def bpf_module(state_dir: Path, local: LocalNode) -> tuple[BpfDatapath, dict[str
         "manifests": hive.provide(MANIFESTS, manifests_table()),
         "nodes": hive.provide(NODES, nodes_table())}
     hive.provide(SERVICES, services_table())  # the service load-balancer's, unused here
-    return BpfDatapath(hive, BpfConfig()), tables
+    return BpfDatapath(hive, config or BpfConfig()), tables

@@ -363,3 +363,53 @@ def whoami(ns: str, proto: str, ip: str, port: int, conns: int = 1, msgs: int = 
         errors.extend(r.stderr.splitlines())
     result: list[list[str | None]] = json.loads(r.stdout)
     return result
+
+
+class TcpProxy:
+    """A loopback TCP proxy to `target` that a test can cut (listener and every connection
+    closed) and restore on the same port, to take a client offline without stopping the
+    server."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for w in list(self._writers):
+            w.close()
+        self._writers.clear()
+        if server is not None:
+            await server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_w.close()
+            return
+        self._writers |= {client_w, server_w}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+                self._writers.discard(w)
+
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))

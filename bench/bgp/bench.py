@@ -20,13 +20,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bgp.config import BGPConfig
 from bgp.ops import RoutesOps
 from bgp.speaker import Speaker
-from bgp.tables import Neighbor, PeerRoutes, RouteAttrs
-from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, bgp_lab
+from bgp.tables import IPNetwork, Neighbor, PeerRoutes, RouteAttrs
+from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
 
 ATTRS = RouteAttrs(((65000, 100),), ((65001, 1, 2),), None)
 PEER = ipaddress.ip_address(ROUTER_IP)
@@ -35,22 +37,26 @@ BATCH = 2000
 
 def prefixes(n: int) -> list[ipaddress.IPv4Network]:
     base = int(ipaddress.ip_address("10.0.0.0"))
-    return [ipaddress.ip_network((base + i, 32)) for i in range(n)]
+    return [ipaddress.IPv4Network((base + i, 32)) for i in range(n)]
 
 
 def neighbor() -> Neighbor:
-    return Neighbor(PEER, ROUTER_ASN, NODE_ASN, ipaddress.ip_address(NODE_IP),
+    return Neighbor(PEER, ROUTER_ASN, NODE_ASN, ipaddress.IPv4Address(NODE_IP),
                     ipaddress.ip_address(NODE_IP), hold_time=30, keepalive=10)
 
 
-async def until_all(lab: object, n: int, t_est: float, limit: float) -> dict[str, float]:
+async def until_all(lab: Lab, n: int, t_est: float, limit: float) -> dict[str, float]:
     """Seconds from established until the router holds 99% and then all of the n prefixes."""
-    t99 = await wait_for(lambda: lab.route_count() >= n * 0.99, limit, 0.02)  # type: ignore[attr-defined]
-    t_all = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)  # type: ignore[attr-defined]
+    t99 = await wait_for(lambda: lab.route_count() >= n * 0.99, limit, 0.02)
+    t_all = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)
     return {"established_to_99pct": t99 - t_est, "established_to_all": t_all - t_est}
 
 
-async def wait_for(cond, limit: float, interval: float = 0.02) -> float:  # type: ignore[no-untyped-def]
+def router_has(lab: Lab, prefix: str) -> bool:
+    return prefix in lab.birdc("show", "route", prefix)
+
+
+async def wait_for(cond: Callable[[], object], limit: float, interval: float = 0.02) -> float:
     t0 = time.monotonic()
     while not cond():
         if time.monotonic() - t0 > limit:
@@ -65,7 +71,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
     out: dict[str, float] = {}
     with bgp_lab() as lab:
         lab.start_bird(hold=30)
-        routes = {p: ATTRS for p in prefixes(n)}
+        routes: dict[IPNetwork, RouteAttrs] = {p: ATTRS for p in prefixes(n)}
         sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
                      reactor_speed=speed, batch=BATCH, bulk=mode != "api-text",
                      desired=(lambda: {PEER: routes}) if mode == "config" else dict)
@@ -91,8 +97,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
                     cur = {**cur, net: ATTRS}
                     t0 = time.monotonic()
                     await ops.update(PeerRoutes(PEER, cur))
-                    await wait_for(lambda net=net: str(net) in lab.birdc("show", "route", str(net)),
-                                   10, 0.002)
+                    await wait_for(partial(router_has, lab, str(net)), 10, 0.002)
                     lat.append(time.monotonic() - t0)
                 lat.sort()
                 out["change_p50_ms"] = 1000 * statistics.median(lat)

@@ -31,13 +31,8 @@ from clustermesh.models import (
     NodeAddress,
 )
 from clustermesh.remote import ClusterWatcher, MeshTables
-from clustermesh.tables import (
-    identities_table,
-    ipcache_table,
-    manifests_table,
-    nodes_table,
-    services_table,
-)
+from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
+from plexus.core.manifests import manifests_table
 from tests.support import etcd_server, stop_pid, wait_until
 
 WEST_ID = 2
@@ -75,7 +70,7 @@ async def _measure(endpoint: str, rate: int, seconds: float, floor: bool) -> lis
     follower: asyncio.Task[None] | None = None
     kv = KvStore([endpoint])
     if floor:
-        _, rev = await kv.list(f"{IPCACHE_PREFIX}/")
+        _, rev = await kv.list_prefix(f"{IPCACHE_PREFIX}/")
 
         async def follow() -> None:
             async for events, _ in kv.watch(f"{IPCACHE_PREFIX}/", rev + 1):
@@ -167,7 +162,7 @@ async def _floor_sync(endpoint: str) -> tuple[float, int]:
     async with KvStore([endpoint]) as kv:
         for prefix in (f"{NODES_PREFIX}/west/", f"{IPCACHE_PREFIX}/", f"{IDENTITIES_PREFIX}/",
                        f"{SERVICES_PREFIX}/west/"):
-            items, _ = await kv.list(prefix)
+            items, _ = await kv.list_prefix(prefix)
             total += len(items)
     return time.monotonic() - t0, total
 

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -58,8 +59,9 @@ from clustermesh.models import (
     IPIdentity,
     format_labels,
 )
-from clustermesh.tables import Endpoint, LocalNode, Manifest
 from plexus.core.config import parse
+from plexus.core.manifests import Manifest
+from plexus.core.node import Endpoint, LocalNode
 from tests.bpf_fixture import bpf_module
 from tests.support import etcd_server, sh, stop_pid, wait_until
 
@@ -158,7 +160,7 @@ def derive(args: argparse.Namespace) -> None:
           f"{args.endpoints} local endpoints; {machine()}")
     print(f"{'level':<7} {'path':<54} {'runs':>5} {'p50 ms':>10} {'p99 ms':>9} {'max ms':>9}")
     with TemporaryDirectory(prefix="plexus-bench-") as tmp:
-        for level, run in (("engine", lambda: engine(args)), ("module", lambda: module(args, Path(tmp)))):
+        for level, run in (("engine", partial(engine, args)), ("module", partial(module, args, Path(tmp)))):
             for name, ms in run():
                 print(f"{level:<7} {name:<54} {len(ms):>5} {percentile(ms, 50):>10.3f} "
                       f"{percentile(ms, 99):>9.3f} {max(ms):>9.3f}")
@@ -226,7 +228,7 @@ from clustermesh.models import IDENTITIES_PREFIX
 async def main() -> None:
     expected, seen = int(sys.argv[2]), set()
     async with KvStore([sys.argv[1]]) as kv:
-        _, rev = await kv.list(f"{IDENTITIES_PREFIX}/")
+        _, rev = await kv.list_prefix(f"{IDENTITIES_PREFIX}/")
         print("ready", flush=True)
         async for events, _ in kv.watch(f"{IDENTITIES_PREFIX}/", rev + 1):
             now = time.monotonic()

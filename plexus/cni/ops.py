@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from plexus.cni.errors import NETLINK_FAILURE, CniError
+from plexus.core.netlink import AGENT_NETNS, Netlink
 
 GATEWAY = "169.254.1.1"
 CLONE_NEWNET = 0x40000000
@@ -80,11 +81,13 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def add(netns: str, ifname: str, host_if: str, ip: str, mtu: int) -> PodLink:
-    """Create and configure the pod's veth; undo what was done on failure."""
+def add(netns: str, ifname: str, host_if: str, ip: str, mtu: int,
+        host: Netlink = AGENT_NETNS) -> PodLink:
+    """Create and configure the pod's veth; undo what was done on failure. The node's side
+    is in `host`, the namespace the plugin runs in unless named."""
     tmp = "plxtmp" + host_if[3:12]
     try:
-        with IPRoute() as ipr:
+        with host.route() as ipr:
             if _index(ipr, host_if) is not None:
                 ipr.link("del", ifname=host_if)
             ipr.link("add", ifname=host_if, kind="veth", peer=tmp)
@@ -97,9 +100,10 @@ def add(netns: str, ifname: str, host_if: str, ip: str, mtu: int) -> PodLink:
                 ipr.link("set", index=tmp_idx, net_ns_fd=ns_fd)
             finally:
                 os.close(ns_fd)
-            _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
-            # The node routes between its pods (runs in the node's namespace).
-            _sysctl("net/ipv4/ip_forward", "1")
+            with host.entered():
+                _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
+                # The node routes between its pods (runs in the node's namespace).
+                _sysctl("net/ipv4/ip_forward", "1")
             ipr.link("set", index=host_idx, state="up")
             ipr.route("replace", dst=f"{ip}/32", oif=host_idx, scope="link")
             host_mac = _mac(ipr, host_idx)
@@ -120,14 +124,14 @@ def add(netns: str, ifname: str, host_if: str, ip: str, mtu: int) -> PodLink:
             ipr.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=idx)
             pod_mac = _mac(ipr, idx)
     except (NetlinkError, OSError) as e:
-        remove(host_if)
+        remove(host_if, host)
         raise CniError(NETLINK_FAILURE, f"cannot wire pod interface {ifname}", str(e)) from None
     return PodLink(host_if, host_mac, ifname, pod_mac)
 
 
-def remove(host_if: str) -> bool:
+def remove(host_if: str, host: Netlink = AGENT_NETNS) -> bool:
     """Delete the host veth (its peer goes with it); gone already is success."""
-    with IPRoute() as ipr:
+    with host.route() as ipr:
         idx = _index(ipr, host_if)
         if idx is None:
             return False
@@ -139,10 +143,11 @@ def remove(host_if: str) -> bool:
         return True
 
 
-def check(netns: str, ifname: str, host_if: str, ip: str) -> list[str]:
+def check(netns: str, ifname: str, host_if: str, ip: str,
+          host: Netlink = AGENT_NETNS) -> list[str]:
     """What differs from the wiring `add` makes; empty when all is in place."""
     problems: list[str] = []
-    with IPRoute() as ipr:
+    with host.route() as ipr:
         idx = _index(ipr, host_if)
         if idx is None:
             return [f"host interface {host_if} is missing"]

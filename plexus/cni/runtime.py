@@ -38,4 +38,4 @@ def call_plugin(command: str, *, container_id: str, netns: str, ifname: str = "e
         if isinstance(out, dict) and "code" in out:
             raise CniError(int(out["code"]), str(out.get("msg", "")), str(out.get("details", "")))
         raise CniError(999, f"plugin failed with exit code {r.returncode}", r.stderr.strip())
-    return out  # type: ignore[no-any-return]
+    return out

@@ -33,8 +33,24 @@ def _render_status(s: dict[str, Any]) -> str:
     lines = [f"cluster {s['cluster']} (id {s['clusterID']})  node {s['node']}  pid {s['pid']}"]
     for name, m in s["modules"].items():
         health = m.pop("health", "ok")
-        lines.append(f"  {name:<12} {health:<6} {json.dumps(m, default=str)}")
+        reconcilers = m.pop("reconcilers", {})
+        if m.pop("degraded", "") and health == "ok":
+            health = "degraded"
+        lines.append(f"  {name:<12} {health:<8} {json.dumps(m, default=str)}")
+        lines.extend(_render_reconciler(rname, r) for rname, r in reconcilers.items())
     return "\n".join(lines)
+
+
+def _render_reconciler(name: str, r: dict[str, Any]) -> str:
+    o = r["objects"]
+    line = f"    {name:<24} pending {o['pending']}  done {o['done']}  error {o['error']}"
+    if not r.get("running", True):
+        line += "  (stopped)"
+    if r.get("last_error"):
+        line += f"  last error: {r['last_error']}"
+    if r.get("prune_error"):
+        line += f"  prune error: {r['prune_error']}"
+    return line
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def _ct(args: argparse.Namespace) -> int:
     proto = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 
     def at(r: dict[str, Any], side: str) -> str:
-        ip = r[side]
+        ip: str = r[side]
         if r["protocol"] not in (6, 17):
             return ip  # no ports
         return f"[{ip}]:{r[side + 'Port']}" if ":" in ip else f"{ip}:{r[side + 'Port']}"

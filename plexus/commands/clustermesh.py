@@ -1,28 +1,57 @@
-"""`plexus clustermesh-apiserver` and `plexus clustermesh status | certs | connect`."""
+"""`plexus clustermesh-apiserver [status]` and `plexus clustermesh status | list | certs | connect`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+import json
+import os
 from pathlib import Path
 from typing import Any
 
-from plexus.commands.common import add_agent_args, add_output_arg, client, emit, table
+from plexus.commands.common import (
+    add_agent_args,
+    add_output_arg,
+    client,
+    emit,
+    lab_apiserver_socket,
+    table,
+)
+from plexus.core.client import Client
+
+APISERVER_SOCKET = "/run/plexus/clustermesh-apiserver.sock"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("clustermesh-apiserver",
-                       help="publish a cluster's state into its etcd (Cilium's layout)")
-    p.add_argument("--cluster-name", required=True)
-    p.add_argument("--cluster-id", required=True, type=int)
-    p.add_argument("--etcd", required=True, action="append", help="endpoint URL (repeatable)")
+                       help="publish a cluster's state into its etcd (Cilium's layout)",
+                       allow_abbrev=False,
+                       description="Run the apiserver (with --cluster-name, --cluster-id, --etcd), "
+                                   "or show a running one's status.")
+    p.add_argument("--cluster-name", help="required to run")
+    p.add_argument("--cluster-id", type=int, help="required to run")
+    p.add_argument("--etcd", action="append", help="endpoint URL (repeatable; required to run)")
     p.add_argument("--cacert", type=Path)
     p.add_argument("--cert", type=Path)
     p.add_argument("--key", type=Path)
     p.add_argument("--identity-gc-grace", type=float, default=300.0,
                    help="seconds an unused identity is kept (default %(default)s)")
+    p.add_argument("--api-socket", type=Path, default=Path(APISERVER_SOCKET),
+                   help="unix socket of its local API (default %(default)s)")
+    p.add_argument("--metrics-address", default="127.0.0.1",
+                   help="where /metrics and /healthz listen (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=9963,
+                   help="port of /metrics and /healthz; 0 disables (default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_apiserver)
+    aps = p.add_subparsers(dest="apiserver_command", metavar="ACTION")
+    st = aps.add_parser("status", help="synced prefixes, what it wrote, its last error")
+    st.add_argument("--socket", default=os.environ.get("PLEXUS_APISERVER_SOCKET", APISERVER_SOCKET),
+                    help="the apiserver's API socket (default: %(default)s, "
+                         "or $PLEXUS_APISERVER_SOCKET)")
+    st.add_argument("--cluster", help="a lab cluster such as east (uses its apiserver's socket)")
+    add_output_arg(st)
+    st.set_defaults(func=_apiserver_status)
 
     cm = sub.add_parser("clustermesh", help="the clusters this node is connected to")
     cms = cm.add_subparsers(dest="cm_command", required=True, metavar="ACTION")
@@ -57,36 +86,51 @@ def register_pki(cms: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _apiserver(args: argparse.Namespace) -> int:
-    from clustermesh.apiserver import ApiServer
-    from clustermesh.kvstore import KvStore, Tls
-    from clustermesh.models import InvalidValue, check_cluster_id, check_cluster_name
-    from plexus.core import log as plog
+    from plexus.clustermesh_apiserver import MODULES, load_config, run
 
-    plog.setup("info", prefix=f"apiserver/{args.cluster_name}")
-    try:
-        check_cluster_name(args.cluster_name)
-        check_cluster_id(args.cluster_id)
-    except InvalidValue as e:
-        print(f"plexus clustermesh-apiserver: {e}")
+    missing = [flag for flag, v in (("--cluster-name", args.cluster_name),
+                                    ("--cluster-id", args.cluster_id), ("--etcd", args.etcd)) if not v]
+    if missing:
+        print(f"plexus clustermesh-apiserver: {', '.join(missing)} required")
         return 2
-    tls = Tls(args.cacert, args.cert, args.key) if args.cacert else None
+    config = load_config({
+        "cluster": {"name": args.cluster_name, "id": args.cluster_id},
+        "etcd": {"endpoints": args.etcd, "trustedCaFile": args.cacert, "certFile": args.cert,
+                 "keyFile": args.key},
+        "apiSocket": args.api_socket,
+        "metrics": {"address": args.metrics_address, "port": args.metrics_port or None},
+        "logLevel": args.log_level,
+        "apiserver": {"identityGcGrace": args.identity_gc_grace},
+    }, MODULES)
+    return asyncio.run(run(config))
 
-    async def main() -> int:
-        kv = KvStore(args.etcd, tls)
-        server = ApiServer(kv, args.cluster_name, args.cluster_id, gc_grace=args.identity_gc_grace)
-        loop = asyncio.get_running_loop()
-        task = asyncio.create_task(server.run())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        finally:
-            await kv.close()
-        return 0
 
-    return asyncio.run(main())
+def _render_apiserver(s: dict[str, Any]) -> str:
+    a = dict(s["modules"].get("apiserver", {}))
+    lines = [f"cluster {s['cluster']} (id {s['clusterID']})  pid {s['pid']}  "
+             f"health {a.pop('health', 'ok')}  ready {'yes' if a.get('ready') else 'no'}", ""]
+    rows = [(name, "yes" if w["synced"] else "no", w["prefix"], w["revision"], w["relists"],
+             w["compactions"], w["events"], w["errors"], (w["lastError"] or "")[:60])
+            for name, w in a.get("prefixes", {}).items()]
+    lines.append(table(rows, ["SOURCE", "SYNCED", "PREFIX", "REVISION", "RELISTS", "COMPACTIONS",
+                              "EVENTS", "ERRORS", "LAST ERROR"]))
+    written = a.get("written", {})
+    lines += ["",
+              f"sources: nodes {a.get('nodes', 0)}  endpoints {a.get('endpoints', 0)}  "
+              f"services {a.get('services', 0)}  rejected {len(a.get('rejected', {}))}",
+              f"written: puts {written.get('puts', 0)}  deletes {written.get('deletes', 0)}  "
+              f"published {a.get('published', 0)}  identities allocated "
+              f"{a.get('identitiesAllocated', 0)}",
+              f"etcd errors: {a.get('etcdErrors', 0)}  last error: {a.get('lastError') or '-'}"]
+    for key, why in a.get("rejected", {}).items():
+        lines.append(f"  rejected {key}: {json.dumps(why)}")
+    return "\n".join(lines)
+
+
+def _apiserver_status(args: argparse.Namespace) -> int:
+    sock = lab_apiserver_socket(args.cluster) if args.cluster else Path(args.socket)
+    emit(args, Client(sock).get("/v1/status"), _render_apiserver)
+    return 0
 
 
 def _render(s: dict[str, Any]) -> str:

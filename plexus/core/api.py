@@ -95,15 +95,18 @@ def _wrap(route: _Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
 
 
 class ApiServer:
-    """Serves `routes` on a unix socket and, when `metrics_port` is set, /metrics on TCP."""
+    """Serves `routes` on a unix socket and, when `metrics_port` is set, /metrics on TCP
+    (and /healthz there too when `healthz` is given: 200 when its answer says "ok", else 503)."""
 
     def __init__(self, routes: Routes, socket_path: Path, registry: CollectorRegistry,
-                 metrics_address: str = "127.0.0.1", metrics_port: int | None = None) -> None:
+                 metrics_address: str = "127.0.0.1", metrics_port: int | None = None,
+                 healthz: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.routes = routes
         self.socket_path = socket_path
         self.registry = registry
         self.metrics_address = metrics_address
         self.metrics_port = metrics_port
+        self.healthz = healthz
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
@@ -118,6 +121,8 @@ class ApiServer:
         if self.metrics_port is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics)
+            if self.healthz is not None:
+                app.router.add_get("/healthz", self._healthz)
             mrunner = web.AppRunner(app, access_log=None)
             await mrunner.setup()
             await web.TCPSite(mrunner, self.metrics_address, self.metrics_port).start()
@@ -127,6 +132,12 @@ class ApiServer:
         resp = web.Response(body=generate_latest(self.registry))
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        assert self.healthz is not None
+        answer = await self.healthz()
+        return web.json_response(answer, status=200 if answer.get("ok") else 503,
+                                 dumps=lambda o: json.dumps(o, default=str))
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
 
@@ -86,7 +86,7 @@ class Client:
 
     def stream(self, path: str, **query: Any) -> Iterator[Any]:
         q = {k: v for k, v in query.items() if v is not None}
-        conn = _UnixConnection(self.socket_path, timeout=None)  # type: ignore[arg-type]
+        conn = _UnixConnection(self.socket_path, timeout=None)
         try:
             conn.request("GET", path + (f"?{urlencode(q)}" if q else ""))
             resp = conn.getresponse()

@@ -8,6 +8,20 @@ backoff, periodic prune once the table is initialized, and per-object status.
 An Ops class may also offer `update_batch(rows)` (a BPF map's one-syscall batch update):
 then a burst of updates (a full sync) goes out in batches, and a batch that fails is
 applied again one row at a time, so every row still gets its own status, error and retry.
+
+Failures, by what the Ops raises:
+- `TemporaryError` (and any other exception, an Ops bug included): retried after a
+  backoff that grows with each attempt, or after the error's own `delay`.
+- `PermanentError`: the target refuses the row as it is. Not retried with backoff, nor by
+  the periodic refresh; retried when the row changes (or is deleted), and by `requeue_all`
+  (the target restarted and starts over). Shown in status and health until then.
+
+Every `refresh_every` prunes, the rows the target holds are applied again, so what someone
+changed behind our back comes back; a row still pending or waiting out its backoff is on
+its way already and is left alone.
+
+Time comes from an injectable `Clock` (plexus.core.clock): retries, backoff, the prune
+interval and the refresh follow it, so tests drive them by hand.
 """
 
 from __future__ import annotations
@@ -16,11 +30,11 @@ import asyncio
 import enum
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from plexus.core.clock import Clock, SystemClock
 from plexus.core.metrics import ReconcilerMetrics
 from plexus.core.tables import Table
 
@@ -40,7 +54,8 @@ class TemporaryError(Exception):
 
 
 class PermanentError(Exception):
-    """Not retried until the row changes; shown in status and health."""
+    """The target refuses the row as it is: retried only when the row changes (or by
+    `requeue_all`), never by backoff or the periodic refresh; shown in status and health."""
 
 
 class Ops(Protocol[R_contra]):
@@ -69,10 +84,12 @@ class Status:
     state: State = State.PENDING
     error: str = ""
     attempts: int = 0
-    updated: float = field(default_factory=time.time)
+    updated: float = 0.0  # wall-clock time of the last change of state
+    permanent: bool = False  # the error is a PermanentError: waits for the row to change
 
     def as_dict(self) -> dict[str, object]:
-        return {"state": self.state.value, "error": self.error, "attempts": self.attempts}
+        return {"state": self.state.value, "error": self.error, "attempts": self.attempts,
+                "permanent": self.permanent}
 
 
 @dataclass(frozen=True)
@@ -102,15 +119,18 @@ class Reconciler(Generic[K, R]):
         refresh_every: int = 5,
         concurrency: int = 16,
         batch_size: int = 1024,
+        clock: Clock | None = None,
     ) -> None:
         self.name = name
+        self.clock: Clock = clock or SystemClock()
         self.table = table
         self.ops = ops
         self.metrics = metrics or ReconcilerMetrics.disabled()
+        self.metrics.track(name, self.counts)
         self.backoff = backoff
         self.prune_interval = prune_interval
-        # Every `refresh_every` prunes, every row is applied again: what someone changed
-        # behind our back (a deleted route, a flushed map entry) comes back. 0 disables.
+        # Every `refresh_every` prunes, every applied row is applied again: what someone
+        # changed behind our back (a deleted route, a flushed map entry) comes back. 0 disables.
         self.refresh_every = refresh_every
         self.status: dict[K, Status] = {}
         self.applied: dict[K, R] = {}
@@ -141,20 +161,35 @@ class Reconciler(Generic[K, R]):
         self._prune_requested.set()
 
     def requeue_all(self) -> None:
-        """Re-apply every row, e.g. after the target restarted and lost its state."""
+        """Re-apply every row, e.g. after the target restarted and lost its state; rows it
+        refused for good are tried again too, as the new target may take them."""
         self.applied.clear()
         self._mark([k for k, _ in self.table.items()])
 
     def errors(self) -> dict[K, str]:
         return {k: s.error for k, s in self.status.items() if s.state is State.ERROR}
 
-    def summary(self) -> dict[str, object]:
+    def counts(self) -> dict[str, int]:
+        """Objects by state: pending, done, error."""
         counts = {s.value: 0 for s in State}
-        for st in self.status.values():
+        for st in list(self.status.values()):  # a copy: metrics may read from another thread
             counts[st.state.value] += 1
+        return counts
+
+    def last_error(self) -> str:
+        """The most recent error of an object still in error, with its key."""
+        failed = [(st.updated, k, st.error) for k, st in list(self.status.items())
+                  if st.state is State.ERROR]
+        if not failed:
+            return ""
+        _, key, error = max(failed, key=lambda f: f[0])
+        return f"{key}: {error}"
+
+    def summary(self) -> dict[str, object]:
         return {
-            "objects": counts,
+            "objects": self.counts(),
             "errors": {str(k): e for k, e in list(self.errors().items())[:20]},
+            "last_error": self.last_error(),
             "prune_error": self.last_prune_error,
             "initialized": self.table.initialized.is_set(),
         }
@@ -174,8 +209,13 @@ class Reconciler(Generic[K, R]):
             self._retry_at.pop(k, None)
             st = self.status.get(k)
             if st is None or st.state is not State.PENDING:
-                self.status[k] = Status(attempts=0)
+                self.status[k] = Status(attempts=0, updated=self.clock.time())
         self._wake.set()
+
+    def _refresh(self) -> None:
+        """Apply again the rows the target holds (see the module docstring)."""
+        self._mark([k for k, _ in self.table.items()
+                    if (st := self.status.get(k)) is None or st.state is State.DONE])
 
     async def _follow_table(self) -> None:
         async for keys in self.table.watch():
@@ -183,7 +223,7 @@ class Reconciler(Generic[K, R]):
 
     async def _dispatch(self) -> None:
         while True:
-            now = time.monotonic()
+            now = self.clock.now()
             ready = [k for k in self._dirty if k not in self._running and self._retry_at.get(k, 0) <= now]
             batch: list[K] = []
             for key in ready:
@@ -204,21 +244,17 @@ class Reconciler(Generic[K, R]):
                 # costs a millisecond on every wake-up. Start afresh.
                 self._dirty = set()
             self._wake.clear()
-            waits = [t - now for k, t in self._retry_at.items() if k in self._dirty]
-            timeout = max(0.0, min(waits)) if waits else None
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            retries = [t for k, t in self._retry_at.items() if k in self._dirty]
+            await self.clock.wait_until(min(retries) if retries else None, self._wake)
 
     async def _reconcile_one(self, key: K) -> None:
         async with self._slots:
             row = self.table.get(key)
             old = self.applied.get(key)
-            st = self.status.setdefault(key, Status())
+            st = self.status.setdefault(key, Status(updated=self.clock.time()))
             st.attempts += 1
             op = "update" if row is not None else "delete"
-            started = time.perf_counter()
+            started = self.clock.now()
             try:
                 if row is not None:
                     await self.ops.update(row)
@@ -232,11 +268,12 @@ class Reconciler(Generic[K, R]):
                 log.exception("reconciler=%s key=%s %s raised", self.name, key, op)
                 self._fail(key, st, op, f"{type(e).__name__}: {e}", retry=-1.0)
             else:
-                self.metrics.observe(self.name, op, time.perf_counter() - started, ok=True)
+                self.metrics.observe(self.name, op, self.clock.now() - started, ok=True)
                 self._one_by_one.discard(key)
                 if row is not None:
                     self.applied[key] = row
-                    st.state, st.error, st.updated = State.DONE, "", time.time()
+                    st.state, st.error, st.updated = State.DONE, "", self.clock.time()
+                    st.permanent = False
                 else:
                     self.applied.pop(key, None)
                     self.status.pop(key, None)
@@ -254,10 +291,11 @@ class Reconciler(Generic[K, R]):
         assert self._update_batch is not None
         async with self._slots:
             rows = [(k, self.table.get(k)) for k in keys]
-            present = [(k, r, self.status.setdefault(k, Status())) for k, r in rows if r is not None]
+            present = [(k, r, self.status.setdefault(k, Status(updated=self.clock.time())))
+                       for k, r in rows if r is not None]
             for _, _, st in present:
                 st.attempts += 1
-            started = time.perf_counter()
+            started = self.clock.now()
             try:
                 if present:
                     await self._update_batch([r for _, r, _ in present])
@@ -269,12 +307,13 @@ class Reconciler(Generic[K, R]):
                 self._one_by_one.update(keys)
                 self._dirty.update(keys)
             else:
-                each = (time.perf_counter() - started) / max(1, len(present))
-                now = time.time()
+                each = (self.clock.now() - started) / max(1, len(present))
+                now = self.clock.time()
                 for key, row, st in present:
                     self.metrics.observe(self.name, "update", each, ok=True)
                     self.applied[key] = row
                     st.state, st.error, st.updated = State.DONE, "", now
+                    st.permanent = False
                 # deleted since dispatch: the one-row path applies the delete
                 self._dirty.update(k for k, r in rows if r is None)
             finally:
@@ -283,14 +322,15 @@ class Reconciler(Generic[K, R]):
 
     def _fail(self, key: K, st: Status, op: str, message: str, retry: float | None) -> None:
         self.metrics.observe(self.name, op, 0.0, ok=False)
-        st.state, st.error, st.updated = State.ERROR, message, time.time()
+        st.state, st.error, st.updated = State.ERROR, message, self.clock.time()
+        st.permanent = retry is None
         if retry is None:
             log.warning("reconciler=%s key=%s %s failed permanently: %s", self.name, key, op, message)
             return
         delay = retry if retry >= 0 else self.backoff.delay(st.attempts)
         log.info("reconciler=%s key=%s %s failed (attempt %d), retry in %.2fs: %s",
                  self.name, key, op, st.attempts, delay, message)
-        self._retry_at[key] = time.monotonic() + delay
+        self._retry_at[key] = self.clock.now() + delay
         self._dirty.add(key)
 
     def _rows_when_read(self) -> Iterator[R]:
@@ -300,10 +340,11 @@ class Reconciler(Generic[K, R]):
         await self.table.initialized.wait()
         rounds = 0
         while True:
+            started = self.clock.now()
             try:
                 await self.ops.prune(self._rows_when_read())
                 self.last_prune_error = ""
-                self.metrics.observe(self.name, "prune", 0.0, ok=True)
+                self.metrics.observe(self.name, "prune", self.clock.now() - started, ok=True)
             except Exception as e:
                 self.last_prune_error = f"{type(e).__name__}: {e}"
                 self.metrics.observe(self.name, "prune", 0.0, ok=False)
@@ -311,9 +352,6 @@ class Reconciler(Generic[K, R]):
             self.pruned_once.set()
             rounds += 1
             if self.refresh_every and rounds % self.refresh_every == 0:
-                self._mark([k for k, _ in self.table.items()])
+                self._refresh()
             self._prune_requested.clear()
-            try:
-                await asyncio.wait_for(self._prune_requested.wait(), self.prune_interval)
-            except TimeoutError:
-                pass
+            await self.clock.wait_until(self.clock.now() + self.prune_interval, self._prune_requested)

@@ -9,7 +9,7 @@ once, and the reader reads the current row (or finds it gone).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -121,7 +121,7 @@ class Table(Generic[K, R]):
             w.notify(key)
 
     # ---- change feed ----------------------------------------------------------------
-    async def watch(self, *, replay: bool = True) -> AsyncIterator[set[K]]:
+    async def watch(self, *, replay: bool = True) -> AsyncGenerator[set[K], None]:
         """Yield sets of changed keys; the first batch holds every key when `replay`."""
         w: _Watcher[K] = _Watcher()
         self._watchers.append(w)

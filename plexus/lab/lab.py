@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import yaml
 from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
-from plexus.commands.common import LAB_DIR, lab_socket
+from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_socket
 from plexus.core.client import Client, ClientError
 from plexus.lab import ops
 from plexus.lab.ops import LabError
@@ -42,6 +43,7 @@ from plexus.lab.topology import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # where older labs pinned; removed if found
 WG_DIR = Path("/var/run/wireguard")
+APISERVER_METRICS_PORT = 9963  # each control plane is its own namespace
 
 
 # Stop order, last tier first: agents go before the etcd they talk to.
@@ -372,7 +374,7 @@ protocol kernel {{
                 "--logger", "zap", "--log-level", "warn"]
 
     def etcdctl(self, ns: str, c: Cluster, *args: str, url: str | None = None,
-                check: bool = False) -> ops.subprocess.CompletedProcess[str]:
+                check: bool = False) -> subprocess.CompletedProcess[str]:
         return ops.run("etcdctl", "--endpoints", url or c.etcd_url, "--dial-timeout", "2s",
                        *etcdctl_tls(self.pki(c.name)), *args, ns=ns, check=check)
 
@@ -392,7 +394,14 @@ protocol kernel {{
         return [sys.executable, "-m", "plexus", "clustermesh-apiserver", "--cluster-name", c.name,
                 "--cluster-id", str(c.id), "--etcd", "https://127.0.0.1:2379",
                 "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
-                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60"]
+                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60",
+                "--api-socket", str(self.apiserver_socket(c)),
+                "--metrics-address", c.control_plane.ip, "--metrics-port", str(APISERVER_METRICS_PORT)]
+
+    def apiserver_socket(self, c: Cluster) -> Path:
+        """The clustermesh-apiserver's API socket (`plexus clustermesh-apiserver status`)."""
+        return (lab_apiserver_socket(c.name) if self.root == LAB_DIR
+                else self.root / "clusters" / c.name / "apiserver.sock")
 
     def _apiserver_synced(self, c: Cluster) -> bool:
         r = self.etcdctl(c.control_plane.netns, c, "get", "--prefix", "--keys-only",
@@ -542,12 +551,10 @@ protocol kernel {{
             procs = [p for p in state.processes.values() if p.tier == tier and ops.alive(p.pid, p.marker)]
             # What they started (wireguard-go under an agent) is ours too; stop it after them.
             below = ops.descendants(p.pid for p in procs)
-            ops.stop_all([(p.pid, lambda p=p: ops.alive(p.pid, p.marker)) for p in procs])
+            ops.stop_all([(p.pid, partial(ops.alive, p.pid, p.marker)) for p in procs])
             done += [f"stopped {p.name} (pid {p.pid})" for p in procs]
-            left = [(pid, ops.cmdline(pid).strip()) for pid, t in below
-                    if ops.running(pid) and ops.start_time(pid) == t]
-            ops.stop_all([(pid, lambda pid=pid, t=t: ops.running(pid) and ops.start_time(pid) == t)
-                          for pid, t in below])
+            left = [(pid, ops.cmdline(pid).strip()) for pid, t in below if ops.still_running(pid, t)]
+            ops.stop_all([(pid, partial(ops.still_running, pid, t)) for pid, t in below])
             done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
         # wireguard-go outlives its agent by design (stop is not remove), and one started by an
         # earlier agent is no longer below the current one: its pid file names it.

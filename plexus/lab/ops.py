@@ -111,6 +111,11 @@ def running(pid: int) -> bool:
     return bool(fields) and fields[0] != "Z"
 
 
+def still_running(pid: int, started: int) -> bool:
+    """True while `pid` runs and is the process that started at `started` (see start_time)."""
+    return running(pid) and start_time(pid) == started
+
+
 PF_KTHREAD = 0x00200000
 
 

@@ -10,17 +10,19 @@ from typing import Any
 
 from pydantic import Field
 
-from clustermesh.tables import (
-    ENDPOINTS,
-    LOCAL_NODE,
-    NODE_ATTRIBUTES,
-    Endpoint,
-    LocalNode,
-    endpoints_table,
-)
 from plexus.core.api import ApiError
 from plexus.core.config import Strict
 from plexus.core.module import Hive, Module
+from plexus.core.node import (
+    ENDPOINTS,
+    LOCAL_NODE,
+    NODE_ATTRIBUTES,
+    POD_MTU,
+    Endpoint,
+    LocalNode,
+    NodeAttributes,
+    endpoints_table,
+)
 from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class EndpointManager:
             pod_cidr_v6=str(agent.node.pod_cidr_v6) if agent.node.pod_cidr_v6 else None,
             labels=dict(agent.node.labels)))
         self.table: Table[str, Endpoint] = hive.provide(ENDPOINTS, endpoints_table())
+        self.attributes = hive.provide(NODE_ATTRIBUTES, NodeAttributes())
         self.path: Path = hive.state_dir / "endpoints.json"
         self.config = config
         self.hive = hive
@@ -76,9 +79,8 @@ class EndpointManager:
 
     async def _node(self, _q: dict[str, str], _b: Any) -> Any:
         # A feature that wraps pod traffic (WireGuard) lowers the pod MTU so it never fragments.
-        attrs = self.hive.optional(NODE_ATTRIBUTES)
-        pod_mtu = attrs.get("PodMTU") if attrs is not None else None
-        mtu = min(self.mtu, int(pod_mtu.value)) if pod_mtu is not None else self.mtu
+        pod_mtu = self.attributes.get(POD_MTU)
+        mtu = min(self.mtu, pod_mtu) if pod_mtu is not None else self.mtu
         return {**self.local.__dict__, "mtu": mtu, "stateDir": str(self.state_dir)}
 
     async def _list(self, _q: dict[str, str], _b: Any) -> Any:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,24 @@ def test_clustermesh_connects_the_clusters(lab: Lab) -> None:
     wait_until(lambda: merged() == {"east", "west"}, 20, what="global service backends")
 
 
+def test_each_clustermesh_apiserver_reports_status_health_and_metrics(lab: Lab) -> None:
+    for c in lab.topo.clusters:
+        r = plexus("clustermesh-apiserver", "status", "--cluster", c.name, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        a = st["modules"]["apiserver"]
+        assert st["cluster"] == c.name and a["health"] == "ok" and a["ready"]
+        assert all(p["synced"] for p in a["prefixes"].values()) and a["nodes"] == len(c.nodes)
+        assert a["written"]["puts"] > 0
+        get = ("import sys, urllib.request; "
+               "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+        url = f"http://{c.control_plane.ip}:9963"
+        health = ops.run(sys.executable, "-c", get, f"{url}/healthz", ns=c.control_plane.netns).stdout
+        assert json.loads(health)["ok"]
+        metrics = ops.run(sys.executable, "-c", get, f"{url}/metrics", ns=c.control_plane.netns).stdout
+        assert "plexus_clustermesh_apiserver_ready 1.0" in metrics
+
+
 def test_router_learns_the_global_service_ip_from_both_clusters(lab: Lab) -> None:
     """The lab's BGPAdvertisement announces Service ClusterIPs: a global service applied in
     both clusters reaches the router as a /32 from every node of both."""
@@ -280,7 +299,8 @@ def underlay_capture(lab: Lab, name: str) -> Iterator[Callable[[], tuple[str, st
 def encrypt_status(node: str) -> dict[str, Any]:
     r = plexus("encrypt", "status", "--node", node, "-o", "json")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    status: dict[str, Any] = json.loads(r.stdout)
+    return status
 
 
 def test_pod_traffic_between_nodes_and_clusters_is_encrypted(lab: Lab) -> None:
@@ -298,7 +318,7 @@ def test_pod_traffic_between_nodes_and_clusters_is_encrypted(lab: Lab) -> None:
             ns = pod_netns(lab.topo.node(target["cluster"], target["node"]), name)
             for proto in ("tcp", "udp"):
                 with echo_server(ns, proto, 7000):
-                    assert wait_until(lambda t=target, p=proto: echo(src, p, t["ip"], 7000, MARKER),
+                    assert wait_until(partial(echo, src, proto, target["ip"], 7000, MARKER),
                                       15, what=f"{proto} to {name}")
     text, headers = read()
     assert MARKER not in text
@@ -350,7 +370,10 @@ def test_peers_follow_nodes_keys_and_refuse_bad_keys(lab: Lab) -> None:
     stripped["WireguardPubKey"] = ""
     lab.etcdctl(cp, west, "put", "plexus/registrations/v1/west/nodes/n1", json.dumps(stripped),
                 url="https://127.0.0.1:2379", check=True)
-    routes = lambda: ops.run("ip", "route", "show", "table", "51871", ns="plx-east-n1").stdout  # noqa: E731
+
+    def routes() -> str:
+        return ops.run("ip", "route", "show", "table", "51871", ns="plx-east-n1").stdout
+
     wait_until(lambda: "blackhole 10.2.1.0/24" in routes(), 15, what="strict mode drops west-n1's pods")
     with underlay_capture(lab, "strict") as read, echo_server(dst_ns, "udp", 7002):
         assert not echo(src, "udp", dst_ip, 7002, MARKER, timeout=1.5)
@@ -575,9 +598,11 @@ def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None
                                                   name))
         # the client reaches every backend directly first (an agent restart, as the test
         # before does, leaves the node's pods cut off from other nodes for a while)
+        def reaches(name: str) -> bool:
+            return whoami(client, "tcp", ips[name], 8080, timeout=1) == [[name]]
+
         for name in backends:
-            wait_until(lambda n=name: whoami(client, "tcp", ips[n], 8080, timeout=1) == [[n]], 60,
-                       interval=0.5, what=f"client reaches {name} directly")
+            wait_until(partial(reaches, name), 60, interval=0.5, what=f"client reaches {name} directly")
         for cluster in ("east", "west"):
             r = apply_in(cluster, LB_SERVICE.replace("AFFINITY", "none"), tmp_path)
             assert r.returncode == 0, r.stderr

@@ -57,7 +57,7 @@ async def test_a_bad_document_writes_nothing_and_names_the_field(tmp_path: Path,
             "Input should be less than or equal to 65535") in r.stderr
     assert "document 3: kind 'Mystery' is not one of" in r.stderr
     async with KvStore([etcd.endpoint]) as kv:
-        items, _ = await kv.list("plexus/manifests/")
+        items, _ = await kv.list_prefix("plexus/manifests/")
         assert items == []  # the good first document was not written either
 
 

@@ -23,20 +23,11 @@ from clustermesh.models import (
     identity_range,
 )
 from clustermesh.module import ClusterMesh
-from clustermesh.tables import (
-    ENDPOINTS,
-    GLOBAL_SERVICES,
-    IDENTITIES,
-    IPCACHE,
-    NODE_ATTRIBUTES,
-    NODES,
-    SERVICES,
-    Endpoint,
-    NodeAttribute,
-)
+from clustermesh.tables import GLOBAL_SERVICES, IDENTITIES, IPCACHE, NODES, SERVICES
 from plexus.agent import build, config_model
 from plexus.app import MODULES
 from plexus.core.module import App
+from plexus.core.node import ENDPOINTS, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY, Endpoint
 from tests.support import Etcd, etcd_server, eventually
 
 IDS = {"east": 1, "west": 2, "north": 3}
@@ -139,6 +130,16 @@ async def test_remote_pod_appears_with_the_remote_identity(tmp_path: Path, etcds
         nodes = app.hive.require(NODES)
         await eventually(lambda: nodes.get(("east", "n1")), 10, what="own node published")
 
+        # the registrations are the hive's reconcilers, reported as every module's are
+        def registrations() -> dict[str, Any]:
+            return app.status()["clustermesh"]["reconcilers"]  # type: ignore[no-any-return]
+
+        assert set(registrations()) == {"node-registration", "endpoint-registration"}
+        await eventually(lambda: registrations()["endpoint-registration"]["objects"]
+                         == {"pending": 0, "done": 1, "error": 0}, 10)
+        assert all(r["running"] and r["last_error"] == "" for r in registrations().values())
+        assert app.health()["status"] == "ok"
+
 
 async def test_node_record_waits_for_the_attributes_modules_publish(tmp_path: Path,
                                                                      etcd: Etcd) -> None:
@@ -155,7 +156,7 @@ async def test_node_record_waits_for_the_attributes_modules_publish(tmp_path: Pa
                                                     {"app": "web"}, "plxown"))
         await eventually(lambda: ipcache.get("10.1.1.7/32"), 10, what="own pod published")
         assert nodes.get(("east", "n1")) is None, "the node was registered before its key"
-        app.hive.require(NODE_ATTRIBUTES).upsert(NodeAttribute("WireguardPubKey", "k" * 43 + "="))
+        app.hive.require(NODE_ATTRIBUTES).set(WIREGUARD_PUBLIC_KEY, "k" * 43 + "=")
         held[0]()
         node = await eventually(lambda: nodes.get(("east", "n1")), 10, what="own node published")
         assert node.wireguard_pubkey == "k" * 43 + "="
@@ -186,8 +187,13 @@ async def test_global_service_merges_backends_per_affinity(tmp_path: Path, etcds
 
         async with KvStore([etcds["east"].endpoint]) as kv:
             await kv.put("plexus/manifests/v1/east/Service/default/web", service_manifest("local"))
-        await eventually(lambda: [b.cluster for b in gs.get(("default", "web")).backends] == ["east"],
-                         10, what="local affinity keeps local backends")
+
+        def local_only() -> bool:
+            current = gs.get(("default", "web"))
+            assert current is not None, "the global service is gone"
+            return [b.cluster for b in current.backends] == ["east"]
+
+        await eventually(local_only, 10, what="local affinity keeps local backends")
 
 
 async def test_removing_the_config_file_drains(tmp_path: Path, etcds: dict[str, Etcd]) -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_
 from tests.support import Etcd, etcd_cluster, eventually, free_port, wait_until
 
 
+@dataclass
+class TlsEtcd(Etcd):
+    """An etcd whose health check presents the client certificate it requires."""
+
+    etcdctl_args: list[str] = field(default_factory=list)
+
+    def healthy(self) -> bool:
+        r = subprocess.run(["etcdctl", "--endpoints", self.client_url, *self.etcdctl_args, "endpoint",
+                            "health"], capture_output=True)
+        return r.returncode == 0
+
+
 @pytest.fixture
 def secure_etcd(tmp_path: Path) -> Iterator[tuple[Etcd, Path]]:
     """A TLS etcd with client-cert auth, its users and roles set up as for a cluster."""
@@ -26,15 +39,9 @@ def secure_etcd(tmp_path: Path) -> Iterator[tuple[Etcd, Path]]:
     make_cluster_pki("west", pki, ["127.0.0.1"])
     data = Path(tempfile.mkdtemp(prefix="plexus-etcd-tls-"))
     port = free_port()
-    e = Etcd("west", f"https://127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}", data / "data")
     tls = etcdctl_tls(pki)
-
-    def healthy() -> bool:
-        r = subprocess.run(["etcdctl", "--endpoints", e.client_url, *tls, "endpoint", "health"],
-                           capture_output=True)
-        return r.returncode == 0
-
-    e.healthy = healthy  # type: ignore[method-assign]
+    e = TlsEtcd("west", f"https://127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}", data / "data",
+                etcdctl_args=tls)
     try:
         e.start(etcd_tls_args(pki))
         for cmd in etcd_auth_commands("west"):
@@ -75,13 +82,13 @@ async def test_tls_roles_and_mismatch(tmp_path: Path, secure_etcd: tuple[Etcd, P
         d = tmp_path / "east-mesh"
         remote = KvStore([etcd.endpoint], Tls(d / "west.ca.crt", d / "west.client.crt",
                                               d / "west.client.key"))
-        items, _ = await remote.list(f"{IPCACHE_PREFIX}/")
+        items, _ = await remote.list_prefix(f"{IPCACHE_PREFIX}/")
         assert [i.key for i in items] == [f"{IPCACHE_PREFIX}/10.2.1.5"]
         assert await remote.get("cilium/cluster-config/west") is not None
         with pytest.raises(PermissionDenied):
             await remote.put(f"{IPCACHE_PREFIX}/10.9.9.9", "{}")
         with pytest.raises(PermissionDenied):
-            await remote.list("plexus/registrations/v1/")
+            await remote.list_prefix("plexus/registrations/v1/")
         await remote.close()
 
         # A certificate from another CA, or the wrong CA, is refused.
@@ -121,7 +128,7 @@ async def test_three_member_cluster_loses_a_member_and_nothing(tmp_path: Path) -
                         await asyncio.sleep(0.1 * (attempt + 1))
 
             async def published() -> bool:
-                items, _ = await kv.list(f"{IPCACHE_PREFIX}/")
+                items, _ = await kv.list_prefix(f"{IPCACHE_PREFIX}/")
                 return len(items) == 40
 
             await eventually(published, 30, what=lambda: f"all 40 endpoints published; server "

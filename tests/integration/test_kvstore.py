@@ -19,7 +19,7 @@ def test_prefix_end() -> None:
 async def test_crud_list_pages_and_create_is_exclusive(etcd: Etcd) -> None:
     async with KvStore([etcd.endpoint]) as kv:
         await kv.put_many([(f"p/{i:05d}", str(i)) for i in range(12000)])  # > 2 pages
-        items, rev = await kv.list("p/")
+        items, rev = await kv.list_prefix("p/")
         assert len(items) == 12000 and items[0].key == "p/00000" and rev > 0
         assert await kv.create("x", "1") is True
         assert await kv.create("x", "2") is False
@@ -35,7 +35,7 @@ async def test_crud_list_pages_and_create_is_exclusive(etcd: Etcd) -> None:
 async def test_watch_from_revision_sees_puts_and_deletes(etcd: Etcd) -> None:
     async with KvStore([etcd.endpoint]) as kv:
         await kv.put("w/a", "1")
-        _, rev = await kv.list("w/")
+        _, rev = await kv.list_prefix("w/")
         seen: list[tuple[str, str]] = []
 
         async def follow() -> None:

@@ -13,17 +13,11 @@ import pytest
 from bgp.config import BGPConfig
 from bgp.module import BGPControlPlane
 from clustermesh.models import ClusterService, L4Addr
-from clustermesh.tables import (
-    LOCAL_NODE,
-    MANIFESTS,
-    SERVICES,
-    LocalNode,
-    Manifest,
-    manifests_table,
-    services_table,
-)
+from clustermesh.tables import SERVICES, services_table
 from plexus.commands.bgp import _render_peers
+from plexus.core.manifests import MANIFESTS, Manifest, manifests_table
 from plexus.core.module import Hive
+from plexus.core.node import LOCAL_NODE, LocalNode
 from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
 from tests.support import eventually
 

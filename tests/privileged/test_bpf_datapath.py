@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ import pytest
 from bpf import attach
 from bpf.loader import CT_CLOSE_S, CT_LIFETIME_TCP_S, Datapath, ct_lifetime
 from bpf.policy import ALLOW, DENY, EGRESS, INGRESS
-from tests.support import netns, sh, stop_pid, unique
+from tests.support import eventually, netns, sh, stop_pid, unique
 
 # bcc wants bytes for names and program text and says so once per call
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
@@ -130,7 +131,8 @@ class Link:
 
 @pytest.fixture(params=FAMILIES, ids=lambda f: f.name)
 def family(request: pytest.FixtureRequest) -> Family:
-    return request.param  # type: ignore[no-any-return]
+    param: Family = request.param
+    return param
 
 
 @pytest.fixture
@@ -348,4 +350,47 @@ def test_a_pinned_map_of_another_layout_is_replaced(caplog: pytest.LogCaptureFix
         for d in (first, second):
             d.bpf.cleanup()
     finally:
+        shutil.rmtree(pin, ignore_errors=True)
+
+
+async def test_the_module_reports_its_reconcilers_as_every_module_does(tmp_path: Path) -> None:
+    """Loaded, the bpf module's reconcilers (policy and load-balancer) are the hive's: shown
+    with their object counts while they run, and ended by the module's stop."""
+    from bpf.config import BpfConfig
+    from bpf.policy import Enforced
+    from plexus.core.node import LocalNode
+    from tests.bpf_fixture import bpf_module
+
+    pin = Path(f"/sys/fs/bpf/plexus-test-{secrets.token_hex(3)}")
+    module, _tables = bpf_module(tmp_path, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"),
+                                 BpfConfig(enabled=True, pin_dir=pin))
+    hive = module.hive
+    try:
+        await module.start()
+        assert module.dp is not None, hive.health
+        names = {"bpf-attach", "bpf-ipcache", "bpf-policy", "bpf-enforce", "bpf-lb-backends",
+                 "bpf-lb-frontends"}
+
+        def running() -> bool:
+            st = hive.reconciler_status("bpf")
+            return set(st) == names and all(r["running"] for r in st.values()) \
+                and hive.reconcilers("bpf")["bpf-enforce"].pruned_once.is_set()
+
+        await eventually(running, 30, what=lambda: str(hive.reconciler_status("bpf")))
+        # a row the kernel refuses (no such interface) is counted and shown as the last error
+        module.enforced.upsert(Enforced("plx-none-0", 0))
+        await eventually(lambda: hive.reconciler_status("bpf")["bpf-enforce"]["objects"]["error"] == 1, 10)
+        assert "plx-none-0" in hive.reconciler_status("bpf")["bpf-enforce"]["last_error"]
+        assert "bpf-enforce" in hive.degraded()["bpf"]
+        await module.stop()
+        await hive.stop_module("bpf")
+        assert not any(r["running"] for r in hive.reconciler_status("bpf").values())
+    finally:
+        module._polling.clear()  # the flow thread ends within its poll timeout
+        await eventually(lambda: not any(t.name == "bpf-flows" for t in threading.enumerate()), 5)
+        if module.dp is not None:
+            for name in ("flows", "flows6", "lb4_flows"):
+                table = module.dp.bpf[name]
+                for cpu in list(table._open_key_fds):
+                    del table[cpu]
         shutil.rmtree(pin, ignore_errors=True)

@@ -162,7 +162,8 @@ def test_malformed_requests_get_spec_errors_and_change_nothing(
     env = {"container_id": "c1", "netns": f"/var/run/netns/{pod}", "ifname": "eth0"}
     mutate(config, env)
     with pytest.raises(CniError) as e:
-        call_plugin("ADD", config=config, host_netns=node, **env)
+        call_plugin("ADD", config=config, host_netns=node, container_id=env["container_id"],
+                    netns=env["netns"], ifname=env["ifname"])
     assert e.value.code == code
     assert words in e.value.msg + e.value.details
     assert links(node) == {"lo"}

@@ -40,7 +40,8 @@ def node(root: None) -> Iterator[Node]:
     with ExitStack() as stack:
         pin = Path(tempfile.mkdtemp(prefix="plexus-lbfs-"))
         sh("mount", "-t", "bpf", "plexus-lbtest", str(pin))
-        stack.callback(lambda: (sh("umount", str(pin), check=False), pin.rmdir()))
+        stack.callback(pin.rmdir)  # callbacks run last first: unmounted, then removed
+        stack.callback(sh, "umount", str(pin), check=False)
         node_ns = stack.enter_context(netns("plx-tl"))
         dp = Datapath(pin / "node")
         pods = {}

@@ -19,18 +19,20 @@ from bgp.commands import (
     safe,
     withdraw_commands,
 )
-from bgp.models import MANIFEST_KINDS
+from bgp.models import MANIFEST_KINDS, BGPPeerConfig
 from bgp.ops import RoutesOps
 from bgp.render import render_config
 from bgp.speaker import Speaker
-from bgp.tables import ManifestCache, Neighbor, PeerRoutes, RouteAttrs, resolve
+from bgp.tables import Neighbor, PeerRoutes, RouteAttrs, resolve
 from clustermesh.models import ClusterService, L4Addr
-from clustermesh.tables import LocalNode, Manifest
 from plexus.core.config import ConfigError, parse
+from plexus.core.manifests import Manifest, ManifestCache
+from plexus.core.node import LocalNode
 from tests.support import eventually
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
+V4 = ipaddress.IPv4Address
 LOCAL = LocalNode("east", 1, "n1", "10.0.0.1", "10.1.1.0/24", labels={"rack": "r1"})
 
 
@@ -77,21 +79,22 @@ def test_invalid_manifests_name_the_field(kind: str, spec: dict[str, Any], field
 
 
 def test_bad_new_version_keeps_last_good() -> None:
-    cache = ManifestCache()
+    cache = ManifestCache(MANIFEST_KINDS)
     good = m("BGPPeerConfig", "p", {"timers": {"holdTimeSeconds": 9, "keepAliveTimeSeconds": 3}})
     cache.sync([good])
     bad = m("BGPPeerConfig", "p", {"timers": {"holdTimeSeconds": 1}})
     cache.sync([bad])
     (problem,) = cache.problems.values()
     assert "spec.timers.holdTimeSeconds" in problem and "last good" in problem
-    assert cache.of("BGPPeerConfig")[0].spec.timers.hold_time_seconds == 9  # type: ignore[attr-defined]
+    (peer,) = cache.of("BGPPeerConfig")
+    assert isinstance(peer, BGPPeerConfig) and peer.spec.timers.hold_time_seconds == 9
     cache.sync([])
     assert not cache.good and not cache.problems
 
 
 def _resolve(manifests: list[Manifest], services: tuple[ClusterService, ...] = (),
              tmp: Path = Path("/nonexistent")) -> Any:
-    cache = ManifestCache()
+    cache = ManifestCache(MANIFEST_KINDS)
     cache.sync(manifests)
     return resolve(cache, LOCAL, services, tmp)
 
@@ -163,6 +166,7 @@ def test_command_builder_groups_by_attributes_and_batches() -> None:
 def test_control_characters_are_rejected(bad: str) -> None:
     with pytest.raises(CommandError):
         safe(bad)
+    # strings where addresses belong, against the types on purpose: the encoder checks them anyway
     with pytest.raises(CommandError):
         announce_commands(bad, [], 1)  # type: ignore[arg-type]
     with pytest.raises(CommandError):
@@ -170,13 +174,13 @@ def test_control_characters_are_rejected(bad: str) -> None:
 
 
 def test_password_with_quote_cannot_reach_config() -> None:
-    n = Neighbor(A("10.0.0.2"), 65000, 65001, A("10.0.0.1"), A("10.0.0.1"), password='x";\nprocess')
+    n = Neighbor(A("10.0.0.2"), 65000, 65001, V4("10.0.0.1"), A("10.0.0.1"), password='x";\nprocess')
     with pytest.raises(CommandError):
         render_config([n], {}, Path("/run/x.sock"), 10)
 
 
 def test_render_config() -> None:
-    n = Neighbor(A("10.0.0.2"), 65000, 65001, A("10.0.0.1"), A("10.0.0.1"), hold_time=9, multihop=2,
+    n = Neighbor(A("10.0.0.2"), 65000, 65001, V4("10.0.0.1"), A("10.0.0.1"), hold_time=9, multihop=2,
                  password="pw", graceful_restart=60, families=("ipv4",))
     text = render_config([n], {A("10.0.0.2"): {N("10.1.0.0/24"): RouteAttrs(local_pref=5)}},
                          Path("/run/x.sock"), 10)
@@ -192,7 +196,7 @@ class FakeSpeaker(Speaker):
         super().__init__(Path("/nonexistent"), [], batch=100)
         self.sent: list[list[str]] = []
         self.api._ready.set()
-        self.neighbors = {A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, A("10.0.0.1"), A("10.0.0.1"))}
+        self.neighbors = {A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, V4("10.0.0.1"), A("10.0.0.1"))}
         self.loaded = dict(self.neighbors)
 
     async def send(self, commands: list[str]) -> None:
@@ -223,7 +227,7 @@ def test_ops_send_only_the_difference() -> None:
 def test_speaker_that_cannot_start_reports_and_retries(tmp_path: Path) -> None:
     async def go() -> None:
         sp = Speaker(tmp_path / "bgp", [str(tmp_path / "no-such-exabgp")], backoff_max=0.2)
-        sp.configure({A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, A("10.0.0.1"), A("10.0.0.1"))})
+        sp.configure({A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, V4("10.0.0.1"), A("10.0.0.1"))})
         task = asyncio.ensure_future(sp.run())
         try:
             await eventually(lambda: "cannot start ExaBGP" in sp.last_exit, 5, 0.01, "start failure reported")
@@ -273,8 +277,8 @@ def test_peers_added_or_removed_change_only_themselves(tmp_path: Path) -> None:
         api = FakeApi()
         sp.api = api
         p1, p2 = A("10.0.0.2"), A("10.0.0.3")
-        n1 = Neighbor(p1, 1, 2, A("10.0.0.1"), A("10.0.0.1"))
-        n2 = Neighbor(p2, 1, 2, A("10.0.0.1"), A("10.0.0.1"))
+        n1 = Neighbor(p1, 1, 2, V4("10.0.0.1"), A("10.0.0.1"))
+        n2 = Neighbor(p2, 1, 2, V4("10.0.0.1"), A("10.0.0.1"))
         sp.neighbors = sp.loaded = {p1: n1}
         sp.announced.reset({p1: {N("10.1.0.0/24"): RouteAttrs()}})
 
@@ -291,7 +295,7 @@ def test_peers_added_or_removed_change_only_themselves(tmp_path: Path) -> None:
         assert "neighbor 10.0.0.3 {" in sp.config_path.read_text()
         assert "neighbor 10.0.0.2 {" not in sp.config_path.read_text()
 
-        sp.configure({p2: Neighbor(p2, 1, 2, A("10.0.0.1"), A("10.0.0.1"), hold_time=9)})
+        sp.configure({p2: Neighbor(p2, 1, 2, V4("10.0.0.1"), A("10.0.0.1"), hold_time=9)})
         assert not await sp._change_peers()  # changed settings: only a restart applies them
         assert len(api.sent) == 2 and sp.peer_changes == 2
     asyncio.run(go())

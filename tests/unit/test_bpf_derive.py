@@ -11,7 +11,8 @@ from bpf.ipcache import FLAG_REMOTE_CLUSTER, IpcacheEntry, ipcache_rows
 from bpf.module import BpfDatapath
 from bpf.policy import CIDR_IDENTITY_BASE
 from clustermesh.models import ID_HOST, ID_REMOTE_NODE, Identity, IPIdentity, Node, NodeAddress
-from clustermesh.tables import Endpoint, LocalNode, Manifest
+from plexus.core.manifests import Manifest
+from plexus.core.node import Endpoint, LocalNode
 from tests.bpf_fixture import bpf_module
 
 LOCAL = LocalNode(cluster="east", cluster_id=1, name="n1", ip="172.31.1.11", pod_cidr="10.1.1.0/24",

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bpf.config import BpfConfig
+from bpf.module import module as bpf
+from clustermesh.module import module as clustermesh
 from plexus.agent import load_config
 from plexus.app import MODULES
 from plexus.core.config import ConfigError
@@ -50,3 +54,10 @@ def test_bad_config_names_file_and_field(tmp_path: Path, text: str, expected: st
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml", MODULES)
+
+
+def test_a_module_section_is_read_as_that_modules_config(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + "bpf: {pinDir: /sys/fs/bpf/x}\n"), MODULES)
+    assert cfg.section(bpf) == BpfConfig(pin_dir=Path("/sys/fs/bpf/x"))
+    with pytest.raises(TypeError, match="'bpf' is not a ClusterMeshConfig"):
+        cfg.section(replace(clustermesh, name="bpf"))

@@ -4,6 +4,8 @@ import ipaddress
 import tempfile
 from pathlib import Path
 
+from bpf.module import module as bpf
+from clustermesh.module import module as clustermesh
 from plexus.agent import load_config
 from plexus.app import MODULES
 from plexus.lab.lab import Lab
@@ -70,8 +72,8 @@ def test_every_agent_config_is_valid_for_the_real_agent(tmp_path: Path) -> None:
         assert cfg.api_socket == tmp_path / "nodes" / n.key / "agent.sock"
         assert cfg.metrics.address == n.host.ip  # on the node's own address, not loopback
         etcd = lab.topo.cluster(n.cluster).control_plane.ip
-        assert cfg.clustermesh.etcd.endpoints == [f"https://{etcd}:2379"]
-        assert cfg.bpf.pin_dir == tmp_path / "bpffs" / n.key  # on the lab's own bpffs
+        assert cfg.section(clustermesh).etcd.endpoints == [f"https://{etcd}:2379"]
+        assert cfg.section(bpf).pin_dir == tmp_path / "bpffs" / n.key  # on the lab's own bpffs
 
 
 def test_router_peers_with_every_node_and_takes_pod_cidrs_from_bgp_only() -> None:

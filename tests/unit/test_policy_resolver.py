@@ -172,8 +172,9 @@ def test_deny_holds_while_any_deny_rule_counts() -> None:
     key = ("plxweb", 131072, 80, 6, INGRESS)
     res.set_policy("deny", deny)
     res.drain()
-    assert res._entry(key) is not None and res._entry(key).action == ALLOW  # type: ignore[union-attr]
-    assert res._entry(("plxweb", 131072, 0, 0, INGRESS)).action == DENY  # type: ignore[union-attr]
+    allowed, denied = res._entry(key), res._entry(("plxweb", 131072, 0, 0, INGRESS))
+    assert allowed is not None and allowed.action == ALLOW
+    assert denied is not None and denied.action == DENY
     res.set_policy("deny", None)
     entries, _ = res.drain()
     assert (("plxweb", 131072, 0, 0, INGRESS), None) in entries

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from plexus.core.clock import ManualClock
 from plexus.core.reconciler import Backoff, PermanentError, Reconciler, State, TemporaryError
 from plexus.core.tables import Table
 from tests.support import eventually
@@ -93,14 +94,18 @@ async def test_temporary_error_delay_is_respected() -> None:
 async def test_permanent_error_is_shown_and_not_retried_until_row_changes() -> None:
     t: Table[str, Row] = Table("rows", key=lambda r: r.name)
     target = FakeTarget(fail_update={"a": [PermanentError("invalid row")]})
-    rec = Reconciler("fake", t, target, backoff=FAST)
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=FAST, prune_interval=3600, clock=clock)
     task = await run(rec)
     t.upsert(Row("a", 1))
     await eventually(lambda: rec.status.get("a") and rec.status["a"].state is State.ERROR)
     assert rec.errors() == {"a": "invalid row"}
     calls = len(target.calls)
-    await asyncio.sleep(0.1)  # would have retried several times with FAST backoff
+    for _ in range(10):  # would have retried several times with FAST backoff
+        clock.advance(0.1)
+        await settle()
     assert len(target.calls) == calls
+    assert rec.status["a"].permanent and rec.last_error() == "a: invalid row"
     t.upsert(Row("a", 2))
     await eventually(lambda: target.state == {"a": 2})
     task.cancel()
@@ -263,4 +268,212 @@ async def test_a_failed_batch_is_applied_row_by_row_with_its_own_errors() -> Non
     target.bad.clear()
     t.upsert(Row("k3", 33))
     await eventually(lambda: target.state.get("k3") == 33 and rec.settled())
+    task.cancel()
+
+
+# ---- time driven by hand: retry, refresh and prune without sleeping ----------------------
+
+SLOW = Backoff(initial=10, maximum=100, factor=2, jitter=0)
+
+
+async def settle() -> None:
+    """Let every task that is ready run (no time passes on a ManualClock meanwhile)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def prune_waits_on(clock: ManualClock) -> None:
+    await eventually(lambda: clock.next_deadline() is not None, 5, what="the prune loop waits")
+
+
+async def test_a_failed_row_is_retried_when_its_backoff_has_passed() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"a": [TemporaryError("busy"), TemporaryError("still busy")]})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=3600, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: rec.status.get("a") and rec.status["a"].state is State.ERROR)
+    assert rec.summary()["objects"] == {"pending": 0, "done": 0, "error": 1}
+    clock.advance(9.9)
+    await settle()
+    assert target.calls == [("update", "a")], "retried before its backoff passed"
+    clock.advance(0.1)  # the first backoff: 10 s
+    await eventually(lambda: len(target.calls) == 2, 5, what="first retry")
+    await eventually(lambda: rec.status["a"].error == "still busy")
+    clock.advance(19.9)  # the second backoff doubles: 20 s
+    await settle()
+    assert len(target.calls) == 2
+    clock.advance(0.1)
+    await eventually(lambda: target.state == {"a": 1}, 5, what="second retry applied the row")
+    assert rec.status["a"].state is State.DONE and rec.status["a"].attempts == 3
+    assert rec.settled()
+    task.cancel()
+
+
+async def test_a_temporary_error_delay_is_waited_out_on_the_clock() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"a": [TemporaryError("later", delay=300)]})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=3600, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: rec.errors() == {"a": "later"})
+    clock.advance(299)
+    await settle()
+    assert target.state == {}
+    clock.advance(1)
+    await eventually(lambda: target.state == {"a": 1}, 5)
+    task.cancel()
+
+
+async def test_refresh_reapplies_rows_changed_behind_its_back() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget()
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=60, refresh_every=2, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    t.upsert(Row("b", 2))
+    await eventually(lambda: target.state == {"a": 1, "b": 2} and rec.settled())
+    await prune_waits_on(clock)
+    assert target.prunes == 1
+    target.state["a"] = 7  # someone changed it outside the reconciler
+    del target.state["b"]  # and removed another
+    clock.advance(60)  # the second prune: a refresh round
+    await eventually(lambda: target.state == {"a": 1, "b": 2}, 5, what="refresh repaired the drift")
+    assert target.prunes == 2
+    await eventually(rec.settled)
+    await prune_waits_on(clock)
+    target.state.clear()
+    clock.advance(60)  # the third prune only prunes
+    await eventually(lambda: target.prunes == 3, 5)
+    await settle()
+    assert target.state == {}
+    clock.advance(60)  # the fourth refreshes again
+    await eventually(lambda: target.state == {"a": 1, "b": 2}, 5)
+    task.cancel()
+
+
+async def test_prune_runs_every_interval_of_the_clock() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    done = t.register_initializer("source")
+    target = FakeTarget(state={"stray": 9})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=60, refresh_every=0, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: target.state.get("a") == 1)
+    clock.advance(600)
+    await settle()
+    assert target.prunes == 0, "pruned before the table was initialized"
+    done()
+    await eventually(lambda: target.state == {"a": 1} and target.prunes == 1, 5)
+    await prune_waits_on(clock)
+    target.state["another"] = 1
+    clock.advance(59)
+    await settle()
+    assert target.prunes == 1 and "another" in target.state
+    clock.advance(1)
+    await eventually(lambda: target.state == {"a": 1} and target.prunes == 2, 5)
+    assert rec.summary()["prune_error"] == ""
+    task.cancel()
+
+
+@dataclass
+class FailingPrune(FakeTarget):
+    prune_errors: list[Exception] = field(default_factory=list)
+
+    async def prune(self, rows: Iterable[Row]) -> None:
+        if self.prune_errors:
+            self.prunes += 1
+            raise self.prune_errors.pop(0)
+        await super().prune(rows)
+
+
+async def test_a_failed_prune_is_shown_until_the_next_one_succeeds() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FailingPrune(state={"stray": 1}, prune_errors=[OSError("map busy")])
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, prune_interval=60, refresh_every=0, clock=clock)
+    task = await run(rec)
+    await asyncio.wait_for(rec.pruned_once.wait(), 5)
+    assert rec.summary()["prune_error"] == "OSError: map busy" and "stray" in target.state
+    await prune_waits_on(clock)
+    clock.advance(60)
+    await eventually(lambda: target.state == {} and rec.last_prune_error == "", 5)
+    task.cancel()
+
+
+async def test_a_permanent_error_is_not_retried_by_refresh_only_when_the_row_changes() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"bad": [PermanentError("refused")]})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=60, refresh_every=1, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("bad", 1))
+    t.upsert(Row("good", 1))
+    await eventually(lambda: rec.errors() == {"bad": "refused"} and target.state == {"good": 1})
+    assert rec.status["bad"].permanent
+    async def refresh_round() -> None:  # every prune is a refresh round
+        await eventually(lambda: rec.status["good"].state is State.DONE)
+        await prune_waits_on(clock)
+        before = target.calls.count(("update", "good"))
+        clock.advance(60)
+        await eventually(lambda: target.calls.count(("update", "good")) > before, 5,
+                         what="refresh re-applied the good row")
+
+    for _ in range(3):
+        await refresh_round()
+    assert target.calls.count(("update", "bad")) == 1, "refresh retried a permanently failed row"
+    assert rec.errors() == {"bad": "refused"}
+    t.upsert(Row("bad", 1))  # the same row again: no change, no retry
+    await settle()
+    assert target.calls.count(("update", "bad")) == 1
+    t.upsert(Row("bad", 2))  # a changed row is tried again
+    await eventually(lambda: target.state.get("bad") == 2, 5)
+    assert rec.errors() == {} and not rec.status["bad"].permanent
+    task.cancel()
+
+
+async def test_requeue_all_retries_a_permanently_failed_row() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"bad": [PermanentError("refused")]})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=3600, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("bad", 1))
+    await eventually(lambda: rec.errors() == {"bad": "refused"})
+    rec.requeue_all()  # the target restarted: it may take the row now
+    await eventually(lambda: target.state == {"bad": 1}, 5)
+    task.cancel()
+
+
+async def test_refresh_leaves_a_row_waiting_out_its_backoff() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    target = FakeTarget(fail_update={"slow": [TemporaryError("busy", delay=100)]})
+    clock = ManualClock()
+    rec = Reconciler("fake", t, target, backoff=SLOW, prune_interval=60, refresh_every=1, clock=clock)
+    task = await run(rec)
+    t.upsert(Row("slow", 1))
+    await eventually(lambda: rec.errors() == {"slow": "busy"})
+    await prune_waits_on(clock)
+    clock.advance(60)  # a refresh round, 40 s before the retry is due
+    await eventually(lambda: target.prunes == 2, 5)
+    await settle()
+    assert target.calls == [("update", "slow")], "refresh cut the backoff short"
+    clock.advance(40)
+    await eventually(lambda: target.state == {"slow": 1}, 5)
+    task.cancel()
+
+
+async def test_status_times_come_from_the_clock() -> None:
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    clock = ManualClock(start=50.0, epoch=2_000_000_000.0)
+    rec = Reconciler("fake", t, FakeTarget(), prune_interval=3600, clock=clock)
+    task = await run(rec)
+    clock.advance(5)
+    t.upsert(Row("a", 1))
+    await eventually(lambda: rec.settled() and "a" in rec.applied)
+    assert rec.status["a"].updated == 2_000_000_005.0
     task.cancel()

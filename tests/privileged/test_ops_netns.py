@@ -1,0 +1,350 @@
+"""Every Ops class that talks netlink, on the kernel of a fresh network namespace.
+
+Each test makes its own namespace (removed afterwards, failure or not) and hands the Ops
+class a `Netlink` naming it, as the agent hands it its own. For each: after update the
+kernel has the object, update again changes nothing, delete removes it, delete of what is
+gone is success, prune removes what no row names and keeps what rows name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from bpf.attach import INGRESS
+from bpf.loader import Datapath
+from bpf.ops import Attachment, AttachOps, Ifindexes
+from clustermesh.ops import RTPROT_PLEXUS as MESH_PROTO
+from clustermesh.ops import DirectRoute
+from clustermesh.ops import RouteOps as DirectRouteOps
+from encryption.config import EncryptionConfig
+from encryption.keys import KeyPair
+from encryption.ops import RTPROT_PLEXUS, PeerOps, RouteOps, UserspaceBackend
+from encryption.tables import EncryptedRoute, Peer
+from plexus.cni import ops as cni
+from plexus.core.netlink import Netlink
+from plexus.core.reconciler import TemporaryError
+from tests.support import netns, sh, unique
+
+PREFIX = "plx-t"
+NODE = ("c1", "n2")
+# bcc wants bytes for names and program text and says so once per call
+pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
+STILL_RUNNING = "ignore:subprocess .* is still running:ResourceWarning"
+
+
+@pytest.fixture
+def ns(root: None) -> Iterator[str]:
+    with netns(PREFIX) as name:
+        yield name
+
+
+def dump(ns: str, *cmd: str) -> list[dict[str, Any]]:
+    out = sh(*cmd[:1], "-j", *cmd[1:], ns=ns).stdout.strip()
+    return cast(list[dict[str, Any]], json.loads(out) if out else [])
+
+
+def link(ns: str, name: str, *addrs: str) -> None:
+    """An interface that is up, with carrier: one end of a veth pair (no dummy module here)."""
+    sh("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p", ns=ns)
+    for a in addrs:
+        sh("ip", "addr", "add", a, "dev", name, ns=ns)
+    sh("ip", "link", "set", f"{name}p", "up", ns=ns)
+    sh("ip", "link", "set", name, "up", ns=ns)
+
+
+def test_a_netlink_naming_no_namespace_is_refused_not_created(root: None) -> None:
+    name = unique(PREFIX)
+    with pytest.raises(FileNotFoundError):
+        Netlink(name).route()
+    assert not os.path.exists(f"/var/run/netns/{name}")
+
+
+# ---- encryption: routes in their own table, an ip rule per family ----------------------
+
+CFG = EncryptionConfig.model_validate({})  # the defaults the agent runs with
+
+
+def table_routes(ns: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for family in ("-4", "-6"):
+        for r in dump(ns, "ip", family, "route", "show", "table", str(CFG.table)):
+            out[r["dst"]] = r
+    return out
+
+
+def rules(ns: str, family: str) -> list[dict[str, Any]]:
+    return [r for r in dump(ns, "ip", family, "rule", "show")
+            if str(r.get("table")) == str(CFG.table)]
+
+
+def test_encryption_rules_for_both_families_once(ns: str) -> None:
+    ops = RouteOps("plxwg", CFG.table, CFG.rule_priority, Netlink(ns))
+    ops.ensure_rule()
+    ops.ensure_rule()
+    for family in ("-4", "-6"):
+        found = rules(ns, family)
+        assert [r["priority"] for r in found] == [CFG.rule_priority], (family, found)
+
+
+async def test_encryption_routes_update_delete_prune_in_both_families(ns: str) -> None:
+    link(ns, "plxwg")
+    ops = RouteOps("plxwg", CFG.table, CFG.rule_priority, Netlink(ns))
+    v4 = EncryptedRoute("10.2.1.0/24", "device", NODE)
+    v6 = EncryptedRoute("fd00:2:1::/64", "device", NODE)
+    hole4 = EncryptedRoute("10.2.2.0/24", "blackhole", NODE)
+    hole6 = EncryptedRoute("fd00:2:2::/64", "blackhole", NODE)
+    rows = [v4, v6, hole4, hole6]
+
+    for r in rows:
+        await ops.update(r)
+    routes = table_routes(ns)
+    assert set(routes) == {r.dst for r in rows}
+    assert routes[v4.dst]["dev"] == routes[v6.dst]["dev"] == "plxwg"
+    assert routes[hole4.dst]["type"] == routes[hole6.dst]["type"] == "blackhole"
+    assert all(r["protocol"] == str(RTPROT_PLEXUS) or r["protocol"] == RTPROT_PLEXUS
+               for r in routes.values())
+
+    for r in rows:
+        await ops.update(r)
+    assert table_routes(ns) == routes
+
+    await ops.delete(v6)
+    await ops.delete(hole4)
+    assert set(table_routes(ns)) == {v4.dst, hole6.dst}
+    await ops.delete(v6)
+    await ops.delete(hole4)
+
+    # strays of both families, as a row removed while the agent was down leaves them
+    sh("ip", "-4", "route", "add", "10.2.9.0/24", "dev", "plxwg", "table", str(CFG.table), ns=ns)
+    sh("ip", "-6", "route", "add", "fd00:2:9::/64", "dev", "plxwg", "table", str(CFG.table),
+       ns=ns)
+    await ops.update(v6)
+    await ops.prune([v4, v6])
+    assert set(table_routes(ns)) == {v4.dst, v6.dst}
+    await ops.prune([v4, v6])
+    assert set(table_routes(ns)) == {v4.dst, v6.dst}
+    await ops.prune([])
+    assert table_routes(ns) == {}
+
+
+async def test_encryption_route_without_its_device_is_retried(ns: str) -> None:
+    ops = RouteOps("plxwg", CFG.table, CFG.rule_priority, Netlink(ns))
+    with pytest.raises(TemporaryError):
+        await ops.update(EncryptedRoute("fd00:2:1::/64", "device", NODE))
+
+
+# ---- encryption: WireGuard peers, on wireguard-go inside the namespace ------------------
+
+# wireguard-go outlives the Popen object on purpose (stop is not remove)
+@pytest.fixture
+def wireguard(ns: str, tmp_path: Path) -> Iterator[UserspaceBackend]:
+    if shutil.which("wireguard-go") is None:
+        pytest.fail("wireguard-go is not installed: run scripts/setup.sh")
+    backend = UserspaceBackend(unique("plxt"), tmp_path, netlink=Netlink(ns))
+    try:
+        backend.ensure(KeyPair.generate(), 0, 1400)
+        yield backend
+    finally:
+        backend.remove()
+
+
+def peer(n: int) -> Peer:
+    return Peer(("c1", f"n{n}"), KeyPair.generate().public_bytes, f"192.0.2.{n}", 51871,
+                (f"10.3.{n}.0/24",))
+
+
+@pytest.mark.filterwarnings(STILL_RUNNING)
+async def test_wireguard_device_is_made_in_the_namespace(
+        ns: str, wireguard: UserspaceBackend) -> None:
+    link = dump(ns, "ip", "link", "show", "dev", wireguard.device)[0]
+    assert link["mtu"] == 1400 and "UP" in link["flags"]
+    assert sh("ip", "link", "show", "dev", wireguard.device, check=False).returncode != 0
+
+
+@pytest.mark.filterwarnings(STILL_RUNNING)
+async def test_wireguard_peers_update_delete_prune(wireguard: UserspaceBackend) -> None:
+    ops = PeerOps(wireguard)
+    a, b, c = peer(1), peer(2), peer(3)
+
+    await ops.update(a)
+    info = wireguard.info()
+    assert set(info.peers) == {a.public_key}
+    assert info.peers[a.public_key].allowed_ips == list(a.allowed_ips)
+    await ops.update(a)
+    assert set(wireguard.info().peers) == {a.public_key}
+
+    await ops.delete(a)
+    assert wireguard.info().peers == {}
+    await ops.delete(a)
+
+    for p in (a, b, c):
+        await ops.update(p)
+    await ops.prune([a, c])
+    assert set(wireguard.info().peers) == {a.public_key, c.public_key}
+    await ops.prune([a, c])
+    assert set(wireguard.info().peers) == {a.public_key, c.public_key}
+
+
+# ---- clustermesh: direct routes in the main table ---------------------------------------
+
+def mesh_routes(ns: str) -> dict[str, dict[str, Any]]:
+    return {r["dst"]: r for r in dump(ns, "ip", "-4", "route", "show", "proto", str(MESH_PROTO))}
+
+
+async def test_direct_routes_update_delete_prune(ns: str) -> None:
+    link(ns, "plxseg", "192.168.77.1/24")
+    ops = DirectRouteOps(Netlink(ns))
+    a = DirectRoute("10.9.1.0/24", "192.168.77.2")
+    b = DirectRoute("10.9.2.0/24", "192.168.77.3")
+
+    await ops.update(a)
+    assert mesh_routes(ns)[a.dst]["gateway"] == a.via
+    before = mesh_routes(ns)
+    await ops.update(a)
+    assert mesh_routes(ns) == before
+
+    await ops.delete(a)
+    assert mesh_routes(ns) == {}
+    await ops.delete(a)
+
+    # a route of someone else's (another protocol) is not ours to prune
+    sh("ip", "route", "add", "10.9.8.0/24", "via", "192.168.77.4", ns=ns)
+    sh("ip", "route", "add", "10.9.9.0/24", "via", "192.168.77.5", "proto", str(MESH_PROTO),
+       ns=ns)
+    await ops.update(a)
+    await ops.update(b)
+    await ops.prune([a])
+    assert set(mesh_routes(ns)) == {a.dst}
+    assert "10.9.8.0/24" in {r["dst"] for r in dump(ns, "ip", "-4", "route", "show")}
+
+
+async def test_direct_route_to_a_node_off_the_segment_is_retried(ns: str) -> None:
+    link(ns, "plxseg", "192.168.77.1/24")
+    sh("ip", "route", "add", "192.168.88.0/24", "via", "192.168.77.254", ns=ns)
+    ops = DirectRouteOps(Netlink(ns))
+    with pytest.raises(TemporaryError):
+        await ops.update(DirectRoute("10.9.1.0/24", "192.168.88.2"))  # behind a router
+    with pytest.raises(TemporaryError):
+        await ops.update(DirectRoute("10.9.1.0/24", "203.0.113.9"))  # no route at all
+    assert mesh_routes(ns) == {}
+
+
+# ---- bpf: programs on host veths -------------------------------------------------------
+
+PROGRAMS = b"""
+int from_pod(struct __sk_buff *skb) { return 0; }
+int to_pod(struct __sk_buff *skb) { return 0; }
+"""
+
+
+@pytest.fixture(scope="module")
+def programs() -> Iterator[Datapath]:
+    """Two programs named as the datapath's, so AttachOps attaches them as it does those."""
+    from bcc import BPF
+
+    bpf = BPF(text=PROGRAMS)
+    dp = SimpleNamespace(from_pod=bpf.load_func(b"from_pod", BPF.SCHED_CLS),
+                         to_pod=bpf.load_func(b"to_pod", BPF.SCHED_CLS))
+    yield cast(Datapath, dp)
+    bpf.cleanup()
+
+
+def filters(ns: str, ifname: str, parent: str) -> list[str]:
+    out = sh("tc", "filter", "show", "dev", ifname, parent, ns=ns).stdout
+    return [line for line in out.splitlines() if " bpf " in line and " handle " in line]
+
+
+def foreign_filter(ns: str, ifname: str, fd: int) -> None:
+    """A program of another name at tc ingress, as another tool would attach it."""
+    with Netlink(ns).route() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)[0]
+        ipr.tc("add", "clsact", idx)
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="someone-else", parent=INGRESS,
+               classid=1, direct_action=True, prio=1)
+
+
+def has_clsact(ns: str, ifname: str) -> bool:
+    return "clsact" in sh("tc", "qdisc", "show", "dev", ifname, ns=ns).stdout
+
+
+async def test_attach_update_delete_prune(ns: str, programs: Datapath) -> None:
+    for name in ("plxa", "plxb", "plxc", "plxforeign"):
+        link(ns, name)
+    ifindexes = Ifindexes(Netlink(ns))
+    ops = AttachOps(programs, ifindexes)
+    a, b, c = Attachment("plxa"), Attachment("plxb"), Attachment("plxc")
+
+    await ops.update(a)
+    ingress, egress = filters(ns, "plxa", "ingress"), filters(ns, "plxa", "egress")
+    assert len(ingress) == 1 and "from_pod" in ingress[0], ingress
+    assert len(egress) == 1 and "to_pod" in egress[0], egress
+    assert ifindexes.cache["plxa"] == dump(ns, "ip", "link", "show", "dev", "plxa")[0]["ifindex"]
+    await ops.update(a)
+    assert filters(ns, "plxa", "ingress") == ingress
+    assert filters(ns, "plxa", "egress") == egress
+
+    await ops.delete(a)
+    assert not has_clsact(ns, "plxa") and "plxa" not in ifindexes.cache
+    await ops.delete(a)
+    await ops.delete(Attachment("plxgone"))
+    with pytest.raises(TemporaryError):
+        await ops.update(Attachment("plxgone"))
+
+    # someone else's clsact and filter are not ours to prune
+    await asyncio.to_thread(foreign_filter, ns, "plxforeign", programs.to_pod.fd)
+    for row in (a, b, c):
+        await ops.update(row)
+    # b's row went while the agent was down: the next run's prune finds its filters
+    ops = AttachOps(programs, Ifindexes(Netlink(ns)))
+    await ops.update(a)
+    await ops.prune([a, c])
+    assert filters(ns, "plxa", "ingress") and filters(ns, "plxc", "ingress")
+    assert not has_clsact(ns, "plxb")
+    assert has_clsact(ns, "plxforeign") and filters(ns, "plxforeign", "ingress")
+    await ops.prune([a, c])
+    assert filters(ns, "plxa", "ingress") and filters(ns, "plxc", "ingress")
+
+
+async def test_ifindexes_look_up_in_their_namespace(ns: str) -> None:
+    link(ns, "plxonlyhere")
+    ifindexes = Ifindexes(Netlink(ns))
+    assert await ifindexes.find("plxonlyhere") is not None
+    assert await Ifindexes().find("plxonlyhere") is None
+
+
+# ---- CNI: the pod's wiring, with the node side in a named namespace ---------------------
+
+@pytest.fixture
+def pod(root: None) -> Iterator[str]:
+    with netns(PREFIX + "p") as name:
+        yield name
+
+
+def test_pod_wiring_add_check_remove_with_the_node_in_a_namespace(ns: str, pod: str) -> None:
+    host = Netlink(ns)
+    host_if = cni.host_ifname("c-netns")
+    path = f"/var/run/netns/{pod}"
+    link = cni.add(path, "eth0", host_if, "10.4.0.5", 1400, host)
+    assert link.host_ifname == host_if
+    assert dump(ns, "ip", "link", "show", "dev", host_if)[0]["mtu"] == 1400
+    assert sh("ip", "link", "show", "dev", host_if, check=False).returncode != 0
+    assert sh("cat", f"/proc/sys/net/ipv4/conf/{host_if}/proxy_arp", ns=ns).stdout.strip() == "1"
+    assert cni.check(path, "eth0", host_if, "10.4.0.5", host) == []
+
+    again = cni.add(path, "eth0", host_if, "10.4.0.5", 1400, host)
+    assert again.host_ifname == host_if
+    assert cni.check(path, "eth0", host_if, "10.4.0.5", host) == []
+
+    assert cni.remove(host_if, host) is True
+    assert cni.check(path, "eth0", host_if, "10.4.0.5", host) == [
+        f"host interface {host_if} is missing"]
+    assert cni.remove(host_if, host) is False
