@@ -28,7 +28,7 @@ from bgp.api import ApiClient
 from bgp.commands import CommandError, add_neighbors_command, remove_neighbor_command
 from bgp.render import exabgp_env, render_config, write_config
 from bgp.tables import IPAddress, IPNetwork, Neighbor, RouteAttrs
-from plexus.core.reconciler import PermanentError, TemporaryError
+from plexus.core.reconciler import Backoff, PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
 Routes = Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]
@@ -62,10 +62,6 @@ def explain(st: PeerState, n: Neighbor, now: float) -> str:
     return why
 
 
-def restart_delay(attempt: int, maximum: float) -> float:
-    return min(maximum, 0.2 * 2.0 ** attempt)
-
-
 class Speaker:
     """Runs ExaBGP for this node's neighbors and speaks its API through the bridge."""
 
@@ -78,7 +74,7 @@ class Speaker:
         self.command = command
         self.reactor_speed = reactor_speed
         self.batch = batch
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(initial=0.2, maximum=backoff_max, jitter=0.0)  # 0.2 s, doubling
         self.async_limit = async_limit
         self.bulk = bulk  # use `plexus-bulk` when ExaBGP has it (False: text commands only)
         self.desired = desired
@@ -141,7 +137,7 @@ class Speaker:
                     for st in self.peers.values():
                         st.set("idle", self.last_exit)
                     attempt += 1
-                    delay = restart_delay(attempt, self.backoff_max)
+                    delay = self.backoff.delay(attempt + 1)
                     log.error("%s, retrying in %.1fs", self.last_exit, delay)
                     await asyncio.sleep(delay)
                     continue
@@ -154,7 +150,7 @@ class Speaker:
                 self.last_exit = f"exited with {self.proc.returncode}"
                 self._lost()
                 attempt = 0 if time.monotonic() - started > 60 else attempt + 1
-                delay = restart_delay(attempt, self.backoff_max)
+                delay = self.backoff.delay(attempt + 1)
                 log.warning("ExaBGP %s, restarting in %.1fs last_output=%r", self.last_exit, delay,
                             list(self.output)[-3:])
                 self.restarts += 1
