@@ -7,8 +7,8 @@ without it; the next agent re-announces before End-of-RIB (routes are in the con
 
 Adding or removing a peer changes only that peer in the running ExaBGP (`plexus-neighbor`,
 bgp/launcher.py): the other sessions, and what they announce, stay as they are. A new peer
-starts with no routes in its config; the Ops send them through the API, usually before the
-session is up, so they still go out before End-of-RIB. A peer whose settings change, or an
+starts with no routes in its config; the Ops send them through the API as soon as ExaBGP
+has the peer, usually before its session is up. A peer whose settings change, or an
 ExaBGP not started through bgp/launcher.py, still means a restart.
 """
 
@@ -131,33 +131,38 @@ class Speaker:
                 started = time.monotonic()
                 self._reconfigure.clear()
                 try:
-                    await self._spawn()
+                    proc = await self._spawn()
                 except (OSError, CommandError) as e:
-                    self.last_exit = f"cannot start ExaBGP: {e}"
-                    for st in self.peers.values():
-                        st.set("idle", self.last_exit)
                     attempt += 1
-                    delay = self.backoff.delay(attempt + 1)
-                    log.error("%s, retrying in %.1fs", self.last_exit, delay)
-                    await asyncio.sleep(delay)
+                    await self._start_failed(e, attempt)
                     continue
-                assert self.proc is not None
-                if not await self._supervise(self.proc):
+                if not await self._supervise(proc) and proc.returncode is None:
                     log.info("neighbors changed: restarting ExaBGP")
                     await self._kill()
                     attempt = 0
                     continue
-                self.last_exit = f"exited with {self.proc.returncode}"
-                self._lost()
                 attempt = 0 if time.monotonic() - started > 60 else attempt + 1
-                delay = self.backoff.delay(attempt + 1)
-                log.warning("ExaBGP %s, restarting in %.1fs last_output=%r", self.last_exit, delay,
-                            list(self.output)[-3:])
-                self.restarts += 1
-                await asyncio.sleep(delay)
+                await self._exited(proc, attempt)
         finally:
             await self._kill()
             self.api.close()
+
+    async def _start_failed(self, error: Exception, attempt: int) -> None:
+        self.last_exit = f"cannot start ExaBGP: {error}"
+        for st in self.peers.values():
+            st.set("idle", self.last_exit)
+        delay = self.backoff.delay(attempt + 1)
+        log.error("%s, retrying in %.1fs", self.last_exit, delay)
+        await asyncio.sleep(delay)
+
+    async def _exited(self, proc: asyncio.subprocess.Process, attempt: int) -> None:
+        self.last_exit = f"exited with {proc.returncode}"
+        self._lost()
+        delay = self.backoff.delay(attempt + 1)
+        log.warning("ExaBGP %s, restarting in %.1fs last_output=%r", self.last_exit, delay,
+                    list(self.output)[-3:])
+        self.restarts += 1
+        await asyncio.sleep(delay)
 
     async def _supervise(self, proc: asyncio.subprocess.Process) -> bool:
         """Until ExaBGP exits (True) or needs a restart for new neighbors (False); peers
@@ -185,7 +190,7 @@ class Speaker:
         finally:
             exited.cancel()
 
-    async def _spawn(self) -> None:
+    async def _spawn(self) -> asyncio.subprocess.Process:
         desired = self.desired()
         snapshot = {p: dict(desired.get(p, {})) for p in self.neighbors}
         text = render_config(self.neighbors.values(), snapshot, self.socket_path, self.batch)
@@ -202,6 +207,7 @@ class Speaker:
         log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(self.neighbors),
                  sum(len(r) for r in snapshot.values()))
         self._reader = asyncio.ensure_future(self._read_output(self.proc))
+        return self.proc
 
     def only_added_or_removed(self) -> bool:
         """Every peer ExaBGP runs and still wanted is unchanged (else only a restart applies it)."""
@@ -234,6 +240,8 @@ class Speaker:
         self._write_config()
         log.info("ExaBGP peers changed without a restart added=%s removed=%s",
                  [str(n.peer_address) for n in added], [str(p) for p in removed])
+        if added:
+            self.on_ready()  # the new peers take commands now: send their routes without waiting
         return True
 
     def _write_config(self) -> None:
