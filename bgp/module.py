@@ -20,7 +20,15 @@ from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
 from bgp.ops import RoutesOps
 from bgp.speaker import Speaker, explain
-from bgp.tables import IPAddress, IPNetwork, PeerRoutes, RouteAttrs, peer_routes_table, resolve
+from bgp.tables import (
+    IPAddress,
+    IPNetwork,
+    PeerRoutes,
+    RouteAttrs,
+    neighbors_table,
+    peer_routes_table,
+    resolve,
+)
 from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
 from plexus.core.manifests import MANIFESTS, ManifestCache
@@ -39,6 +47,7 @@ class BGPControlPlane:
         self.manifests = hive.require(MANIFESTS)
         self.services = hive.optional(SERVICES)
         self.table = peer_routes_table()
+        self.neighbors = neighbors_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
@@ -96,7 +105,8 @@ class BGPControlPlane:
                 if self.problems.get(where) != p and p not in self.cache.problems.values():
                     log.warning("bgp config problem where=%s: %s", where, p)  # the cache logs its own
         self.problems = res.problems
-        self.speaker.configure(res.neighbors)
+        self.neighbors.replace_where(lambda _n: True, res.neighbors.values())
+        self.speaker.configure({n.key: n for n in self.neighbors})
         rows = [PeerRoutes(p, {} if self.drained else r) for p, r in res.routes.items()]
         self.table.replace_where(lambda _r: True, rows)
 
@@ -121,7 +131,7 @@ class BGPControlPlane:
     def peers(self) -> list[dict[str, Any]]:
         out = []
         now = time.time()
-        for addr, n in sorted(self.speaker.neighbors.items(), key=lambda kv: (kv[0].version, kv[0])):
+        for addr, n in sorted(self.neighbors.items(), key=lambda kv: (kv[0].version, kv[0])):
             st = self.speaker.peers.get(addr)
             out.append({
                 "peer": str(addr), "name": n.name, "instance": n.instance, "peerASN": n.peer_asn,

@@ -100,6 +100,11 @@ def peer_routes_table() -> Table[IPAddress, PeerRoutes]:
     return Table("bgp-peer-routes", key=lambda r: r.key)
 
 
+def neighbors_table() -> Table[IPAddress, Neighbor]:
+    """This node's BGP sessions, one row per peer address; the speaker runs exactly these."""
+    return Table("bgp-neighbors", key=lambda n: n.key)
+
+
 @dataclass
 class Resolved:
     neighbors: dict[IPAddress, Neighbor]
