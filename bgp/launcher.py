@@ -1,6 +1,6 @@
 """Starts ExaBGP in-process, tuned for bulk route changes from the agent.
 
-Two changes before ExaBGP's own `main` runs:
+Three changes before ExaBGP's own `main` runs:
 
 - a larger per-loop work budget for API commands (PLEXUS_EXABGP_ASYNC_LIMIT): ExaBGP runs
   scheduled API work in slices of `ASYNC.LIMIT` (50) steps per reactor loop;
@@ -15,6 +15,12 @@ Two changes before ExaBGP's own `main` runs:
       [neighbor <ip>] plexus-bulk withdraw ipv4|ipv6 <prefixes>
       plexus-bulk                                   (probe: answers "done")
 
+- the `plexus-neighbor` API command: adds peers (their config sections, base64) to the
+  running ExaBGP or removes them, leaving every other session alone; see neighbor_steps.
+
+      plexus-neighbor add <base64 of a config with a process and neighbor sections>
+      plexus-neighbor remove <peer address>
+
   <prefixes> is base64 of the prefixes in BGP NLRI wire form (mask length, then the
   significant address bytes); <attributes> is ExaBGP's text (`next-hop self community [...]`).
   Every command is answered "done" or "error" in order with ExaBGP's other commands.
@@ -26,14 +32,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib
 import os
 import select
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 BULK = "plexus-bulk"
+NEIGHBOR = "plexus-neighbor"
 STEP = 2000  # prefixes queued per scheduler step, so keepalives and reads interleave
 WIDTH = {"ipv4": 4, "ipv6": 16}
 
@@ -88,98 +98,209 @@ def parse_bulk(command: str) -> tuple[str, str, list[tuple[bytes, int]], str]:
     return words[1], words[2], unpack_prefixes(words[2], words[3]), attributes or "next-hop self"
 
 
-def install_bulk_command() -> bool:
-    """Hooks `plexus-bulk` in front of ExaBGP's command dispatch; False if this ExaBGP's
-    layout is not the one the command was written against (the agent then uses text)."""
+@dataclass(frozen=True)
+class ExaBGP:
+    """The ExaBGP internals the commands use: the one place that knows their layout.
+
+    ExaBGP has no type information, so these are Any; nothing outside this file sees them."""
+
+    action: Any                  # exabgp.bgp.message.Action
+    cidr: Any                    # exabgp.bgp.message.update.nlri.CIDR
+    inet: Any                    # exabgp.bgp.message.update.nlri.INET
+    change: Any                  # exabgp.rib.change.Change
+    afis: dict[str, Any]         # "ipv4"/"ipv6" -> exabgp.protocol.family.AFI
+    unicast: Any                 # exabgp.protocol.family.SAFI.unicast
+    api: Any                     # exabgp.reactor.api.API, whose response() dispatches commands
+    configuration: Any           # exabgp.configuration.configuration.Configuration
+    peer: Any                    # exabgp.reactor.peer.Peer
+    extract_neighbors: Callable[[str], tuple[Any, str]]
+    match_neighbors: Callable[[Any, Any], list[str]]
+    log: Any                     # exabgp.logger.log
+
+
+def exabgp_module(name: str) -> ModuleType:
+    return importlib.import_module(f"exabgp.{name}")
+
+
+def load_exabgp() -> ExaBGP | None:
+    """ExaBGP's internals, or None if this ExaBGP's layout is not the one the commands were
+    written against (the agent then uses text commands, and restarts ExaBGP for new peers)."""
     try:
-        from exabgp.bgp.message import Action
-        from exabgp.bgp.message.update.nlri import CIDR, INET
-        from exabgp.logger import log
-        from exabgp.protocol.family import AFI, SAFI
-        from exabgp.reactor.api import API
-        from exabgp.reactor.api.command.limit import extract_neighbors, match_neighbors
-        from exabgp.rib.change import Change
-        from exabgp.rib.outgoing import OutgoingRIB
-    except ImportError:
-        return False
-    if not all(hasattr(OutgoingRIB, m) for m in ("in_cache", "_update_rib")):
-        return False
-    afis = {"ipv4": AFI.ipv4, "ipv6": AFI.ipv6}
+        message = exabgp_module("bgp.message")
+        nlri = exabgp_module("bgp.message.update.nlri")
+        family = exabgp_module("protocol.family")
+        limit = exabgp_module("reactor.api.command.limit")
+        outgoing = exabgp_module("rib.outgoing").OutgoingRIB
+        x = ExaBGP(
+            action=message.Action, cidr=nlri.CIDR, inet=nlri.INET,
+            change=exabgp_module("rib.change").Change,
+            afis={"ipv4": family.AFI.ipv4, "ipv6": family.AFI.ipv6}, unicast=family.SAFI.unicast,
+            api=exabgp_module("reactor.api").API,
+            configuration=exabgp_module("configuration.configuration").Configuration,
+            peer=exabgp_module("reactor.peer").Peer, extract_neighbors=limit.extract_neighbors,
+            match_neighbors=limit.match_neighbors, log=exabgp_module("logger").log)
+    except (ImportError, AttributeError):
+        return None
+    if not all(hasattr(outgoing, m) for m in ("in_cache", "_update_rib")):
+        return None
+    return x
 
-    def queue(rib: Any, change: Any) -> None:
-        """OutgoingRIB.add_to_rib (announce) or ExaBGP's withdraw path, without a copy; a change
-        still waiting to be sent for the same prefix is dropped from its attribute group first,
-        so the last command for a prefix wins whatever the groups' order."""
-        if change.nlri.action == Action.ANNOUNCE and rib.in_cache(change):
+
+def queue(x: ExaBGP, rib: Any, change: Any) -> None:
+    """OutgoingRIB.add_to_rib (announce) or ExaBGP's withdraw path, without a copy; a change
+    still waiting to be sent for the same prefix is dropped from its attribute group first,
+    so the last command for a prefix wins whatever the groups' order."""
+    if change.nlri.action == x.action.ANNOUNCE and rib.in_cache(change):
+        return
+    index = change.index()
+    pending = rib._new_nlri.get(index)
+    if pending is not None:
+        group = rib._new_attr_af_nlri.get(pending.attributes.index(), {}).get(
+            change.nlri.family().afi_safi())
+        if group:
+            group.pop(index, None)
+    rib._update_rib(change)
+
+
+def bulk_targets(x: ExaBGP, reactor: Any, peers: list[str], family: str) -> list[Any]:
+    """The configured neighbors the command names; each must carry the family."""
+    neighbors = [n for name, n in reactor.configuration.neighbors.items() if name in peers]
+    if not neighbors or any((x.afis[family], x.unicast) not in n.families() for n in neighbors):
+        raise ValueError(f"no neighbor with {family} unicast matches")
+    return neighbors
+
+
+def shared_attributes(api: Any, peers: list[str], family: str, attributes: str) -> Any:
+    """ExaBGP's own parser reads the attributes once, on a placeholder prefix."""
+    dummy = "0.0.0.0/0" if family == "ipv4" else "::/0"
+    parsed = api.api_attributes(f"announce attributes {attributes} nlri {dummy}", peers)
+    if len(parsed) != 1:
+        raise ValueError(f"could not parse attributes: {attributes[:200]}")
+    return parsed[0]
+
+
+def queue_prefixes(x: ExaBGP, neighbors: list[Any], template: Any, action: str, family: str,
+                   prefixes: list[tuple[bytes, int]]) -> Iterator[bool]:
+    """Queue every prefix in each neighbor's outgoing RIB, STEP at a time."""
+    act = x.action.ANNOUNCE if action == "announce" else x.action.WITHDRAW
+    afi = x.afis[family]
+    for n in neighbors:
+        resolved = n.remove_self(template)  # resolves next-hop self for this peer
+        nexthop, attrs, rib = resolved.nlri.nexthop, resolved.attributes, n.rib.outgoing
+        for start in range(0, len(prefixes), STEP):
+            for packed, mask in prefixes[start:start + STEP]:
+                nlri = x.inet(afi, x.unicast, act)
+                nlri.cidr = x.cidr(packed, mask)
+                nlri.nexthop = nexthop
+                queue(x, rib, x.change(nlri, attrs))
+            yield False
+
+
+def bulk_steps(x: ExaBGP, api: Any, reactor: Any, service: str, line: str) -> Iterator[bool]:
+    """`plexus-bulk`, run by ExaBGP's scheduler; answers "done" or "error" when finished."""
+    try:
+        descriptions, command = x.extract_neighbors(line)
+        if command == BULK:  # the probe
+            reactor.processes.answer_done(service)
+            yield True
             return
-        index = change.index()
-        pending = rib._new_nlri.get(index)
-        if pending is not None:
-            group = rib._new_attr_af_nlri.get(pending.attributes.index(), {}).get(
-                change.nlri.family().afi_safi())
-            if group:
-                group.pop(index, None)
-        rib._update_rib(change)
+        action, family, prefixes, attributes = parse_bulk(command)
+        peers = x.match_neighbors(reactor.peers(service), descriptions)
+        neighbors = bulk_targets(x, reactor, peers, family)
+        template = shared_attributes(api, peers, family, attributes)
+        yield from queue_prefixes(x, neighbors, template, action, family, prefixes)
+        x.log.info(lambda: f"{BULK}: {action} {len(prefixes)} {family} prefixes to "
+                           f"{', '.join(peers)}", "processes")
+        reactor.processes.answer_done(service)
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+        api.log_failure(f"{BULK}: {e}: {line[:200]}")
+        reactor.processes.answer_error(service)
+        yield True
 
-    def bulk(api: Any, reactor: Any, service: str, line: str) -> bool:
-        def callback() -> Iterator[bool]:
-            try:
-                descriptions, command = extract_neighbors(line)
-                if command == BULK:  # the probe
-                    reactor.processes.answer_done(service)
-                    yield True
-                    return
-                action, family, prefixes, attributes = parse_bulk(command)
-                peers = match_neighbors(reactor.peers(service), descriptions)
-                neighbors = [n for name, n in reactor.configuration.neighbors.items() if name in peers]
-                afi = afis[family]
-                if not neighbors or any((afi, SAFI.unicast) not in n.families() for n in neighbors):
-                    api.log_failure(f"{BULK}: no neighbor with {family} unicast matches: {line[:200]}")
-                    reactor.processes.answer_error(service)
-                    yield True
-                    return
-                # ExaBGP's own parser reads the shared attributes, once.
-                dummy = "0.0.0.0/0" if family == "ipv4" else "::/0"
-                parsed = api.api_attributes(f"announce attributes {attributes} nlri {dummy}", peers)
-                if len(parsed) != 1:
-                    api.log_failure(f"{BULK}: could not parse attributes: {attributes[:200]}")
-                    reactor.processes.answer_error(service)
-                    yield True
-                    return
-                act = Action.ANNOUNCE if action == "announce" else Action.WITHDRAW
-                for n in neighbors:
-                    template = n.remove_self(parsed[0])  # resolves next-hop self for this peer
-                    nexthop, attrs, rib = template.nlri.nexthop, template.attributes, n.rib.outgoing
-                    for start in range(0, len(prefixes), STEP):
-                        for packed, mask in prefixes[start:start + STEP]:
-                            nlri = INET(afi, SAFI.unicast, act)
-                            nlri.cidr = CIDR(packed, mask)
-                            nlri.nexthop = nexthop
-                            queue(rib, Change(nlri, attrs))
-                        yield False
-                log.info(lambda: f"{BULK}: {action} {len(prefixes)} {family} prefixes to "
-                                 f"{', '.join(peers)}", "processes")
-                reactor.processes.answer_done(service)
-            except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
-                api.log_failure(f"{BULK}: {e}: {line[:200]}")
-                reactor.processes.answer_error(service)
-                yield True
 
+def parse_neighbor_command(command: str) -> tuple[str, str]:
+    """`plexus-neighbor add <base64 config>` or `plexus-neighbor remove <address>` -> its parts."""
+    words = command.split(" ")
+    if len(words) != 3 or words[0] != NEIGHBOR or words[1] not in ("add", "remove"):
+        raise ValueError(f"expected '{NEIGHBOR} add <base64 config>' or '{NEIGHBOR} remove <address>'")
+    return words[1], words[2]
+
+
+def add_neighbors(x: ExaBGP, reactor: Any, text: str) -> list[str]:
+    """Parse the neighbor sections of `text` (a config of its own) and start their peers."""
+    config = x.configuration([text], text=True)
+    if not config.reload():
+        raise ValueError(f"config refused: {str(config.error).strip()}")
+    for key in config.neighbors:
+        if key in reactor._peers or key in reactor.configuration.neighbors:
+            raise ValueError(f"{key} already runs")
+    for key, neighbor in config.neighbors.items():
+        reactor.configuration.neighbors[key] = neighbor
+        reactor._peers[key] = x.peer(neighbor, reactor)
+    return list(config.neighbors)
+
+
+def remove_neighbors(reactor: Any, address: str) -> list[str]:
+    """Stop (without NOTIFICATION) and forget every neighbor with this peer address."""
+    removed = []
+    for key, neighbor in list(reactor.configuration.neighbors.items()):
+        if str(neighbor["peer-address"]) == address:
+            del reactor.configuration.neighbors[key]
+            peer = reactor._peers.get(key)
+            if peer is not None:
+                peer.remove()
+            removed.append(key)
+    return removed
+
+
+def neighbor_steps(x: ExaBGP, reactor: Any, service: str, command: str) -> Iterator[bool]:
+    """`plexus-neighbor`: add or remove peers of the running ExaBGP, the others untouched.
+
+    ExaBGP's own reload (the `reload` command, SIGUSR1) re-reads the whole config file: as
+    the unprivileged user ExaBGP drops to, which cannot read the agent's 0600 file; parsing
+    every peer's static routes again (seconds for 100,000, with keepalives stalled); only
+    after every peer's queued updates went out, which a peer that is down never does, and
+    otherwise dropped; and it answers before it ran. These commands touch only the peers
+    they name and answer after they ran. A removed peer leaves the reactor on its next turn,
+    which comes before the agent's next command (sent only after this answer)."""
+    try:
+        action, arg = parse_neighbor_command(command)
+        if action == "add":
+            text = base64.b64decode(arg, validate=True).decode()
+            keys = add_neighbors(x, reactor, text)
+        else:
+            keys = remove_neighbors(reactor, arg)
+        x.log.info(lambda: f"{NEIGHBOR}: {action} {', '.join(keys) or 'nothing'}", "reactor")
+        reactor.processes.answer_done(service)
+    except Exception as e:  # the agent waits for an answer, whatever failed
+        reason = f"{NEIGHBOR}: {e}: {command[:200]}"
+        x.log.error(lambda: reason, "reactor")
+        reactor.processes.answer_error(service)
+    yield True
+
+
+def install_commands() -> bool:
+    """Hooks `plexus-bulk` and `plexus-neighbor` in front of ExaBGP's command dispatch; False
+    if this ExaBGP's layout is not the one they were written against."""
+    x = load_exabgp()
+    if x is None:
+        return False
+    if getattr(x.api, "plexus_commands", False):
+        return True
+    response = x.api.response
+
+    def dispatch(api: Any, reactor: Any, service: str, command: str, use_json: bool) -> Any:
         # Scheduled like every route command, so answers keep the order of the commands.
-        reactor.asynchronous.schedule(service, line, callback())
-        return True
-
-    response = API.response
-    if getattr(response, "plexus_bulk", False):
-        return True
-
-    def dispatch(self: Any, reactor: Any, service: str, command: str, use_json: bool) -> Any:
+        if command.startswith(NEIGHBOR + " "):
+            reactor.asynchronous.schedule(service, command, neighbor_steps(x, reactor, service, command))
+            return True
         if BULK in command.split(" ", 3)[:3]:
-            return bulk(self, reactor, service, command)
-        return response(self, reactor, service, command, use_json)
+            reactor.asynchronous.schedule(service, command, bulk_steps(x, api, reactor, service, command))
+            return True
+        return response(api, reactor, service, command, use_json)
 
-    dispatch.plexus_bulk = True  # type: ignore[attr-defined]
-    API.response = dispatch
+    x.api.response = dispatch
+    x.api.plexus_commands = True
     return True
 
 
@@ -188,15 +309,12 @@ def main() -> None:
     limit = int(os.environ.get("PLEXUS_EXABGP_ASYNC_LIMIT", "0") or 0)
     if limit > 0:
         try:
-            from exabgp.reactor.asynchronous import ASYNC
-            ASYNC.LIMIT = limit
-        except ImportError:  # another ExaBGP layout: run it unchanged
+            exabgp_module("reactor.asynchronous").ASYNC.LIMIT = limit
+        except (ImportError, AttributeError):  # another ExaBGP layout: run it unchanged
             pass
-    install_bulk_command()
-    from exabgp.application.main import main as exabgp_main
-
+    install_commands()
     sys.argv[0] = "exabgp"
-    exabgp_main()
+    exabgp_module("application.main").main()
 
 
 if __name__ == "__main__":

@@ -103,13 +103,13 @@ class BGPClusterConfig(Strict):
 # ---- BGPPeerConfig -----------------------------------------------------------------------
 
 class Transport(Strict):
-    peer_port: int = Field(179, ge=1, le=65535)
+    peer_port: int = Field(default=179, ge=1, le=65535)
 
 
 class Timers(Strict):
-    connect_retry_time_seconds: int = Field(120, ge=1, le=65535)
-    hold_time_seconds: int = Field(90, ge=3, le=65535)
-    keep_alive_time_seconds: int = Field(30, ge=1, le=21845)
+    connect_retry_time_seconds: int = Field(default=120, ge=1, le=65535)
+    hold_time_seconds: int = Field(default=90, ge=3, le=65535)
+    keep_alive_time_seconds: int = Field(default=30, ge=1, le=21845)
 
     @model_validator(mode="after")
     def _keepalive_below_hold(self) -> Timers:
@@ -120,7 +120,7 @@ class Timers(Strict):
 
 class GracefulRestart(Strict):
     enabled: bool = True
-    restart_time_seconds: int = Field(120, ge=1, le=4095)
+    restart_time_seconds: int = Field(default=120, ge=1, le=4095)
 
 
 class Family(Strict):
@@ -138,7 +138,7 @@ def _check_secret_chars(v: str) -> str:
 class PeerConfigSpec(Strict):
     transport: Transport = Transport()
     timers: Timers = Timers()
-    ebgp_multihop: int = Field(1, ge=1, le=255)
+    ebgp_multihop: int = Field(default=1, ge=1, le=255)
     auth_secret_ref: Name | None = None
     auth_password_file: str | None = None
     graceful_restart: GracefulRestart = GracefulRestart()
@@ -171,7 +171,7 @@ class Communities(Strict):
 
 class Attributes(Strict):
     communities: Communities = Communities()
-    local_preference: int | None = Field(None, ge=0, le=4294967295)
+    local_preference: int | None = Field(default=None, ge=0, le=4294967295)
 
 
 class ServiceAddresses(Strict):

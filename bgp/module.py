@@ -2,7 +2,8 @@
 
 Config comes from BGPClusterConfig/BGPPeerConfig/BGPAdvertisement/BGPNodeConfigOverride
 manifests (MANIFESTS table); desired routes per peer are rows of a table reconciled by the
-generic reconciler into ExaBGP (bgp/ops.py). Stop leaves routes to graceful restart/hold
+generic reconciler into ExaBGP (bgp/ops.py, bgp/speaker.py). What went out is read from
+the speaker's one record of it (bgp/announced.py). Stop leaves routes to graceful restart/hold
 time; `plexus bgp drain` withdraws them.
 """
 
@@ -13,11 +14,21 @@ import logging
 import time
 from typing import Any
 
+from bgp.commands import attrs_text
 from bgp.config import BGPConfig
 from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
-from bgp.ops import RoutesOps, Speaker, attrs_text, explain
-from bgp.tables import IPAddress, IPNetwork, PeerRoutes, RouteAttrs, peer_routes_table, resolve
+from bgp.ops import RoutesOps
+from bgp.speaker import Speaker, explain
+from bgp.tables import (
+    IPAddress,
+    IPNetwork,
+    PeerRoutes,
+    RouteAttrs,
+    neighbors_table,
+    peer_routes_table,
+    resolve,
+)
 from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
 from plexus.core.manifests import MANIFESTS, ManifestCache
@@ -36,6 +47,7 @@ class BGPControlPlane:
         self.manifests = hive.require(MANIFESTS)
         self.services = hive.optional(SERVICES)
         self.table = peer_routes_table()
+        self.neighbors = neighbors_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
@@ -93,7 +105,8 @@ class BGPControlPlane:
                 if self.problems.get(where) != p and p not in self.cache.problems.values():
                     log.warning("bgp config problem where=%s: %s", where, p)  # the cache logs its own
         self.problems = res.problems
-        self.speaker.configure(res.neighbors)
+        self.neighbors.replace_where(lambda _n: True, res.neighbors.values())
+        self.speaker.configure({n.key: n for n in self.neighbors})
         rows = [PeerRoutes(p, {} if self.drained else r) for p, r in res.routes.items()]
         self.table.replace_where(lambda _r: True, rows)
 
@@ -112,20 +125,20 @@ class BGPControlPlane:
     def _on_sent(self, peer: IPAddress, announced: int, withdrawn: int) -> None:
         self.metrics.updates.labels(str(peer), "announce").inc(announced)
         self.metrics.updates.labels(str(peer), "withdraw").inc(withdrawn)
-        self.metrics.advertised.labels(str(peer)).set(len(self.speaker.announced.get(peer, {})))
+        self.metrics.advertised.labels(str(peer)).set(self.speaker.announced.count(peer))
 
     # ---- status and API -------------------------------------------------------------
     def peers(self) -> list[dict[str, Any]]:
         out = []
         now = time.time()
-        for addr, n in sorted(self.speaker.neighbors.items(), key=lambda kv: (kv[0].version, kv[0])):
+        for addr, n in sorted(self.neighbors.items(), key=lambda kv: (kv[0].version, kv[0])):
             st = self.speaker.peers.get(addr)
             out.append({
                 "peer": str(addr), "name": n.name, "instance": n.instance, "peerASN": n.peer_asn,
                 "localASN": n.local_asn, "routerID": str(n.router_id), "localAddress": str(n.local_address),
                 "state": st.state if st else "idle", "reason": explain(st, n, now) if st else "",
                 "uptime": round(now - st.since, 1) if st and st.state == "established" else 0,
-                "advertised": len(self.speaker.announced.get(addr, {})),
+                "advertised": self.speaker.announced.count(addr),
                 "desired": len(r.routes) if (r := self.table.get(addr)) else 0,
                 "md5": n.password is not None, "gracefulRestart": n.graceful_restart,
             })
@@ -143,16 +156,12 @@ class BGPControlPlane:
         return {"peers": self.peers(), "problems": self.problems, "drained": self.drained}
 
     async def _advertised(self, q: dict[str, str], _b: Any) -> Any:
-        out = []
-        for peer, routes in sorted(self.speaker.announced.items(), key=lambda kv: (kv[0].version, kv[0])):
-            if q.get("peer") and q["peer"] != str(peer):
-                continue
-            for net, a in sorted(routes.items(), key=lambda kv: (kv[0].version, kv[0])):
-                out.append({"peer": str(peer), "prefix": str(net), "attributes": attrs_text(a),
-                            "communities": [f"{x}:{y}" for x, y in a.communities],
-                            "largeCommunities": [f"{x}:{y}:{z}" for x, y, z in a.large_communities],
-                            "localPreference": a.local_pref})
-        return out
+        return [{"peer": str(peer), "prefix": str(net), "attributes": attrs_text(a),
+                 "communities": [f"{x}:{y}" for x, y in a.communities],
+                 "largeCommunities": [f"{x}:{y}:{z}" for x, y, z in a.large_communities],
+                 "localPreference": a.local_pref}
+                for peer, net, a in self.speaker.announced.rows()
+                if not q.get("peer") or q["peer"] == str(peer)]
 
     async def _drain(self, _q: dict[str, str], _b: Any) -> Any:
         if not self.config.enabled:

@@ -19,6 +19,8 @@ from bgp.models import (
     BGPClusterConfig,
     BGPNodeConfigOverride,
     BGPPeerConfig,
+    ClusterPeer,
+    Instance,
     PeerConfigSpec,
     large_community,
     standard_community,
@@ -98,6 +100,11 @@ def peer_routes_table() -> Table[IPAddress, PeerRoutes]:
     return Table("bgp-peer-routes", key=lambda r: r.key)
 
 
+def neighbors_table() -> Table[IPAddress, Neighbor]:
+    """This node's BGP sessions, one row per peer address; the speaker runs exactly these."""
+    return Table("bgp-neighbors", key=lambda n: n.key)
+
+
 @dataclass
 class Resolved:
     neighbors: dict[IPAddress, Neighbor]
@@ -167,91 +174,141 @@ def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
     return out
 
 
+class Problem(ValueError):
+    """A manifest field that keeps one instance or peer out, phrased for the user."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What resolve reads, for the local node: its cluster's manifests by kind, its services."""
+
+    local: LocalNode
+    node_ip: IPAddress
+    labels: dict[str, str]
+    clusters: list[BGPClusterConfig]
+    peer_configs: dict[str, BGPPeerConfig]
+    adverts: list[BGPAdvertisement]
+    overrides: list[BGPNodeConfigOverride]
+    services: list[ClusterService]
+    secrets_dir: Path
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This node's side of one BGP instance, after the node's overrides."""
+
+    local_asn: int
+    router_id: ipaddress.IPv4Address
+    local_address: IPAddress | None
+
+
 def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterService],
             secrets_dir: Path) -> Resolved:
     problems = {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in cache.problems.items() if k[0] == local.cluster}
     mine = [(k, v) for k, v in cache.good.items() if k[0] == local.cluster]
-    clusters = [v for _, v in sorted(mine, key=lambda kv: kv[0]) if isinstance(v, BGPClusterConfig)]
-    peer_cfgs = {v.metadata.name: v for _, v in mine if isinstance(v, BGPPeerConfig)}
-    adverts = [v for _, v in mine if isinstance(v, BGPAdvertisement)]
-    overrides = [v for _, v in mine
-                 if isinstance(v, BGPNodeConfigOverride) and v.metadata.name == local.name]
-    labels = {**local.labels, "kubernetes.io/hostname": local.name, "plexus.io/node": local.name}
-    svcs = list(services)
-    neighbors: dict[IPAddress, Neighbor] = {}
-    routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
-    node_ip = ipaddress.ip_address(local.ip)
-    for cc in clusters:
-        if cc.spec.node_selector is not None and not cc.spec.node_selector.matches(labels):
+    inputs = Inputs(
+        local=local, node_ip=ipaddress.ip_address(local.ip),
+        labels={**local.labels, "kubernetes.io/hostname": local.name, "plexus.io/node": local.name},
+        clusters=[v for _, v in sorted(mine, key=lambda kv: kv[0]) if isinstance(v, BGPClusterConfig)],
+        peer_configs={v.metadata.name: v for _, v in mine if isinstance(v, BGPPeerConfig)},
+        adverts=[v for _, v in mine if isinstance(v, BGPAdvertisement)],
+        overrides=[v for _, v in mine
+                   if isinstance(v, BGPNodeConfigOverride) and v.metadata.name == local.name],
+        services=list(services), secrets_dir=secrets_dir)
+    out = Resolved({}, {}, problems)
+    for cc in inputs.clusters:
+        if cc.spec.node_selector is not None and not cc.spec.node_selector.matches(inputs.labels):
             continue
         where = f"BGPClusterConfig/{cc.metadata.namespace}/{cc.metadata.name}"
         for i, inst in enumerate(cc.spec.bgp_instances):
-            local_asn, router_id, local_addr = inst.local_asn, inst.router_id, None
-            for ov in overrides:
-                for io in ov.spec.bgp_instances:
-                    if io.name == inst.name:
-                        local_asn = io.local_asn or local_asn
-                        router_id = io.router_id or router_id
-                        local_addr = io.local_address or local_addr
-            if router_id is None:
-                if not isinstance(node_ip, ipaddress.IPv4Address):
-                    problems[where] = f"spec.bgpInstances[{i}].routerID: required on an IPv6-only node"
-                    continue
-                router_id = node_ip
+            try:
+                identity = instance_identity(inst, i, inputs)
+            except Problem as e:
+                problems[where] = str(e)
+                continue
             for j, peer in enumerate(inst.peers):
-                field_ = f"spec.bgpInstances[{i}].peers[{j}]"
-                spec = PeerConfigSpec()
-                if peer.peer_config_ref is not None:
-                    pc = peer_cfgs.get(peer.peer_config_ref.name)
-                    if pc is None:
-                        problems[f"{where}/{peer.name}"] = (
-                            f"{field_}.peerConfigRef.name: no BGPPeerConfig {peer.peer_config_ref.name!r}")
-                        continue
-                    spec = pc.spec
                 try:
-                    password = read_password(spec, secrets_dir)
-                except ValueError as e:
-                    problems[f"{where}/{peer.name}"] = f"{field_}: {e}"
-                    continue
-                src = local_addr or node_ip
-                if src.version != peer.peer_address.version:
-                    problems[f"{where}/{peer.name}"] = (
-                        f"{field_}.peerAddress: IPv{peer.peer_address.version} peer but local "
-                        f"address {src} is IPv{src.version}")
-                    continue
-                if peer.peer_address in neighbors:
-                    problems[f"{where}/{peer.name}"] = (
-                        f"{field_}.peerAddress: {peer.peer_address} is configured twice")
-                    continue
-                gr = spec.graceful_restart
-                neighbors[peer.peer_address] = Neighbor(
-                    peer_address=peer.peer_address, peer_asn=peer.peer_asn, local_asn=local_asn,
-                    router_id=router_id, local_address=src, instance=inst.name, name=peer.name,
-                    port=spec.transport.peer_port, hold_time=spec.timers.hold_time_seconds,
-                    keepalive=spec.timers.keep_alive_time_seconds,
-                    connect_retry=spec.timers.connect_retry_time_seconds,
-                    multihop=spec.ebgp_multihop, password=password,
-                    graceful_restart=gr.restart_time_seconds if gr.enabled else None,
-                    families=tuple(sorted({f.afi for f in spec.families})))
-                wanted: dict[IPNetwork, RouteAttrs] = {}
-                for fam in spec.families:
-                    if fam.advertisements is None:
+                    add_peer(out, inputs, inst.name, identity, peer, f"spec.bgpInstances[{i}].peers[{j}]")
+                except Problem as e:
+                    problems[f"{where}/{peer.name}"] = str(e)
+    return out
+
+
+def instance_identity(inst: Instance, i: int, inputs: Inputs) -> Identity:
+    """ASN, router ID and local address of an instance: the node's override wins."""
+    local_asn, router_id, local_addr = inst.local_asn, inst.router_id, None
+    for ov in inputs.overrides:
+        for io in ov.spec.bgp_instances:
+            if io.name == inst.name:
+                local_asn = io.local_asn or local_asn
+                router_id = io.router_id or router_id
+                local_addr = io.local_address or local_addr
+    if router_id is None:
+        if not isinstance(inputs.node_ip, ipaddress.IPv4Address):
+            raise Problem(f"spec.bgpInstances[{i}].routerID: required on an IPv6-only node")
+        router_id = inputs.node_ip
+    return Identity(local_asn, router_id, local_addr)
+
+
+def peer_config_of(peer: ClusterPeer, inputs: Inputs, field_: str) -> PeerConfigSpec:
+    """The BGPPeerConfig a peer names, or the defaults when it names none."""
+    if peer.peer_config_ref is None:
+        return PeerConfigSpec()
+    pc = inputs.peer_configs.get(peer.peer_config_ref.name)
+    if pc is None:
+        raise Problem(f"{field_}.peerConfigRef.name: no BGPPeerConfig {peer.peer_config_ref.name!r}")
+    return pc.spec
+
+
+def add_peer(out: Resolved, inputs: Inputs, instance: str, identity: Identity, peer: ClusterPeer,
+             field_: str) -> None:
+    """One peer of an instance: its session settings and the routes it is sent."""
+    spec = peer_config_of(peer, inputs, field_)
+    try:
+        password = read_password(spec, inputs.secrets_dir)
+    except ValueError as e:
+        raise Problem(f"{field_}: {e}") from None
+    src = identity.local_address or inputs.node_ip
+    if src.version != peer.peer_address.version:
+        raise Problem(f"{field_}.peerAddress: IPv{peer.peer_address.version} peer but local "
+                      f"address {src} is IPv{src.version}")
+    if peer.peer_address in out.neighbors:
+        raise Problem(f"{field_}.peerAddress: {peer.peer_address} is configured twice")
+    gr = spec.graceful_restart
+    out.neighbors[peer.peer_address] = Neighbor(
+        peer_address=peer.peer_address, peer_asn=peer.peer_asn, local_asn=identity.local_asn,
+        router_id=identity.router_id, local_address=src, instance=instance, name=peer.name,
+        port=spec.transport.peer_port, hold_time=spec.timers.hold_time_seconds,
+        keepalive=spec.timers.keep_alive_time_seconds,
+        connect_retry=spec.timers.connect_retry_time_seconds,
+        multihop=spec.ebgp_multihop, password=password,
+        graceful_restart=gr.restart_time_seconds if gr.enabled else None,
+        families=tuple(sorted({f.afi for f in spec.families})))
+    out.routes[peer.peer_address] = wanted_routes(spec, inputs)
+
+
+def wanted_routes(spec: PeerConfigSpec, inputs: Inputs) -> dict[IPNetwork, RouteAttrs]:
+    """Every prefix the peer's families select, attributes merged where advertisements overlap."""
+    wanted: dict[IPNetwork, RouteAttrs] = {}
+    for fam in spec.families:
+        if fam.advertisements is None:
+            continue
+        version = 4 if fam.afi == "ipv4" else 6
+        for ad in inputs.adverts:
+            if not fam.advertisements.matches(ad.metadata.labels):
+                continue
+            for item in ad.spec.advertisements:
+                attrs = attrs_of(item)
+                for net in advertised_prefixes(item, version, inputs):
+                    if net.version != version:
                         continue
-                    version = 4 if fam.afi == "ipv4" else 6
-                    for ad in adverts:
-                        if not fam.advertisements.matches(ad.metadata.labels):
-                            continue
-                        for item in ad.spec.advertisements:
-                            attrs = attrs_of(item)
-                            if item.advertisement_type == "PodCIDR":
-                                cidr = local.pod_cidr if version == 4 else local.pod_cidr_v6
-                                nets = [ipaddress.ip_network(cidr)] if cidr else []
-                            else:
-                                nets = service_prefixes(item, svcs, local)
-                            for net in nets:
-                                if net.version != version:
-                                    continue
-                                old = wanted.get(net)
-                                wanted[net] = attrs if old is None else old.merge(attrs)
-                routes[peer.peer_address] = wanted
-    return Resolved(neighbors, routes, problems)
+                    old = wanted.get(net)
+                    wanted[net] = attrs if old is None else old.merge(attrs)
+    return wanted
+
+
+def advertised_prefixes(item: Advertisement, version: int, inputs: Inputs) -> list[IPNetwork]:
+    if item.advertisement_type == "PodCIDR":
+        cidr = inputs.local.pod_cidr if version == 4 else inputs.local.pod_cidr_v6
+        return [ipaddress.ip_network(cidr)] if cidr else []
+    return service_prefixes(item, inputs.services, inputs.local)

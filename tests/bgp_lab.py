@@ -26,6 +26,8 @@ class Lab:
     tmp: Path
     bird: subprocess.Popen[Any] | None = None
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    node_link: str = ""
+    router_link: str = ""
 
     @property
     def bird_sock(self) -> Path:
@@ -57,6 +59,11 @@ protocol bgp node {{
             ["ip", "netns", "exec", self.router_ns, "bird", "-f", "-c", str(self.tmp / "bird.conf"),
              "-s", str(self.bird_sock), "-P", str(self.tmp / "bird.pid")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def add_link_addresses(self, node_cidr: str, router_cidr: str) -> None:
+        """A second subnet on the node-router link, e.g. for a second BGP session."""
+        sh("ip", "addr", "add", node_cidr, "dev", self.node_link, ns=self.node_ns)
+        sh("ip", "addr", "add", router_cidr, "dev", self.router_link, ns=self.router_ns)
 
     def stop_bird(self) -> None:
         if self.bird is not None:
@@ -123,6 +130,7 @@ def bgp_lab(prefix: str = "plx-tb") -> Iterator[Lab]:
             created.append(ns)
             sh("ip", "link", "set", "lo", "up", ns=ns)
         a, b = f"plxtb{tag}a", f"plxtb{tag}b"
+        lab.node_link, lab.router_link = a, b
         sh("ip", "link", "add", a, "netns", node_ns, "type", "veth", "peer", "name", b, "netns", router_ns)
         sh("ip", "addr", "add", f"{NODE_IP}/30", "dev", a, ns=node_ns)
         sh("ip", "addr", "add", f"{ROUTER_IP}/30", "dev", b, ns=router_ns)

@@ -25,7 +25,8 @@ from functools import partial
 from pathlib import Path
 
 from bgp.config import BGPConfig
-from bgp.ops import RoutesOps, Speaker
+from bgp.ops import RoutesOps
+from bgp.speaker import Speaker
 from bgp.tables import IPNetwork, Neighbor, PeerRoutes, RouteAttrs
 from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
 
@@ -88,7 +89,7 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
             out.update(await until_all(lab, n, t_est, limit))
             if changes:
                 await wait_for(sp.ready, 10)
-                sp.announced[PEER] = dict(routes)
+                sp.announced.load(PEER, routes)
                 lat = []
                 cur = dict(routes)
                 for i in range(changes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from plexus.commands.bgp import _render_peers
 from plexus.core.manifests import MANIFESTS, Manifest, manifests_table
 from plexus.core.module import Hive
 from plexus.core.node import LOCAL_NODE, LocalNode
-from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_IP, Lab, bgp_lab
+from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
 from tests.support import eventually
 
 pytestmark = pytest.mark.usefixtures("root")
@@ -200,3 +201,87 @@ async def test_agent_stop_leaves_routes_drain_removes_them(env: tuple[Lab, Agent
         assert (agent.hive.state_dir / "bgp" / "drained").exists()  # a drain survives restarts
     finally:
         await again.bgp.stop()
+
+
+NODE_IP2, ROUTER_IP2 = "10.255.1.1", "10.255.1.2"
+SECOND_PEER = f"""
+protocol bgp node2 {{
+    local {ROUTER_IP2} as {ROUTER_ASN};
+    neighbor {NODE_IP2} as {NODE_ASN};
+    direct;
+    hold time 9;
+    connect retry time 1;
+    error wait time 1, 2;
+    graceful restart on;
+    ipv4 {{ import all; export none; }};
+}}
+"""
+
+
+def two_peers() -> Manifest:
+    """The router over the first subnet (instance i0) and over the second (instance i1)."""
+    return doc("BGPClusterConfig", "main", {
+        "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "n1"}},
+        "bgpInstances": [
+            {"name": "i0", "localASN": NODE_ASN, "peers": [
+                {"name": "router", "peerAddress": ROUTER_IP, "peerASN": ROUTER_ASN,
+                 "peerConfigRef": {"name": "router"}}]},
+            {"name": "i1", "localASN": NODE_ASN, "peers": [
+                {"name": "router2", "peerAddress": ROUTER_IP2, "peerASN": ROUTER_ASN,
+                 "peerConfigRef": {"name": "router"}}]}]})
+
+
+async def test_adding_and_removing_a_peer_leaves_the_other_session_up(env: tuple[Lab, Agent]) -> None:
+    lab, agent = env
+    lab.add_link_addresses(f"{NODE_IP2}/30", f"{ROUTER_IP2}/30")
+    lab.start_bird(peers=SECOND_PEER)
+    override = doc("BGPNodeConfigOverride", "n1",
+                   {"bgpInstances": [{"name": "i1", "localAddress": NODE_IP2}]})
+    for m in [cluster_config(peer_asn=ROUTER_ASN), peer_config(), override, *ADVERTS]:
+        agent.manifests.upsert(m)
+    await agent.bgp.start()
+    await eventually(lambda: set(lab.routes()) == {"10.1.1.0/24"}, 30, 0.2, "first session with the pod CIDR")
+    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established", 10, 0.05, "agent sees it up")
+    speaker = agent.bgp.speaker
+    assert speaker.proc is not None
+    pid, first = speaker.proc.pid, lab.protocol_state("node")
+    assert "Established" in first
+
+    def first_untouched() -> None:
+        assert lab.protocol_state("node") == first, "the first session was reset"
+        assert speaker.proc is not None and speaker.proc.pid == pid and speaker.restarts == 0
+        assert speaker.peers[ipaddress.ip_address(ROUTER_IP)].flaps == 0
+
+    # add a second peer: it comes up with the routes, the first session is not reset
+    agent.manifests.upsert(two_peers())
+    await eventually(lambda: lab.established("node2") and set(lab.routes("node2")) == {"10.1.1.0/24"},
+                     30, 0.2, "second session up with the pod CIDR")
+    await eventually(lambda: [p["state"] for p in agent.bgp.peers()] == ["established"] * 2, 10, 0.05,
+                     "agent sees both sessions up")
+    first_untouched()
+    assert speaker.peer_changes == 1
+
+    # both peers get later changes, and the advertised view says so
+    agent.services.upsert(service("web", "10.96.0.10", bgp="yes"))
+    both = {"10.1.1.0/24", "10.96.0.10/32"}
+    await eventually(lambda: set(lab.routes()) == both and set(lab.routes("node2")) == both, 10, 0.1,
+                     "a new service announced to both peers")
+    adv = await agent.bgp._advertised({}, None)
+    assert {(r["peer"], r["prefix"]) for r in adv} == {(p, n) for p in (ROUTER_IP, ROUTER_IP2) for n in both}
+
+    # remove it: its session goes, the first one stays with its routes
+    agent.manifests.upsert(cluster_config(peer_asn=ROUTER_ASN))
+    await eventually(lambda: not lab.established("node2"), 20, 0.1, "second session closed")
+    assert [p["peer"] for p in agent.bgp.peers()] == [ROUTER_IP]
+    assert {r["peer"] for r in await agent.bgp._advertised({}, None)} == {ROUTER_IP}
+    first_untouched()
+    assert speaker.peer_changes == 2
+    assert set(lab.routes()) == both
+
+    # and back again: a removed peer can return, with the routes of now
+    agent.manifests.upsert(two_peers())
+    await eventually(lambda: lab.established("node2"), 30, 0.2, "second session back")
+    await eventually(lambda: agent.bgp.peers()[1]["state"] == "established", 10, 0.05, "agent sees it")
+    await eventually(lambda: agent.bgp.peers()[1]["advertised"] == 2, 10, 0.05, "its routes advertised")
+    first_untouched()
+    assert speaker.peer_changes == 3

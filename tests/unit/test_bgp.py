@@ -9,16 +9,20 @@ from typing import Any
 
 import pytest
 
-from bgp.models import MANIFEST_KINDS, BGPPeerConfig
-from bgp.ops import (
+from bgp.announced import Announced
+from bgp.api import ApiClient
+from bgp.commands import (
     CommandError,
-    RoutesOps,
-    Speaker,
+    add_neighbors_command,
     announce_commands,
-    render_config,
+    remove_neighbor_command,
     safe,
     withdraw_commands,
 )
+from bgp.models import MANIFEST_KINDS, BGPPeerConfig
+from bgp.ops import RoutesOps
+from bgp.render import render_config
+from bgp.speaker import Speaker
 from bgp.tables import Neighbor, PeerRoutes, RouteAttrs, resolve
 from clustermesh.models import ClusterService, L4Addr
 from plexus.core.config import ConfigError, parse
@@ -191,8 +195,9 @@ class FakeSpeaker(Speaker):
     def __init__(self) -> None:
         super().__init__(Path("/nonexistent"), [], batch=100)
         self.sent: list[list[str]] = []
-        self._ready.set()
+        self.api._ready.set()
         self.neighbors = {A("10.0.0.2"): Neighbor(A("10.0.0.2"), 1, 2, V4("10.0.0.1"), A("10.0.0.1"))}
+        self.loaded = dict(self.neighbors)
 
     async def send(self, commands: list[str]) -> None:
         self.sent.append(commands)
@@ -231,4 +236,66 @@ def test_speaker_that_cannot_start_reports_and_retries(tmp_path: Path) -> None:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(go())
+
+
+def test_announced_is_one_record_per_peer() -> None:
+    ann = Announced()
+    p1, p2 = A("10.0.0.2"), A("fd00::2")
+    a = RouteAttrs(local_pref=5)
+    ann.reset({p1: {N("10.2.0.0/24"): a}, p2: {}})
+    assert dict(ann) == {p1: {N("10.2.0.0/24"): a}} and ann.count(p2) == 0
+    ann.sent(p2, [], [(N("fd10::/64"), a)])
+    ann.sent(p1, [N("10.2.0.0/24")], [(N("10.1.0.0/24"), a), (N("0.0.0.0/0"), a)])
+    assert ann.rows() == [(p1, N("0.0.0.0/0"), a), (p1, N("10.1.0.0/24"), a), (p2, N("fd10::/64"), a)]
+    assert ann.rows(p2) == [(p2, N("fd10::/64"), a)]
+    ann.sent(p2, [N("fd10::/64")], [])
+    assert p2 not in ann
+    ann.drop(p1)
+    assert ann == {}
+
+
+class FakeApi(ApiClient):
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.sent: list[list[str]] = []
+
+    def ready(self) -> bool:
+        return True
+
+    async def extended(self) -> bool:
+        return True
+
+    async def send(self, commands: list[str]) -> None:
+        self.sent.append(commands)
+
+
+def test_peers_added_or_removed_change_only_themselves(tmp_path: Path) -> None:
+    async def go() -> None:
+        sp = Speaker(tmp_path / "bgp", [])
+        sp.run_dir.mkdir()
+        api = FakeApi()
+        sp.api = api
+        p1, p2 = A("10.0.0.2"), A("10.0.0.3")
+        n1 = Neighbor(p1, 1, 2, V4("10.0.0.1"), A("10.0.0.1"))
+        n2 = Neighbor(p2, 1, 2, V4("10.0.0.1"), A("10.0.0.1"))
+        sp.neighbors = sp.loaded = {p1: n1}
+        sp.announced.reset({p1: {N("10.1.0.0/24"): RouteAttrs()}})
+
+        sp.configure({p1: n1, p2: n2})
+        assert await sp._change_peers()
+        add = add_neighbors_command(render_config([n2], {}, sp.socket_path, sp.batch))
+        assert api.sent == [[add]] and set(sp.loaded) == {p1, p2} and sp.serves(p2)
+        assert dict(sp.announced) == {p1: {N("10.1.0.0/24"): RouteAttrs()}}  # p1 untouched
+
+        sp.configure({p2: n2})
+        assert await sp._change_peers()
+        assert api.sent[-1] == [remove_neighbor_command(p1)] and not sp.serves(p1)
+        assert dict(sp.announced) == {}
+        assert "neighbor 10.0.0.3 {" in sp.config_path.read_text()
+        assert "neighbor 10.0.0.2 {" not in sp.config_path.read_text()
+
+        sp.configure({p2: Neighbor(p2, 1, 2, V4("10.0.0.1"), A("10.0.0.1"), hold_time=9)})
+        assert not await sp._change_peers()  # changed settings: only a restart applies them
+        assert len(api.sent) == 2 and sp.peer_changes == 2
     asyncio.run(go())

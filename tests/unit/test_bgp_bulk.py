@@ -9,9 +9,17 @@ from typing import Any
 
 import pytest
 
-from bgp.launcher import install_bulk_command, parse_bulk
-from bgp.ops import announce_commands, bulk_commands, pack_prefixes, withdraw_commands
-from bgp.tables import IPNetwork, RouteAttrs
+from bgp.commands import (
+    add_neighbors_command,
+    announce_commands,
+    bulk_commands,
+    pack_prefixes,
+    remove_neighbor_command,
+    withdraw_commands,
+)
+from bgp.launcher import install_commands, parse_bulk
+from bgp.render import render_config
+from bgp.tables import IPNetwork, Neighbor, RouteAttrs
 
 A = ipaddress.ip_address
 N = ipaddress.ip_network
@@ -52,7 +60,8 @@ class Speaker:
         self.answers: list[str] = []
         self.processes = self
         self.api = API(self)
-        assert install_bulk_command()
+        self._peers: dict[str, Any] = {}  # the reactor's running peers
+        assert install_commands()
 
     def peers(self, service: str) -> list[str]:
         return list(self.configuration.neighbors)
@@ -166,3 +175,30 @@ def test_packed_prefixes_round_trip() -> None:
     v6 = [N("::/0"), N("fd00::/8"), N("2001:db8:1::/48"), N("2001:db8::1/128")]
     _, _, prefixes, attrs = parse_bulk(f"plexus-bulk withdraw ipv6 {pack_prefixes(v6)}")
     assert [ipaddress.ip_network((bytes(p), m)) for p, m in prefixes] == v6 and attrs == "next-hop self"
+
+
+def test_neighbors_added_and_removed_leave_the_others_alone(tmp_path: Path) -> None:
+    sp = Speaker(tmp_path)
+    kept = [(N("10.7.0.0/24"), ATTRS)]
+    assert sp.run(bulk_commands(V4, [], kept, 10)) == ["done"]
+    sp.flush()
+    third = ipaddress.IPv4Address("10.0.0.9")
+    config = render_config([Neighbor(third, 65000, 65001, ipaddress.IPv4Address("10.0.0.1"),
+                                      ipaddress.IPv4Address("10.0.0.1"), families=("ipv4",))],
+                           {}, tmp_path / "api.sock", 10)
+
+    def running() -> set[str]:
+        return {str(n["peer-address"]) for n in sp.configuration.neighbors.values()}
+
+    assert sp.run([add_neighbors_command(config)]) == ["done"]
+    assert running() == {"10.0.0.2", "fd00::2", "10.0.0.9"} and len(sp._peers) == 1
+    assert sp.run(bulk_commands(third, [], kept, 10)) == ["done"]  # the new peer takes routes
+    assert {p for p, _, _ in sp.advertised()["10.0.0.9"]} == {"10.7.0.0/24"}
+    assert {p for p, _, _ in sp.advertised()["10.0.0.2"]} == {"10.7.0.0/24"}
+    assert sp.run([add_neighbors_command(config)]) == ["error"]  # it already runs
+    assert sp.run([remove_neighbor_command(third)]) == ["done"]
+    assert running() == {"10.0.0.2", "fd00::2"}
+    assert {p for p, _, _ in sp.advertised()["10.0.0.2"]} == {"10.7.0.0/24"}  # untouched
+    assert sp.run(["plexus-neighbor add !!!", "plexus-neighbor replace 10.0.0.2",
+                   add_neighbors_command("neighbor 10.0.0.8 { nonsense; }")]) == ["error"] * 3
+    assert running() == {"10.0.0.2", "fd00::2"}

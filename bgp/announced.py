@@ -1,0 +1,74 @@
+"""The routes ExaBGP announces to each peer: the one record of what went out.
+
+A fresh ExaBGP holds exactly what its config carried; after that only acknowledged API
+commands change it. The Ops diff desired rows against it, and status, metrics and
+`plexus bgp routes advertised` read it; nothing else keeps a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+from bgp.tables import IPAddress, IPNetwork, RouteAttrs
+
+
+def _order(a: IPAddress | IPNetwork) -> tuple[int, IPAddress | IPNetwork]:
+    return a.version, a
+
+
+class Announced(Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]):
+    """peer -> prefix -> attributes, for peers with at least one route announced."""
+
+    def __init__(self) -> None:
+        self._routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
+
+    def __getitem__(self, peer: IPAddress) -> Mapping[IPNetwork, RouteAttrs]:
+        return self._routes[peer]
+
+    def __iter__(self) -> Iterator[IPAddress]:
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def of(self, peer: IPAddress) -> Mapping[IPNetwork, RouteAttrs]:
+        return self._routes.get(peer, {})
+
+    def count(self, peer: IPAddress) -> int:
+        return len(self._routes.get(peer, {}))
+
+    def reset(self, held: Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]) -> None:
+        """A fresh ExaBGP: it holds what its config carried and nothing else."""
+        self._routes = {}
+        for peer, routes in held.items():
+            self.load(peer, routes)
+
+    def load(self, peer: IPAddress, routes: Mapping[IPNetwork, RouteAttrs]) -> None:
+        """A peer just loaded into ExaBGP with these routes in its config."""
+        if routes:
+            self._routes[peer] = dict(routes)
+        else:
+            self._routes.pop(peer, None)
+
+    def drop(self, peer: IPAddress) -> None:
+        """The peer is gone from ExaBGP, and its routes with it."""
+        self._routes.pop(peer, None)
+
+    def clear(self) -> None:
+        self._routes = {}
+
+    def sent(self, peer: IPAddress, gone: Iterable[IPNetwork],
+             new: Iterable[tuple[IPNetwork, RouteAttrs]]) -> None:
+        """ExaBGP acknowledged these withdrawals and announcements to the peer."""
+        cur = self._routes.setdefault(peer, {})
+        for n in gone:
+            cur.pop(n, None)
+        for n, a in new:
+            cur[n] = a
+        if not cur:
+            del self._routes[peer]
+
+    def rows(self, peer: IPAddress | None = None) -> list[tuple[IPAddress, IPNetwork, RouteAttrs]]:
+        """(peer, prefix, attributes), peers and prefixes in address order, IPv4 first."""
+        return [(p, n, a) for p in sorted(self._routes, key=_order) if peer is None or p == peer
+                for n, a in sorted(self._routes[p].items(), key=lambda kv: _order(kv[0]))]
