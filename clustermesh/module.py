@@ -82,7 +82,8 @@ class ClusterMesh:
             manifests=hive.provide(MANIFESTS, manifests_table()))
         self.global_services = hive.provide(GLOBAL_SERVICES, global_services_table())
         self.ipcache_merge = IpcacheMerge(self.local.cluster, self.tables.ip_claims,
-                                          self.tables.nodes, self.tables.ipcache)
+                                          self.tables.nodes, self.tables.ipcache,
+                                          settled=self._cluster_ready)
         self.node_attributes = hive.require(NODE_ATTRIBUTES)
         self.own_node: Table[str, Node] = Table("own-node", key=lambda n: n.name)
         self.routes: Table[str, DirectRoute] = Table("direct-routes", key=lambda r: r.key)
@@ -146,6 +147,10 @@ class ClusterMesh:
     def _watcher(self, name: str, kv: KvStore) -> ClusterWatcher:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
                               local_id=self.local.cluster_id, ids_in_use=self._ids_in_use)
+
+    def _cluster_ready(self, name: str) -> bool:
+        r = self.remotes.get(name)
+        return r is not None and r.watcher.status.ready
 
     def _ids_in_use(self, asking: str) -> dict[int, str]:
         return {r.watcher.status.cluster_id: name for name, r in self.remotes.items()

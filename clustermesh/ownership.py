@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,8 +141,10 @@ class IpcacheMerge:
     """Keeps the merged ipcache table equal to `resolve` over the claims, incrementally."""
 
     def __init__(self, local_cluster: str, claims: Table[ClaimKey, IPIdentity],
-                 nodes: Table[Any, Node], merged: Table[str, IPIdentity]) -> None:
+                 nodes: Table[Any, Node], merged: Table[str, IPIdentity],
+                 settled: Callable[[str], bool] = lambda _cluster: True) -> None:
         self.local_cluster = local_cluster
+        self.settled = settled
         self.claims = claims
         self.nodes = nodes
         self.merged = merged
@@ -208,6 +210,8 @@ class IpcacheMerge:
             return
         r = self.refusals.setdefault(cluster, Refusals())
         if r.reasons.get(prefix) != why:
-            log.warning("remote=%s: refused claim: %s", cluster, why)
+            # While a cluster is still listing, its claims may come before its nodes.
+            level = logging.WARNING if self.settled(cluster) else logging.DEBUG
+            log.log(level, "remote=%s: refused claim: %s", cluster, why)
             r.reasons[prefix] = why
             r.last = why
