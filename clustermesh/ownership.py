@@ -62,6 +62,7 @@ class Owned:
 
     cidrs: frozenset[Network] = frozenset()
     node_ips: frozenset[str] = frozenset()  # host prefixes: "172.31.2.11/32"
+    lengths: frozenset[tuple[int, int]] = frozenset()  # (version, prefix length) of cidrs
 
     @classmethod
     def of(cls, nodes: Iterable[Node]) -> Owned:
@@ -74,15 +75,25 @@ class Owned:
             for a in n.addresses:
                 addr = ipaddress.ip_address(a.ip)
                 ips.add(f"{addr}/{addr.max_prefixlen}")
-        return cls(frozenset(cidrs), frozenset(ips))
+        return cls(frozenset(cidrs), frozenset(ips), frozenset((c.version, c.prefixlen) for c in cidrs))
 
     def covers(self, prefix: str) -> bool:
+        """Whether a pod CIDR holds `prefix`: one look-up per CIDR length, not per CIDR."""
         net = ipaddress.ip_network(prefix, strict=False)
-        return any(net.version == c.version and net.subnet_of(c) for c in self.cidrs)  # type: ignore[arg-type]
+        return any(version == net.version and length <= net.prefixlen
+                   and net.supernet(new_prefix=length) in self.cidrs
+                   for version, length in self.lengths)
+
+    def holds(self, prefix: str) -> bool:
+        return prefix in self.node_ips or self.covers(prefix)
 
 
-def refusal(entry: IPIdentity, owned: Owned) -> str | None:
-    """Why a remote cluster's claim may not be applied, or None when it may."""
+def refusal(entry: IPIdentity, owned: Owned, local: Owned | None = None,
+            local_cluster: str = "") -> str | None:
+    """Why a remote cluster's claim may not be applied, or None when it may.
+
+    `local`: what the local cluster's nodes own; a remote whose node records overlap it
+    still holds none of it."""
     prefix, who = entry.prefix, entry.cluster
     ident = entry.identity
     if ident < MIN_ALLOCATED_IDENTITY and ident not in REMOTE_RESERVED:
@@ -93,6 +104,8 @@ def refusal(entry: IPIdentity, owned: Owned) -> str | None:
         return f"{prefix}: identity {ident} is only for a node address of {who}"
     if not is_node_ip and not owned.covers(prefix):
         return f"{prefix} is not in a pod CIDR or a node address of {who}"
+    if local is not None and local.holds(prefix):
+        return f"{prefix} is in a pod CIDR or a node address of the local cluster {local_cluster}"
     return None
 
 
@@ -110,7 +123,8 @@ def resolve(claims: dict[str, IPIdentity], owned: dict[str, Owned],
     valid = []
     for cluster in sorted(claims):
         entry = claims[cluster]
-        why = None if cluster == local_cluster else refusal(entry, owned.get(cluster, Owned()))
+        why = None if cluster == local_cluster else refusal(
+            entry, owned.get(cluster, Owned()), owned.get(local_cluster), local_cluster)
         if why is None:
             valid.append(cluster)
         else:
@@ -168,10 +182,17 @@ class IpcacheMerge:
         by_cluster: dict[str, list[Node]] = {c: [] for c in clusters}
         for n in self.nodes.where(lambda n: n.cluster in clusters):
             by_cluster[n.cluster].append(n)
-        self.owned.update((c, Owned.of(nodes)) for c, nodes in by_cluster.items())
+        changed = set()
+        for c, nodes in by_cluster.items():
+            fresh = Owned.of(nodes)
+            if self.owned.get(c, Owned()) != fresh:  # a new key or label changes nothing here
+                self.owned[c] = fresh
+                changed.add(c)
+        if self.local_cluster in changed:  # what the local cluster owns, no remote does
+            changed |= {cluster for (cluster, _), _ in self.claims.items()}
         prefixes = set()
         for (cluster, prefix), _ in self.claims.items():
-            if cluster in clusters:
+            if cluster in changed:
                 self.clusters.add(cluster)
                 prefixes.add(prefix)
         self.refresh(prefixes)

@@ -76,6 +76,17 @@ def test_a_remote_claims_only_what_it_owns(what: str, claim: IPIdentity, why: st
         assert got is not None and why in got, (what, got)
 
 
+def test_a_remote_node_overlapping_the_local_cluster_owns_none_of_it() -> None:
+    local = Owned.of([Node("n2", "east", 1, (NodeAddress("InternalIP", "172.31.1.12"),),
+                           ipv4_alloc_cidr="10.1.2.0/24")])
+    greedy = Owned.of([Node("n1", "west", 2, (NodeAddress("InternalIP", "172.31.1.12"),),
+                            ipv4_alloc_cidr="10.1.0.0/16")])
+    assert refusal(west("10.1.3.4"), greedy, local, "east") is None
+    for ip in ("10.1.2.1", "172.31.1.12"):
+        why = refusal(west(ip), greedy, local, "east")
+        assert why is not None and "of the local cluster east" in why
+
+
 def test_nothing_is_owned_before_a_node_record() -> None:
     assert refusal(west("10.2.1.5"), Owned()) is not None
 
@@ -208,3 +219,17 @@ def test_secondary_cidrs_survive_the_wire() -> None:
     back = Node.from_json(WEST_NODE.to_json())
     assert back.secondary_alloc_cidrs == ("10.20.0.0/24",)
     assert "SecondaryAllocCIDRs" not in Node("n2", "west", 2).to_json()
+
+
+def test_the_local_cluster_changing_its_nodes_re_judges_remote_claims() -> None:
+    m = Mesh()
+    east_n2 = Node("n2", "east", 1, ipv4_alloc_cidr="10.1.2.0/24")
+    m.node(Node("n1", "west", 2, ipv4_alloc_cidr="10.1.0.0/16"))
+    m.node(east_n2)
+    m.claim(west("10.1.2.1"))
+    assert m.holder("10.1.2.1/32") is None
+    assert "local cluster east" in m.merge.refusals_of("west").last
+    m.node(east_n2, present=False)
+    assert m.holder("10.1.2.1/32") == "west"
+    m.node(east_n2)
+    assert m.holder("10.1.2.1/32") is None
