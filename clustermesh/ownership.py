@@ -10,7 +10,8 @@ prefix, a pure function of the claims and the node records:
 - A remote's claim must lie inside one of that remote's own nodes' pod CIDRs (primary and
   secondary) or be one of its node addresses; a claim that arrives before the node record
   that allows it is held and accepted when the node arrives, and an accepted one goes when
-  the node (or its CIDR) does.
+  the node (or its CIDR) does. What the local cluster's nodes own, no remote does, whatever
+  its node records say.
 - Reserved identities (< 256) from a remote only where they describe the remote's own
   nodes and endpoints: host (read as remote-node, as Cilium's ipcache watcher does),
   remote-node, health and ingress.
