@@ -176,7 +176,8 @@ class ApiServer:
                     name=node.name, cluster=self.cluster, cluster_id=self.cluster_id,
                     addresses=node.addresses, ipv4_alloc_cidr=node.ipv4_alloc_cidr,
                     ipv6_alloc_cidr=node.ipv6_alloc_cidr, labels=node.labels,
-                    wireguard_pubkey=node.wireguard_pubkey, source="plexus")
+                    wireguard_pubkey=node.wireguard_pubkey, source="plexus",
+                    secondary_alloc_cidrs=node.secondary_alloc_cidrs)
             elif key.startswith(self.reg_prefix + "endpoints/"):
                 src.endpoints[key] = EndpointRegistration.from_json(value)
             elif key.startswith(self.svc_prefix):

@@ -204,6 +204,7 @@ class Node:
     labels: dict[str, str] = field(default_factory=dict)
     wireguard_pubkey: str = ""
     source: str = "local"
+    secondary_alloc_cidrs: tuple[str, ...] = ()  # IPv4/IPv6SecondaryAllocCIDRs
 
     @property
     def key(self) -> tuple[str, str]:
@@ -230,6 +231,7 @@ class Node:
             "Source": self.source,
             "Labels": self.labels,
             "WireguardPubKey": self.wireguard_pubkey,
+            **_secondary_cidrs_to_go(self.secondary_alloc_cidrs),
         })
 
     @classmethod
@@ -257,7 +259,27 @@ class Node:
             labels=_string_map(obj.get("Labels"), f"{what}: Labels"),
             wireguard_pubkey=pubkey,
             source=_want(obj, "Source", str, what, required=False, default=""),
+            secondary_alloc_cidrs=_secondary_cidrs_from_go(obj, what),
         )
+
+
+def _secondary_cidrs_to_go(cidrs: tuple[str, ...]) -> dict[str, list[dict[str, str] | None]]:
+    out: dict[str, list[dict[str, str] | None]] = {}
+    for c in cidrs:
+        family = "IPv6" if ":" in c else "IPv4"
+        out.setdefault(f"{family}SecondaryAllocCIDRs", []).append(cidr_to_go(c))
+    return out
+
+
+def _secondary_cidrs_from_go(obj: dict[str, Any], what: str) -> tuple[str, ...]:
+    out = []
+    for family in ("IPv4", "IPv6"):
+        field_name = f"{family}SecondaryAllocCIDRs"
+        for c in _want(obj, field_name, list, what, required=False, default=[]) or []:
+            cidr = cidr_from_go(c, f"{what}: {field_name}")
+            if cidr is not None:
+                out.append(cidr)
+    return tuple(out)
 
 
 # ---- endpoints: IP -> identity --------------------------------------------------------

@@ -30,6 +30,7 @@ from clustermesh.ops import (
     NodeRegistrationOps,
     RouteOps,
 )
+from clustermesh.ownership import IpcacheMerge
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.services import merge
 from clustermesh.tables import (
@@ -80,6 +81,9 @@ class ClusterMesh:
             services=hive.provide(SERVICES, services_table()),
             manifests=hive.provide(MANIFESTS, manifests_table()))
         self.global_services = hive.provide(GLOBAL_SERVICES, global_services_table())
+        self.ipcache_merge = IpcacheMerge(self.local.cluster, self.tables.ip_claims,
+                                          self.tables.nodes, self.tables.ipcache,
+                                          settled=self._cluster_ready)
         self.node_attributes = hive.require(NODE_ATTRIBUTES)
         self.own_node: Table[str, Node] = Table("own-node", key=lambda n: n.name)
         self.routes: Table[str, DirectRoute] = Table("direct-routes", key=lambda r: r.key)
@@ -123,6 +127,8 @@ class ClusterMesh:
             self.reconcilers.append(self.hive.reconcile(owner, "direct-routes", self.routes, RouteOps()))
         self.hive.spawn(owner, self._publish_own_node(), "own-node")
         self.hive.spawn(owner, self._merge_services(), "global-services")
+        self.hive.spawn(owner, self._merge_claims(), "ipcache-claims")
+        self.hive.spawn(owner, self._merge_owners(), "ipcache-owners")
         self.hive.spawn(owner, self._derive_routes(), "routes")
         if self.config.config_dir is not None:
             self._scan_config_dir()
@@ -142,6 +148,10 @@ class ClusterMesh:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
                               local_id=self.local.cluster_id, ids_in_use=self._ids_in_use)
 
+    def _cluster_ready(self, name: str) -> bool:
+        r = self.remotes.get(name)
+        return r is not None and r.watcher.status.ready
+
     def _ids_in_use(self, asking: str) -> dict[int, str]:
         return {r.watcher.status.cluster_id: name for name, r in self.remotes.items()
                 if name != asking and r.watcher.status.cluster_id is not None
@@ -151,6 +161,7 @@ class ClusterMesh:
         """Open the tables to pruning once every cluster known at start is ready."""
         for r in list(self.remotes.values()):
             await r.watcher.ready_event.wait()
+        self.ipcache_merge.rebuild()  # complete before the first prune
         for done in self._init_done:
             done()
         self._routes_from(self.tables.nodes.all())  # complete before the first prune
@@ -180,6 +191,15 @@ class ClusterMesh:
         async for _ in self.tables.services.watch():
             merged = merge(self.tables.services.all(), self.local.cluster)
             self.global_services.replace_where(lambda _r: True, merged)
+
+    async def _merge_claims(self) -> None:
+        async for keys in self.tables.ip_claims.watch():
+            self.ipcache_merge.claims_changed(keys)
+
+    async def _merge_owners(self) -> None:
+        # A remote's claims are judged by its node records: re-judge them when those change.
+        async for keys in self.tables.nodes.watch():
+            self.ipcache_merge.nodes_changed(keys)
 
     async def _derive_routes(self) -> None:
         async for _ in self.tables.nodes.watch():
@@ -256,7 +276,9 @@ class ClusterMesh:
 
     # ---- status ---------------------------------------------------------------------
     def remote_status(self) -> dict[str, Any]:
-        out = {name: {**r.watcher.status.as_dict(self.tables), "local": name == self.local.cluster}
+        out = {name: {**r.watcher.status.as_dict(self.tables),
+                      **self.ipcache_merge.refusals_of(name).as_dict(),
+                      "local": name == self.local.cluster}
                for name, r in self.remotes.items()}
         for name, err in self.config_errors.items():
             out.setdefault(name, {"name": name, "ready": False, "connected": False})
@@ -314,6 +336,9 @@ class _MeshCollector(Collector):
                                       "Values rejected by validation.", labels=["target_cluster"])
         events = CounterMetricFamily("plexus_clustermesh_remote_events",
                                      "Watch events received.", labels=["target_cluster"])
+        refused = GaugeMetricFamily("plexus_clustermesh_remote_refused_entries",
+                                    "The cluster's ipcache claims not applied: addresses or "
+                                    "identities it does not own.", labels=["target_cluster"])
         for name, r in list(self.mesh.remotes.items()):
             st = r.watcher.status
             d = st.as_dict(self.mesh.tables)
@@ -323,7 +348,8 @@ class _MeshCollector(Collector):
             failures.add_metric([name], float(st.failures))
             invalid.add_metric([name], float(st.invalid_entries))
             events.add_metric([name], float(st.events))
-        yield from (ready, entries, failures, invalid, events)
+            refused.add_metric([name], float(len(self.mesh.ipcache_merge.refusals_of(name).reasons)))
+        yield from (ready, entries, failures, invalid, events, refused)
 
 
 module = Module(name="clustermesh", doc=__doc__ or "", config=ClusterMeshConfig,

@@ -36,6 +36,7 @@ from clustermesh.models import (
     identity_cluster_id,
     parse_labels,
 )
+from clustermesh.ownership import MIN_ALLOCATED_IDENTITY, claims_table
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
 from plexus.core.manifests import Manifest
@@ -54,6 +55,8 @@ class MeshTables:
     identities: Table[Any, Identity]
     services: Table[Any, ClusterService]
     manifests: Table[Any, Manifest]
+    # every cluster's ipcache claims, by (cluster, prefix); `ipcache` holds the winners
+    ip_claims: Table[Any, IPIdentity] = field(default_factory=claims_table)
 
 
 @dataclass
@@ -123,7 +126,7 @@ class ClusterWatcher:
         self.ready_event = asyncio.Event()
         self.prefixes: list[_Prefix[Any, Any]] = [
             _Prefix(kv, f"{NODES_PREFIX}/{name}/", tables.nodes, self._node, self._mine),
-            _Prefix(kv, f"{IPCACHE_PREFIX}/", tables.ipcache, self._ip, self._mine),
+            _Prefix(kv, f"{IPCACHE_PREFIX}/", tables.ip_claims, self._ip, self._mine),
             _Prefix(kv, f"{IDENTITIES_PREFIX}/", tables.identities, self._identity, self._mine),
             _Prefix(kv, f"{SERVICES_PREFIX}/{name}/", tables.services, self._service, self._mine),
             _Prefix(kv, f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest, self._mine),
@@ -164,6 +167,10 @@ class ClusterWatcher:
             raise InvalidValue(f"identity key {key} is not numeric")
         ident = int(tail)
         self._check_identity(ident, f"identity {ident}")
+        if ident < MIN_ALLOCATED_IDENTITY and not self.is_local:
+            # Reserved identities are this agent's own; labels from a peer would let it
+            # redefine what "host" or "world" selects.
+            raise InvalidValue(f"identity {ident} is reserved: a remote cluster may not define it")
         return Identity(ident, parse_labels(value, f"identity {ident}"), cluster=self.name)
 
     def _service(self, key: str, value: bytes) -> ClusterService:

@@ -89,10 +89,10 @@ async def _measure(endpoint: str, rate: int, seconds: float, floor: bool) -> lis
         await asyncio.wait_for(watcher.ready_event.wait(), 30)
 
         async def follow_table() -> None:
-            async for keys in tables.ipcache.watch(replay=False):
+            async for keys in tables.ip_claims.watch(replay=False):
                 now = time.time()
                 for k in keys:
-                    row = tables.ipcache.get(k)
+                    row = tables.ip_claims.get(k)
                     if row is not None and row.namespace == "bench":
                         latencies.append(now - float(row.pod_name))
         follower = asyncio.create_task(follow_table())

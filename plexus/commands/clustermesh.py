@@ -143,12 +143,17 @@ def _render(s: dict[str, Any]) -> str:
             name + (" (local)" if c.get("local") else ""),
             "yes" if c.get("ready") else "no", "yes" if c.get("connected") else "no",
             c.get("clusterID"), c.get("nodes", 0), c.get("endpoints", 0), c.get("identities", 0),
-            c.get("services", 0), c.get("failures", 0),
+            c.get("services", 0), c.get("failures", 0), c.get("refusedEntries", 0),
             f"{sum(synced.values())}/{len(synced)}" if synced else "-",
             (c.get("configError") or c.get("lastFailure") or "")[:60]))
-    return table(rows, ["CLUSTER", "READY", "CONNECTED", "ID", "NODES", "ENDPOINTS",
-                        "IDENTITIES", "SERVICES", "FAILURES", "SYNCED", "LAST ERROR"]) + \
+    out = table(rows, ["CLUSTER", "READY", "CONNECTED", "ID", "NODES", "ENDPOINTS",
+                       "IDENTITIES", "SERVICES", "FAILURES", "REFUSED", "SYNCED", "LAST ERROR"]) + \
         f"\n\nglobal services: {s.get('globalServices', 0)}"
+    for name, c in s["clusters"].items():
+        if c.get("refusedEntries"):
+            out += f"\nrefused from {name}: {c['refusedEntries']} (last: {c.get('lastRefused', '')})"
+            out += "".join(f"\n  {why}" for why in (c.get("refused") or {}).values())
+    return out
 
 
 def _status(args: argparse.Namespace) -> int:

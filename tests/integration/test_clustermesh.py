@@ -19,8 +19,10 @@ from clustermesh.models import (
     ClusterConfig,
     EndpointRegistration,
     Node,
+    NodeAddress,
     endpoint_registration_key,
     identity_range,
+    node_registration_key,
 )
 from clustermesh.module import ClusterMesh
 from clustermesh.tables import GLOBAL_SERVICES, IDENTITIES, IPCACHE, NODES, SERVICES
@@ -95,6 +97,19 @@ async def register_pod(etcd: Etcd, cluster: str, node: str, cid: str, ip: str,
             host_ip="172.31.2.11").to_json())
 
 
+async def register_node(etcd: Etcd, cluster: str, node: str, pod_cidr: str, ip: str) -> None:
+    """A node record with its pod CIDR: what makes a remote's pod IPs its own."""
+    async with KvStore([etcd.endpoint]) as kv:
+        await kv.put(node_registration_key(cluster, node), Node(
+            node, cluster, IDS[cluster], (NodeAddress("InternalIP", ip),),
+            ipv4_alloc_cidr=pod_cidr).to_json())
+
+
+async def unregister(etcd: Etcd, key: str) -> None:
+    async with KvStore([etcd.endpoint]) as kv:
+        await kv.delete(key)
+
+
 def service_manifest(affinity: str = "none", cluster_ip: str = "10.96.1.10") -> str:
     return json.dumps({
         "apiVersion": "v1", "kind": "Service",
@@ -109,6 +124,7 @@ async def test_remote_pod_appears_with_the_remote_identity(tmp_path: Path, etcds
             agent(tmp_path, etcds["east"]) as app:
         m = mesh(app)
         connect(tmp_path, "west", etcds["west"])
+        await register_node(etcds["west"], "west", "n1", "10.2.1.0/24", "172.31.2.11")
         await register_pod(etcds["west"], "west", "n1", "c1", "10.2.1.5", {"app": "db"})
         ipcache = app.hive.require(IPCACHE)
         entry = await eventually(lambda: ipcache.get("10.2.1.5/32"), 10, what="west pod in ipcache")
@@ -201,6 +217,7 @@ async def test_removing_the_config_file_drains(tmp_path: Path, etcds: dict[str, 
             agent(tmp_path, etcds["east"]) as app:
         m = mesh(app)
         path = connect(tmp_path, "west", etcds["west"])
+        await register_node(etcds["west"], "west", "n1", "10.2.1.0/24", "172.31.2.11")
         await register_pod(etcds["west"], "west", "n1", "c1", "10.2.1.5", {"app": "db"})
         ipcache = app.hive.require(IPCACHE)
         await eventually(lambda: "10.2.1.5/32" in ipcache, 10)
@@ -218,6 +235,7 @@ async def test_disconnect_keeps_state_and_resync_drops_what_vanished(
         ipcache = app.hive.require(IPCACHE)
         async with apiserver("west", west):
             connect(tmp_path, "west", west)
+            await register_node(west, "west", "n1", "10.2.1.0/24", "172.31.2.11")
             await register_pod(west, "west", "n1", "c1", "10.2.1.5", {"app": "db"})
             await register_pod(west, "west", "n1", "c2", "10.2.1.6", {"app": "db"})
             await eventually(lambda: "10.2.1.6/32" in ipcache, 10)
@@ -244,6 +262,7 @@ async def test_hostile_values_are_skipped_and_counted(tmp_path: Path, etcds: dic
     async with apiserver("east", etcds["east"]), apiserver("west", west), \
             agent(tmp_path, etcds["east"]) as app:
         m = mesh(app)
+        await register_node(west, "west", "n9", "10.2.9.0/24", "172.31.2.19")
         async with KvStore([west.endpoint]) as kv:
             await kv.put(f"{IPCACHE_PREFIX}/10.2.9.1", "{not json")
             # an identity of east's range, and a key that does not match its value
