@@ -62,8 +62,10 @@ class ReadOnlyEtcdProxy:
     async def start(self) -> None:
         self._channel = grpc.aio.secure_channel(self._target, self._upstream_creds,
                                                 options=_GRPC_OPTIONS)
+        # A remote's node opens a handful of watches; a connection gets no more than this.
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                                                ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+                                                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                                                ("grpc.max_concurrent_streams", 64)])
         self._server.add_generic_rpc_handlers([_Handler(self._channel)])
         self.port = self._server.add_secure_port(self.listen, self._server_creds)
         if not self.port:
