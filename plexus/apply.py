@@ -50,6 +50,26 @@ class Document:
         return json.dumps(self.body)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: keys given here override the merged ones
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                again = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping below says so
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _size(n: int) -> str:
     return f"{n / MIB:.1f} MiB" if n >= MIB // 10 else f"{n} bytes"
 
@@ -72,7 +92,7 @@ def read_documents(path: Path) -> list[Any]:
                                    f"{e.start} is not UTF-8"]) from None
     docs: list[Any] = []
     try:
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=_Loader):
             if doc is not None:
                 docs.append(doc)
     except yaml.reader.ReaderError as e:

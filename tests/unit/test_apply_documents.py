@@ -153,3 +153,18 @@ def test_an_unreadable_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_documents([tmp_path])
     assert f"{tmp_path}: cannot read: Is a directory" in str(info.value)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    text = problems(tmp_path, service() + "---\n" + service("b").replace(
+        "  selector:", "  clusterIP: 10.96.1.12\n  selector:"))
+    assert ("m.yaml: document 2: line 18, column 3: invalid YAML: key 'clusterIP' is given "
+            "twice in one mapping") in text
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    f.write_text(service().replace("  selector: {app: web}",
+                                   "  selector:\n    <<: {app: api, tier: a}\n    app: web"))
+    (doc,) = load_documents([f])
+    assert doc.body["spec"]["selector"] == {"app": "web", "tier": "a"}
