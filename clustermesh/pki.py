@@ -1,11 +1,14 @@
 """Certificates and users for a cluster's etcd, and `connect` between two clusters.
 
 Per cluster: a CA; the etcd server certificate (IP SANs of its addresses); `admin` (CN
-root: the apiserver and the cluster's own agents); `remote` (CN remote: a read-only user
-other clusters connect as). etcd runs with client-certificate auth, so the certificate's
-CN is the etcd user; `etcd_auth_commands` grants `remote` read access to what ClusterMesh
-shares and nothing else. Private keys are written 0600.
-"""
+root: the apiserver and the cluster's own agents); a remote CA and `remote` (CN remote,
+issued by the remote CA: what other clusters connect with); `proxy` (CN remote, issued by
+the cluster CA: the read-only endpoint's identity towards etcd). etcd runs with
+client-certificate auth, so the certificate's CN is the etcd user; `etcd_auth_commands`
+grants `remote` read access to what ClusterMesh shares and nothing else. etcd trusts only
+the cluster CA, so a remote certificate reaches it only through the read-only endpoint
+(`clustermesh.etcd_proxy`), which forwards reads and watches and refuses the rest (leases,
+compaction, alarms, auth). Private keys are written 0600."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from clustermesh.models import CLUSTER_CONFIG_PREFIX, HEARTBEAT_KEY, SYNCED_PREF
 
 VALID_DAYS = 3650
 REMOTE_USER = "remote"
+REMOTE_PORT = 2479  # the read-only endpoint other clusters reach
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -69,10 +73,38 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: st
     return key, b.sign(ca_key, hashes.SHA256())
 
 
-def _load_ca(d: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), None)
+def _load_ca(d: Path, stem: str) -> KeyPair:
+    key = serialization.load_pem_private_key((d / f"{stem}.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key, x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    return key, x509.load_pem_x509_certificate((d / f"{stem}.crt").read_bytes())
+
+
+def _make_ca(out: Path, stem: str, cn: str, cluster: str) -> None:
+    if (out / f"{stem}.crt").exists():
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn, cluster))
+            .issuer_name(_name(cn, cluster)).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    _write_key(out / f"{stem}.key", key)
+    _write_cert(out / f"{stem}.crt", cert)
+
+
+def _issued_by(path: Path, ca_cert: x509.Certificate) -> bool:
+    """True when `path` exists and `ca_cert` issued it (a remote certificate made before the
+    remote CA existed was issued by the cluster CA, which etcd trusts: it is replaced)."""
+    if not path.exists():
+        return False
+    return x509.load_pem_x509_certificate(path.read_bytes()).issuer == ca_cert.subject
 
 
 def make_cluster_pki(cluster: str, out: Path, server_ips: list[str],
@@ -84,32 +116,22 @@ def make_cluster_pki(cluster: str, out: Path, server_ips: list[str],
     """
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    if not (out / "ca.crt").exists():
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (x509.CertificateBuilder().subject_name(_name(f"plexus {cluster} CA", cluster))
-                .issuer_name(_name(f"plexus {cluster} CA", cluster)).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False,
-                                             data_encipherment=False, key_agreement=False,
-                                             encipher_only=False, decipher_only=False), critical=True)
-                .sign(key, hashes.SHA256()))
-        _write_key(out / "ca.key", key)
-        _write_cert(out / "ca.crt", cert)
-    ca_key, ca_cert = _load_ca(out)
+    _make_ca(out, "ca", f"plexus {cluster} CA", cluster)
+    _make_ca(out, "remote-ca", f"plexus {cluster} remote CA", cluster)
+    ca = _load_ca(out, "ca")
+    remote_ca = _load_ca(out, "remote-ca")
     written = [out / "ca.crt"]
-    for name, cn, ips in (("server", "etcd-server", server_ips), ("admin", "root", ()),
-                          (REMOTE_USER, REMOTE_USER, ())):
-        if not (out / f"{name}.crt").exists():
+    for name, cn, ips, (ca_key, ca_cert) in (("server", "etcd-server", server_ips, ca),
+                                             ("admin", "root", (), ca),
+                                             ("proxy", REMOTE_USER, (), ca),
+                                             (REMOTE_USER, REMOTE_USER, (), remote_ca)):
+        if not _issued_by(out / f"{name}.crt", ca_cert):
             key, cert = _issue(ca_key, ca_cert, cn, cluster, server_ips=ips)
             _write_key(out / f"{name}.key", key)
             _write_cert(out / f"{name}.crt", cert)
         written.append(out / f"{name}.crt")
-    (out / "endpoints").write_text("".join(f"https://{ip}:2379\n" for ip in advertise or server_ips))
+    (out / "endpoints").write_text("".join(f"https://{ip}:{REMOTE_PORT}\n"
+                                           for ip in advertise or server_ips))
     return written
 
 

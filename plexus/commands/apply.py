@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clustermesh.kvstore import KvError, KvStore, Tls
+    from clustermesh.kvstore import KvError, KvStore, PermissionDenied, Tls, Unavailable
     from plexus import apply as manifests
 
     docs = manifests.load_documents(args.filename)  # ConfigError -> exit 2 with the problems
@@ -48,11 +48,26 @@ def _run(args: argparse.Namespace) -> int:
             op = manifests.apply if args.action == "apply" else manifests.delete
             return await op(kv, args.cluster, docs)
 
+    nothing = "nothing was applied" if args.action == "apply" else "some may have been deleted"
     try:
         for line in asyncio.run(main()):
             print(line)
+    except Unavailable as e:
+        print(f"plexus: cannot reach the cluster's etcd ({', '.join(args.etcd)}): {e}; {nothing}",
+              file=sys.stderr)
+        return 1
+    except PermissionDenied as e:
+        print(f"plexus: the cluster's etcd refused the {args.action}: {e} (the certificate's user "
+              f"may not write plexus/manifests/); {nothing}", file=sys.stderr)
+        return 1
     except KvError as e:
-        print(f"plexus: cannot reach the cluster's etcd: {e}", file=sys.stderr)
+        if "RESOURCE_EXHAUSTED" in str(e) or "too large" in str(e):
+            print(f"plexus: the cluster's etcd refused the manifests as too large ({e}): its "
+                  f"--max-request-bytes is below what `plexus apply` allows "
+                  f"({manifests.MAX_APPLY_BYTES // 1024} KiB); {nothing}", file=sys.stderr)
+        else:
+            print(f"plexus: the cluster's etcd refused the {args.action}: {e}; {nothing}",
+                  file=sys.stderr)
         return 1
     return 0
 

@@ -1,11 +1,14 @@
-"""`plexus clustermesh-apiserver [status]` and `plexus clustermesh status | list | certs | connect`."""
+"""`plexus clustermesh-apiserver [status]` and
+`plexus clustermesh status | list | certs | connect | remote-endpoint`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,13 @@ def register_pki(cms: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     k.add_argument("--config-dir", action="append", default=[], metavar="CLUSTER=DIR",
                    help="a clustermesh config directory of a cluster's node (repeatable)")
     k.set_defaults(func=_connect)
+    r = cms.add_parser("remote-endpoint",
+                       help="serve other clusters read-only access to this cluster's etcd")
+    r.add_argument("--pki", required=True, type=Path, help="this cluster's PKI folder (from `certs`)")
+    r.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="where other clusters connect (the `endpoints` file of `certs`)")
+    r.add_argument("--etcd", required=True, action="append", help="this cluster's etcd (repeatable)")
+    r.set_defaults(func=_remote_endpoint)
 
 
 def _apiserver(args: argparse.Namespace) -> int:
@@ -200,6 +210,18 @@ def _certs(args: argparse.Namespace) -> int:
     files = make_cluster_pki(args.cluster, args.out, args.server_ip or ["127.0.0.1"])
     for f in files:
         print(f)
+    return 0
+
+
+def _remote_endpoint(args: argparse.Namespace) -> int:
+    from clustermesh.etcd_proxy import ReadOnlyEtcdProxy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(ReadOnlyEtcdProxy(args.listen, args.etcd, args.pki).serve())
+    except (OSError, ValueError) as e:
+        print(f"plexus clustermesh remote-endpoint: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

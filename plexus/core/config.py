@@ -47,19 +47,53 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def describe(err: ValidationError) -> list[str]:
-    problems = []
+def _input_path(loc: tuple[int | str, ...], data: Any, missing: bool) -> tuple[int | str, ...]:
+    """The parts of `loc` that name a field or an index of `data`.
+
+    pydantic puts validator and union-member tags in `loc` (`function-after[...]`,
+    `lax-or-strict[...]`, a member's type name); they are not where the user wrote anything.
+    """
+    kept: list[int | str] = []
+    cur = data
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            cur = cur[part]
+        elif missing and i == len(loc) - 1 and isinstance(cur, dict):
+            pass  # the field that is missing
+        elif data is not None or "[" in str(part) or str(part).startswith("function-"):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def describe(err: ValidationError, data: Any = None) -> list[str]:
+    """One line per field in words; the failed alternatives of a union share one line."""
+    by_path: dict[str, list[str]] = {}
+    got: dict[str, str] = {}
     for e in err.errors(include_url=False):
-        path = field_path(tuple(p for p in e["loc"] if not str(p).startswith("function-")))
+        path = field_path(_input_path(tuple(e["loc"]), data, e["type"] == "missing"))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif "input" in e and not isinstance(e["input"], dict | list):
-            msg = f"{msg} (got {e['input']!r})"
-        problems.append(f"{path}: {msg}")
-    return problems
+            got[path] = f" (got {e['input']!r})"
+        if msg not in by_path.setdefault(path, []):
+            by_path[path].append(msg)
+    return [f"{path}: {_either(msgs)}{got.get(path, '')}" for path, msgs in by_path.items()]
+
+
+def _either(msgs: list[str]) -> str:
+    """`Input is not a valid IPv4 address` + `... IPv6 address` -> `... IPv4 address or IPv6 address`."""
+    if len(msgs) == 1:
+        return msgs[0]
+    for lead in ("Input is not a valid ", "Input should be a valid ", "Input should be "):
+        if all(m.startswith(lead) for m in msgs):
+            return lead + " or ".join(m[len(lead):] for m in msgs)
+    return "; or ".join(msgs)
 
 
 def parse(model: type[M], data: Any, source: str) -> M:
@@ -71,7 +105,7 @@ def parse(model: type[M], data: Any, source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, describe(e)) from None
+        raise ConfigError(source, describe(e, data)) from None
 
 
 def _read_text(p: Path) -> str:

@@ -20,7 +20,14 @@ from typing import Any
 
 import yaml
 
-from clustermesh.pki import connect, etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
+from clustermesh.pki import (
+    REMOTE_PORT,
+    connect,
+    etcd_auth_commands,
+    etcd_tls_args,
+    etcdctl_tls,
+    make_cluster_pki,
+)
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
 from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_socket
@@ -189,6 +196,8 @@ class Lab:
                    lambda: self.etcd_healthy(ns, c), after=lambda: self._etcd_auth(c)),
             Daemon(f"apiserver-{c.name}", ns, TIER_CONTROL_PLANE, self._apiserver_argv(c),
                    lambda: self._apiserver_synced(c), env=py),
+            Daemon(f"remote-endpoint-{c.name}", ns, TIER_CONTROL_PLANE,
+                   self._remote_endpoint_argv(c), lambda: self._remote_endpoint_ready(c), env=py),
         ]
 
     def node_daemons(self, n: Node) -> list[Daemon]:
@@ -388,6 +397,19 @@ protocol kernel {{
         for cmd in etcd_auth_commands(c.name):
             self.etcdctl(c.control_plane.netns, c, *cmd, check=True)
         marker.write_text("users root and remote, roles root and remote\n")
+
+    def _remote_endpoint_argv(self, c: Cluster) -> list[str]:
+        """Other clusters read this cluster's etcd only through this read-only endpoint."""
+        return [sys.executable, "-m", "plexus", "clustermesh", "remote-endpoint",
+                "--pki", str(self.pki(c.name)), "--listen", f"{c.control_plane.ip}:{REMOTE_PORT}",
+                "--etcd", "https://127.0.0.1:2379"]
+
+    def _remote_endpoint_ready(self, c: Cluster) -> bool:
+        pki = self.pki(c.name)
+        return ops.run("etcdctl", "--endpoints", f"https://{c.control_plane.ip}:{REMOTE_PORT}",
+                       "--dial-timeout", "2s", "--cacert", str(pki / "ca.crt"),
+                       "--cert", str(pki / "remote.crt"), "--key", str(pki / "remote.key"),
+                       "endpoint", "status", ns=c.control_plane.netns, check=False).returncode == 0
 
     def _apiserver_argv(self, c: Cluster) -> list[str]:
         pki = self.pki(c.name)
