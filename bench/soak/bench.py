@@ -293,19 +293,23 @@ def inject_faults(run: Run, plan: list[faults.Fault], seed: int, every: float, r
         if run.stop.wait(max(0.0, (i + 0.5) * every - run.now())):
             return
         try:
-            hit = fault.inject(run.lab, rng, restart_lab(run))
-        except Exception as e:
-            hit = faults.Injected(fault.kind, "?", f"injection failed: {type(e).__name__}: {e}")
-        run.note("fault", f"#{i + 1} {hit.kind} {hit.target}: {hit.detail}")
+            one_fault(run, i, fault, rng, recover)
+        except Exception as e:  # noted; the next fault comes on time
+            run.note("fault failed", f"#{i + 1} {fault.kind}: {type(e).__name__}: {e}")
+
+
+def one_fault(run: Run, i: int, fault: faults.Fault, rng: random.Random, recover: float) -> None:
+    hit = fault.inject(run.lab, rng, restart_lab(run))
+    run.note("fault", f"#{i + 1} {hit.kind} {hit.target}: {hit.detail}")
+    took, left = wait_whole(run.lab, recover)
+    if left:
+        run.note("not recovered", f"#{i + 1} {hit.kind} {hit.target} after {took:.0f}s: "
+                 + "; ".join(left))
+        repair(run, left)
         took, left = wait_whole(run.lab, recover)
-        if left:
-            run.note("not recovered", f"#{i + 1} {hit.kind} {hit.target} after {took:.0f}s: "
-                     + "; ".join(left))
-            repair(run, left)
-            took, left = wait_whole(run.lab, recover)
-            run.note("after repair", "whole" if not left else "; ".join(left))
-        else:
-            run.note("recovered", f"#{i + 1} {hit.kind} {hit.target} in {took:.1f}s")
+        run.note("after repair", "whole" if not left else "; ".join(left))
+    else:
+        run.note("recovered", f"#{i + 1} {hit.kind} {hit.target} in {took:.1f}s")
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -337,7 +341,8 @@ def report(run: Run, args: argparse.Namespace, took: float, mismatches: list[Mis
         lines.append(f"  {count:>4} x {what}")
     lines.append("\nfaults:")
     for e in run.events:
-        if e.kind in ("fault", "recovered", "not recovered", "repair", "after repair"):
+        if e.kind in ("fault", "recovered", "not recovered", "repair", "after repair", "fault failed",
+                      "not whole at the end"):
             lines.append(f"  {e.at:7.1f}s {e.kind}: {e.text}")
     lines.append("\nagent RSS (MB): start = after warm-up, end = after settling")
     lines.append(f"  {'agent':<10} {'start':>7} {'peak':>7} {'end':>7} {'growth':>8}  restarts")

@@ -183,8 +183,14 @@ def log_errors(path: Path) -> Counter[str]:
     out: Counter[str] = Counter()
     if not path.exists():
         return out
-    for line in path.read_text(errors="replace").splitlines():
-        if " ERROR " in line or line.startswith("Traceback"):
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            # named by the exception it ends with, and what ignored it, if anything did
+            end = next((ln for ln in lines[i + 1:] if not ln.startswith(" ")), "?")
+            ignored = lines[i - 1] if i and lines[i - 1].startswith("Exception ignored") else ""
+            out[normalize(f"Traceback: {end} {ignored}".strip())] += 1
+        elif " ERROR " in line:
             # "<date> <time> ERROR [east/n1] logger: message"
             out[normalize(line.split(" ERROR ", 1)[-1])] += 1
         elif '"level":"error"' in line:  # etcd's JSON lines
