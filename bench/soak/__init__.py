@@ -1,0 +1,1 @@
+"""Soak benchmark: the lab under churn and faults (bench/soak/bench.py)."""
