@@ -110,7 +110,9 @@ _OPEN_AS_2_CLOSE_AS_0 = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
 
 
 def json_depth(raw: bytes) -> int:
-    """How deep `raw`'s arrays and objects nest, without decoding it (strings skipped)."""
+    """How deep UTF-8 JSON's arrays and objects nest, without decoding it (strings skipped).
+
+    Counting stops mattering at a stray closer: a decoder fails there before going on."""
     brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     if not brackets:
         return 0
@@ -135,8 +137,14 @@ def decode_json(raw: bytes | str, what: str) -> Any:
     """The one way a kvstore value is decoded: bounded first, then parsed; InvalidValue if bad."""
     data = check_bounds(raw, what)
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        # UTF-8 only: json.loads would guess UTF-16 or -32 from bytes, where the scan of
+        # check_bounds would no longer see every string's end.
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidValue(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise InvalidValue(f"{what}: malformed JSON: {e}") from None
 
 
