@@ -10,7 +10,7 @@ import pytest
 
 import clustermesh.module
 from clustermesh.kvstore import KvStore
-from clustermesh.models import IPCACHE_PREFIX
+from clustermesh.models import IPCACHE_PREFIX, Node, NodeAddress, node_registration_key
 from clustermesh.tables import IPCACHE
 from tests.integration.test_clustermesh import agent, apiserver, connect, etcds, mesh
 from tests.support import Etcd, eventually
@@ -24,6 +24,13 @@ def ip_entry(ip: str, identity: int = 131077) -> str:
     return json.dumps({"IP": ip, "ID": identity})
 
 
+async def register_west_node(kv: KvStore) -> None:
+    """A west node whose pod CIDR holds the entries these tests write for west."""
+    await kv.put(node_registration_key("west", "n1"), Node(
+        "n1", "west", 2, addresses=(NodeAddress("InternalIP", "172.31.2.11"),),
+        ipv4_alloc_cidr="10.2.0.0/16").to_json())
+
+
 async def test_a_deeply_nested_value_is_skipped_and_counted_while_listing_and_watching(
         tmp_path: Path, etcds: dict[str, Etcd]) -> None:
     west = etcds["west"]
@@ -33,6 +40,7 @@ async def test_a_deeply_nested_value_is_skipped_and_counted_while_listing_and_wa
         m = mesh(app)
         ipcache = app.hive.require(IPCACHE)
         async with KvStore([west.endpoint]) as kv:
+            await register_west_node(kv)
             # There before the agent connects: its first list must get past it.
             await kv.put(f"{IPCACHE_PREFIX}/10.2.9.1", deep)
             await kv.put(f"{IPCACHE_PREFIX}/10.2.9.2", ip_entry("10.2.9.2"))
@@ -62,6 +70,8 @@ async def test_a_watcher_that_raises_is_restarted_and_shown_not_ready_meanwhile(
             agent(tmp_path, etcds["east"]) as app:
         m = mesh(app)
         ipcache = app.hive.require(IPCACHE)
+        async with KvStore([west.endpoint]) as kv:
+            await register_west_node(kv)
         connect(tmp_path, "west", west)
         await eventually(lambda: "west" in m.remotes and m.remotes["west"].watcher.status.ready, 10)
         remote = m.remotes["west"]
