@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,24 @@ async def test_an_unchanged_config_file_is_not_read_again(tmp_path: Path, etcds:
         path.write_text(f"endpoints: ['{etcds['west'].endpoint}']\n# changed\n")
         await eventually(lambda: m.remotes["west"].task is not before, 10, what="the change picked up")
         assert reads[seen:] == [path]
+
+
+async def test_values_too_large_for_one_page_or_watch_message_still_arrive(etcd: Etcd) -> None:
+    # 60 values of 1.4 MB: more than one gRPC message may carry, listed or watched.
+    big = b"x" * 1_400_000
+    async with KvStore([etcd.endpoint]) as kv:
+        start = await kv.status()
+        for i in range(60):
+            await kv.put(f"big/{i:03d}", big)
+        items, _ = await kv.list_prefix("big/")
+        assert len(items) == 60 and all(i.value == big for i in items)
+        seen: list[str] = []
+
+        async def follow() -> None:
+            async for events, _rev in kv.watch("big/", start + 1):
+                seen.extend(ev.key for ev in events)
+                if len(seen) >= 60:
+                    return
+
+        await asyncio.wait_for(follow(), 30)
+        assert seen == [f"big/{i:03d}" for i in range(60)]
