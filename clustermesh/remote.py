@@ -353,7 +353,6 @@ class ClusterWatcher:
         return gone
 
 
-
 def _describe(e: BaseException) -> str:
     """One line naming an unexpected error (the first leaf of a group), cut to a readable size."""
     while isinstance(e, BaseExceptionGroup) and e.exceptions:
