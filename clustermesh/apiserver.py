@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from clustermesh.models import (
     IPIdentity,
     L4Addr,
     Node,
+    decode_json,
     identity_labels,
     synced_key,
 )
@@ -46,6 +46,7 @@ from plexus.core.log import Fields
 from plexus.core.reconciler import Backoff
 
 HEARTBEAT_TTL = 180
+SHOWN_CHARS = 200  # of a hostile key or message in status and logs
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Counters:
     deletes: int = 0
     passes: int = 0  # sync passes that wrote something
     etcd_errors: int = 0
+    crashes: int = 0  # sessions ended by an unexpected error, then restarted
     last_error: str = ""
     last_error_time: float = 0.0
 
@@ -181,13 +183,19 @@ class ApiServer:
             elif key.startswith(self.reg_prefix + "endpoints/"):
                 src.endpoints[key] = EndpointRegistration.from_json(value)
             elif key.startswith(self.svc_prefix):
-                svc = parse(Service, json.loads(value), key)
+                svc = parse(Service, decode_json(value, f"manifest {key}"), key)
                 if key != f"{self.svc_prefix}{svc.metadata.namespace}/{svc.metadata.name}":
                     raise InvalidValue("manifest key does not match its namespace/name")
                 src.services[key] = svc
         except (InvalidValue, ConfigError, ValueError) as e:
-            src.rejected[key] = str(e)
-            self.log.warning("rejected key=%s: %s", key, e)
+            self._reject(key, str(e))
+        except Exception as e:  # a value no check foresaw: rejected all the same
+            self.log.error("decoding key=%s failed", key[:SHOWN_CHARS], exc_info=e)
+            self._reject(key, f"{type(e).__name__}: {e}")
+
+    def _reject(self, key: str, why: str) -> None:
+        self.sources.rejected[key] = why[:SHOWN_CHARS]
+        self.log.warning("rejected key=%s: %s", key[:SHOWN_CHARS], why[:SHOWN_CHARS])
 
     async def _follow(self, watch: ListWatch, listed: asyncio.Event) -> None:
         async for update in watch.updates():
@@ -229,8 +237,13 @@ class ApiServer:
     async def _gc(self) -> None:
         while True:
             await asyncio.sleep(self.gc_interval)
-            in_use = {json.loads(v)["ID"] for k, v in self.published.items()
-                      if k.startswith(IPCACHE_PREFIX + "/")}
+            in_use = set()
+            for k, v in list(self.published.items()):
+                if k.startswith(IPCACHE_PREFIX + "/"):
+                    try:
+                        in_use.add(IPIdentity.from_json(v).identity)
+                    except InvalidValue:
+                        continue  # adopted from etcd and malformed: the next sync replaces it
             try:
                 await self.gc.collect(in_use)
             except KvError as e:
@@ -241,6 +254,7 @@ class ApiServer:
         attempt = 0
         while True:
             self._session_synced = False
+            crashed = False
             try:
                 await self._session()
             except KvError as e:
@@ -248,12 +262,28 @@ class ApiServer:
             except ExceptionGroup as eg:
                 failures = kv_failures(eg)
                 if failures is None:
-                    raise
-                self._etcd_error("etcd session", "; ".join(sorted(set(map(str, failures)))))
+                    crashed = True
+                    self._crashed(eg)
+                else:
+                    self._etcd_error("etcd session", "; ".join(sorted(set(map(str, failures)))))
+            except Exception as e:
+                crashed = True
+                self._crashed(e)
             finally:
                 self.ready = False
-            attempt = 1 if self._session_synced else attempt + 1
+            # A session that crashes after its sync must still back off, not spin.
+            attempt = 1 if self._session_synced and not crashed else attempt + 1
             await asyncio.sleep(self.backoff.delay(attempt))
+
+    def _crashed(self, e: BaseException) -> None:
+        """Record a session ended by an unexpected error; the run loop starts the next one."""
+        while isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
+        c = self.counters
+        c.crashes += 1
+        c.last_error = f"session failed: {type(e).__name__}: {e}"[:SHOWN_CHARS]
+        c.last_error_time = time.time()
+        self.log.error("session failed, restarting it", exc_info=e)
 
     def _etcd_error(self, what: str, e: KvError | str) -> None:
         c = self.counters
@@ -299,6 +329,7 @@ class ApiServer:
                 "written": {"puts": self.counters.puts, "deletes": self.counters.deletes,
                             "passes": self.counters.passes},
                 "identitiesAllocated": self.allocator.allocated,
-                "etcdErrors": self.counters.etcd_errors, "lastError": self.counters.last_error,
+                "etcdErrors": self.counters.etcd_errors, "crashes": self.counters.crashes,
+                "lastError": self.counters.last_error,
                 "lastErrorTime": self.counters.last_error_time}
 

@@ -17,6 +17,7 @@ from clustermesh.kvstore import KvStore
 from clustermesh.models import (
     IDENTITIES_PREFIX,
     IDENTITY_VALUES_PREFIX,
+    InvalidValue,
     format_labels,
     identity_range,
     parse_labels,
@@ -102,7 +103,10 @@ class Allocator:
         for i in items:
             tail = i.key.rsplit("/", 1)[1]
             if tail.isdigit() and self.first <= int(tail) <= self.last:
-                out[int(tail)] = parse_labels(i.value)
+                try:
+                    out[int(tail)] = parse_labels(i.value)
+                except InvalidValue as e:  # left alone: not ours to judge what it names
+                    log.warning("identity=%s skipped: %s", tail, e)
         return out
 
 

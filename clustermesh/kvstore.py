@@ -189,9 +189,17 @@ class KvStore:
         end = prefix_end(start)
         out: list[KV] = []
         revision = 0
+        limit = PAGE
         while True:
-            req = rpc.RangeRequest(key=start, range_end=end, limit=PAGE, revision=revision)
-            resp = await self._call("_kv", "Range", req, deadline=max(self.timeout, 30))
+            req = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+            try:
+                resp = await self._call("_kv", "Range", req, deadline=max(self.timeout, 30))
+            except KvError as e:
+                # Large values make a page larger than a message may be: ask for fewer.
+                if limit > 1 and "RESOURCE_EXHAUSTED" in str(e):
+                    limit = max(1, limit // 8)
+                    continue
+                raise
             if revision == 0:
                 revision = int(resp.header.revision)
             out.extend(_kv(kv) for kv in resp.kvs)
@@ -294,10 +302,11 @@ class KvStore:
         async def requests() -> AsyncIterator[Any]:
             yield rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
                 key=p, range_end=prefix_end(p), start_revision=start_revision,
-                progress_notify=True))
+                progress_notify=True, fragment=True))  # large batches come in parts
             await done.wait()
 
         call = self._watch.Watch(requests())
+        parts: list[Event] = []  # of a response etcd sent in fragments
         try:
             async for resp in call:
                 if resp.compact_revision:
@@ -311,6 +320,10 @@ class KvStore:
                     continue
                 events = [Event("delete" if ev.type == 1 else "put", ev.kv.key.decode(errors="replace"),
                                 ev.kv.value, int(ev.kv.mod_revision)) for ev in resp.events]
+                if resp.fragment:
+                    parts.extend(events)
+                    continue
+                events, parts = parts + events, []
                 yield events, int(resp.header.revision)
             raise Unavailable("watch stream ended")
         except grpc.aio.AioRpcError as e:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import itertools
 import json
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,11 +99,54 @@ def identity_cluster_id(identity: int) -> int:
     return (identity >> 16) & 0xFF
 
 
-def _loads(raw: bytes | str, what: str) -> Any:
+# Bounds checked before a value is decoded: a remote's value must not be able to exhaust
+# memory or the decoder's recursion. Real values are a few hundred bytes, a handful deep.
+MAX_VALUE_BYTES = 1 << 20
+MAX_JSON_DEPTH = 64
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN_AS_2_CLOSE_AS_0 = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep UTF-8 JSON's arrays and objects nest, without decoding it (strings skipped).
+
+    Counting stops mattering at a stray closer: a decoder fails there before going on."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    # An opener adds one level, a closer removes one: the depth after k brackets is the sum
+    # of (2 or 0) - 1 over them; all in C, no Python loop per byte.
+    steps = itertools.accumulate(brackets.translate(_OPEN_AS_2_CLOSE_AS_0))
+    return max(0, int(max(map(operator.sub, steps, itertools.count(1)))))
+
+
+def check_bounds(raw: bytes | str, what: str) -> bytes:
+    """`raw` as bytes, or InvalidValue when it is too large or nests too deep to decode."""
+    data = raw.encode(errors="surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if len(data) > MAX_VALUE_BYTES:
+        raise InvalidValue(f"{what}: value of {len(data)} bytes is over the {MAX_VALUE_BYTES} byte limit")
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidValue(f"{what}: value nests {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    return data
+
+
+def decode_json(raw: bytes | str, what: str) -> Any:
+    """The one way a kvstore value is decoded: bounded first, then parsed; InvalidValue if bad."""
+    data = check_bounds(raw, what)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        # UTF-8 only: json.loads would guess UTF-16 or -32 from bytes, where the scan of
+        # check_bounds would no longer see every string's end.
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidValue(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
         raise InvalidValue(f"{what}: malformed JSON: {e}") from None
+
 
 
 def _want(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, *,
@@ -172,7 +217,7 @@ class ClusterConfig:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ClusterConfig:
         what = "cluster-config"
-        obj = _loads(raw, what)
+        obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
         cid = check_cluster_id(obj.get("id"))
@@ -180,7 +225,8 @@ class ClusterConfig:
         if not isinstance(caps, dict):
             raise InvalidValue(f"{what}: capabilities must be an object")
         return cls(id=cid, synced_canaries=bool(caps.get("syncedCanaries", False)),
-                   max_connected_clusters=int(caps.get("maxConnectedClusters", 255)))
+                   max_connected_clusters=_want(caps, "maxConnectedClusters", int, what,
+                                                required=False, default=255))
 
 
 # ---- nodes ----------------------------------------------------------------------------
@@ -237,7 +283,7 @@ class Node:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Node:
         what = "node"
-        obj = _loads(raw, what)
+        obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
         name = _want(obj, "Name", str, what)
@@ -331,7 +377,7 @@ class IPIdentity:
     @classmethod
     def from_json(cls, raw: bytes | str, cluster: str = "") -> IPIdentity:
         what = "ip"
-        obj = _loads(raw, what)
+        obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
         ip = _ip(_want(obj, "IP", str, what), what)
@@ -346,6 +392,8 @@ class IPIdentity:
                 prefix_len = bin(int.from_bytes(base64.b64decode(mask, validate=True), "big")).count("1")
             except (ValueError, TypeError):
                 raise InvalidValue(f"{what}: malformed Mask") from None
+            if prefix_len > ipaddress.ip_address(ip).max_prefixlen:
+                raise InvalidValue(f"{what}: Mask is longer than the address")
         host_ip = _want(obj, "HostIP", str, what, required=False, default="")
         if host_ip:
             host_ip = _ip(host_ip, what)
@@ -396,7 +444,12 @@ def format_labels(labels: tuple[str, ...] | list[str]) -> str:
 
 
 def parse_labels(raw: bytes | str, what: str = "identity") -> tuple[str, ...]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    if len(raw) > MAX_VALUE_BYTES:
+        raise InvalidValue(f"{what}: value of {len(raw)} bytes is over the {MAX_VALUE_BYTES} byte limit")
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise InvalidValue(f"{what}: labels are not UTF-8: {e.reason} at byte {e.start}") from None
     if any(ord(c) < 0x20 for c in text):
         raise InvalidValue(f"{what}: labels contain control characters")
     parts = [p for p in text.split(";") if p]
@@ -462,7 +515,7 @@ class ClusterService:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ClusterService:
         what = "service"
-        obj = _loads(raw, what)
+        obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
         ns = _want(obj, "namespace", str, what)
@@ -534,7 +587,7 @@ class EndpointRegistration:
     @classmethod
     def from_json(cls, raw: bytes | str) -> EndpointRegistration:
         what = "endpoint registration"
-        obj = _loads(raw, what)
+        obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
         ipv6 = obj.get("ipv6")

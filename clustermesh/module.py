@@ -12,7 +12,9 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
 
+MAX_CONFIG_FILE_BYTES = 64 * 1024  # a remote's file names endpoints and three paths
+NOT_CLUSTER_FILES = (".crt", ".key", ".pem")  # certificates kept next to the files
+
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
     return Tls(ca, cert, key) if ca is not None else None
@@ -66,6 +71,43 @@ class _Remote:
         self.watcher = watcher
         self.task = task
         self.digest = digest
+
+
+@dataclass(frozen=True)
+class _FileRead:
+    """One cluster file as last read: its config, or why it is refused.
+
+    `stamp` (inode, size, mtime, ctime) unchanged means the file is not read again."""
+
+    stamp: tuple[int, int, int, int]
+    config: RemoteClusterFile | None
+    digest: str
+    error: str
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_cluster_file(path: Path, st: os.stat_result) -> _FileRead:
+    """Read and validate one file; any problem becomes the refusal's reason, never an error."""
+    stamp = _stamp(st)
+    if st.st_size > MAX_CONFIG_FILE_BYTES:
+        return _FileRead(stamp, None, "", f"{path}: {st.st_size} bytes, over the limit of "
+                                          f"{MAX_CONFIG_FILE_BYTES}")
+    try:
+        raw = path.read_bytes()
+        raw.decode()
+        cfg = load(RemoteClusterFile, path)
+    except UnicodeDecodeError as e:
+        return _FileRead(stamp, None, "", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except ConfigError as e:
+        return _FileRead(stamp, None, "", str(e))
+    except OSError as e:
+        return _FileRead(stamp, None, "", f"{path}: cannot read: {e.strerror or e}")
+    except Exception as e:  # whatever the YAML parser makes of hostile bytes
+        return _FileRead(stamp, None, "", f"{path}: cannot be read: {type(e).__name__}: {e}"[:300])
+    return _FileRead(stamp, cfg, hashlib.sha256(raw).hexdigest(), "")
 
 
 class ClusterMesh:
@@ -93,7 +135,9 @@ class ClusterMesh:
                            (self.tables.nodes, self.tables.ipcache, self.tables.identities,
                             self.tables.services, self.tables.manifests)] if self.enabled else []
         self.remotes: dict[str, _Remote] = {}
-        self.config_errors: dict[str, str] = {}
+        self.config_errors: dict[str, str] = {}  # cluster (or file) name -> file and reason
+        self.config_files: dict[str, str] = {}  # cluster name -> the file(s) an error is about
+        self._file_reads: dict[Path, _FileRead] = {}
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self.kv: KvStore | None = None
         if self.enabled and config.direct_routes:
@@ -131,7 +175,7 @@ class ClusterMesh:
         self.hive.spawn(owner, self._merge_owners(), "ipcache-owners")
         self.hive.spawn(owner, self._derive_routes(), "routes")
         if self.config.config_dir is not None:
-            self._scan_config_dir()
+            self._rescan_config_dir()
             self.hive.spawn(owner, self._watch_config_dir(), "config-dir")
         self.hive.spawn(owner, self._initial_sync(), "initial-sync")
 
@@ -216,51 +260,85 @@ class ClusterMesh:
         self.routes.replace_where(lambda _r: True, rows)
 
     # ---- remote clusters ------------------------------------------------------------
-    def _read_remote(self, path: Path) -> tuple[RemoteClusterFile, str]:
-        raw = path.read_bytes()
-        return load(RemoteClusterFile, path), hashlib.sha256(raw).hexdigest()
+    def _list_config_dir(self, d: Path) -> dict[str, list[tuple[Path, os.stat_result]]]:
+        """Cluster name -> its files with their stat; stat only, nothing is read here."""
+        found: dict[str, list[tuple[Path, os.stat_result]]] = {}
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith(".") or entry.name.endswith(NOT_CLUSTER_FILES):
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue  # vanished meanwhile, or a dangling link: as if absent
+            found.setdefault(entry.name.removesuffix(".yaml"), []).append((Path(entry.path), st))
+        return found
 
     def _scan_config_dir(self) -> None:
         d = self.config.config_dir
         assert d is not None
-        present: dict[str, Path] = {}
-        if d.is_dir():
-            for f in sorted(d.iterdir()):
-                name = f.name.removesuffix(".yaml")
-                if f.is_file() and not f.name.startswith(".") and f.suffix not in (".crt", ".key", ".pem"):
-                    present[name] = f
+        present = self._list_config_dir(d)
         for name in [n for n in self.remotes if n != self.local.cluster and n not in present]:
             self._remove_remote(name)
-            self.config_errors.pop(name, None)
-        for stale in [n for n in self.config_errors if n not in present]:
-            self.config_errors.pop(stale)
-        for name, path in present.items():
+        errors: dict[str, tuple[str, str]] = {}  # name -> (file, reason)
+        for name, files in present.items():
+            paths = ", ".join(str(p) for p, _ in files)
+            if len(files) > 1:
+                errors[name] = (paths, f"{paths}: {len(files)} files for cluster {name}; "
+                                       "keep one of them")
+                continue  # a connection made from one of them keeps working
+            path, st = files[0]
             if name == self.local.cluster:
-                self.config_errors[name] = f"{path}: names the local cluster"
+                errors[name] = (paths, f"{path}: names the local cluster")
                 continue
             try:
                 check_cluster_name(name)
-                cfg, digest = self._read_remote(path)
-                kv = KvStore(cfg.endpoints, _tls(cfg.trusted_ca_file, cfg.cert_file, cfg.key_file))
-            except (ConfigError, KvError, OSError, InvalidValue) as e:
-                if self.config_errors.get(name) != str(e):
-                    log.error("clustermesh config for remote=%s rejected: %s", name, e)
-                self.config_errors[name] = str(e)
-                continue  # a bad file never takes down a working connection
-            self.config_errors.pop(name, None)
-            current = self.remotes.get(name)
-            if current is not None and current.digest == digest:
+            except InvalidValue as e:
+                errors[name] = (paths, f"{path}: {e}")
                 continue
-            if current is not None:
-                log.info("clustermesh config for remote=%s changed: reconnecting", name)
-                current.task.cancel()
-                self.hive.spawn("clustermesh", current.watcher.kv.close(), f"close-{name}")
-            watcher = self._watcher(name, kv)
-            if current is not None:  # keep what was learned; the relist replaces it
-                watcher.status.cluster_id = current.watcher.status.cluster_id
-            self.remotes[name] = _Remote(watcher, self.hive.spawn("clustermesh", watcher.run(), name),
-                                         digest)
-            log.info("clustermesh: connecting to remote=%s", name)
+            read = self._file_reads.get(path)
+            if read is None or read.stamp != _stamp(st):
+                read = self._file_reads[path] = _read_cluster_file(path, st)
+            if read.config is None:
+                errors[name] = (paths, read.error)
+                continue  # a bad file never takes down a working connection
+            current = self.remotes.get(name)
+            if current is not None and current.digest == read.digest:
+                continue
+            cfg = read.config
+            try:
+                kv = KvStore(cfg.endpoints, _tls(cfg.trusted_ca_file, cfg.cert_file, cfg.key_file))
+            except (KvError, OSError, ValueError) as e:
+                errors[name] = (paths, f"{path}: {e}")
+                continue
+            self._connect_remote(name, kv, read.digest)
+        live = {p for files in present.values() for p, _ in files}
+        self._file_reads = {p: r for p, r in self._file_reads.items() if p in live}
+        for name, (_, why) in errors.items():
+            if self.config_errors.get(name) != why:
+                log.error("clustermesh config for remote=%s rejected: %s", name, why)
+        for name in self.config_errors.keys() - errors.keys():
+            log.info("clustermesh config for remote=%s: no problem left", name)
+        self.config_errors = {name: why for name, (_, why) in errors.items()}
+        self.config_files = {name: file for name, (file, _) in errors.items()}
+
+    def _connect_remote(self, name: str, kv: KvStore, digest: str) -> None:
+        current = self.remotes.get(name)
+        if current is not None:
+            log.info("clustermesh config for remote=%s changed: reconnecting", name)
+            current.task.cancel()
+            self.hive.spawn("clustermesh", current.watcher.kv.close(), f"close-{name}")
+        watcher = self._watcher(name, kv)
+        if current is not None:  # keep what was learned; the relist replaces it
+            watcher.status.cluster_id = current.watcher.status.cluster_id
+        self.remotes[name] = _Remote(watcher, self.hive.spawn("clustermesh", watcher.run(), name),
+                                     digest)
+        log.info("clustermesh: connecting to remote=%s", name)
 
     def _remove_remote(self, name: str) -> None:
         r = self.remotes.pop(name)
@@ -272,7 +350,13 @@ class ClusterMesh:
     async def _watch_config_dir(self) -> None:
         while True:
             await asyncio.sleep(self.config.config_poll_interval)
+            self._rescan_config_dir()
+
+    def _rescan_config_dir(self) -> None:
+        try:
             self._scan_config_dir()
+        except Exception:  # the next poll tries again; remotes already running keep going
+            log.exception("clustermesh: reading the config directory failed")
 
     # ---- status ---------------------------------------------------------------------
     def remote_status(self) -> dict[str, Any]:
@@ -283,6 +367,7 @@ class ClusterMesh:
         for name, err in self.config_errors.items():
             out.setdefault(name, {"name": name, "ready": False, "connected": False})
             out[name]["configError"] = err
+            out[name]["configFile"] = self.config_files.get(name, "")
         return out
 
     async def _status_api(self, q: dict[str, str], _b: Any) -> Any:

@@ -9,7 +9,6 @@ vanished meanwhile goes. `drain()` removes everything the cluster contributed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from clustermesh.models import (
     IPIdentity,
     Node,
     check_cluster_name,
+    decode_json,
     identity_cluster_id,
     parse_labels,
 )
@@ -45,6 +45,7 @@ from plexus.core.tables import Table
 
 K = TypeVar("K")
 RECONNECT_BACKOFF = Backoff(initial=0.2, maximum=30.0)
+SHOWN_CHARS = 200  # of a hostile key or message in status and logs
 R = TypeVar("R")
 
 
@@ -69,6 +70,7 @@ class RemoteStatus:
     failures: int = 0
     last_failure: str = ""
     last_failure_time: float = 0.0
+    crashes: int = 0  # sessions ended by an unexpected error, then restarted
     invalid_entries: int = 0
     last_invalid: str = ""
     synced: dict[str, bool] = field(default_factory=dict)
@@ -83,6 +85,7 @@ class RemoteStatus:
             "nodes": count(tables.nodes), "endpoints": count(tables.ipcache),
             "identities": count(tables.identities), "services": count(tables.services),
             "failures": self.failures, "lastFailure": self.last_failure,
+            "crashes": self.crashes,
             "invalidEntries": self.invalid_entries, "lastInvalid": self.last_invalid,
             "synced": dict(self.synced),
         }
@@ -183,19 +186,19 @@ class ClusterWatcher:
         parts = key[len(MANIFESTS_PREFIX) + 1:].split("/")
         if len(parts) != 4:
             raise InvalidValue(f"manifest key {key} is not <cluster>/<kind>/<ns>/<name>")
-        try:
-            body = json.loads(value)
-        except ValueError as e:
-            raise InvalidValue(f"manifest {key}: malformed JSON: {e}") from None
+        body = decode_json(value, f"manifest {key}")
         if not isinstance(body, dict):
             raise InvalidValue(f"manifest {key}: expected an object")
         return Manifest(cluster=parts[0], kind=parts[1], namespace=parts[2], name=parts[3], body=body)
 
     # ---- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
+        """Follow the cluster until cancelled: whatever ends a session, the next one starts
+        after a backoff, and status says not ready and why meanwhile."""
         attempt = 0
         while True:
             self._session_connected = False
+            crashed = False
             try:
                 await self._session()
             except (ConfigRejected, KvError) as e:
@@ -203,12 +206,23 @@ class ClusterWatcher:
             except ExceptionGroup as eg:
                 failures = kv_failures(eg)
                 if failures is None:
-                    raise
-                self._failed("; ".join(sorted({str(e) for e in failures})))
+                    crashed = True
+                    self._crashed(eg)
+                else:
+                    self._failed("; ".join(sorted({str(e) for e in failures})))
+            except Exception as e:
+                crashed = True
+                self._crashed(e)
             self.status.connected = False
             self.status.ready = False
-            attempt = 1 if self._session_connected else attempt + 1
+            # A session that crashes after connecting must still back off, not spin.
+            attempt = 1 if self._session_connected and not crashed else attempt + 1
             await asyncio.sleep(self.backoff.delay(attempt))
+
+    def _crashed(self, e: BaseException) -> None:
+        self.status.crashes += 1
+        self.log.error("watcher failed, restarting it", exc_info=e)
+        self._failed(f"watcher failed: {_describe(e)}")
 
     def _failed(self, why: str, config: bool = False) -> None:
         st = self.status
@@ -280,10 +294,16 @@ class ClusterWatcher:
         try:
             return p.decode(key, value)
         except InvalidValue as e:
-            self.status.invalid_entries += 1
-            self.status.last_invalid = str(e)
-            self.log.warning("skipped key=%s: %s", key, e)
-            return None
+            self._invalid(key, str(e))
+        except Exception as e:  # a value no check foresaw: still one skipped entry
+            self.log.error("decoding key=%s failed", key[:SHOWN_CHARS], exc_info=e)
+            self._invalid(key, f"{key}: {_describe(e)}")
+        return None
+
+    def _invalid(self, key: str, why: str) -> None:
+        self.status.invalid_entries += 1
+        self.status.last_invalid = why[:SHOWN_CHARS]
+        self.log.warning("skipped key=%s: %s", key[:SHOWN_CHARS], why[:SHOWN_CHARS])
 
     async def _follow(self, p: _Prefix[Any, Any]) -> None:
         async for update in p.watch.updates():
@@ -339,3 +359,9 @@ class ClusterWatcher:
         self.log.info("drained rows=%d", gone)
         return gone
 
+
+def _describe(e: BaseException) -> str:
+    """One line naming an unexpected error (the first leaf of a group), cut to a readable size."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {e}"[:SHOWN_CHARS]

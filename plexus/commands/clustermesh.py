@@ -156,8 +156,12 @@ def _render(s: dict[str, Any]) -> str:
             c.get("services", 0), c.get("failures", 0), c.get("refusedEntries", 0),
             f"{sum(synced.values())}/{len(synced)}" if synced else "-",
             (c.get("configError") or c.get("lastFailure") or "")[:60]))
+    # The table cuts errors short; a refused config file is shown in full, file first.
+    refused = [f"  {name}: {c['configError']}" for name, c in s["clusters"].items()
+               if c.get("configFile") and c.get("configError")]
     out = table(rows, ["CLUSTER", "READY", "CONNECTED", "ID", "NODES", "ENDPOINTS",
                        "IDENTITIES", "SERVICES", "FAILURES", "REFUSED", "SYNCED", "LAST ERROR"]) + \
+        ("\n\nrefused config files:\n" + "\n".join(refused) if refused else "") + \
         f"\n\nglobal services: {s.get('globalServices', 0)}"
     for name, c in s["clusters"].items():
         if c.get("refusedEntries"):
