@@ -31,6 +31,7 @@ from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
 from encryption.ops import RTPROT_PLEXUS, Backend, PeerOps, RouteOps, detect
 from encryption.tables import EncryptedRoute, Peer, peers_table, routes_table
+from encryption.uapi import DeviceInfo
 from plexus.core.api import ApiError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.module import Hive, Module
@@ -172,10 +173,13 @@ class Encryption:
         while True:
             await self._until_exit_or_checked()
             assert self.backend is not None
-            if not await asyncio.to_thread(self.backend.alive):
-                await self._restore("device gone")
-            if await asyncio.to_thread(self.route_ops.ensure_rule):
-                log.warning("ip rule to table %d was missing: added again", self.config.table)
+            try:
+                if not await asyncio.to_thread(self.backend.alive):
+                    await self._restore("device gone")
+                if await asyncio.to_thread(self.route_ops.ensure_rule):
+                    log.warning("ip rule to table %d was missing: added again", self.config.table)
+            except Exception as e:  # a failed check (netlink, UAPI) is tried again, never fatal
+                log.warning("checking WireGuard device=%s failed: %s", self.config.device, e)
 
     async def _until_exit_or_checked(self) -> None:
         """Return when the device's process exits, or after `CHECK_INTERVAL`."""
@@ -300,7 +304,10 @@ class Encryption:
     def describe(self) -> dict[str, Any]:
         if not self.config.enabled or self.backend is None or self.keys is None:
             return {"enabled": False}
-        info = self.backend.info()
+        try:
+            info = self.backend.info()
+        except Exception:  # the device is down (UAPI or netlink): the outage is what to show
+            info = DeviceInfo()
         by_key = {p.public_key: p for p in self.peers}
         now = time.time()
         peers = []
@@ -314,7 +321,8 @@ class Encryption:
                 "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes})
         return {"enabled": True, "backend": self.backend.name, "device": self.config.device,
                 "deviceHealth": self.device_health.as_dict(),
-                "publicKey": self.keys.public_b64, "port": info.listen_port, "strict": self.config.strict,
+                "publicKey": self.keys.public_b64, "port": info.listen_port or self.config.port,
+                "strict": self.config.strict,
                 "mtu": self.device_mtu, "peers": peers, "refused": dict(self.refused),
                 "routes": [{"dst": r.dst, "kind": r.kind} for r in self.routes],
                 "reconcile": {r.name: r.summary() for r in self.reconcilers}} | {

@@ -239,6 +239,8 @@ async def test_wireguard_go_killed_is_restarted_and_strict_mode_never_leaks(
         status: dict[str, Any] = a.enc.status()["device"]
         assert status["downSince"] and status["outages"] == 1 and status["restarts"] == 0
         assert "down since" in a.hive.health["encryption"]
+        shown = a.enc.describe()  # what `plexus encrypt status` shows, with the device gone
+        assert shown["deviceHealth"]["up"] is False and shown["peers"] == []
         assert metric(a, "plexus_wireguard_device_up") == 0.0
         await eventually(lambda: not any(f"dev {device}" in r for r in table_routes(a.ns)),
                          what="the device route gone with its device")
