@@ -228,6 +228,7 @@ class Encryption:
                 wait = min(RESTART_BACKOFF[1], wait * 2)
         for rec in self.reconcilers:
             rec.requeue_all()
+            rec.request_prune()  # a prune that failed during the outage is cleared now
         self.device_health.came_back()
         self._set_health("")
         log.warning("WireGuard device=%s restarted after %.2fs (restarts=%d)", cfg.device,
