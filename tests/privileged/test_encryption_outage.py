@@ -21,6 +21,7 @@ import socket
 import stat
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from clustermesh.models import Node, NodeAddress
 from clustermesh.tables import NODES, nodes_table
 from encryption.config import EncryptionConfig
 from encryption.module import Encryption
-from encryption.ops import FALLBACK_METRIC, PID_FILE, UserspaceBackend
+from encryption.ops import FALLBACK_METRIC, PID_FILE, RouteOps, UserspaceBackend
+from encryption.tables import EncryptedRoute
 from plexus.core.module import Hive
 from plexus.core.netlink import Netlink
 from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, LocalNode, NodeAttributes
@@ -47,6 +49,7 @@ PODS = ("10.201.1.1", "10.201.2.1")
 POD_CIDRS = ("10.201.1.0/24", "10.201.2.0/24")
 UDP_PORT = 5555
 ETH_P_ALL = 0x0003
+RTN_BLACKHOLE = 6
 
 
 @dataclass
@@ -117,8 +120,26 @@ def received(sock: socket.socket) -> list[bytes]:
 
 
 def table_routes(ns: str) -> list[str]:
-    out = sh("ip", "-4", "route", "show", "table", str(TABLE), ns=ns).stdout
-    return [ln.strip() for ln in out.splitlines() if ln.strip()]
+    """The IPv4 routes of the encryption table as "[blackhole ]dst[ dev name] metric m proto p",
+    read by netlink: numbers stay numbers, whatever names /etc/iproute2 gives them."""
+    # pyroute2 runs an event loop of its own: not on the test's
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_table_routes, ns).result()
+
+
+def _table_routes(ns: str) -> list[str]:
+    out = []
+    with Netlink(ns).route() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for r in ipr.get_routes(family=socket.AF_INET, table=TABLE):
+            if r.get_attr("RTA_TABLE") != TABLE:
+                continue
+            dst = f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+            kind = "blackhole " if r["type"] == RTN_BLACKHOLE else ""
+            oif = r.get_attr("RTA_OIF")
+            dev = f" dev {names.get(oif, oif)}" if oif else ""
+            out.append(f"{kind}{dst}{dev} metric {r.get_attr('RTA_PRIORITY') or 0} proto {r['proto']}")
+    return sorted(out, key=lambda line: int(line.split(" metric ")[1].split()[0]))
 
 
 @contextmanager
@@ -225,7 +246,7 @@ async def test_wireguard_go_killed_is_restarted_and_strict_mode_never_leaks(
                          what=lambda: f"device route in table {TABLE}: {table_routes(a.ns)}")
         await send_until_received(pod_a, pod_b, b"MARKER-BEFORE")
         assert capture.udp_to(a.enc.config.port) > 0, "no encrypted traffic seen: capture broken?"
-        fallback = f"blackhole {POD_CIDRS[1]} proto 190 metric {FALLBACK_METRIC}"
+        fallback = f"blackhole {POD_CIDRS[1]} metric {FALLBACK_METRIC} proto 190"
         assert (fallback in table_routes(a.ns)) == strict, table_routes(a.ns)
 
         # kill -9, and hold the restart back so the outage can be looked at
@@ -293,7 +314,7 @@ async def test_strict_fallbacks_outlive_the_agent_and_the_rule_comes_back(
         nodes: tuple[NodeUnderTest, NodeUnderTest, Path]) -> None:
     a, _b, _flag = nodes
     device = a.enc.config.device
-    fallback = f"blackhole {POD_CIDRS[1]} proto 190 metric {FALLBACK_METRIC}"
+    fallback = f"blackhole {POD_CIDRS[1]} metric {FALLBACK_METRIC} proto 190"
     await eventually(lambda: any(f"dev {device}" in r for r in table_routes(a.ns)),
                      what=lambda: f"device route in table {TABLE}: {table_routes(a.ns)}")
     assert fallback in table_routes(a.ns)
@@ -326,3 +347,29 @@ async def test_strict_fallbacks_outlive_the_agent_and_the_rule_comes_back(
     await eventually(lambda: any(f"dev {device}" in r for r in table_routes(a.ns)),
                      what=lambda: f"device route restored: {table_routes(a.ns)}")
     assert fallback in table_routes(a.ns)
+
+
+async def test_strict_route_ops_keep_a_fallback_the_device_cannot_take_along(root: None) -> None:
+    with netns("plx-wr") as ns:
+        sh("ip", "link", "add", "plxwg", "type", "veth", "peer", "name", "plxwgp", ns=ns)
+        sh("ip", "link", "set", "plxwgp", "up", ns=ns)
+        sh("ip", "link", "set", "plxwg", "up", ns=ns)
+        strict = RouteOps("plxwg", TABLE, 100, Netlink(ns), strict=True)
+        v4 = EncryptedRoute("10.2.1.0/24", "device", ("c1", "n2"))
+        fallback = f"blackhole 10.2.1.0/24 metric {FALLBACK_METRIC} proto 190"
+        await strict.update(v4)
+        assert table_routes(ns) == ["10.2.1.0/24 dev plxwg metric 0 proto 190", fallback]
+        await strict.update(v4)
+        assert len(table_routes(ns)) == 2
+
+        sh("ip", "link", "del", "plxwg", ns=ns)  # the device dies: its route with it
+        assert table_routes(ns) == [fallback]
+        await strict.delete(v4)
+        assert table_routes(ns) == []
+
+        await strict.update(EncryptedRoute("10.2.1.0/24", "blackhole", ("c1", "n2")))
+        await strict.prune([v4])
+        assert table_routes(ns) == ["blackhole 10.2.1.0/24 metric 0 proto 190", fallback]
+        # the same node table without strict mode: the fallback goes at the first prune
+        await RouteOps("plxwg", TABLE, 100, Netlink(ns)).prune([v4])
+        assert table_routes(ns) == ["blackhole 10.2.1.0/24 metric 0 proto 190"]
