@@ -116,6 +116,8 @@ class UserspaceBackend:
         pid = self.pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)  # a wireguard-go without its device serves nothing
+            if self.proc is not None and self.proc.pid == pid:
+                self.proc.wait(5)  # this agent's child: reaped, not left a zombie
             deadline = time.monotonic() + 5
             while self.pid() is not None and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -148,6 +150,8 @@ class UserspaceBackend:
             if proc.poll() is not None:
                 raise BackendUnavailable(f"wireguard-go exited with {proc.returncode}")
             if time.monotonic() > deadline:
+                proc.kill()  # no stray wireguard-go holding the device name
+                proc.wait(5)
                 raise BackendUnavailable("wireguard-go did not open its UAPI socket")
             time.sleep(0.02)
         log.info("started wireguard-go device=%s pid=%d", self.device, proc.pid)
