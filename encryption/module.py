@@ -5,6 +5,11 @@ into this node's record, so every agent of every connected cluster sees it. Remo
 CIDRs route through the device from a table of their own; stale peers go only after the
 node table's first full sync; in strict mode a pod CIDR without a peer is dropped rather
 than sent in the clear.
+
+The device is watched (the process's exit through a pidfd, and a periodic check as a
+backstop): when it dies it is started again with its key, its peers and routes are applied
+again, and the outage is counted and reported. In strict mode a blackhole under every
+remote pod CIDR stays in the table for as long as the device is gone.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -24,19 +31,73 @@ from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
 from encryption.ops import RTPROT_PLEXUS, Backend, PeerOps, RouteOps, detect
 from encryption.tables import EncryptedRoute, Peer, peers_table, routes_table
+from encryption.uapi import DeviceInfo
 from plexus.core.api import ApiError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.module import Hive, Module
+from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, POD_MTU, WIREGUARD_PUBLIC_KEY
 from plexus.core.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
+CHECK_INTERVAL = 1.0  # the backstop: a device gone without its process exiting is seen this late
+RESTART_BACKOFF = (0.1, 2.0)  # first and longest wait between failed restarts
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A time the device was gone, and why."""
+
+    since: float  # wall clock
+    until: float | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["seconds"] = round((self.until or time.time()) - self.since, 3)
+        return out
+
+
+class DeviceHealth:
+    """The device's outages: whether it is down now and since when, how many times it was
+    restarted, the last outage and the last failed restart."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.outages = 0
+        self.current: Outage | None = None
+        self.last: Outage | None = None
+        self.last_error = ""
+
+    def went_down(self, reason: str) -> Outage:
+        self.outages += 1
+        self.current = Outage(time.time(), None, reason)
+        return self.current
+
+    def came_back(self) -> None:
+        self.restarts += 1
+        self.last_error = ""
+        if self.current is not None:
+            self.last = Outage(self.current.since, time.time(), self.current.reason)
+        self.current = None
+
+    def as_dict(self) -> dict[str, Any]:
+        latest = self.current or self.last
+        return {"up": self.current is None,
+                "downSince": self.current.since if self.current else None,
+                "restarts": self.restarts, "outages": self.outages,
+                "lastOutage": latest.as_dict() if latest else None,
+                "lastError": self.last_error}
 
 
 class Encryption:
-    def __init__(self, hive: Hive, config: EncryptionConfig) -> None:
+    def __init__(self, hive: Hive, config: EncryptionConfig,
+                 netlink: Netlink = AGENT_NETNS) -> None:
         self.hive = hive
         self.config = config
+        self.netlink = netlink
+        self.device_health = DeviceHealth()
+        self._down_health = ""  # what this module last wrote into the hive's health
         self.local = hive.require(LOCAL_NODE)
         self.nodes = hive.require(NODES)
         self.attributes = hive.require(NODE_ATTRIBUTES)
@@ -79,21 +140,108 @@ class Encryption:
             self._attributes_done()
         self.backend = await asyncio.to_thread(
             detect, cfg.backend, cfg.device, self.hive.state_dir, cfg.wireguard_go, self.keys,
-            cfg.port, self.device_mtu)
-        route_ops = RouteOps(cfg.device, cfg.table, cfg.rule_priority)
-        await asyncio.to_thread(route_ops.ensure_rule)
-        log.info("encryption on: backend=%s device=%s port=%d public_key=%s", self.backend.name,
-                 cfg.device, cfg.port, self.keys.public_b64)
+            cfg.port, self.device_mtu, self.netlink)
+        if getattr(self.backend, "found_dead", False):
+            # died while the agent was down: in strict mode its fallbacks dropped meanwhile
+            self.device_health.went_down("wireguard-go was not running at agent start")
+            self.device_health.came_back()
+            log.warning("wireguard-go device=%s was not running at agent start: started again",
+                        cfg.device)
+        # Strict mode: the rule may send lookups to the table only once the fallbacks that
+        # stop left behind are there, and they are (they have no device to lose); without
+        # the rule no route of the table counts, so it is made before any route.
+        self.route_ops = RouteOps(cfg.device, cfg.table, cfg.rule_priority, self.netlink,
+                                  strict=cfg.strict)
+        await asyncio.to_thread(self.route_ops.ensure_rule)
+        log.info("encryption on: backend=%s device=%s port=%d public_key=%s strict=%s",
+                 self.backend.name, cfg.device, cfg.port, self.keys.public_b64, cfg.strict)
         self.reconcilers = [
             self.hive.reconcile("encryption", "wireguard-peers", self.peers, PeerOps(self.backend),
                                 concurrency=512),
-            self.hive.reconcile("encryption", "wireguard-routes", self.routes, route_ops),
+            self.hive.reconcile("encryption", "wireguard-routes", self.routes, self.route_ops),
         ]
         self.hive.spawn("encryption", self._derive(), "derive")
         self.hive.spawn("encryption", self._open_prune(), "initial-sync")
+        self.hive.spawn("encryption", self._watch_device(), "device-watch")
 
     async def stop(self) -> None:
-        pass  # stop is not remove: device, peers and routes keep carrying traffic
+        pass  # stop is not remove: device, peers, routes and fallbacks keep their places
+
+    # ---- the device's life ------------------------------------------------------------
+    async def _watch_device(self) -> None:
+        """Restart the device whenever it is gone; put the rule back whenever it is."""
+        while True:
+            await self._until_exit_or_checked()
+            assert self.backend is not None
+            try:
+                if not await asyncio.to_thread(self.backend.alive):
+                    await self._restore("device gone")
+                if await asyncio.to_thread(self.route_ops.ensure_rule):
+                    log.warning("ip rule to table %d was missing: added again", self.config.table)
+            except Exception as e:  # a failed check (netlink, UAPI) is tried again, never fatal
+                log.warning("checking WireGuard device=%s failed: %s", self.config.device, e)
+
+    async def _until_exit_or_checked(self) -> None:
+        """Return when the device's process exits, or after `CHECK_INTERVAL`."""
+        assert self.backend is not None
+        pid = self.backend.pid()
+        if pid is None:
+            await asyncio.sleep(CHECK_INTERVAL)
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # gone already
+            return
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_reader(fd, exited.set)
+            try:
+                await asyncio.wait_for(exited.wait(), CHECK_INTERVAL)
+            except TimeoutError:
+                pass
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    async def _restore(self, reason: str) -> None:
+        """Start the device again until it runs, then apply every peer and route again."""
+        assert self.backend is not None and self.keys is not None
+        cfg = self.config
+        outage = self.device_health.went_down(reason)
+        log.warning("WireGuard device=%s %s: restarting it (strict=%s: remote pod traffic is %s "
+                    "meanwhile)", cfg.device, reason, cfg.strict,
+                    "dropped" if cfg.strict else "sent in the clear")
+        wait = RESTART_BACKOFF[0]
+        while True:
+            try:
+                await asyncio.to_thread(self.backend.restart, self.keys, cfg.port, self.device_mtu)
+                break
+            except Exception as e:
+                self.device_health.last_error = f"{type(e).__name__}: {e}"
+                self._set_health(f"WireGuard device {cfg.device} down since "
+                                 f"{time.strftime('%H:%M:%S', time.localtime(outage.since))}, "
+                                 f"restart failed: {self.device_health.last_error}")
+                log.warning("restarting WireGuard device=%s failed, again in %.1fs: %s",
+                            cfg.device, wait, e)
+                await asyncio.sleep(wait)
+                wait = min(RESTART_BACKOFF[1], wait * 2)
+        for rec in self.reconcilers:
+            rec.requeue_all()
+            rec.request_prune()  # a prune that failed during the outage is cleared now
+        self.device_health.came_back()
+        self._set_health("")
+        log.warning("WireGuard device=%s restarted after %.2fs (restarts=%d)", cfg.device,
+                    time.time() - outage.since, self.device_health.restarts)
+
+    def _set_health(self, problem: str) -> None:
+        """Say the device is down in the hive's health, or take back only what was said."""
+        current = self.hive.health.get("encryption", "ok")
+        if problem:
+            self.hive.health["encryption"] = problem
+        elif current == self._down_health and self._down_health:
+            self.hive.health["encryption"] = "ok"
+        self._down_health = problem
 
     def _publish_key(self) -> None:
         assert self.keys is not None
@@ -157,7 +305,10 @@ class Encryption:
     def describe(self) -> dict[str, Any]:
         if not self.config.enabled or self.backend is None or self.keys is None:
             return {"enabled": False}
-        info = self.backend.info()
+        try:
+            info = self.backend.info()
+        except Exception:  # the device is down (UAPI or netlink): the outage is what to show
+            info = DeviceInfo()
         by_key = {p.public_key: p for p in self.peers}
         now = time.time()
         peers = []
@@ -170,7 +321,9 @@ class Encryption:
                 "handshakeAgeSeconds": round(now - p.last_handshake, 1) if p.last_handshake else None,
                 "rxBytes": p.rx_bytes, "txBytes": p.tx_bytes})
         return {"enabled": True, "backend": self.backend.name, "device": self.config.device,
-                "publicKey": self.keys.public_b64, "port": info.listen_port, "strict": self.config.strict,
+                "deviceHealth": self.device_health.as_dict(),
+                "publicKey": self.keys.public_b64, "port": info.listen_port or self.config.port,
+                "strict": self.config.strict,
                 "mtu": self.device_mtu, "peers": peers, "refused": dict(self.refused),
                 "routes": [{"dst": r.dst, "kind": r.kind} for r in self.routes],
                 "reconcile": {r.name: r.summary() for r in self.reconcilers}} | {
@@ -195,7 +348,8 @@ class Encryption:
         if not self.config.enabled:
             return {"enabled": False}
         return {"enabled": True, "backend": self.backend.name if self.backend else "starting",
-                "peers": len(self.peers), "refused": len(self.refused)}
+                "peers": len(self.peers), "refused": len(self.refused),
+                "strict": self.config.strict, "device": self.device_health.as_dict()}
 
 
 class _WireGuardCollector(Collector):
@@ -209,6 +363,12 @@ class _WireGuardCollector(Collector):
         rx = CounterMetricFamily("plexus_wireguard_rx_bytes", "Bytes received.", labels=["peer"])
         tx = CounterMetricFamily("plexus_wireguard_tx_bytes", "Bytes sent.", labels=["peer"])
         refused = GaugeMetricFamily("plexus_wireguard_refused_nodes", "Nodes without a peer.")
+        health = self.enc.device_health
+        restarts = CounterMetricFamily("plexus_wireguard_device_restarts",
+                                       "Times the WireGuard device was found gone and started again.")
+        restarts.add_metric([], float(health.restarts))
+        up = GaugeMetricFamily("plexus_wireguard_device_up", "1 while the WireGuard device runs.")
+        up.add_metric([], 0.0 if health.current else 1.0)
         if self.enc.backend is not None:
             try:
                 info = self.enc.backend.info()
@@ -225,7 +385,7 @@ class _WireGuardCollector(Collector):
                     rx.add_metric([name], float(p.rx_bytes))
                     tx.add_metric([name], float(p.tx_bytes))
         refused.add_metric([], float(len(self.enc.refused)))
-        yield from (peers, age, rx, tx, refused)
+        yield from (peers, age, rx, tx, refused, restarts, up)
 
 
 module = Module(name="encryption", doc=__doc__ or "", config=EncryptionConfig,

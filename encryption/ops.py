@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from errno import EAFNOSUPPORT
 from pathlib import Path
 from socket import AF_INET, AF_INET6
+from subprocess import Popen
 from typing import Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -28,9 +29,15 @@ from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.reconciler import TemporaryError
 
 log = logging.getLogger(__name__)
+IFF_UP = 0x1
 RTPROT_PLEXUS = 190
 FAMILIES = (AF_INET, AF_INET6)
 PID_FILE = "wireguard-go.pid"
+# Strict mode keeps a blackhole under every remote pod CIDR at this metric, worse than the
+# device route's (0): a device route dies with its device, a blackhole has none and stays,
+# so a lookup finds "drop" whenever the device is gone, never the main table's clear path.
+FALLBACK_METRIC = 4096
+ESRCH = 3
 
 
 class BackendUnavailable(Exception):
@@ -41,6 +48,9 @@ class Backend(Protocol):
     name: str
 
     def ensure(self, keys: KeyPair, port: int, mtu: int) -> None: ...
+    def alive(self) -> bool: ...
+    def pid(self) -> int | None: ...
+    def restart(self, keys: KeyPair, port: int, mtu: int) -> None: ...
     def info(self) -> DeviceInfo: ...
     def set_peer(self, peer: Peer) -> None: ...
     def set_peers(self, peers: list[Peer]) -> None: ...
@@ -57,11 +67,22 @@ def _link_up(device: str, mtu: int, netlink: Netlink = AGENT_NETNS) -> int:
         return int(found[0])
 
 
+def _link_is_up(device: str, netlink: Netlink) -> bool:
+    """The device exists and is administratively up (a device set down loses its routes)."""
+    with netlink.route() as ipr:
+        found = ipr.link_lookup(ifname=device)
+        if not found:
+            return False
+        links = ipr.get_links(found[0])
+        return bool(links) and bool(links[0]["flags"] & IFF_UP)
+
+
 class UserspaceBackend:
     """wireguard-go on a TUN device, configured through its UAPI socket.
 
     wireguard-go runs in its own session so it outlives the agent (stop is not remove);
-    a restarted agent finds the socket and adopts the device.
+    a restarted agent finds the socket and adopts the device. Its pid is kept in the state
+    dir, so the agent that adopts it can watch it too.
     """
 
     name = "userspace (wireguard-go)"
@@ -73,6 +94,35 @@ class UserspaceBackend:
         self.binary = binary
         self.netlink = netlink
         self.uapi = Uapi(device)
+        self.proc: Popen[bytes] | None = None  # when this agent started it: reaped on exit
+        self.found_dead = False  # a pid file named a wireguard-go that was gone at start
+
+    def pid(self) -> int | None:
+        """The running wireguard-go's pid; None when it is gone."""
+        if self.proc is not None:
+            self.proc.poll()  # reap it once it exits, so its pid stops looking alive
+        pid_file = self.state_dir / PID_FILE
+        try:
+            pid = int(pid_file.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return None
+        return pid if pid and b"wireguard-go" in _cmdline(pid) else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None and _link_is_up(self.device, self.netlink)
+
+    def restart(self, keys: KeyPair, port: int, mtu: int) -> None:
+        """Stop what is left of the device's wireguard-go, start a new one, configure it."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)  # a wireguard-go without its device serves nothing
+            if self.proc is not None and self.proc.pid == pid:
+                self.proc.wait(5)  # this agent's child: reaped, not left a zombie
+            deadline = time.monotonic() + 5
+            while self.pid() is not None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._start()
+        self.ensure(keys, port, mtu)
 
     def _alive(self) -> bool:
         if not self.uapi.exists():
@@ -84,6 +134,8 @@ class UserspaceBackend:
             return False
 
     def _start(self) -> None:
+        if (self.state_dir / PID_FILE).exists() and self.pid() is None:
+            self.found_dead = True
         self.uapi.path.unlink(missing_ok=True)
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -91,12 +143,15 @@ class UserspaceBackend:
             proc = subprocess.Popen(self.netlink.argv([self.binary, "-f", self.device]),
                                     stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=out, env=env, start_new_session=True)
+        self.proc = proc
         (self.state_dir / PID_FILE).write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 10
         while not self._alive():
             if proc.poll() is not None:
                 raise BackendUnavailable(f"wireguard-go exited with {proc.returncode}")
             if time.monotonic() > deadline:
+                proc.kill()  # no stray wireguard-go holding the device name
+                proc.wait(5)
                 raise BackendUnavailable("wireguard-go did not open its UAPI socket")
             time.sleep(0.02)
         log.info("started wireguard-go device=%s pid=%d", self.device, proc.pid)
@@ -170,6 +225,15 @@ class KernelBackend:
             # before a restart; the userspace backend adopts it.
             raise BackendUnavailable(f"no WireGuard netlink family ({e})") from None
         _link_up(self.device, mtu, self.netlink)
+
+    def alive(self) -> bool:
+        return _link_is_up(self.device, self.netlink)
+
+    def pid(self) -> int | None:
+        return None  # the kernel's device has no process to watch
+
+    def restart(self, keys: KeyPair, port: int, mtu: int) -> None:
+        self.ensure(keys, port, mtu)
 
     def info(self) -> DeviceInfo:
         out = DeviceInfo()
@@ -275,16 +339,23 @@ class PeerOps:
 class RouteOps:
     """Routes in the encryption table; an ip rule per family sends lookups there before
     `main`. Pod CIDRs are IPv4 and IPv6 alike, so every dump asks for both families
-    (netlink dumps one family per request)."""
+    (netlink dumps one family per request).
+
+    In strict mode every remote pod CIDR also gets a blackhole at `FALLBACK_METRIC`, put in
+    before its device route and left in place by stop: whatever happens to the device, the
+    CIDR's traffic is encrypted or dropped."""
 
     def __init__(self, device: str, table: int, priority: int,
-                 netlink: Netlink = AGENT_NETNS) -> None:
+                 netlink: Netlink = AGENT_NETNS, *, strict: bool = False) -> None:
         self.device = device
         self.table = table
         self.priority = priority
         self.netlink = netlink
+        self.strict = strict
 
-    def ensure_rule(self) -> None:
+    def ensure_rule(self) -> bool:
+        """Add the rule where it is missing; True when one had to be added."""
+        added = False
         with self.netlink.route() as ipr:
             for family in FAMILIES:
                 if any((rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_PRIORITY"))
@@ -292,13 +363,18 @@ class RouteOps:
                     continue
                 try:
                     ipr.rule("add", family=family, table=self.table, priority=self.priority)
+                    added = True
                 except NetlinkError as e:
                     if family != AF_INET6 or e.code != EAFNOSUPPORT:
                         raise
                     log.info("no IPv6 in this namespace: encryption rule for IPv4 only")
+        return added
 
     def _update(self, r: EncryptedRoute) -> None:
         with self.netlink.route() as ipr:
+            if self.strict:
+                ipr.route("replace", dst=r.dst, family=_family(r.dst), table=self.table,
+                          type="blackhole", proto=RTPROT_PLEXUS, priority=FALLBACK_METRIC)
             if r.kind == "blackhole":
                 ipr.route("replace", dst=r.dst, family=_family(r.dst), table=self.table,
                           type="blackhole", proto=RTPROT_PLEXUS)
@@ -311,11 +387,13 @@ class RouteOps:
 
     def _delete(self, r: EncryptedRoute) -> None:
         with self.netlink.route() as ipr:
-            try:
-                ipr.route("del", dst=r.dst, family=_family(r.dst), table=self.table)
-            except NetlinkError as e:
-                if e.code != 3:  # ESRCH: gone already
-                    raise
+            for _ in range(8):  # the device route and the fallback: one per request
+                try:
+                    ipr.route("del", dst=r.dst, family=_family(r.dst), table=self.table)
+                except NetlinkError as e:
+                    if e.code != ESRCH:  # gone already
+                        raise
+                    return
 
     def _prune(self, rows: list[EncryptedRoute]) -> None:
         keep = {ipaddress.ip_network(r.dst, strict=False) for r in rows}
@@ -326,11 +404,18 @@ class RouteOps:
                     if dst is None or route.get_attr("RTA_TABLE") != self.table:
                         continue
                     net = ipaddress.ip_network(f"{dst}/{route['dst_len']}")
-                    if net not in keep:
+                    metric = route.get_attr("RTA_PRIORITY") or 0
+                    # a fallback outlives strict mode only until the first prune
+                    stale_fallback = not self.strict and metric == FALLBACK_METRIC
+                    if net not in keep or stale_fallback:
                         # its own scope: the kernel matches it, and a route someone added
                         # by hand is often scope link
-                        ipr.route("del", dst=str(net), family=family, table=self.table,
-                                  scope=route["scope"])
+                        try:
+                            ipr.route("del", dst=str(net), family=family, table=self.table,
+                                      scope=route["scope"], priority=metric)
+                        except NetlinkError as e:
+                            if e.code != ESRCH:
+                                raise
 
     async def update(self, r: EncryptedRoute) -> None:
         await asyncio.to_thread(self._update, r)

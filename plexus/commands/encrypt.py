@@ -34,10 +34,25 @@ def _render(s: dict[str, Any]) -> str:
             f"strict {s['strict']}\npublic key {s['publicKey']}")
     rows = [(p["node"], p["endpoint"], ",".join(p["allowedIPs"]), _when(p["latestHandshake"]),
              p["rxBytes"], p["txBytes"]) for p in s["peers"]]
-    out = [head, table(rows, ["NODE", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"])]
+    out = [head + _device_line(s.get("deviceHealth")),
+           table(rows, ["NODE", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"])]
     if s["refused"]:
         out.append("refused:\n" + "\n".join(f"  {n}: {why}" for n, why in s["refused"].items()))
     return "\n\n".join(out)
+
+
+def _device_line(health: dict[str, Any] | None) -> str:
+    if not health:
+        return ""
+    state = "up" if health["up"] else f"DOWN since {_when(health['downSince'])}"
+    line = f"\ndevice {state}  restarts {health['restarts']}"
+    last = health.get("lastOutage")
+    if last:
+        line += (f"  last outage {_when(last['since'])} for {last['seconds']}s"
+                 f" ({last['reason']})")
+    if health.get("lastError"):
+        line += f"\nrestart failing: {health['lastError']}"
+    return line
 
 
 def _status(args: argparse.Namespace) -> int:
