@@ -14,10 +14,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Markers follow the folder, so a test cannot forget its own.
     for item in items:
         path = str(item.fspath)
-        for marker in ("integration", "privileged", "e2e"):
+        for marker in ("integration", "privileged", "e2e", "chaos"):
             if f"/tests/{marker}/" in path:
                 item.add_marker(getattr(pytest.mark, marker))
-    if any(item.get_closest_marker(m) for item in items for m in ("integration", "privileged", "e2e")):
+    if any(item.get_closest_marker(m) for item in items
+           for m in ("integration", "privileged", "e2e", "chaos")):
         hold_machine_lock()
 
 

@@ -235,6 +235,19 @@ class Lab:
                    env={"PYTHONPATH": str(REPO_ROOT)}),
         ]
 
+    def start(self, *names: str) -> None:
+        """Start these recorded daemons again where they do not run, each awaited, nothing
+        else touched (bring back one etcd member of several, for instance)."""
+        state = self._own_state()
+        daemons = {d.name: d for group in [self.router_daemons(),
+                                           *(self.control_plane(c) for c in self.topo.clusters),
+                                           *(self.node_daemons(n) for n in self.topo.nodes())]
+                   for d in group}
+        unknown = [n for n in names if n not in daemons]
+        if unknown:
+            raise LabError(f"no lab daemon {', '.join(unknown)} (known: {', '.join(daemons)})")
+        self._ensure_all(state, [[daemons[n]] for n in names])
+
     def _ensure_all(self, state: State, groups: list[list[Daemon]]) -> None:
         """Each group (a cluster's or a node's daemons) starts in order; the groups side by side."""
         for step in range(max((len(g) for g in groups), default=0)):
