@@ -29,6 +29,9 @@ _GRPC_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 PAGE = 5000
+# etcd refuses calls, and cancels watches, on a member that has lost its leader ("no leader",
+# UNAVAILABLE) instead of serving them stale or leaving a watch silent: the client moves on.
+_REQUIRE_LEADER = (("hasleader", "true"),)
 
 
 class KvError(Exception):
@@ -131,6 +134,7 @@ class KvStore:
         self._watch: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
+        self._closes = 0  # a watch resumes only on the store it started on, never after close()
 
     async def connect(self) -> None:
         if self._channel is not None:
@@ -144,7 +148,14 @@ class KvStore:
                     certificate_chain=self.tls.cert_file.read_bytes() if self.tls.cert_file else None)
             except OSError as e:
                 raise KvError(f"cannot read TLS material: {e}") from None
-            self._channel = grpc.aio.secure_channel(self._target, creds, options=_GRPC_OPTIONS)
+            options: list[tuple[str, str | int]] = list(_GRPC_OPTIONS)
+            if self._target.startswith("ipv4:") and "," in self._target:
+                # Several addresses share one channel, whose authority is none of them: every
+                # member is checked against the first one's address, so the members' server
+                # certificate must name every member (as one certificate per cluster does).
+                first = self._target.removeprefix("ipv4:").split(",")[0].rsplit(":", 1)[0]
+                options.append(("grpc.ssl_target_name_override", first))
+            self._channel = grpc.aio.secure_channel(self._target, creds, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(self._target, options=_GRPC_OPTIONS)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)
@@ -153,6 +164,7 @@ class KvStore:
         self._maintenance = rpc_pb2_grpc.MaintenanceStub(self._channel)
 
     async def close(self) -> None:
+        self._closes += 1
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -169,7 +181,8 @@ class KvStore:
         await self.connect()
         try:
             call = getattr(getattr(self, stub), method)
-            return await call(request, timeout=deadline or self.timeout, wait_for_ready=False)
+            return await call(request, timeout=deadline or self.timeout, wait_for_ready=False,
+                              metadata=_REQUIRE_LEADER)
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
 
@@ -281,7 +294,7 @@ class KvStore:
             yield rpc.LeaseKeepAliveRequest(ID=lease)
 
         try:
-            call = self._lease.LeaseKeepAlive(one(), timeout=self.timeout)
+            call = self._lease.LeaseKeepAlive(one(), timeout=self.timeout, metadata=_REQUIRE_LEADER)
             async for resp in call:
                 return int(resp.TTL)
         except grpc.aio.AioRpcError as e:
@@ -292,9 +305,33 @@ class KvStore:
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[tuple[list[Event], int]]:
         """Yield (events, revision) for keys under `prefix` from `start_revision` on.
 
-        Raises Unavailable when the stream breaks and Compacted when the revision is gone;
-        the caller relists. Progress notifications arrive as empty event lists.
+        With several endpoints, a broken stream is resumed on another member from the
+        revision after the last one delivered (revisions are the cluster's, not a member's),
+        so losing one member goes unnoticed. Raises Unavailable when no member takes the
+        watch again, and Compacted when the revision is gone; the caller relists. Progress
+        notifications arrive as empty event lists.
         """
+        next_revision = start_revision
+        closes = self._closes
+        failed = 0  # resumes in a row that did not get a watch going
+        while True:
+            try:
+                async for events, revision in self._watch_stream(prefix, next_revision):
+                    failed = 0
+                    if events is None:
+                        continue  # created
+                    next_revision = (events[-1].mod_revision if events else revision) + 1
+                    yield events, revision
+                raise Unavailable("watch stream ended")
+            except Unavailable:
+                failed += 1
+                if len(self.endpoints) < 2 or failed > len(self.endpoints) or closes != self._closes:
+                    raise
+            await asyncio.sleep(0.2)  # the channel moves to the next member that answers
+
+    async def _watch_stream(self, prefix: str, start_revision: int
+                            ) -> AsyncIterator[tuple[list[Event] | None, int]]:
+        """One Watch call: None once the watch is created, then what `watch` yields."""
         await self.connect()
         p = prefix.encode()
         done = asyncio.Event()
@@ -305,7 +342,7 @@ class KvStore:
                 progress_notify=True, fragment=True))  # large batches come in parts
             await done.wait()
 
-        call = self._watch.Watch(requests())
+        call = self._watch.Watch(requests(), metadata=_REQUIRE_LEADER)
         parts: list[Event] = []  # of a response etcd sent in fragments
         try:
             async for resp in call:
@@ -317,6 +354,7 @@ class KvStore:
                         raise PermissionDenied(reason)
                     raise KvError(reason)
                 if resp.created and not resp.events:
+                    yield None, int(resp.header.revision)
                     continue
                 events = [Event("delete" if ev.type == 1 else "put", ev.kv.key.decode(errors="replace"),
                                 ev.kv.value, int(ev.kv.mod_revision)) for ev in resp.events]
@@ -325,8 +363,9 @@ class KvStore:
                     continue
                 events, parts = parts + events, []
                 yield events, int(resp.header.revision)
-            raise Unavailable("watch stream ended")
         except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INTERNAL:  # how a stream the member cut (no leader) ends
+                raise Unavailable(e.details() or "watch stream cut") from None
             raise _translate(e) from None
         finally:
             done.set()

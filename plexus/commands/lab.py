@@ -11,13 +11,16 @@ from plexus.commands.common import add_output_arg, emit, table
 from plexus.core.client import Client
 from plexus.lab.lab import Lab
 from plexus.lab.ops import LabError, run
-from plexus.lab.topology import Node, pod_netns
+from plexus.lab.topology import ETCD_MEMBER_COUNTS, Node, pod_netns
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("lab", help="the whole system on this machine, in network namespaces")
     lab = p.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    lab.add_parser("up", help="build the lab (harmless when it is up)").set_defaults(func=_up)
+    u = lab.add_parser("up", help="build the lab (harmless when it is up)")
+    u.add_argument("--etcd-members", type=int, choices=ETCD_MEMBER_COUNTS, default=None,
+                   help="etcd members per cluster (default: as the running lab has them, else 1)")
+    u.set_defaults(func=_up)
     s = lab.add_parser("status", help="what runs, what the agents say, the router's routes")
     add_output_arg(s)
     s.set_defaults(func=_status)
@@ -65,8 +68,8 @@ def _guard(fn: Any) -> Any:
 
 
 @_guard
-def _up(_args: argparse.Namespace) -> int:
-    Lab(say=_say).up()
+def _up(args: argparse.Namespace) -> int:
+    Lab(say=_say).up(etcd_members=args.etcd_members)
     return 0
 
 
@@ -84,6 +87,12 @@ def _render_status(s: dict[str, Any]) -> str:
                                       for k, v in s["namespaces"].items())]
     out.append(table([(n, p["netns"], p["pid"], "running" if p["alive"] else "DEAD")
                       for n, p in s["processes"].items()], ["PROCESS", "NETNS", "PID", "STATE"]))
+    members = [(cluster, m["name"], m["endpoint"], m["pid"] or "",
+                "running" if m["alive"] else "DEAD", m["role"], m["revision"] or "")
+               for cluster, ms in s.get("etcd", {}).items() for m in ms]
+    if members:
+        out.append(table(members, ["CLUSTER", "ETCD MEMBER", "ENDPOINT", "PID", "STATE", "ROLE",
+                                   "REVISION"]))
     rows = []
     for node, st in s["agents"].items():
         if "error" in st:

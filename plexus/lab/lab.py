@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 
 from clustermesh.pki import (
     REMOTE_PORT,
@@ -39,12 +40,14 @@ from plexus.lab.topology import (
     ROUTER,
     ROUTER_ASN,
     Cluster,
+    EtcdMember,
     Host,
     Node,
     Topology,
     default,
     is_lab_netns,
     pod_netns,
+    with_etcd_members,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +96,7 @@ class State:
     processes: dict[str, Process] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     repo: str = str(REPO_ROOT)
+    etcd_members: dict[str, int] = field(default_factory=dict)  # per cluster, as last brought up
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -103,14 +107,16 @@ class State:
         # a state file from another version may carry more: keep what this one knows
         return cls({k: Process(**{f: v[f] for f in fields if f in v})
                     for k, v in raw.get("processes", {}).items()},
-                   raw.get("pods", {}), raw.get("repo", str(REPO_ROOT)))
+                   raw.get("pods", {}), raw.get("repo", str(REPO_ROOT)),
+                   raw.get("etcd_members", {}))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"repo": self.repo,
                                    "processes": {k: v.__dict__ for k, v in self.processes.items()},
-                                   "pods": self.pods}, indent=1))
+                                   "pods": self.pods, "etcd_members": self.etcd_members},
+                                  indent=1))
         os.replace(tmp, path)
 
     def alive(self) -> list[Process]:
@@ -120,10 +126,15 @@ class State:
 class Lab:
     def __init__(self, topo: Topology | None = None, root: Path = LAB_DIR,
                  say: Callable[[str], None] = print) -> None:
-        self.topo = topo or default()
         self.root = root
         self.state_path = root / "state.json"
         self.say = say
+        if topo is None:  # the lab as it was brought up: as many etcd members as then
+            topo = default()
+            recorded = State.load(self.state_path).etcd_members
+            known = {c.name for c in topo.clusters}
+            topo = with_etcd_members(topo, {k: v for k, v in recorded.items() if k in known})
+        self.topo = topo
 
     # ---- paths ----------------------------------------------------------------------
     def node_dir(self, node: Node) -> Path:
@@ -133,10 +144,16 @@ class Lab:
         return lab_socket(node.key) if self.root == LAB_DIR else self.node_dir(node) / "agent.sock"
 
     # ---- up -------------------------------------------------------------------------
-    def up(self) -> None:
+    def up(self, etcd_members: int | None = None) -> None:
+        """Build what is missing. `etcd_members` per cluster (default: as the lab has them, or
+        1); a lab whose etcd holds data is not switched to another count: down first."""
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
         state = self._own_state()
+        if etcd_members is not None:
+            self._set_etcd_members(etcd_members)
+        state.etcd_members = {c.name: c.etcd_members for c in self.topo.clusters}
+        state.save(self.state_path)
         self.say("==> network: router, segments, hosts")
         self._mount_bpffs()
         self._network()
@@ -145,8 +162,7 @@ class Lab:
         for c in self.topo.clusters:
             self.say(f"==> cluster {c.name} (id {c.id}) on {c.control_plane.ip}: "
                      + ", ".join(d.name for d in self.control_plane(c)))
-            make_cluster_pki(c.name, self.pki(c.name), [c.control_plane.ip, "127.0.0.1"],
-                             advertise=[c.control_plane.ip])
+            self._cluster_pki(c)
         self._ensure_all(state, [self.control_plane(c) for c in self.topo.clusters])
         self.say("==> clustermesh: connecting " + " <-> ".join(c.name for c in self.topo.clusters))
         self._connect_clusters()
@@ -161,6 +177,20 @@ class Lab:
         ops.wait_for(self._bgp_routes_in, 90, "the router to learn every pod CIDR over BGP",
                      interval=0.3)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
+
+    def _set_etcd_members(self, count: int) -> None:
+        try:
+            wanted = with_etcd_members(self.topo, count)
+        except ValueError as e:
+            raise LabError(str(e)) from None
+        for have, want in zip(self.topo.clusters, wanted.clusters, strict=True):
+            if have.etcd_members != want.etcd_members and any(
+                    self.etcd_data(have, m).exists() for m in have.etcd):
+                raise LabError(
+                    f"cluster {have.name} runs {have.etcd_members} etcd member(s) holding the "
+                    f"lab's state; {want.etcd_members} would be a new etcd: `plexus lab down` "
+                    f"first, then `plexus lab up --etcd-members {want.etcd_members}`")
+        self.topo = wanted
 
     @property
     def bpffs(self) -> Path:
@@ -191,8 +221,13 @@ class Lab:
         """The processes of one cluster's control plane, in start order."""
         ns = c.control_plane.netns
         py = {"PYTHONPATH": str(REPO_ROOT)}
+        *first, last = c.etcd
+        # Members start one after another, but none is healthy before a quorum runs: the
+        # earlier ones count as started once they listen for their peers.
         return [
-            Daemon(f"etcd-{c.name}", ns, TIER_CONTROL_PLANE, self._etcd_argv(c),
+            *(Daemon(m.process, ns, TIER_CONTROL_PLANE, self._etcd_argv(c, m),
+                     partial(self._etcd_listening, ns, m)) for m in first),
+            Daemon(last.process, ns, TIER_CONTROL_PLANE, self._etcd_argv(c, last),
                    lambda: self.etcd_healthy(ns, c), after=lambda: self._etcd_auth(c)),
             Daemon(f"apiserver-{c.name}", ns, TIER_CONTROL_PLANE, self._apiserver_argv(c),
                    lambda: self._apiserver_synced(c), env=py),
@@ -208,6 +243,19 @@ class Lab:
                    lambda: self._agent_ready(n), files={conf: self.agent_config(n)},
                    env={"PYTHONPATH": str(REPO_ROOT)}),
         ]
+
+    def start(self, *names: str) -> None:
+        """Start these recorded daemons again where they do not run, each awaited, nothing
+        else touched (bring back one etcd member of several, for instance)."""
+        state = self._own_state()
+        daemons = {d.name: d for group in [self.router_daemons(),
+                                           *(self.control_plane(c) for c in self.topo.clusters),
+                                           *(self.node_daemons(n) for n in self.topo.nodes())]
+                   for d in group}
+        unknown = [n for n in names if n not in daemons]
+        if unknown:
+            raise LabError(f"no lab daemon {', '.join(unknown)} (known: {', '.join(daemons)})")
+        self._ensure_all(state, [[daemons[n]] for n in names])
 
     def _ensure_all(self, state: State, groups: list[list[Daemon]]) -> None:
         """Each group (a cluster's or a node's daemons) starts in order; the groups side by side."""
@@ -280,6 +328,11 @@ class Lab:
         ops.run("ip", "-n", ROUTER, "link", "set", host.router_link, "master",
                 host.segment.bridge, "up")
         ops.run("ip", "-n", host.netns, "link", "set", "eth0", "up")
+        for c in self.topo.clusters:  # the etcd members after the first have addresses of their own
+            if c.control_plane == host:
+                for m in c.etcd[1:]:
+                    ops.run("ip", "-n", host.netns, "addr", "replace",
+                            f"{m.ip}/{host.segment.prefixlen}", "dev", "eth0")
         ops.run("ip", "-n", host.netns, "route", "replace", "default", "via", host.segment.gateway)
         if host.role == "node":
             ops.sysctl(host.netns, "net.ipv4.ip_forward", "1")
@@ -370,25 +423,80 @@ protocol kernel {{
     def pki(self, cluster: str) -> Path:
         return self.root / "pki" / cluster
 
-    def _etcd_argv(self, c: Cluster) -> list[str]:
-        data = self.root / "clusters" / c.name / "etcd"
+    def _cluster_pki(self, c: Cluster) -> None:
+        """The server certificate names every member's address; one made for fewer members
+        is made again (its CA, and so every client certificate, stays)."""
+        pki = self.pki(c.name)
+        ips = [m.ip for m in c.etcd]
+        server = pki / "server.crt"
+        if server.exists():
+            sans = x509.load_pem_x509_certificate(server.read_bytes()).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+            if not {str(ip) for ip in sans} >= {*ips, "127.0.0.1"}:
+                server.unlink()
+                (pki / "server.key").unlink(missing_ok=True)
+        make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=ips)
+
+    def etcd_data(self, c: Cluster, m: EtcdMember) -> Path:
+        d = self.root / "clusters" / c.name
+        return d / "etcd" if len(c.etcd) == 1 else d / m.process
+
+    def _etcd_argv(self, c: Cluster, m: EtcdMember) -> list[str]:
+        data = self.etcd_data(c, m)
         data.parent.mkdir(parents=True, exist_ok=True)
-        return ["etcd", "--name", c.name, "--data-dir", str(data),
-                "--listen-client-urls", f"{c.etcd_url},https://127.0.0.1:2379",
-                "--advertise-client-urls", c.etcd_url,
-                "--listen-peer-urls", "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                "--initial-cluster", f"{c.name}=http://127.0.0.1:2380",
-                *etcd_tls_args(self.pki(c.name)),
-                "--logger", "zap", "--log-level", "warn"]
+        tls = etcd_tls_args(self.pki(c.name))
+        if len(c.etcd) == 1:  # peers on loopback: nobody else to talk to
+            peers = ["--listen-peer-urls", "http://127.0.0.1:2380",
+                     "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                     "--initial-cluster", f"{m.name}=http://127.0.0.1:2380"]
+        else:
+            pki = self.pki(c.name)
+            peers = ["--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+                     "--initial-cluster", ",".join(f"{o.name}={o.peer_url}" for o in c.etcd),
+                     "--initial-cluster-state", "new", "--initial-cluster-token", f"plexus-{c.name}",
+                     "--peer-cert-file", str(pki / "server.crt"), "--peer-key-file", str(pki / "server.key"),
+                     "--peer-trusted-ca-file", str(pki / "ca.crt"), "--peer-client-cert-auth"]
+        # The first member also answers on loopback, where `plexus apply --lab` looks.
+        local = ",https://127.0.0.1:2379" if m == c.etcd[0] else ""
+        return ["etcd", "--name", m.name, "--data-dir", str(data),
+                "--listen-client-urls", f"{m.url}{local}", "--advertise-client-urls", m.url,
+                *peers, *tls, "--logger", "zap", "--log-level", "warn"]
 
     def etcdctl(self, ns: str, c: Cluster, *args: str, url: str | None = None,
                 check: bool = False) -> subprocess.CompletedProcess[str]:
-        return ops.run("etcdctl", "--endpoints", url or c.etcd_url, "--dial-timeout", "2s",
+        """etcdctl as the cluster's admin against `url`, or every member."""
+        return ops.run("etcdctl", "--endpoints", url or ",".join(c.etcd_urls), "--dial-timeout", "2s",
                        *etcdctl_tls(self.pki(c.name)), *args, ns=ns, check=check)
 
     def etcd_healthy(self, ns: str, c: Cluster) -> bool:
+        """Every member answers from `ns` and commits (a quorum read)."""
         return self.etcdctl(ns, c, "endpoint", "health").returncode == 0
+
+    def _etcd_listening(self, ns: str, m: EtcdMember) -> bool:
+        return f"{m.ip}:2380 " in ops.run("ss", "-Hltn", ns=ns, check=False).stdout
+
+    def etcd_members_status(self, c: Cluster) -> list[dict[str, Any]]:
+        """Per member: endpoint, PID, alive, and its role as it says itself."""
+        state = State.load(self.state_path)
+        r = self.etcdctl(c.control_plane.netns, c, "endpoint", "status", "-w", "json")
+        said: dict[str, dict[str, Any]] = {}
+        try:
+            said = {e["Endpoint"]: e["Status"] for e in json.loads(r.stdout or "[]")}
+        except (ValueError, KeyError, TypeError):
+            pass
+        out = []
+        for m in c.etcd:
+            proc = state.processes.get(m.process)
+            st = said.get(m.url)
+            role = "down"
+            if st is not None:
+                leader = st.get("leader", 0)
+                role = ("no leader" if not leader else
+                        "leader" if leader == st.get("header", {}).get("member_id") else "follower")
+            out.append({"name": m.name, "endpoint": m.url, "pid": proc.pid if proc else None,
+                        "alive": bool(proc and ops.alive(proc.pid, proc.marker)), "role": role,
+                        "revision": st.get("header", {}).get("revision") if st else None})
+        return out
 
     def _etcd_auth(self, c: Cluster) -> None:
         marker = self.root / "clusters" / c.name / "auth-enabled"
@@ -414,7 +522,9 @@ protocol kernel {{
     def _apiserver_argv(self, c: Cluster) -> list[str]:
         pki = self.pki(c.name)
         return [sys.executable, "-m", "plexus", "clustermesh-apiserver", "--cluster-name", c.name,
-                "--cluster-id", str(c.id), "--etcd", "https://127.0.0.1:2379",
+                "--cluster-id", str(c.id),
+                *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
+                  for f in ("--etcd", url)),
                 "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
                 "--key", str(pki / "admin.key"), "--identity-gc-grace", "60",
                 "--api-socket", str(self.apiserver_socket(c)),
@@ -463,7 +573,7 @@ protocol kernel {{
             "apiSocket": str(self.socket(n)),
             "metrics": {"address": n.host.ip, "port": 9962},
             "clustermesh": {
-                "etcd": {"endpoints": [c.etcd_url], "trustedCaFile": str(pki / "ca.crt"),
+                "etcd": {"endpoints": c.etcd_urls, "trustedCaFile": str(pki / "ca.crt"),
                          "certFile": str(pki / "admin.crt"), "keyFile": str(pki / "admin.key")},
                 "configDir": str(d / "clustermesh"),
             },
@@ -556,6 +666,8 @@ protocol kernel {{
                                    "alive": ops.alive(p.pid, p.marker)}
                           for p in state.processes.values()},
             "agents": agents,
+            "etcd": {c.name: self.etcd_members_status(c) for c in self.topo.clusters
+                     if c.control_plane.netns in present},
             "pods": state.pods,
             "router_routes": self.birdc("show", "route") if ROUTER in present else "",
             "router_protocols": self.birdc("show", "protocols") if ROUTER in present else "",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 PREFIX = "plx-"
 ROUTER = "plx-router"
 ROUTER_ASN = 65000
+ETCD_MEMBER_COUNTS = (1, 3, 5)  # odd: an even count tolerates no more failures than one less
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,27 @@ class Node:
 
 
 @dataclass(frozen=True)
+class EtcdMember:
+    """One member of a cluster's etcd, on its own address in the control-plane namespace."""
+
+    name: str  # etcd's --name
+    ip: str
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.ip}:2379"
+
+    @property
+    def peer_url(self) -> str:
+        return f"https://{self.ip}:2380"
+
+    @property
+    def process(self) -> str:
+        """The name the lab records its PID under."""
+        return f"etcd-{self.name}"
+
+
+@dataclass(frozen=True)
 class Cluster:
     name: str
     id: int
@@ -73,10 +97,25 @@ class Cluster:
     control_plane: Host
     nodes: tuple[Node, ...]
     service_cidr: str
+    etcd_members: int = 1
 
     @property
     def etcd_url(self) -> str:
+        """The first member's endpoint (the only one with a single member)."""
         return f"https://{self.control_plane.ip}:2379"
+
+    @property
+    def etcd(self) -> tuple[EtcdMember, ...]:
+        """The members: one is named after the cluster; several are `<cluster>-<i>` on the
+        control plane's address and the ones after it."""
+        if self.etcd_members == 1:
+            return (EtcdMember(self.name, self.control_plane.ip),)
+        first = ipaddress.ip_address(self.control_plane.ip)
+        return tuple(EtcdMember(f"{self.name}-{i}", str(first + i)) for i in range(self.etcd_members))
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        return [m.url for m in self.etcd]
 
 
 @dataclass(frozen=True)
@@ -114,6 +153,26 @@ class Topology:
         return [ROUTER] + [h.netns for h in self.hosts()]
 
 
+def with_etcd_members(topo: Topology, members: int | Mapping[str, int]) -> Topology:
+    """`topo` with `members` etcd members in every cluster (an int) or in the named ones."""
+    wanted = {c.name: members for c in topo.clusters} if isinstance(members, int) else dict(members)
+    unknown = set(wanted) - {c.name for c in topo.clusters}
+    if unknown:
+        raise KeyError(f"no lab cluster {', '.join(sorted(unknown))}")
+    for name, count in wanted.items():
+        if count not in ETCD_MEMBER_COUNTS:
+            raise ValueError(f"cluster {name}: {count} etcd members; one of "
+                             f"{', '.join(map(str, ETCD_MEMBER_COUNTS))}")
+        c = topo.cluster(name)
+        last = ipaddress.ip_address(c.control_plane.ip) + count - 1
+        if last not in ipaddress.ip_network(c.segment.subnet) or int(last) & 0xFF == 0xFF:
+            raise ValueError(f"cluster {name}: {count} etcd members do not fit after "
+                             f"{c.control_plane.ip} in {c.segment.subnet}")
+    return dataclasses.replace(topo, clusters=tuple(
+        dataclasses.replace(c, etcd_members=wanted.get(c.name, c.etcd_members))
+        for c in topo.clusters))
+
+
 POD_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?$")
 
 
@@ -128,7 +187,7 @@ def is_lab_netns(name: str, topo: Topology) -> bool:
     return any(name.startswith(f"{PREFIX}{n.key}-") for n in topo.nodes())
 
 
-def default() -> Topology:
+def default(etcd_members: int | Mapping[str, int] = 1) -> Topology:
     east = Segment("east", "172.31.1.0/24")
     west = Segment("west", "172.31.2.0/24")
     vm = Segment("vm", "172.31.3.0/24")
@@ -142,9 +201,10 @@ def default() -> Topology:
             for i in (1, 2))
         return Cluster(name, cid, seg, cp, nodes, f"10.96.{octet}.0/24")
 
-    return Topology(
+    topo = Topology(
         segments=(east, west, vm, ext),
         clusters=(cluster("east", 1, east, 1), cluster("west", 2, west, 2)),
         vms=(Host(f"{PREFIX}vm1", vm, "172.31.3.10", "vm"),),
         external=(Host(f"{PREFIX}ext", ext, "198.51.100.10", "external"),),
     )
+    return topo if etcd_members == 1 else with_etcd_members(topo, etcd_members)

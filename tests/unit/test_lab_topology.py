@@ -92,3 +92,46 @@ def test_router_peers_with_every_node_and_takes_pod_cidrs_from_bgp_only() -> Non
         kinds = sorted(d.kind for d in load_documents([f]))
         assert kinds == ["BGPAdvertisement", "BGPClusterConfig", "BGPPeerConfig"]
 
+
+
+def test_etcd_members_get_their_own_addresses_names_and_endpoints() -> None:
+    import pytest
+
+    from plexus.lab.topology import with_etcd_members
+
+    one = default().cluster("east")
+    assert [(m.name, m.ip, m.process) for m in one.etcd] == [("east", "172.31.1.250", "etcd-east")]
+    assert one.etcd_urls == [one.etcd_url]
+    topo = default(3)
+    east = topo.cluster("east")
+    assert [(m.name, m.ip, m.process) for m in east.etcd] == [
+        ("east-0", "172.31.1.250", "etcd-east-0"), ("east-1", "172.31.1.251", "etcd-east-1"),
+        ("east-2", "172.31.1.252", "etcd-east-2")]
+    assert east.etcd_url == "https://172.31.1.250:2379"
+    hosts = {h.ip for h in topo.hosts()} - {east.control_plane.ip}
+    assert not hosts & {m.ip for m in east.etcd}
+    mixed = with_etcd_members(default(), {"west": 5})
+    assert [len(c.etcd) for c in mixed.clusters] == [1, 5]
+    for bad in (2, 4, 7):
+        with pytest.raises(ValueError, match="etcd members"):
+            with_etcd_members(default(), bad)
+    with pytest.raises(KeyError):
+        with_etcd_members(default(), {"north": 3})
+
+
+def test_agents_and_the_apiserver_are_given_every_member() -> None:
+    import yaml
+
+    with tempfile.TemporaryDirectory() as d:
+        lab = Lab(default(3), root=Path(d))
+        east = lab.topo.cluster("east")
+        cfg = yaml.safe_load(lab.agent_config(lab.topo.node("east", "n2")))
+        assert cfg["clustermesh"]["etcd"]["endpoints"] == [
+            "https://172.31.1.250:2379", "https://172.31.1.251:2379", "https://172.31.1.252:2379"]
+        argv = lab._apiserver_argv(east)
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == east.etcd_urls
+        names = [d.name for d in lab.control_plane(east)]
+        assert names == ["etcd-east-0", "etcd-east-1", "etcd-east-2", "apiserver-east"]
+        single = Lab(root=Path(d) / "one")
+        argv = single._apiserver_argv(single.topo.cluster("west"))
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == ["https://127.0.0.1:2379"]
