@@ -25,15 +25,17 @@ from bgp.tables import (
     IPNetwork,
     PeerRoutes,
     RouteAttrs,
+    eligible_services,
     neighbors_table,
     peer_routes_table,
     resolve,
 )
+from clustermesh.manifests import Service
 from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
-from plexus.core.node import LOCAL_NODE
+from plexus.core.node import ENDPOINTS, LOCAL_NODE
 from plexus.core.reconciler import Backoff, Reconciler
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,12 @@ class BGPControlPlane:
         self.config = config
         self.local = hive.require(LOCAL_NODE)
         self.manifests = hive.require(MANIFESTS)
-        self.services = hive.optional(SERVICES)
+        self.services = hive.optional(SERVICES)  # what the mesh publishes: global services
+        self.endpoints = hive.optional(ENDPOINTS)  # this node's pods, for externalTrafficPolicy Local
         self.table = peer_routes_table()
         self.neighbors = neighbors_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
+        self.service_cache = ManifestCache({"Service": Service}, log)  # this cluster's, every one
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
         self.drain_flag = self.run_dir / "drained"
@@ -79,6 +83,8 @@ class BGPControlPlane:
         self.hive.spawn("bgp", self._follow(self.manifests), "manifests")
         if self.services is not None:
             self.hive.spawn("bgp", self._follow(self.services), "services")
+        if self.endpoints is not None:
+            self.hive.spawn("bgp", self._follow(self.endpoints), "endpoints")
         self.hive.spawn("bgp", self._recompute_loop(), "recompute")
 
     async def stop(self) -> None:
@@ -99,7 +105,12 @@ class BGPControlPlane:
     def recompute(self) -> None:
         self.cache.sync(m for m in self.manifests
                         if m.kind in MANIFEST_KINDS and m.cluster == self.local.cluster)
-        res = resolve(self.cache, self.local, self.services or [], self.config.secrets_dir)
+        # The clustermesh feature validates Service manifests and reports bad ones.
+        self.service_cache.sync(m for m in self.manifests
+                                if m.kind == "Service" and m.cluster == self.local.cluster)
+        services = eligible_services(self.services or [], self.service_cache.parsed(Service).values(),
+                                     self.local, self.endpoints or [])
+        res = resolve(self.cache, self.local, services, self.config.secrets_dir)
         if res.problems != self.problems:
             for where, p in res.problems.items():
                 if self.problems.get(where) != p and p not in self.cache.problems.values():

@@ -25,14 +25,16 @@ from bgp.models import (
     large_community,
     standard_community,
 )
+from clustermesh.manifests import Service
 from clustermesh.models import (
     SERVICE_LABEL_EXTERNAL_IPS,
     SERVICE_LABEL_LB_IP,
     SERVICE_LABEL_TRAFFIC_POLICY,
     ClusterService,
+    L4Addr,
 )
 from plexus.core.manifests import ManifestCache
-from plexus.core.node import LocalNode
+from plexus.core.node import Endpoint, LocalNode
 from plexus.core.tables import Table
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -175,6 +177,42 @@ def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
                 addrs += _addresses(svc.labels.get(EXTERNAL_IPS_LABEL, ""))
         out += [ipaddress.ip_network(a) for a in addrs]
     return out
+
+
+def local_service(svc: Service, local: LocalNode, endpoints: Iterable[Endpoint]) -> ClusterService:
+    """A Service manifest of this node's cluster, global or not, as the record BGP reads:
+    its addresses, and as backends the pods of this node it selects and its explicit ones
+    (all that `externalTrafficPolicy: Local` asks about)."""
+    spec = svc.spec
+    ports = {p.name or str(p.port): L4Addr(p.protocol, p.port) for p in spec.ports}
+    frontends = {str(ip): ports for ip in [spec.cluster_ip, spec.load_balancer_ip, *spec.external_ips]
+                 if ip is not None}
+    backends: dict[str, dict[str, L4Addr]] = {}
+    if spec.selector:
+        for ep in endpoints:
+            if ep.namespace == svc.metadata.namespace and all(
+                    ep.labels.get(k) == v for k, v in spec.selector.items()):
+                backends.update({ip: ports for ip in (ep.ip, ep.ipv6) if ip})
+    backends.update({str(b.ip): ports for b in spec.backends})
+    labels = {**svc.metadata.labels, TRAFFIC_POLICY_LABEL: spec.external_traffic_policy}
+    if spec.load_balancer_ip is not None:
+        labels[LB_IP_LABEL] = str(spec.load_balancer_ip)
+    if spec.external_ips:
+        labels[EXTERNAL_IPS_LABEL] = ",".join(map(str, spec.external_ips))
+    return ClusterService(cluster=local.cluster, namespace=svc.metadata.namespace, name=svc.metadata.name,
+                          frontends=frontends, backends=backends, labels=labels,
+                          selector=dict(spec.selector), cluster_id=local.cluster_id)
+
+
+def eligible_services(published: Iterable[ClusterService], local_manifests: Iterable[Service],
+                      local: LocalNode, endpoints: Iterable[Endpoint]) -> list[ClusterService]:
+    """Every Service of this node's cluster: from its manifests, global or not (as Cilium's
+    BGP control plane does), and any the mesh publishes that no manifest here covers."""
+    eps = list(endpoints)
+    out = {s.key: s for s in published if s.cluster == local.cluster}
+    out.update({(local.cluster, m.metadata.namespace, m.metadata.name): local_service(m, local, eps)
+                for m in local_manifests})
+    return [out[k] for k in sorted(out)]
 
 
 class Problem(ValueError):
