@@ -140,8 +140,8 @@ def test_every_local_service_is_eligible_not_only_global_ones() -> None:
                                       "externalTrafficPolicy": "Local", "selector": {"app": "api"}})
     elsewhere = svc_manifest("db", {"clusterIP": "10.96.0.12", "loadBalancerIP": "192.0.2.12",
                                     "externalTrafficPolicy": "Local", "selector": {"app": "db"}})
-    published = ClusterService("east", "default", "mesh-only", frontends={"10.96.0.13": {"h": L4Addr("TCP", 80)}},
-                               labels={"bgp": "y"})
+    published = ClusterService("east", "default", "mesh-only", labels={"bgp": "y"},
+                               frontends={"10.96.0.13": {"h": L4Addr("TCP", 80)}})
     pod = Endpoint("c1", "10.1.1.7", "default", "api-0", {"app": "api"}, "veth0")
     services = eligible_services([published], [local_lb, local_only, elsewhere], LOCAL, [pod])
     assert [s.name for s in services] == ["api", "db", "mesh-only", "web"]
