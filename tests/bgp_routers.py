@@ -24,6 +24,10 @@ from tests.support import sh
 NODE_IP6, ROUTER_IP6 = "fd00:255::1", "fd00:255::2"
 ROUTERS = ("bird", "frr", "gobgp")
 FRR_DIR = Path("/usr/lib/frr")
+# FRR names well-known communities in its JSON; the other routers give the numbers.
+FRR_WELL_KNOWN = {"noExport": "65535:65281", "noAdvertise": "65535:65282", "localAs": "65535:65283",
+                  "noPeer": "65535:65284", "blackhole": "65535:666", "gracefulShutdown": "65535:0",
+                  "acceptOwn": "65535:1", "llgrStale": "65535:6", "noLlgr": "65535:7"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ def available(kind: str) -> bool:
 
 def add_ipv6(lab: Lab) -> None:
     """IPv6 on the lab's link: the node's address is the next hop of its IPv6 routes."""
-    for ns, link, ip in ((lab.node_ns, lab.node_link, NODE_IP6), (lab.router_ns, lab.router_link, ROUTER_IP6)):
+    for ns, link, ip in ((lab.node_ns, lab.node_link, NODE_IP6),
+                         (lab.router_ns, lab.router_link, ROUTER_IP6)):
         sh("ip", "addr", "add", f"{ip}/64", "dev", link, "nodad", ns=ns)
 
 
@@ -187,11 +192,12 @@ router bgp {router_asn}
                 continue  # withdrawn meanwhile
             p = paths[0]
             hops = p.get("nexthops") or [{}]
+            path = str(p.get("aspath", {}).get("string", "")).split()
             out[prefix] = Route(
                 next_hop=str(hops[0].get("ip", "")),
-                as_path=tuple(int(x) for x in str(p.get("aspath", {}).get("string", "")).split() if x.isdigit()),
+                as_path=tuple(int(x) for x in path if x.isdigit()),
                 local_pref=p.get("locPrf", p.get("localpref")),
-                communities=tuple(p.get("community", {}).get("list", [])),
+                communities=tuple(FRR_WELL_KNOWN.get(c, c) for c in p.get("community", {}).get("list", [])),
                 large=tuple(p.get("largeCommunity", {}).get("list", [])))
         return out
 
@@ -266,6 +272,6 @@ class GoBgp:
             comms = tuple(f"{c >> 16}:{c & 0xFFFF}" for c in attrs.get(8, {}).get("communities", []))
             large = tuple(f"{c['ASN']}:{c['LocalData1']}:{c['LocalData2']}"
                           for c in attrs.get(32, {}).get("value", []))
-            out[prefix] = Route(next_hop=str(nh), as_path=tuple(path), local_pref=attrs.get(5, {}).get("value"),
-                                communities=comms, large=large)
+            out[prefix] = Route(next_hop=str(nh), as_path=tuple(path), communities=comms, large=large,
+                                local_pref=attrs.get(5, {}).get("value"))
         return out
