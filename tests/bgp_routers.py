@@ -256,6 +256,14 @@ class GoBgp:
         except ValueError:
             return None
 
+    def monitor(self, family: str) -> Monitor:
+        """`gobgp monitor global rib`, its JSON lines in a file (started into the lab's list)."""
+        path = self.run / f"monitor-{family}.jsonl"
+        host, port = self.API.split(":")
+        _popen(self.lab, "gobgp", "-u", host, "-p", port, "-j", "monitor", "global", "rib", "-a", family,
+               log=path)
+        return Monitor(path)
+
     def established(self) -> bool:
         n = self.gobgp("neighbor", NODE_IP)
         return isinstance(n, dict) and n.get("state", {}).get("session_state") in (6, "established")
@@ -274,4 +282,21 @@ class GoBgp:
                           for c in attrs.get(32, {}).get("value", []))
             out[prefix] = Route(next_hop=str(nh), as_path=tuple(path), communities=comms, large=large,
                                 local_pref=attrs.get(5, {}).get("value"))
+        return out
+
+
+@dataclass(frozen=True)
+class Monitor:
+    path: Path
+
+    def events(self) -> list[tuple[str, bool]]:
+        """(prefix, withdrawn) in the order GoBGP's RIB saw them."""
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                paths = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(paths, list):
+                out += [(p["nlri"]["prefix"], bool(p.get("withdrawal"))) for p in paths if "nlri" in p]
         return out

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ from bgp.tables import Neighbor
 from plexus.core.manifests import Manifest
 from plexus.core.node import LocalNode
 from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
-from tests.bgp_routers import NODE_IP6, ROUTERS, Route, Router, add_ipv6, available, start_router
+from tests.bgp_routers import (
+    NODE_IP6,
+    ROUTERS,
+    GoBgp,
+    Monitor,
+    Route,
+    Router,
+    add_ipv6,
+    available,
+    start_router,
+)
 from tests.privileged.test_bgp_router import CLUSTER, Agent, cluster_config, doc
 from tests.support import eventually, stop_pid
 
@@ -157,3 +168,37 @@ async def test_a_refused_config_leaves_the_session_up_and_says_why(
     await eventually(lambda: not speaker.refused, 10, 0.05, "refusal cleared")
     assert "ExaBGP" not in agent.bgp.status()["problems"] and agent.bgp.peers()[0]["reason"] == ""
     assert speaker.proc.pid == pid and lab.protocol_state() == state
+
+
+def saw(monitor: Monitor, since: int, event: tuple[str, bool]) -> bool:
+    return event in monitor.events()[since:]
+
+
+def state(what: str, router: Router, agent: Agent) -> str:
+    return (f"{what}; RIB {sorted(router.routes('ipv4'))}, "
+            f"advertised {[r['prefix'] for r in agent.bgp.advertised()]}")
+
+
+async def test_every_withdrawal_reaches_gobgps_rib_monitor(env: tuple[Lab, Agent]) -> None:
+    """Announce and withdraw a service in a loop with `gobgp monitor global rib` watching:
+    each withdrawal must show there (and so have gone on the wire) within seconds."""
+    if not available("gobgp"):
+        pytest.skip("gobgp is not installed (scripts/setup.sh installs it)")
+    lab, agent = env
+    router = start_router(lab, "gobgp")
+    assert isinstance(router, GoBgp)
+    for m in [cluster_config(peer_asn=ROUTER_ASN), peer_config("ipv4"), ADVERTS]:
+        agent.manifests.upsert(m)
+    await agent.bgp.start()
+    await eventually(lambda: "10.1.1.0/24" in router.routes("ipv4"), 30, 0.2, "session up with the pod CIDR")
+    monitor = router.monitor("ipv4")
+    for i in range(10):
+        seen = len(monitor.events())
+        agent.manifests.upsert(local_service())
+        await eventually(partial(saw, monitor, seen, ("192.0.2.10/32", False)), 10, 0.02,
+                         f"announcement {i} in the monitor")
+        seen = len(monitor.events())
+        agent.manifests.delete(local_service().key)
+        await eventually(partial(saw, monitor, seen, ("192.0.2.10/32", True)), 10, 0.02,
+                         partial(state, f"withdrawal {i} in the monitor", router, agent))
+    assert set(router.routes("ipv4")) == {"10.1.1.0/24"}
