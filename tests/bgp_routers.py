@@ -257,11 +257,12 @@ class GoBgp:
             return None
 
     def monitor(self, family: str) -> Monitor:
-        """`gobgp monitor global rib`, its JSON lines in a file (started into the lab's list)."""
+        """`gobgp monitor global rib --current` (what the RIB holds, then every change), its
+        JSON lines in a file (started into the lab's list)."""
         path = self.run / f"monitor-{family}.jsonl"
         host, port = self.API.split(":")
-        _popen(self.lab, "gobgp", "-u", host, "-p", port, "-j", "monitor", "global", "rib", "-a", family,
-               log=path)
+        _popen(self.lab, "gobgp", "-u", host, "-p", port, "-j", "monitor", "global", "rib", "--current",
+               "-a", family, log=path)
         return Monitor(path)
 
     def established(self) -> bool:

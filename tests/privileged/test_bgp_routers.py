@@ -192,6 +192,8 @@ async def test_every_withdrawal_reaches_gobgps_rib_monitor(env: tuple[Lab, Agent
     await agent.bgp.start()
     await eventually(lambda: "10.1.1.0/24" in router.routes("ipv4"), 30, 0.2, "session up with the pod CIDR")
     monitor = router.monitor("ipv4")
+    await eventually(partial(saw, monitor, 0, ("10.1.1.0/24", False)), 20, 0.05,
+                     "the monitor is subscribed (it lists the RIB first)")
     for i in range(10):
         seen = len(monitor.events())
         agent.manifests.upsert(local_service())
