@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from bgp.tables import IPAddress, IPNetwork, RouteAttrs
+from bgp.tables import IPAddress, IPNetwork, Neighbor, RouteAttrs
+
+DEFAULT_LOCAL_PREF = 100  # what ExaBGP sends to an iBGP peer when no advertisement sets one
 
 
 def _order(a: IPAddress | IPNetwork) -> tuple[int, IPAddress | IPNetwork]:
@@ -72,3 +74,35 @@ class Announced(Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]):
         """(peer, prefix, attributes), peers and prefixes in address order, IPv4 first."""
         return [(p, n, a) for p in sorted(self._routes, key=_order) if peer is None or p == peer
                 for n, a in sorted(self._routes[p].items(), key=lambda kv: _order(kv[0]))]
+
+
+def on_the_wire(n: Neighbor, a: RouteAttrs) -> dict[str, object]:
+    """The path attributes ExaBGP sends this peer for a route with these attributes:
+    ORIGIN IGP; AS_PATH empty on iBGP and our AS on eBGP; NEXT_HOP the session's local
+    address unless the route carries one; LOCAL_PREF only on iBGP (100 unless set), since
+    it never crosses an AS boundary; communities as they are."""
+    ebgp = n.peer_asn != n.local_asn
+    return {
+        "origin": "igp",
+        "asPath": [n.local_asn] if ebgp else [],
+        "nextHop": str(a.next_hop or n.local_address),
+        "localPreference": None if ebgp else (DEFAULT_LOCAL_PREF if a.local_pref is None else a.local_pref),
+        "communities": [f"{x}:{y}" for x, y in a.communities],
+        "largeCommunities": [f"{x}:{y}:{z}" for x, y, z in a.large_communities],
+    }
+
+
+def wire_text(wire: Mapping[str, object]) -> str:
+    """on_the_wire in ExaBGP's words, for `plexus bgp routes advertised`."""
+    parts = [f"next-hop {wire['nextHop']}"]
+    path = wire["asPath"]
+    assert isinstance(path, list)
+    parts.append("as-path [" + " ".join(map(str, path)) + "]")
+    if wire["localPreference"] is not None:
+        parts.append(f"local-preference {wire['localPreference']}")
+    for key, word in (("communities", "community"), ("largeCommunities", "large-community")):
+        values = wire[key]
+        assert isinstance(values, list)
+        if values:
+            parts.append(f"{word} [" + " ".join(values) + "]")
+    return " ".join(parts)

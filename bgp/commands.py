@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from bgp.launcher import BULK, NEIGHBOR
 from bgp.tables import IPAddress, IPNetwork, RouteAttrs
@@ -27,7 +27,7 @@ def safe(text: str) -> str:
 
 
 def attrs_text(a: RouteAttrs) -> str:
-    parts = ["next-hop self"]
+    parts = [f"next-hop {address_text(a.next_hop)}" if a.next_hop is not None else "next-hop self"]
     if a.local_pref is not None:
         parts.append(f"local-preference {int(a.local_pref)}")
     if a.communities:
@@ -79,11 +79,20 @@ def announce_commands(peer: IPAddress, routes: Iterable[tuple[IPNetwork, RouteAt
             for a, nets in grouped(routes, batch)]
 
 
-def withdraw_commands(peer: IPAddress, nets: Iterable[IPNetwork], batch: int) -> list[str]:
+def withdrawn(nets: Iterable[IPNetwork], next_hops: Mapping[IPNetwork, IPAddress | None] | None
+              ) -> list[tuple[IPNetwork, RouteAttrs]]:
+    """Prefixes to withdraw with the next hop they were announced with: ExaBGP resolves
+    `next-hop self` even for a withdrawal, which fails for the other family than the session's."""
+    nh = next_hops or {}
+    return [(n, RouteAttrs(next_hop=nh.get(n))) for n in nets]
+
+
+def withdraw_commands(peer: IPAddress, nets: Iterable[IPNetwork], batch: int,
+                      next_hops: Mapping[IPNetwork, IPAddress | None] | None = None) -> list[str]:
     address_text(peer)
-    return [safe(f"neighbor {address_text(peer)} withdraw attributes next-hop self nlri "
+    return [safe(f"neighbor {address_text(peer)} withdraw attributes {attrs_text(a)} nlri "
                  + " ".join(prefix_text(n) for n in ns))
-            for _, ns in grouped(((n, RouteAttrs()) for n in nets), batch)]
+            for a, ns in grouped(withdrawn(nets, next_hops), batch)]
 
 
 def pack_prefixes(nets: Iterable[IPNetwork]) -> str:
@@ -97,13 +106,14 @@ def pack_prefixes(nets: Iterable[IPNetwork]) -> str:
 
 
 def bulk_commands(peer: IPAddress, gone: Iterable[IPNetwork], new: Iterable[tuple[IPNetwork, RouteAttrs]],
-                  batch: int) -> list[str]:
+                  batch: int, next_hops: Mapping[IPNetwork, IPAddress | None] | None = None) -> list[str]:
     """The same changes as withdraw_commands + announce_commands, in the compact
     `plexus-bulk` form that bgp/launcher.py adds to ExaBGP (withdrawals first)."""
     head = f"neighbor {address_text(peer)} {BULK}"
     fam = {4: "ipv4", 6: "ipv6"}
     out = [f"{head} withdraw {fam[ns[0].version]} {pack_prefixes(ns)}"
-           for _, ns in grouped(((n, RouteAttrs()) for n in gone), batch)]
+           + ("" if a.next_hop is None else f" {attrs_text(a)}")
+           for a, ns in grouped(withdrawn(gone, next_hops), batch)]
     out += [safe(f"{head} announce {fam[ns[0].version]} {pack_prefixes(ns)} {attrs_text(a)}")
             for a, ns in grouped(new, batch)]
     return out

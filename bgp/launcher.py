@@ -21,6 +21,9 @@ Three changes before ExaBGP's own `main` runs:
       plexus-neighbor add <base64 of a config with a process and neighbor sections>
       plexus-neighbor remove <peer address>
 
+- `launcher.py --validate` reads a config on stdin and says whether ExaBGP's parser takes
+  it (the agent checks a config this way before it replaces the running one).
+
   <prefixes> is base64 of the prefixes in BGP NLRI wire form (mask length, then the
   significant address bytes); <attributes> is ExaBGP's text (`next-hop self community [...]`).
   Every command is answered "done" or "error" in order with ExaBGP's other commands.
@@ -44,6 +47,7 @@ from typing import Any
 
 BULK = "plexus-bulk"
 NEIGHBOR = "plexus-neighbor"
+VALIDATE = "--validate"
 STEP = 2000  # prefixes queued per scheduler step, so keepalives and reads interleave
 WIDTH = {"ipv4": 4, "ipv6": 16}
 
@@ -304,7 +308,35 @@ def install_commands() -> bool:
     return True
 
 
+def refusal(text: str) -> str:
+    """Why ExaBGP's own parser refuses this config ("" if it takes it): the same checks
+    ExaBGP runs on start, where a refusal makes it exit."""
+    x = load_exabgp()
+    if x is None:
+        return ""
+    try:
+        env = exabgp_module("environment").getenv()
+        env.log.destination = "stderr"
+        env.log.level = "CRITICAL"
+        x.log.init(env)
+        config = x.configuration([text], text=True)
+        if not config.reload():
+            return " ".join(str(config.error).split()) or "refused"
+    except Exception as e:  # ExaBGP raises (TypeError, ValueError, ...) for some refusals
+        return " ".join(str(e).split()) or type(e).__name__
+    return ""
+
+
+def validate_main() -> None:
+    """`launcher.py --validate`: the config on stdin; prints the refusal, exit 1 if refused."""
+    reason = refusal(sys.stdin.read())
+    print(reason or "ok", flush=True)
+    sys.exit(1 if reason else 0)
+
+
 def main() -> None:
+    if sys.argv[1:2] == [VALIDATE]:
+        validate_main()
     die_with_parent()
     limit = int(os.environ.get("PLEXUS_EXABGP_ASYNC_LIMIT", "0") or 0)
     if limit > 0:

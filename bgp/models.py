@@ -209,6 +209,10 @@ class InstanceOverride(Strict):
     router_id: ipaddress.IPv4Address | None = Field(None, alias="routerID")
     local_asn: ASN | None = Field(None, alias="localASN")
     local_address: IPAddress | None = None
+    # The next hop of routes of the other family than a session's (IPv6 routes over an
+    # IPv4 session, and the reverse): this node's address of that family.
+    ipv4_next_hop: ipaddress.IPv4Address | None = Field(None, alias="ipv4NextHop")
+    ipv6_next_hop: ipaddress.IPv6Address | None = Field(None, alias="ipv6NextHop")
 
 
 class NodeOverrideSpec(Strict):

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from bgp.commands import attrs_text
+from bgp.announced import on_the_wire, wire_text
 from bgp.config import BGPConfig
 from bgp.metrics import BGPMetrics
 from bgp.models import MANIFEST_KINDS
@@ -25,15 +25,17 @@ from bgp.tables import (
     IPNetwork,
     PeerRoutes,
     RouteAttrs,
+    eligible_services,
     neighbors_table,
     peer_routes_table,
     resolve,
 )
+from clustermesh.manifests import Service
 from clustermesh.tables import SERVICES
 from plexus.core.api import ApiError
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
-from plexus.core.node import LOCAL_NODE
+from plexus.core.node import ENDPOINTS, LOCAL_NODE
 from plexus.core.reconciler import Backoff, Reconciler
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,12 @@ class BGPControlPlane:
         self.config = config
         self.local = hive.require(LOCAL_NODE)
         self.manifests = hive.require(MANIFESTS)
-        self.services = hive.optional(SERVICES)
+        self.services = hive.optional(SERVICES)  # what the mesh publishes: global services
+        self.endpoints = hive.optional(ENDPOINTS)  # this node's pods, for externalTrafficPolicy Local
         self.table = peer_routes_table()
         self.neighbors = neighbors_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
+        self.service_cache = ManifestCache({"Service": Service}, log)  # this cluster's, every one
         self.problems: dict[str, str] = {}
         self.run_dir = hive.state_dir / "bgp"
         self.drain_flag = self.run_dir / "drained"
@@ -79,6 +83,8 @@ class BGPControlPlane:
         self.hive.spawn("bgp", self._follow(self.manifests), "manifests")
         if self.services is not None:
             self.hive.spawn("bgp", self._follow(self.services), "services")
+        if self.endpoints is not None:
+            self.hive.spawn("bgp", self._follow(self.endpoints), "endpoints")
         self.hive.spawn("bgp", self._recompute_loop(), "recompute")
 
     async def stop(self) -> None:
@@ -99,7 +105,12 @@ class BGPControlPlane:
     def recompute(self) -> None:
         self.cache.sync(m for m in self.manifests
                         if m.kind in MANIFEST_KINDS and m.cluster == self.local.cluster)
-        res = resolve(self.cache, self.local, self.services or [], self.config.secrets_dir)
+        # The clustermesh feature validates Service manifests and reports bad ones.
+        self.service_cache.sync(m for m in self.manifests
+                                if m.kind == "Service" and m.cluster == self.local.cluster)
+        services = eligible_services(self.services or [], self.service_cache.parsed(Service).values(),
+                                     self.local, self.endpoints or [])
+        res = resolve(self.cache, self.local, services, self.config.secrets_dir)
         if res.problems != self.problems:
             for where, p in res.problems.items():
                 if self.problems.get(where) != p and p not in self.cache.problems.values():
@@ -133,12 +144,13 @@ class BGPControlPlane:
         now = time.time()
         for addr, n in sorted(self.neighbors.items(), key=lambda kv: (kv[0].version, kv[0])):
             st = self.speaker.peers.get(addr)
+            up = st is not None and st.state == "established"
             out.append({
                 "peer": str(addr), "name": n.name, "instance": n.instance, "peerASN": n.peer_asn,
                 "localASN": n.local_asn, "routerID": str(n.router_id), "localAddress": str(n.local_address),
                 "state": st.state if st else "idle", "reason": explain(st, n, now) if st else "",
                 "uptime": round(now - st.since, 1) if st and st.state == "established" else 0,
-                "advertised": self.speaker.announced.count(addr),
+                "advertised": self.speaker.announced.count(addr) if up else 0,
                 "desired": len(r.routes) if (r := self.table.get(addr)) else 0,
                 "md5": n.password is not None, "gracefulRestart": n.graceful_restart,
             })
@@ -148,20 +160,34 @@ class BGPControlPlane:
         if not self.config.enabled:
             return {"enabled": False}
         return {"peers": {p["peer"]: p["state"] for p in self.peers()}, "drained": self.drained,
-                "problems": self.problems, "speaker": {"restarts": self.speaker.restarts,
-                                                       "lastExit": self.speaker.last_exit},
+                "problems": self.all_problems(), "speaker": {"restarts": self.speaker.restarts,
+                                                             "lastExit": self.speaker.last_exit,
+                                                             "refused": self.speaker.refused},
                 "reconciler": self.reconciler.summary()}
 
     async def _peers(self, _q: dict[str, str], _b: Any) -> Any:
-        return {"peers": self.peers(), "problems": self.problems, "drained": self.drained}
+        return {"peers": self.peers(), "problems": self.all_problems(), "drained": self.drained}
+
+    def all_problems(self) -> dict[str, str]:
+        """Manifest problems, and why ExaBGP refused the wanted config if it did."""
+        if not self.speaker.refused:
+            return self.problems
+        return {**self.problems, "ExaBGP": f"refused the new config, kept the running one: "
+                                           f"{self.speaker.refused}"}
+
+    def advertised(self, peer: str = "") -> list[dict[str, Any]]:
+        """What each peer with an established session was sent, as it went on the wire."""
+        out = []
+        for addr, net, a in self.speaker.announced.rows():
+            n, st = self.neighbors.get(addr), self.speaker.peers.get(addr)
+            if n is None or st is None or st.state != "established" or (peer and peer != str(addr)):
+                continue
+            wire = on_the_wire(n, a)
+            out.append({"peer": str(addr), "prefix": str(net), "attributes": wire_text(wire), **wire})
+        return out
 
     async def _advertised(self, q: dict[str, str], _b: Any) -> Any:
-        return [{"peer": str(peer), "prefix": str(net), "attributes": attrs_text(a),
-                 "communities": [f"{x}:{y}" for x, y in a.communities],
-                 "largeCommunities": [f"{x}:{y}:{z}" for x, y, z in a.large_communities],
-                 "localPreference": a.local_pref}
-                for peer, net, a in self.speaker.announced.rows()
-                if not q.get("peer") or q["peer"] == str(peer)]
+        return self.advertised(q.get("peer", ""))
 
     async def _drain(self, _q: dict[str, str], _b: Any) -> Any:
         if not self.config.enabled:

@@ -34,7 +34,7 @@ class RoutesOps:
         cur = sp.announced.of(row.peer)
         gone = [n for n in cur if n not in row.routes]
         new = [(n, a) for n, a in row.routes.items() if cur.get(n) != a]
-        await self._apply(row.peer, gone, new)
+        await self._apply(row.peer, gone, new, {n: cur[n].next_hop for n in gone})
 
     async def delete(self, row: PeerRoutes) -> None:
         sp = self.speaker
@@ -44,21 +44,21 @@ class RoutesOps:
         if not cur or row.peer not in sp.neighbors or not sp.serves(row.peer) or not sp.ready():
             sp.announced.drop(row.peer)
             return
-        await self._apply(row.peer, list(cur), [])
+        await self._apply(row.peer, list(cur), [], {n: a.next_hop for n, a in cur.items()})
 
     async def prune(self, rows: Iterable[PeerRoutes]) -> None:
         keep = {r.peer for r in rows}
         for peer in [p for p in self.speaker.announced if p not in keep]:
             await self.delete(PeerRoutes(peer, {}))
 
-    async def _apply(self, peer: IPAddress, gone: list[IPNetwork],
-                     new: list[tuple[IPNetwork, RouteAttrs]]) -> None:
+    async def _apply(self, peer: IPAddress, gone: list[IPNetwork], new: list[tuple[IPNetwork, RouteAttrs]],
+                     next_hops: dict[IPNetwork, IPAddress | None]) -> None:
         sp = self.speaker
         b = sp.batch
         if await sp.bulk_supported():
-            cmds = bulk_commands(peer, gone, new, b)
+            cmds = bulk_commands(peer, gone, new, b, next_hops)
         else:
-            cmds = withdraw_commands(peer, gone, b) + announce_commands(peer, new, b)
+            cmds = withdraw_commands(peer, gone, b, next_hops) + announce_commands(peer, new, b)
         await sp.send(cmds)
         if sp.serves(peer):  # a reload may have removed the peer, and its routes, meanwhile
             sp.announced.sent(peer, gone, new)

@@ -10,6 +10,10 @@ bgp/launcher.py): the other sessions, and what they announce, stay as they are. 
 starts with no routes in its config; the Ops send them through the API as soon as ExaBGP
 has the peer, usually before its session is up. A peer whose settings change, or an
 ExaBGP not started through bgp/launcher.py, still means a restart.
+
+A config ExaBGP's parser refuses would make it exit (and take every session down), so every
+new config is checked first (`launcher.py --validate`): a refused one never replaces the
+running one, and its reason is kept for status (`refused`) and logged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -26,12 +31,30 @@ from pathlib import Path
 from bgp.announced import Announced
 from bgp.api import ApiClient
 from bgp.commands import CommandError, add_neighbors_command, remove_neighbor_command
+from bgp.launcher import VALIDATE
 from bgp.render import exabgp_env, render_config, write_config
 from bgp.tables import IPAddress, IPNetwork, Neighbor, RouteAttrs
 from plexus.core.reconciler import Backoff, PermanentError, TemporaryError
 
 log = logging.getLogger(__name__)
 Routes = Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]
+LAUNCHER = Path(__file__).with_name("launcher.py")
+VALIDATE_TIMEOUT = 60.0
+ALARMING = ("error", "critical", "refus", "problem", "invalid", "does not have", "traceback", "exception")
+
+
+def sample_routes(routes: Routes) -> dict[IPAddress, dict[IPNetwork, RouteAttrs]]:
+    """One prefix per peer, family and attributes: ExaBGP parses the others the same way, so
+    a config with these stands for the whole one, at a fraction of the parsing time."""
+    out: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
+    for peer, nets in routes.items():
+        seen: set[tuple[int, RouteAttrs]] = set()
+        mine = out.setdefault(peer, {})
+        for net, attrs in nets.items():
+            if (net.version, attrs) not in seen:
+                seen.add((net.version, attrs))
+                mine[net] = attrs
+    return out
 
 
 @dataclass
@@ -67,7 +90,7 @@ class Speaker:
 
     def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.05,
                  batch: int = 2000, backoff_max: float = 30.0, async_limit: int = 100000,
-                 bulk: bool = True, desired: Callable[[], Routes] = dict,
+                 bulk: bool = True, validate: bool = True, desired: Callable[[], Routes] = dict,
                  on_ready: Callable[[], None] = lambda: None,
                  on_event: Callable[[str, IPAddress, str], None] = lambda *_: None) -> None:
         self.run_dir = run_dir
@@ -77,6 +100,7 @@ class Speaker:
         self.backoff = Backoff(initial=0.2, maximum=backoff_max, jitter=0.0)  # 0.2 s, doubling
         self.async_limit = async_limit
         self.bulk = bulk  # use `plexus-bulk` when ExaBGP has it (False: text commands only)
+        self.validate = validate  # check each config with ExaBGP's parser before it is used
         self.desired = desired
         self.on_ready = on_ready
         self.on_event = on_event
@@ -88,6 +112,8 @@ class Speaker:
         self.restarts = 0
         self.peer_changes = 0  # times peers were added or removed without a restart
         self.last_exit = ""
+        self.refused = ""  # why ExaBGP's parser refused the wanted config ("" when it took it)
+        self._verdicts: dict[str, str] = {}  # config text -> refusal, for the last few checked
         self.output: deque[str] = deque(maxlen=200)
         self.api = ApiClient(self.socket_path, on_connect=self._on_connect, on_state=self._on_state,
                              last_error=self._last_error)
@@ -131,7 +157,11 @@ class Speaker:
                 started = time.monotonic()
                 self._reconfigure.clear()
                 try:
-                    proc = await self._spawn()
+                    start = await self._startable()
+                    if start is None:  # refused, and nothing accepted to fall back on
+                        await self._reconfigure.wait()
+                        continue
+                    proc = await self._spawn(*start)
                 except (OSError, CommandError) as e:
                     attempt += 1
                     await self._start_failed(e, attempt)
@@ -156,7 +186,8 @@ class Speaker:
         await asyncio.sleep(delay)
 
     async def _exited(self, proc: asyncio.subprocess.Process, attempt: int) -> None:
-        self.last_exit = f"exited with {proc.returncode}"
+        said = [line for line in self.output if any(w in line.lower() for w in ALARMING)][-1:]
+        self.last_exit = f"exited with {proc.returncode}" + (f": {said[0][-300:]}" if said else "")
         self._lost()
         delay = self.backoff.delay(attempt + 1)
         log.warning("ExaBGP %s, restarting in %.1fs last_output=%r", self.last_exit, delay,
@@ -177,7 +208,10 @@ class Speaker:
                     return True
                 self._reconfigure.clear()
                 if self.neighbors == self.loaded:
+                    self._accepted()
                     continue
+                if await self._refusal(self.neighbors, self._snapshot(self.neighbors)):
+                    continue  # the running ExaBGP keeps its config; the reason is reported
                 if not self.ready():  # just started: its API is about to connect
                     connected = asyncio.ensure_future(self.api.wait_ready())
                     await asyncio.wait({exited, connected}, timeout=10,
@@ -190,21 +224,97 @@ class Speaker:
         finally:
             exited.cancel()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    def _snapshot(self, neighbors: Mapping[IPAddress, Neighbor]
+                  ) -> dict[IPAddress, dict[IPNetwork, RouteAttrs]]:
         desired = self.desired()
-        snapshot = {p: dict(desired.get(p, {})) for p in self.neighbors}
-        text = render_config(self.neighbors.values(), snapshot, self.socket_path, self.batch)
+        return {p: dict(desired.get(p, {})) for p in neighbors}
+
+    async def _startable(self) -> tuple[dict[IPAddress, Neighbor], Routes] | None:
+        """The config to start ExaBGP with: the wanted one if ExaBGP's parser takes it; else
+        the wanted peers with their routes left to the API (a refused route then fails alone);
+        else the peers ExaBGP last ran; None if it takes none of these."""
+        wanted = dict(self.neighbors)
+        routes = self._snapshot(wanted)
+        reason = await self._refusal(wanted, routes)
+        if not reason:
+            return wanted, routes
+        if routes and not await self._check(wanted, {}):
+            log.warning("starting ExaBGP without its routes in the config; the API sends them")
+            return wanted, {}
+        if self.loaded and self.loaded != wanted and not await self._check(self.loaded, {}):
+            log.warning("starting ExaBGP with the peers it last ran")
+            return dict(self.loaded), self._snapshot(self.loaded)
+        return None
+
+    async def _refusal(self, neighbors: Mapping[IPAddress, Neighbor], routes: Routes) -> str:
+        """Check a config; a refusal is logged and reported on the peers it would change."""
+        reason = await self._check(neighbors, routes)
+        if not reason:
+            self._accepted()
+            return ""
+        if reason != self.refused:
+            log.warning("ExaBGP refuses the new config, keeping the running one: %s", reason)
+        self.refused = reason
+        for p, n in neighbors.items():
+            st = self.peers.setdefault(p, PeerState())
+            if self.loaded.get(p) != n or not self.loaded:
+                st.reason = f"ExaBGP refused the config for this peer: {reason}"
+        return reason
+
+    def _accepted(self) -> None:
+        if self.refused:
+            log.info("ExaBGP takes the config again")
+            for st in self.peers.values():
+                if st.reason.startswith("ExaBGP refused"):
+                    st.reason = ""
+        self.refused = ""
+
+    async def _check(self, neighbors: Mapping[IPAddress, Neighbor], routes: Routes) -> str:
+        """Why ExaBGP's own parser refuses this config ("" if it takes it), run in a child
+        process on one route per peer, family and attributes."""
+        if not self.validate:
+            return ""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = render_config(neighbors.values(), sample_routes(routes), self.socket_path, self.batch)
+        if text in self._verdicts:
+            return self._verdicts[text]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(LAUNCHER), VALIDATE, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                env=exabgp_env(self.reactor_speed, self.run_dir), cwd=str(self.run_dir))
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(text.encode()), VALIDATE_TIMEOUT)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        except (TimeoutError, OSError) as e:
+            log.warning("cannot check the config with ExaBGP's parser, using it unchecked: %r", e)
+            return ""
+        reason = "" if proc.returncode == 0 else (out.decode(errors="replace").strip()[-1000:] or
+                                                  f"refused (exit {proc.returncode})")
+        if len(self._verdicts) >= 8:
+            self._verdicts.pop(next(iter(self._verdicts)))
+        self._verdicts[text] = reason
+        return reason
+
+    async def _spawn(self, neighbors: dict[IPAddress, Neighbor], routes: Routes
+                     ) -> asyncio.subprocess.Process:
+        snapshot = {p: dict(routes.get(p, {})) for p in neighbors}
+        text = render_config(neighbors.values(), snapshot, self.socket_path, self.batch)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.config_path, text)
         self._generation += 1
-        self.loaded = dict(self.neighbors)
+        self.loaded = dict(neighbors)
         self._config_routes = snapshot
-        for p in self.neighbors:
+        for p in neighbors:
             self.peers.setdefault(p, PeerState()).set("connect")
         self.proc = await asyncio.create_subprocess_exec(
             *self.command, str(self.config_path), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             env=exabgp_env(self.reactor_speed, self.run_dir, self.async_limit), cwd=str(self.run_dir))
-        log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(self.neighbors),
+        log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(neighbors),
                  sum(len(r) for r in snapshot.values()))
         self._reader = asyncio.ensure_future(self._read_output(self.proc))
         return self.proc
@@ -257,7 +367,10 @@ class Speaker:
         async for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip()
             self.output.append(line)
-            log.debug("exabgp: %s", line)
+            if any(w in line.lower() for w in ALARMING):
+                log.warning("exabgp: %s", line)  # why a peer or the whole config failed
+            else:
+                log.debug("exabgp: %s", line)
             self._note_output(line)
 
     def _note_output(self, line: str) -> None:

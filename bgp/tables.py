@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bgp.models import (
@@ -25,14 +25,16 @@ from bgp.models import (
     large_community,
     standard_community,
 )
+from clustermesh.manifests import Service
 from clustermesh.models import (
     SERVICE_LABEL_EXTERNAL_IPS,
     SERVICE_LABEL_LB_IP,
     SERVICE_LABEL_TRAFFIC_POLICY,
     ClusterService,
+    L4Addr,
 )
 from plexus.core.manifests import ManifestCache
-from plexus.core.node import LocalNode
+from plexus.core.node import Endpoint, LocalNode
 from plexus.core.tables import Table
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -44,11 +46,14 @@ TRAFFIC_POLICY_LABEL = SERVICE_LABEL_TRAFFIC_POLICY
 
 @dataclass(frozen=True, order=True)
 class RouteAttrs:
-    """Path attributes of one announced prefix (next hop is always self)."""
+    """Path attributes of one announced prefix. The next hop is self (the session's local
+    address) unless the prefix is of the other family than the session: then it is this
+    node's address of the prefix's family (MP-BGP, e.g. IPv6 routes over an IPv4 session)."""
 
     communities: tuple[tuple[int, int], ...] = ()
     large_communities: tuple[tuple[int, int, int], ...] = ()
     local_pref: int | None = None
+    next_hop: IPAddress | None = None
 
     def merge(self, other: RouteAttrs) -> RouteAttrs:
         """Overlapping advertisements: union communities, highest local preference."""
@@ -56,7 +61,7 @@ class RouteAttrs:
         return RouteAttrs(
             tuple(sorted(set(self.communities) | set(other.communities))),
             tuple(sorted(set(self.large_communities) | set(other.large_communities))),
-            max(prefs) if prefs else None)
+            max(prefs) if prefs else None, self.next_hop or other.next_hop)
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,42 @@ def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
     return out
 
 
+def local_service(svc: Service, local: LocalNode, endpoints: Iterable[Endpoint]) -> ClusterService:
+    """A Service manifest of this node's cluster, global or not, as the record BGP reads:
+    its addresses, and as backends the pods of this node it selects and its explicit ones
+    (all that `externalTrafficPolicy: Local` asks about)."""
+    spec = svc.spec
+    ports = {p.name or str(p.port): L4Addr(p.protocol, p.port) for p in spec.ports}
+    frontends = {str(ip): ports for ip in [spec.cluster_ip, spec.load_balancer_ip, *spec.external_ips]
+                 if ip is not None}
+    backends: dict[str, dict[str, L4Addr]] = {}
+    if spec.selector:
+        for ep in endpoints:
+            if ep.namespace == svc.metadata.namespace and all(
+                    ep.labels.get(k) == v for k, v in spec.selector.items()):
+                backends.update({ip: ports for ip in (ep.ip, ep.ipv6) if ip})
+    backends.update({str(b.ip): ports for b in spec.backends})
+    labels = {**svc.metadata.labels, TRAFFIC_POLICY_LABEL: spec.external_traffic_policy}
+    if spec.load_balancer_ip is not None:
+        labels[LB_IP_LABEL] = str(spec.load_balancer_ip)
+    if spec.external_ips:
+        labels[EXTERNAL_IPS_LABEL] = ",".join(map(str, spec.external_ips))
+    return ClusterService(cluster=local.cluster, namespace=svc.metadata.namespace, name=svc.metadata.name,
+                          frontends=frontends, backends=backends, labels=labels,
+                          selector=dict(spec.selector), cluster_id=local.cluster_id)
+
+
+def eligible_services(published: Iterable[ClusterService], local_manifests: Iterable[Service],
+                      local: LocalNode, endpoints: Iterable[Endpoint]) -> list[ClusterService]:
+    """Every Service of this node's cluster: from its manifests, global or not (as Cilium's
+    BGP control plane does), and any the mesh publishes that no manifest here covers."""
+    eps = list(endpoints)
+    out = {s.key: s for s in published if s.cluster == local.cluster}
+    out.update({(local.cluster, m.metadata.namespace, m.metadata.name): local_service(m, local, eps)
+                for m in local_manifests})
+    return [out[k] for k in sorted(out)]
+
+
 class Problem(ValueError):
     """A manifest field that keeps one instance or peer out, phrased for the user."""
 
@@ -200,6 +241,7 @@ class Identity:
     local_asn: int
     router_id: ipaddress.IPv4Address
     local_address: IPAddress | None
+    next_hops: dict[int, IPAddress] = field(default_factory=dict)  # IP version -> address
 
 
 def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterService],
@@ -228,7 +270,8 @@ def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterSe
                 continue
             for j, peer in enumerate(inst.peers):
                 try:
-                    add_peer(out, inputs, inst.name, identity, peer, f"spec.bgpInstances[{i}].peers[{j}]")
+                    add_peer(out, inputs, inst.name, identity, peer, f"spec.bgpInstances[{i}].peers[{j}]",
+                             f"{where}/{peer.name}")
                 except Problem as e:
                     problems[f"{where}/{peer.name}"] = str(e)
     return out
@@ -237,17 +280,21 @@ def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterSe
 def instance_identity(inst: Instance, i: int, inputs: Inputs) -> Identity:
     """ASN, router ID and local address of an instance: the node's override wins."""
     local_asn, router_id, local_addr = inst.local_asn, inst.router_id, None
+    next_hops: dict[int, IPAddress] = {inputs.node_ip.version: inputs.node_ip}
     for ov in inputs.overrides:
         for io in ov.spec.bgp_instances:
             if io.name == inst.name:
                 local_asn = io.local_asn or local_asn
                 router_id = io.router_id or router_id
                 local_addr = io.local_address or local_addr
+                for nh in (io.ipv4_next_hop, io.ipv6_next_hop):
+                    if nh is not None:
+                        next_hops[nh.version] = nh
     if router_id is None:
         if not isinstance(inputs.node_ip, ipaddress.IPv4Address):
             raise Problem(f"spec.bgpInstances[{i}].routerID: required on an IPv6-only node")
         router_id = inputs.node_ip
-    return Identity(local_asn, router_id, local_addr)
+    return Identity(local_asn, router_id, local_addr, next_hops)
 
 
 def peer_config_of(peer: ClusterPeer, inputs: Inputs, field_: str) -> PeerConfigSpec:
@@ -261,8 +308,10 @@ def peer_config_of(peer: ClusterPeer, inputs: Inputs, field_: str) -> PeerConfig
 
 
 def add_peer(out: Resolved, inputs: Inputs, instance: str, identity: Identity, peer: ClusterPeer,
-             field_: str) -> None:
-    """One peer of an instance: its session settings and the routes it is sent."""
+             field_: str, where: str = "") -> None:
+    """One peer of an instance: its session settings and the routes it is sent. Routes of
+    the other family than the session's need this node's address of their family as next
+    hop; without one they are left out and the peer's problem says so."""
     spec = peer_config_of(peer, inputs, field_)
     try:
         password = read_password(spec, inputs.secrets_dir)
@@ -284,21 +333,37 @@ def add_peer(out: Resolved, inputs: Inputs, instance: str, identity: Identity, p
         multihop=spec.ebgp_multihop, password=password,
         graceful_restart=gr.restart_time_seconds if gr.enabled else None,
         families=tuple(sorted({f.afi for f in spec.families})))
-    out.routes[peer.peer_address] = wanted_routes(spec, inputs)
+    out.routes[peer.peer_address] = wanted_routes(spec, inputs, src.version, identity.next_hops)
+    missing = sorted({n.version for n in wanted_routes(spec, inputs) if n.version != src.version
+                      and n.version not in identity.next_hops})
+    for v in missing:
+        out.problems[f"{where or field_}/ipv{v}"] = (
+            f"{field_}: IPv{v} routes over an IPv{src.version} session need this node's IPv{v} "
+            f"address as next hop: set ipv{v}NextHop for instance {instance!r} in the node's "
+            "BGPNodeConfigOverride (they are not announced meanwhile)")
 
 
-def wanted_routes(spec: PeerConfigSpec, inputs: Inputs) -> dict[IPNetwork, RouteAttrs]:
-    """Every prefix the peer's families select, attributes merged where advertisements overlap."""
+def wanted_routes(spec: PeerConfigSpec, inputs: Inputs, session_version: int = 0,
+                  next_hops: dict[int, IPAddress] | None = None) -> dict[IPNetwork, RouteAttrs]:
+    """Every prefix the peer's families select, attributes merged where advertisements overlap.
+
+    With a session_version, prefixes of the other family carry the next hop of their family
+    from `next_hops` (and are left out without one)."""
     wanted: dict[IPNetwork, RouteAttrs] = {}
     for fam in spec.families:
         if fam.advertisements is None:
             continue
         version = 4 if fam.afi == "ipv4" else 6
+        next_hop = None
+        if session_version and version != session_version:
+            next_hop = (next_hops or {}).get(version)
+            if next_hop is None:
+                continue
         for ad in inputs.adverts:
             if not fam.advertisements.matches(ad.metadata.labels):
                 continue
             for item in ad.spec.advertisements:
-                attrs = attrs_of(item)
+                attrs = replace(attrs_of(item), next_hop=next_hop)
                 for net in advertised_prefixes(item, version, inputs):
                     if net.version != version:
                         continue

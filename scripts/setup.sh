@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
 DEBS=(
-  make etcd-server etcd-client bird2 gobgpd wireguard-tools wireguard-go
+  make etcd-server etcd-client bird2 gobgpd frr wireguard-tools wireguard-go
   python3-bpfcc bpftool clang llvm linux-headers-amd64 libelf1
   iproute2 iputils-ping nftables iptables ipset tcpdump iperf3 ethtool procps psmisc
   python3-venv python3-dev ca-certificates
@@ -23,10 +23,10 @@ if ((${#missing[@]})); then
   apt-get update -q
   # no recommends: wireguard-tools would otherwise pull a whole kernel image
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  # Debian starts etcd, BIRD and gobgpd as services on install; Plexus runs its own inside
-  # namespaces, and nothing of ours listens in the root namespace.
+  # Debian starts etcd, BIRD, gobgpd and FRR as services on install; Plexus runs its own
+  # inside namespaces, and nothing of ours listens in the root namespace.
   if [ -d /run/systemd/system ]; then
-    systemctl disable --now etcd.service bird.service gobgpd.service 2>/dev/null || true
+    systemctl disable --now etcd.service bird.service gobgpd.service frr.service 2>/dev/null || true
   fi
 else
   step "Debian packages present"

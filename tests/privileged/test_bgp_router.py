@@ -67,11 +67,11 @@ def service(name: str, ip: str, **labels: str) -> ClusterService:
 
 
 class Agent:
-    def __init__(self, lab: Lab, tmp: Path) -> None:
+    def __init__(self, lab: Lab, tmp: Path, local: LocalNode | None = None) -> None:
         class Cfg:
             pass
         self.hive = Hive(agent=Cfg(), state_dir=tmp)
-        self.hive.provide(LOCAL_NODE, LocalNode(CLUSTER, 1, "n1", NODE_IP, "10.1.1.0/24"))
+        self.hive.provide(LOCAL_NODE, local or LocalNode(CLUSTER, 1, "n1", NODE_IP, "10.1.1.0/24"))
         self.manifests = self.hive.provide(MANIFESTS, manifests_table())
         self.services = self.hive.provide(SERVICES, services_table())
         cmd = ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp]
