@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from clustermesh.kvstore import _GRPC_OPTIONS, _target
+from clustermesh.kvstore import _target, tls_channel_options
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ReadOnlyEtcdProxy:
 
     async def start(self) -> None:
         self._channel = grpc.aio.secure_channel(self._target, self._upstream_creds,
-                                                options=_GRPC_OPTIONS)
+                                                options=tls_channel_options(self._target))
         # A remote's node opens a handful of watches; a connection gets no more than this.
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024),
                                                 ("grpc.max_send_message_length", 64 * 1024 * 1024),

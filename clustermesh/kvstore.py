@@ -108,6 +108,18 @@ def _target(endpoints: Sequence[str]) -> tuple[str, bool]:
     return hosts[0], schemes == {"https"}
 
 
+def tls_channel_options(target: str) -> list[tuple[str, str | int]]:
+    """Channel options for a TLS channel to `target` (as `_target` makes it)."""
+    options: list[tuple[str, str | int]] = list(_GRPC_OPTIONS)
+    if target.startswith("ipv4:") and "," in target:
+        # Several addresses share one channel, whose authority is none of them: every
+        # member is checked against the first one's address, so the members' server
+        # certificate must name every member (as one certificate per cluster does).
+        first = target.removeprefix("ipv4:").split(",")[0].rsplit(":", 1)[0]
+        options.append(("grpc.ssl_target_name_override", first))
+    return options
+
+
 def _translate(e: grpc.aio.AioRpcError) -> KvError:
     code = e.code()
     if code == grpc.StatusCode.PERMISSION_DENIED:
@@ -148,14 +160,8 @@ class KvStore:
                     certificate_chain=self.tls.cert_file.read_bytes() if self.tls.cert_file else None)
             except OSError as e:
                 raise KvError(f"cannot read TLS material: {e}") from None
-            options: list[tuple[str, str | int]] = list(_GRPC_OPTIONS)
-            if self._target.startswith("ipv4:") and "," in self._target:
-                # Several addresses share one channel, whose authority is none of them: every
-                # member is checked against the first one's address, so the members' server
-                # certificate must name every member (as one certificate per cluster does).
-                first = self._target.removeprefix("ipv4:").split(",")[0].rsplit(":", 1)[0]
-                options.append(("grpc.ssl_target_name_override", first))
-            self._channel = grpc.aio.secure_channel(self._target, creds, options=options)
+            self._channel = grpc.aio.secure_channel(self._target, creds,
+                                                    options=tls_channel_options(self._target))
         else:
             self._channel = grpc.aio.insecure_channel(self._target, options=_GRPC_OPTIONS)
         self._kv = rpc_pb2_grpc.KVStub(self._channel)

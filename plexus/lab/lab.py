@@ -435,7 +435,8 @@ protocol kernel {{
             if not {str(ip) for ip in sans} >= {*ips, "127.0.0.1"}:
                 server.unlink()
                 (pki / "server.key").unlink(missing_ok=True)
-        make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=ips)
+        # other clusters reach the one read-only endpoint, on the control plane's address
+        make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=[c.control_plane.ip])
 
     def etcd_data(self, c: Cluster, m: EtcdMember) -> Path:
         d = self.root / "clusters" / c.name
@@ -510,7 +511,8 @@ protocol kernel {{
         """Other clusters read this cluster's etcd only through this read-only endpoint."""
         return [sys.executable, "-m", "plexus", "clustermesh", "remote-endpoint",
                 "--pki", str(self.pki(c.name)), "--listen", f"{c.control_plane.ip}:{REMOTE_PORT}",
-                "--etcd", "https://127.0.0.1:2379"]
+                *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
+                  for f in ("--etcd", url))]
 
     def _remote_endpoint_ready(self, c: Cluster) -> bool:
         pki = self.pki(c.name)

@@ -131,7 +131,10 @@ def test_agents_and_the_apiserver_are_given_every_member() -> None:
         argv = lab._apiserver_argv(east)
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == east.etcd_urls
         names = [d.name for d in lab.control_plane(east)]
-        assert names == ["etcd-east-0", "etcd-east-1", "etcd-east-2", "apiserver-east"]
+        assert names == ["etcd-east-0", "etcd-east-1", "etcd-east-2", "apiserver-east",
+                         "remote-endpoint-east"]
+        argv = lab._remote_endpoint_argv(east)
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == east.etcd_urls
         single = Lab(root=Path(d) / "one")
         argv = single._apiserver_argv(single.topo.cluster("west"))
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == ["https://127.0.0.1:2379"]
