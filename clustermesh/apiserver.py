@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clustermesh.identity import Allocator, GarbageCollector
-from clustermesh.kvstore import KvError, KvStore, kv_failures
+from clustermesh.kvstore import KvError, KvStore
 from clustermesh.manifests import MANIFESTS_PREFIX, Service
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -40,6 +40,7 @@ from clustermesh.models import (
     identity_labels,
     synced_key,
 )
+from clustermesh.session import run_sessions
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.config import ConfigError, parse
 from plexus.core.log import Fields
@@ -251,29 +252,16 @@ class ApiServer:
 
     async def run(self) -> None:
         """Serve until cancelled; a lost etcd session is retried with backoff."""
-        attempt = 0
-        while True:
-            self._session_synced = False
-            crashed = False
-            try:
-                await self._session()
-            except KvError as e:
-                self._etcd_error("etcd session", e)
-            except ExceptionGroup as eg:
-                failures = kv_failures(eg)
-                if failures is None:
-                    crashed = True
-                    self._crashed(eg)
-                else:
-                    self._etcd_error("etcd session", "; ".join(sorted(set(map(str, failures)))))
-            except Exception as e:
-                crashed = True
-                self._crashed(e)
-            finally:
-                self.ready = False
-            # A session that crashes after its sync must still back off, not spin.
-            attempt = 1 if self._session_synced and not crashed else attempt + 1
-            await asyncio.sleep(self.backoff.delay(attempt))
+        await run_sessions(self._session, backoff=self.backoff,
+                           failed=lambda e: self._etcd_error("etcd session", e),
+                           crashed=self._crashed, started=self._session_starting,
+                           progressed=lambda: self._session_synced, ended=self._session_ended)
+
+    def _session_starting(self) -> None:
+        self._session_synced = False
+
+    def _session_ended(self) -> None:
+        self.ready = False
 
     def _crashed(self, e: BaseException) -> None:
         """Record a session ended by an unexpected error; the run loop starts the next one."""
@@ -285,7 +273,7 @@ class ApiServer:
         c.last_error_time = time.time()
         self.log.error("session failed, restarting it", exc_info=e)
 
-    def _etcd_error(self, what: str, e: KvError | str) -> None:
+    def _etcd_error(self, what: str, e: Exception | str) -> None:
         c = self.counters
         c.etcd_errors += 1
         c.last_error, c.last_error_time = f"{what}: {e}", time.time()

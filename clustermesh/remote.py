@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from clustermesh.kvstore import KV, Event, KvError, KvStore, kv_failures
+from clustermesh.kvstore import KV, Event, KvError, KvStore
 from clustermesh.manifests import MANIFESTS_PREFIX
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
@@ -37,6 +37,7 @@ from clustermesh.models import (
     parse_labels,
 )
 from clustermesh.ownership import MIN_ALLOCATED_IDENTITY, claims_table
+from clustermesh.session import run_sessions
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
 from plexus.core.manifests import Manifest
@@ -195,29 +196,20 @@ class ClusterWatcher:
     async def run(self) -> None:
         """Follow the cluster until cancelled: whatever ends a session, the next one starts
         after a backoff, and status says not ready and why meanwhile."""
-        attempt = 0
-        while True:
-            self._session_connected = False
-            crashed = False
-            try:
-                await self._session()
-            except (ConfigRejected, KvError) as e:
-                self._failed(str(e), config=isinstance(e, ConfigRejected))
-            except ExceptionGroup as eg:
-                failures = kv_failures(eg)
-                if failures is None:
-                    crashed = True
-                    self._crashed(eg)
-                else:
-                    self._failed("; ".join(sorted({str(e) for e in failures})))
-            except Exception as e:
-                crashed = True
-                self._crashed(e)
-            self.status.connected = False
-            self.status.ready = False
-            # A session that crashes after connecting must still back off, not spin.
-            attempt = 1 if self._session_connected and not crashed else attempt + 1
-            await asyncio.sleep(self.backoff.delay(attempt))
+        await run_sessions(self._session, backoff=self.backoff, expected=(ConfigRejected, KvError),
+                           failed=self._session_failed, crashed=self._crashed,
+                           started=self._session_starting,
+                           progressed=lambda: self._session_connected, ended=self._session_ended)
+
+    def _session_starting(self) -> None:
+        self._session_connected = False
+
+    def _session_ended(self) -> None:
+        self.status.connected = False
+        self.status.ready = False
+
+    def _session_failed(self, e: Exception | str) -> None:
+        self._failed(str(e), config=isinstance(e, ConfigRejected))
 
     def _crashed(self, e: BaseException) -> None:
         self.status.crashes += 1
