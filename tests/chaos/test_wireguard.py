@@ -16,7 +16,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,42 +30,19 @@ from plexus.core.netlink import Netlink
 from plexus.lab import ops
 from plexus.lab.lab import Lab
 from plexus.lab.topology import Node, pod_netns
+from tests.chaos.faults import plexus
 from tests.support import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 MARKER = "PLEXUS-CHAOS-WG"
 PORT = 7400
 INTERVAL = 0.01  # 100 datagrams a second
 RECOVERY = 5.0  # the longest gap in the stream the kill may cause, in seconds
 
 
-def plexus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "plexus", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
-def lab_namespaces() -> set[str]:
-    lab = Lab()
-    return {ns for ns in ops.namespaces() if ns.startswith("plx-") and
-            (ns in lab.topo.namespaces() or any(ns.startswith(f"plx-{n.key}-") for n in lab.topo.nodes()))}
-
-
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if lab_namespaces():  # a lab left up by an earlier run: take it down first
-        plexus("lab", "down")
-        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
-    r = plexus("lab", "up")
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield Lab(say=lambda _line: None)
-    finally:
-        plexus("lab", "down")
-
-
-@pytest.fixture(scope="module")
-def pods(lab: Lab) -> tuple[str, str, str]:
+def pods(chaos_lab: Lab) -> tuple[str, str, str]:
     """(sender's namespace, receiver's namespace, receiver's IP)."""
+    lab = chaos_lab
     lab.pod_add("east", "n1", "wgchaos-src", {"app": "wgchaos"})
     dst = lab.pod_add("west", "n1", "wgchaos-dst", {"app": "wgchaos"})
     return (pod_netns(lab.topo.node("east", "n1"), "wgchaos-src"),
