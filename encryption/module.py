@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
 import time
@@ -26,6 +27,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from clustermesh.models import Node
+from clustermesh.ownership import Owned
 from clustermesh.tables import NODES
 from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
@@ -88,6 +91,18 @@ class DeviceHealth:
                 "restarts": self.restarts, "outages": self.outages,
                 "lastOutage": latest.as_dict() if latest else None,
                 "lastError": self.last_error}
+
+
+def _held_by(owned: Owned, node: Node, cidrs: list[str]) -> list[str]:
+    """The node's pod CIDRs and addresses that overlap what `owned` holds."""
+    taken = [c for c in cidrs
+             if any(ipaddress.ip_network(c, strict=False).overlaps(o) for o in owned.cidrs)]
+    for a in node.addresses:
+        addr = ipaddress.ip_address(a.ip)
+        host = f"{addr}/{addr.max_prefixlen}"
+        if host in owned.node_ips or any(addr in o for o in owned.cidrs):
+            taken.append(host)
+    return taken
 
 
 class Encryption:
@@ -265,6 +280,8 @@ class Encryption:
         routes: list[EncryptedRoute] = []
         refused: dict[str, str] = {}
         owners: dict[bytes, tuple[str, str]] = {}
+        # What this cluster's nodes hold, no other cluster's node record may route elsewhere.
+        local = Owned.of(n for n in self.nodes.all() if n.cluster == self.local.cluster)
         for node in sorted(self.nodes.all(), key=lambda n: n.key):
             if node.key == me:
                 continue
@@ -272,7 +289,11 @@ class Encryption:
             cidrs = [c for c in (node.ipv4_alloc_cidr, node.ipv6_alloc_cidr) if c]
             endpoint = node.internal_ip()
             peer = None
-            if not node.wireguard_pubkey:
+            taken = [] if node.cluster == self.local.cluster else _held_by(local, node, cidrs)
+            if taken:
+                refused[name] = f"claims addresses of the local cluster: {', '.join(taken)}"
+                cidrs = [c for c in cidrs if c not in taken]
+            elif not node.wireguard_pubkey:
                 refused[name] = "no WireGuard public key published"
             elif endpoint is None:
                 refused[name] = "no node address"

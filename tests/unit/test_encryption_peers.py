@@ -1,0 +1,54 @@
+"""Which nodes become WireGuard peers: a remote node record never takes this cluster's addresses."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from types import SimpleNamespace
+
+from clustermesh.models import Node, NodeAddress
+from clustermesh.tables import NODES, nodes_table
+from encryption.config import EncryptionConfig
+from encryption.module import Encryption
+from plexus.core.module import Hive
+from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, LocalNode, NodeAttributes
+
+
+def key(n: int) -> str:
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
+def node(cluster: str, name: str, ip: str, cidr: str, n: int) -> Node:
+    return Node(name, cluster, 1 if cluster == "east" else 2, (NodeAddress("InternalIP", ip),),
+                cidr, wireguard_pubkey=key(n))
+
+
+def encryption(tmp_path: Path, strict: bool) -> Encryption:
+    hive = Hive(agent=SimpleNamespace(node=SimpleNamespace(mtu=1500)), state_dir=tmp_path)
+    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    nodes = hive.provide(NODES, nodes_table())
+    hive.provide(NODE_ATTRIBUTES, NodeAttributes())
+    for n in (node("east", "n1", "172.31.1.11", "10.1.1.0/24", 1),
+              node("east", "n2", "172.31.1.12", "10.1.2.0/24", 2),
+              node("west", "n1", "172.31.2.11", "10.2.1.0/24", 3),
+              # a west record that claims east-n2's pod CIDR, and one that claims its address
+              node("west", "evil", "172.31.2.66", "10.1.2.0/25", 4),
+              node("west", "liar", "172.31.1.12", "10.2.9.0/24", 5)):
+        nodes.upsert(n)
+    return Encryption(hive, EncryptionConfig.model_validate({"enabled": True, "strict": strict}))
+
+
+def test_a_remote_node_claiming_local_addresses_is_no_peer_and_gets_no_route(tmp_path: Path) -> None:
+    for strict in (False, True):
+        enc = encryption(tmp_path / str(strict), strict)
+        enc._compute()
+        peers = {p.node: p for p in enc.peers}
+        assert set(peers) == {("east", "n2"), ("west", "n1")}
+        assert "10.1.2.0/24" in peers[("east", "n2")].allowed_ips
+        assert "claims addresses of the local cluster: 10.1.2.0/25" in enc.refused["west/evil"]
+        assert "172.31.1.12/32" in enc.refused["west/liar"]
+        routes = {(r.dst, r.kind) for r in enc.routes}
+        assert ("10.1.2.0/25", "blackhole") not in routes and ("10.1.2.0/25", "device") not in routes
+        assert ("10.1.2.0/24", "device") in routes
+        # the liar's own CIDR is not the local cluster's: strict mode still refuses it in clear
+        assert (("10.2.9.0/24", "blackhole") in routes) is strict
