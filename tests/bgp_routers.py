@@ -272,10 +272,11 @@ class GoBgp:
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         rib = self.gobgp("global", "rib", "-a", family) or {}
         out: dict[str, Route] = {}
-        for prefix, paths in rib.items():
-            if not paths:
+        for prefix, paths in rib.items() if isinstance(rib, dict) else ():
+            # a RIB read while gobgpd changes it can come back partly formed: skip that part
+            if not isinstance(paths, list) or not paths or not isinstance(paths[0], dict):
                 continue
-            attrs = {a.get("type"): a for a in paths[0].get("attrs", [])}
+            attrs = {a.get("type"): a for a in paths[0].get("attrs", []) if isinstance(a, dict)}
             nh = attrs.get(3, {}).get("nexthop") or attrs.get(14, {}).get("nexthop", "")
             path = [n for seg in attrs.get(2, {}).get("as_paths", []) for n in seg.get("asns", [])]
             comms = tuple(f"{c >> 16}:{c & 0xFFFF}" for c in attrs.get(8, {}).get("communities", []))

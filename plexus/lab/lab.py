@@ -435,8 +435,8 @@ protocol kernel {{
             if not {str(ip) for ip in sans} >= {*ips, "127.0.0.1"}:
                 server.unlink()
                 (pki / "server.key").unlink(missing_ok=True)
-        # other clusters reach the one read-only endpoint, on the control plane's address
-        make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=[c.control_plane.ip])
+        # other clusters reach the read-only endpoint, which answers on every member's address
+        make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=ips)
 
     def etcd_data(self, c: Cluster, m: EtcdMember) -> Path:
         d = self.root / "clusters" / c.name
@@ -509,8 +509,9 @@ protocol kernel {{
 
     def _remote_endpoint_argv(self, c: Cluster) -> list[str]:
         """Other clusters read this cluster's etcd only through this read-only endpoint."""
+        # on every member's address: the namespace is the lab's own control plane
         return [sys.executable, "-m", "plexus", "clustermesh", "remote-endpoint",
-                "--pki", str(self.pki(c.name)), "--listen", f"{c.control_plane.ip}:{REMOTE_PORT}",
+                "--pki", str(self.pki(c.name)), "--listen", f"0.0.0.0:{REMOTE_PORT}",
                 *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
                   for f in ("--etcd", url))]
 

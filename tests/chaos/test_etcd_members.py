@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from clustermesh.pki import REMOTE_PORT
 from plexus.lab import ops
 from plexus.lab.lab import Lab
 from plexus.lab.topology import pod_netns
@@ -49,7 +50,7 @@ def test_the_lab_keeps_its_member_count_and_refuses_to_switch_it(lab: Lab) -> No
     assert sorted(m["role"] for m in st["etcd"]["east"]) == ["follower", "follower", "leader"]
     # Agents and remotes are given every member.
     agent = (lab.node_dir(lab.topo.node("west", "n1")) / "clustermesh" / "east").read_text()
-    assert all(m.url in agent for m in east.etcd)
+    assert all(f"https://{m.ip}:{REMOTE_PORT}" in agent for m in east.etcd)
 
 
 def test_one_member_lost_goes_unnoticed(lab: Lab) -> None:

@@ -374,14 +374,16 @@ def test_peers_follow_nodes_keys_and_refuse_bad_keys(lab: Lab) -> None:
     def routes() -> str:
         return ops.run("ip", "route", "show", "table", "51871", ns="plx-east-n1").stdout
 
-    wait_until(lambda: "blackhole 10.2.1.0/24" in routes(), 15, what="strict mode drops west-n1's pods")
+    # strict mode keeps a blackhole under every remote pod CIDR; the device route on top goes
+    wait_until(lambda: "10.2.1.0/24 dev " not in routes() and "blackhole 10.2.1.0/24" in routes(), 15,
+               what="strict mode drops west-n1's pods")
     with underlay_capture(lab, "strict") as read, echo_server(dst_ns, "udp", 7002):
         assert not echo(src, "udp", dst_ip, 7002, MARKER, timeout=1.5)
     text, _ = read()
     assert MARKER not in text
     # The node republishes its key (a rotation rewrites its record): traffic flows again.
     assert plexus("encrypt", "rotate-key", "--node", "west-n1").returncode == 0
-    wait_until(lambda: "blackhole" not in routes(), 15)
+    wait_until(lambda: "10.2.1.0/24 dev " in routes(), 15, what="west-n1's pods through the device again")
     with echo_server(dst_ns, "udp", 7003):
         assert wait_until(lambda: echo(src, "udp", dst_ip, 7003, "restored"), 15)
 
