@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from clustermesh.kvstore import _target, tls_channel_options
+from clustermesh.kvstore import _REQUIRE_LEADER, _target, tls_channel_options
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no t
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             remaining = context.time_remaining()
             try:
-                return bytes(await upstream(request, timeout=remaining))
+                return bytes(await upstream(request, timeout=remaining, metadata=_REQUIRE_LEADER))
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "")
                 raise  # abort raises; this keeps the type checker informed
@@ -123,7 +123,8 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no t
 
     async def _forward_watch(self, requests: AsyncIterator[bytes],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        call = self._watch(requests)
+        # a member without a leader refuses, so a remote sees the quorum loss, not silence
+        call = self._watch(requests, metadata=_REQUIRE_LEADER)
         try:
             async for response in call:
                 yield bytes(response)
