@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from errno import EAFNOSUPPORT
 from pathlib import Path
 from socket import AF_INET, AF_INET6
-from subprocess import Popen
 from typing import Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -94,13 +93,10 @@ class UserspaceBackend:
         self.binary = binary
         self.netlink = netlink
         self.uapi = Uapi(device)
-        self.proc: Popen[bytes] | None = None  # when this agent started it: reaped on exit
         self.found_dead = False  # a pid file named a wireguard-go that was gone at start
 
     def pid(self) -> int | None:
         """The running wireguard-go's pid; None when it is gone."""
-        if self.proc is not None:
-            self.proc.poll()  # reap it once it exits, so its pid stops looking alive
         pid_file = self.state_dir / PID_FILE
         try:
             pid = int(pid_file.read_text().strip() or 0)
@@ -116,8 +112,6 @@ class UserspaceBackend:
         pid = self.pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)  # a wireguard-go without its device serves nothing
-            if self.proc is not None and self.proc.pid == pid:
-                self.proc.wait(5)  # this agent's child: reaped, not left a zombie
             deadline = time.monotonic() + 5
             while self.pid() is not None and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -139,22 +133,29 @@ class UserspaceBackend:
         self.uapi.path.unlink(missing_ok=True)
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "wireguard-go.log", "ab") as out:
-            proc = subprocess.Popen(self.netlink.argv([self.binary, "-f", self.device]),
-                                    stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=out, env=env, start_new_session=True)
-        self.proc = proc
-        (self.state_dir / PID_FILE).write_text(f"{proc.pid}\n")
+        # wireguard-go outlives the agent: started by a shell that exits at once, so it is no
+        # child of ours to reap (init does) and its pid is what the shell printed.
+        launch = 'exec </dev/null 2>>"$2"; "$3" -f "$1" >>"$2" 2>&1 & echo $!'
+        shell = subprocess.run(
+            self.netlink.argv(["sh", "-c", launch, "sh", self.device,
+                               str(self.state_dir / "wireguard-go.log"), self.binary]),
+            env=env, start_new_session=True, timeout=10, stdin=subprocess.DEVNULL,
+            capture_output=True, check=False)
+        printed = shell.stdout.strip()
+        if shell.returncode != 0 or not printed.isdigit():
+            raise BackendUnavailable(
+                f"wireguard-go did not start: {shell.stderr.decode(errors='replace').strip()}")
+        pid = int(printed)
+        (self.state_dir / PID_FILE).write_text(f"{pid}\n")
         deadline = time.monotonic() + 10
         while not self._alive():
-            if proc.poll() is not None:
-                raise BackendUnavailable(f"wireguard-go exited with {proc.returncode}")
+            if self.pid() is None:
+                raise BackendUnavailable("wireguard-go exited (its log is in the state dir)")
             if time.monotonic() > deadline:
-                proc.kill()  # no stray wireguard-go holding the device name
-                proc.wait(5)
+                os.kill(pid, signal.SIGKILL)  # no stray wireguard-go holding the device name
                 raise BackendUnavailable("wireguard-go did not open its UAPI socket")
             time.sleep(0.02)
-        log.info("started wireguard-go device=%s pid=%d", self.device, proc.pid)
+        log.info("started wireguard-go device=%s pid=%d", self.device, pid)
 
     def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
         if not self._alive():

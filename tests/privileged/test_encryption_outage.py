@@ -214,8 +214,6 @@ async def nodes(root: None, tmp_path: Path, request: pytest.FixtureRequest
                 backend = n.enc.backend
                 if isinstance(backend, UserspaceBackend):
                     backend.remove()  # the wireguard-go this test started, by its pid
-                    if backend.proc is not None:
-                        backend.proc.wait(10)
 
 
 def metric(node: NodeUnderTest, name: str) -> float | None:
