@@ -185,12 +185,19 @@ class KvStore:
     async def _call(self, stub: str, method: str, request: Any,
                     deadline: float | None = None) -> Any:
         await self.connect()
-        try:
-            call = getattr(getattr(self, stub), method)
-            return await call(request, timeout=deadline or self.timeout, wait_for_ready=False,
-                              metadata=_REQUIRE_LEADER)
-        except grpc.aio.AioRpcError as e:
-            raise _translate(e) from None
+        call = getattr(getattr(self, stub), method)
+        # With several members, a call that found its member gone goes once more, to the next
+        # one the channel picks (as a watch resumes there).
+        for attempt in range(2 if len(self.endpoints) > 1 else 1):
+            try:
+                return await call(request, timeout=deadline or self.timeout, wait_for_ready=False,
+                                  metadata=_REQUIRE_LEADER)
+            except grpc.aio.AioRpcError as e:
+                error = _translate(e)
+                if attempt or not isinstance(error, Unavailable):
+                    raise error from None
+            await asyncio.sleep(0.2)
+        raise Unavailable("unreachable")  # the loop above always returns or raises
 
     # ---- reads ----------------------------------------------------------------------
     async def status(self) -> int:

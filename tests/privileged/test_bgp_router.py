@@ -281,7 +281,7 @@ async def test_adding_and_removing_a_peer_leaves_the_other_session_up(env: tuple
     # and back again: a removed peer can return, with the routes of now
     agent.manifests.upsert(two_peers())
     await eventually(lambda: lab.established("node2"), 30, 0.2, "second session back")
-    await eventually(lambda: agent.bgp.peers()[1]["state"] == "established", 10, 0.05, "agent sees it")
+    await eventually(lambda: agent.bgp.peers()[1]["state"] == "established", 30, 0.05, "agent sees it")
     await eventually(lambda: agent.bgp.peers()[1]["advertised"] == 2, 10, 0.05, "its routes advertised")
     first_untouched()
     assert speaker.peer_changes == 3
