@@ -126,9 +126,13 @@ class Entry(NamedTuple):
         return f"Entry({self.key[:80]!r}, {len(self.value)} bytes: {self.value[:60]!r}...)"
 
 
+ETCD_REQUEST_LIMIT = 1_500_000  # etcd refuses a put over --max-request-bytes (1.5 MiB)
+
+
 def _deep(depth: int, shape: str, closed: bool) -> bytes:
     opener = b"[" if shape == "array" else b'{"IP":'
     closer = b"]" if shape == "array" else b"}"
+    depth = min(depth, ETCD_REQUEST_LIMIT // (len(opener) + len(closer)))
     return opener * depth + b"1" + (closer * depth if closed else b"")
 
 
