@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import logging
 import time
 from dataclasses import dataclass, field
@@ -238,8 +237,7 @@ class ApiServer:
             try:
                 if not lease or await self.kv.keepalive_once(lease) <= 0:
                     lease = await self.kv.grant(HEARTBEAT_TTL)
-                now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                await self.kv.put(HEARTBEAT_KEY, now, lease=lease)
+                await self.kv.put(HEARTBEAT_KEY, go_time(time.time()), lease=lease)
             except KvError as e:
                 self._etcd_error("heartbeat", e)
                 lease = 0
@@ -304,7 +302,7 @@ class ApiServer:
                 await ev.wait()
             await self.sync()
             for prefix in WRITTEN_CANARIES:
-                await self.kv.put(synced_key(self.cluster, prefix), go_time(time.time_ns()))
+                await self.kv.put(synced_key(self.cluster, prefix), go_time(time.time()))
             self.synced.set()
             self._session_synced = True
             self.ready = True

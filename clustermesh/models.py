@@ -142,13 +142,10 @@ def go_map(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return dict(sorted(value.items())) if value else None
 
 
-def go_time(ns: int) -> str:
-    """A UTC time in nanoseconds as Go's time.RFC3339Nano: trailing zeros of the fraction
-    dropped, and the dot with them when nothing is left."""
-    seconds, frac = divmod(ns, 1_000_000_000)
-    stamp = datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = f"{frac:09d}".rstrip("0")
-    return f"{stamp}{'.' + fraction if fraction else ''}Z"
+def go_time(seconds: float) -> str:
+    """A time as Go's `time.Now().Format(time.RFC3339)` writes it where the zone is UTC:
+    whole seconds, `Z`."""
+    return datetime.datetime.fromtimestamp(int(seconds), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # Bounds checked before a value is decoded: a remote's value must not be able to exhaust

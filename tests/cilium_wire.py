@@ -75,8 +75,5 @@ def service(cluster: str, cluster_id: int, namespace: str, name: str, frontend: 
 
 
 def now() -> str:
-    """time.Now().UTC().Format(time.RFC3339Nano)."""
-    ns = time.time_ns()
-    frac = f"{ns % 1_000_000_000:09d}".rstrip("0")
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 1_000_000_000)) + \
-        (f".{frac}" if frac else "") + "Z"
+    """time.Now().Format(time.RFC3339) in UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -297,12 +297,12 @@ def test_merge_leaves_out_ports_of_another_name() -> None:
 
 
 # ---- cilium/synced/<cluster>/<prefix> -------------------------------------------------
-# pkg/kvstore/store/syncstore.go: the canary's value is a time in Go's RFC 3339 form.
+# pkg/kvstore/store/syncstore.go handleSync: time.Now().Format(time.RFC3339), whole seconds
+# (the heartbeat too: the operator's kvstore.HeartbeatPath writer).
 
-def test_canary_time_is_gos_rfc3339nano() -> None:
-    assert go_time(1_700_000_000_123_450_000) == "2023-11-14T22:13:20.12345Z"
-    assert go_time(1_700_000_000_000_000_001) == "2023-11-14T22:13:20.000000001Z"
-    assert go_time(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
+def test_canary_time_is_gos_rfc3339() -> None:
+    assert go_time(1_700_000_000.987) == "2023-11-14T22:13:20Z"
+    assert go_time(0) == "1970-01-01T00:00:00Z"
 
 
 def test_go_json_escapes_as_go_does() -> None:
@@ -349,3 +349,20 @@ def test_what_cilium_refuses_is_refused(tmp_path: Path, text: str, why: str) -> 
     f.write_text(text)
     with pytest.raises(ConfigError, match=why):
         read_remote_cluster_file(f)
+
+
+# ---- `plexus clustermesh list global-services --cluster west` -------------------------
+
+def test_a_merged_service_is_listed_for_the_clusters_of_its_backends() -> None:
+    import dataclasses
+
+    from clustermesh.module import _contributed_by
+
+    local = _svc("east", {"10.96.1.10": {"": L4Addr("TCP", 80)}}, {"10.1.1.5": {"": L4Addr("TCP", 8080)}})
+    remote = _svc("west", {}, {"10.2.1.5": {"": L4Addr("TCP", 8080)}})
+    [merged] = merge([local, remote], "east")
+    row = dataclasses.asdict(merged)
+    assert _contributed_by(row, "west") and _contributed_by(row, "east")
+    assert not _contributed_by(row, "north")
+    assert _contributed_by(dataclasses.asdict(remote), "west")
+    assert not _contributed_by(dataclasses.asdict(remote), "east")
