@@ -95,8 +95,11 @@ class Allocator:
             return None
         ident = int(old.value)
         master = await self.kv.get(f"{IDENTITIES_PREFIX}/{ident}")
-        if master is None or parse_labels(master.value) != labels:
-            return None  # the index outlived its identity: allocate afresh
+        try:
+            if master is None or parse_labels(master.value) != labels:
+                return None  # the index outlived its identity: allocate afresh
+        except InvalidValue:
+            return None
         await self.kv.create_many([(vkey, str(ident))])  # lost to a racing allocator: same id
         await self.kv.delete_if_mod_revision(legacy_value_key(labels), old.mod_revision)
         log.info("identity=%d moved to Cilium's index key", ident)

@@ -238,7 +238,7 @@ class ClusterWatcher:
         except InvalidValue as e:
             raise ConfigRejected(f"bad cluster-config: {e}") from None
         if cfg.max_connected_clusters != self.max_connected:
-            # Cilium refuses this too (pkg/clustermesh/common remote_cluster.go): the cluster
+            # Cilium refuses this too (pkg/clustermesh/types CiliumClusterConfig validation): the cluster
             # id sits in different identity bits, so every identity would be misread.
             raise ConfigRejected(
                 f"cluster {self.name} is set up for maxConnectedClusters "
