@@ -9,7 +9,7 @@ pass is written it sets the sync canaries that remote clusters wait for.
 from __future__ import annotations
 
 import asyncio
-import datetime
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,13 +22,14 @@ from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
     HEARTBEAT_KEY,
     IPCACHE_PREFIX,
+    NODE_SOURCE,
     NODES_PREFIX,
     REGISTRATIONS_PREFIX,
     SERVICE_LABEL_EXTERNAL_IPS,
     SERVICE_LABEL_LB_IP,
     SERVICE_LABEL_TRAFFIC_POLICY,
     SERVICES_PREFIX,
-    SYNCED_PREFIXES,
+    WRITTEN_CANARIES,
     ClusterConfig,
     ClusterService,
     EndpointRegistration,
@@ -37,6 +38,7 @@ from clustermesh.models import (
     L4Addr,
     Node,
     decode_json,
+    go_time,
     identity_labels,
     synced_key,
 )
@@ -105,11 +107,13 @@ class ApiServer:
             out[f"{NODES_PREFIX}/{self.cluster}/{node.name}"] = node.to_json().encode()
         by_ns: dict[str, list[EndpointRegistration]] = {}
         for ep in list(self.sources.endpoints.values()):
-            ident = await self.allocator.allocate(identity_labels(self.cluster, ep.namespace, ep.labels))
+            ident = await self.allocator.allocate(identity_labels(
+                self.cluster, ep.namespace, ep.labels, service_account=ep.service_account,
+                namespace_labels=ep.namespace_labels))
             for ip in filter(None, (ep.ip, ep.ipv6)):
                 out[f"{IPCACHE_PREFIX}/{ip}"] = IPIdentity(
                     ip=ip, identity=ident, host_ip=ep.host_ip, namespace=ep.namespace,
-                    pod_name=ep.pod_name).to_json().encode()
+                    pod_name=ep.pod_name, service_account=ep.service_account).to_json().encode()
             by_ns.setdefault(ep.namespace, []).append(ep)
         for svc in list(self.sources.services.values()):
             if not svc.is_global:
@@ -120,8 +124,10 @@ class ApiServer:
 
     def _cluster_service(self, svc: Service, endpoints: list[EndpointRegistration]) -> ClusterService:
         spec = svc.spec
-        frontend_ports = {p.name or str(p.port): L4Addr(p.protocol, p.port) for p in spec.ports}
-        backend_ports = {p.name or str(p.port): L4Addr(p.protocol, p.target_port or p.port)
+        # Keyed by port name, "" for the one unnamed port, as Cilium does: a remote's
+        # backends are matched to a frontend port by that name.
+        frontend_ports = {p.name or "": L4Addr(p.protocol, p.port) for p in spec.ports}
+        backend_ports = {p.name or "": L4Addr(p.protocol, p.target_port or p.port)
                          for p in spec.ports}
         frontends = {}
         for ip in [spec.cluster_ip, spec.load_balancer_ip, *spec.external_ips]:
@@ -134,8 +140,13 @@ class ApiServer:
                     backends[ep.ip] = backend_ports
         for b in spec.backends:
             backends[str(b.ip)] = backend_ports
-        labels = {**svc.metadata.labels, "service.cilium.io/affinity": svc.affinity,
-                  SERVICE_LABEL_TRAFFIC_POLICY: spec.external_traffic_policy}
+        # What Cilium keeps in annotations rides along as labels, only where it is not the
+        # default, so a plain global service is written exactly as Cilium writes it.
+        labels = dict(svc.metadata.labels)
+        if svc.affinity != "none":
+            labels["service.cilium.io/affinity"] = svc.affinity
+        if spec.external_traffic_policy != "Cluster":
+            labels[SERVICE_LABEL_TRAFFIC_POLICY] = spec.external_traffic_policy
         if spec.load_balancer_ip is not None:
             labels[SERVICE_LABEL_LB_IP] = str(spec.load_balancer_ip)
         if spec.external_ips:
@@ -175,12 +186,10 @@ class ApiServer:
                 node = Node.from_json(value)
                 if node.name != key.rsplit("/", 1)[1]:
                     raise InvalidValue(f"node record names {node.name!r}, key says otherwise")
-                src.nodes[key] = Node(
-                    name=node.name, cluster=self.cluster, cluster_id=self.cluster_id,
-                    addresses=node.addresses, ipv4_alloc_cidr=node.ipv4_alloc_cidr,
-                    ipv6_alloc_cidr=node.ipv6_alloc_cidr, labels=node.labels,
-                    wireguard_pubkey=node.wireguard_pubkey, source="plexus",
-                    secondary_alloc_cidrs=node.secondary_alloc_cidrs)
+                # Published as Cilium's apiserver publishes a CiliumNode: its cluster, its
+                # id and Cilium's source; every other field as the agent registered it.
+                src.nodes[key] = dataclasses.replace(
+                    node, cluster=self.cluster, cluster_id=self.cluster_id, source=NODE_SOURCE)
             elif key.startswith(self.reg_prefix + "endpoints/"):
                 src.endpoints[key] = EndpointRegistration.from_json(value)
             elif key.startswith(self.svc_prefix):
@@ -228,8 +237,7 @@ class ApiServer:
             try:
                 if not lease or await self.kv.keepalive_once(lease) <= 0:
                     lease = await self.kv.grant(HEARTBEAT_TTL)
-                now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-                await self.kv.put(HEARTBEAT_KEY, now, lease=lease)
+                await self.kv.put(HEARTBEAT_KEY, go_time(time.time()), lease=lease)
             except KvError as e:
                 self._etcd_error("heartbeat", e)
                 lease = 0
@@ -293,9 +301,8 @@ class ApiServer:
             for ev in listed.values():
                 await ev.wait()
             await self.sync()
-            for prefix in SYNCED_PREFIXES:
-                await self.kv.put(synced_key(self.cluster, prefix),
-                                  datetime.datetime.now(datetime.UTC).isoformat())
+            for prefix in WRITTEN_CANARIES:
+                await self.kv.put(synced_key(self.cluster, prefix), go_time(time.time()))
             self.synced.set()
             self._session_synced = True
             self.ready = True

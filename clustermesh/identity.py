@@ -1,10 +1,16 @@
 """Cluster-scoped security identity allocation in etcd, race-free across allocators.
 
-An identity is the pair of keys `cilium/state/identities/v1/id/<id>` (the sorted label
-string, Cilium's layout) and `cilium/state/identities/v1/value/<sha256 of labels>` (the id,
-an index so the same labels always find the same id). Both are created in one
+An identity is the pair of keys of Cilium's kvstore allocator (pkg/allocator and
+pkg/kvstore/allocator): the master key `cilium/state/identities/v1/id/<id>` (the sorted
+label string) and the slave key `cilium/state/identities/v1/value/<labels>/<owner>` (the
+id), the index by which the same labels always find the same id. Every Plexus allocator of
+a cluster writes its slave key under one owner name, so both are created in one
 transaction that fails if either exists: two allocators racing for the same labels get
 one id; racing for the same id, one of them moves on.
+
+Plexus before this release kept its index at `value/<sha256 of labels>`, a key no Cilium
+allocator knows: such a key is still honoured when found, moved to the slave key and
+removed.
 """
 
 from __future__ import annotations
@@ -30,15 +36,24 @@ class IdentitiesExhausted(Exception):
     pass
 
 
-def value_key(labels: tuple[str, ...]) -> str:
+OWNER = "clustermesh-apiserver"
+
+
+def value_key(labels: tuple[str, ...], owner: str = OWNER) -> str:
+    """Cilium's slave key: `value/<labels>/<owner>`."""
+    return f"{IDENTITY_VALUES_PREFIX}/{format_labels(labels)}/{owner}"
+
+
+def legacy_value_key(labels: tuple[str, ...]) -> str:
+    """Where Plexus kept the index before it used Cilium's layout."""
     digest = hashlib.sha256(format_labels(labels).encode()).hexdigest()
     return f"{IDENTITY_VALUES_PREFIX}/{digest}"
 
 
 class Allocator:
-    def __init__(self, kv: KvStore, cluster_id: int) -> None:
+    def __init__(self, kv: KvStore, cluster_id: int, max_connected: int = 255) -> None:
         self.kv = kv
-        self.first, self.last = identity_range(cluster_id)
+        self.first, self.last = identity_range(cluster_id, max_connected)
         # The lowest ids are reserved for Cilium's fixed identities in every cluster.
         self.first = max(self.first, 256)
         self._cache: dict[tuple[str, ...], int] = {}
@@ -56,6 +71,10 @@ class Allocator:
                 ident = int(existing.value)
                 self._cache[labels] = ident
                 return ident
+            adopted = await self._adopt_legacy(labels, vkey)
+            if adopted is not None:
+                self._cache[labels] = adopted
+                return adopted
             candidate = await self._free_id()
             created = await self.kv.create_many([
                 (f"{IDENTITIES_PREFIX}/{candidate}", format_labels(labels)),
@@ -68,6 +87,23 @@ class Allocator:
                 return candidate
             self._next = candidate + 1  # lost a race for this id or for these labels
         raise IdentitiesExhausted(f"could not allocate an identity for {format_labels(labels)}")
+
+    async def _adopt_legacy(self, labels: tuple[str, ...], vkey: str) -> int | None:
+        """The id an older Plexus indexed these labels under, moved to Cilium's slave key."""
+        old = await self.kv.get(legacy_value_key(labels))
+        if old is None or not old.value.isdigit():
+            return None
+        ident = int(old.value)
+        master = await self.kv.get(f"{IDENTITIES_PREFIX}/{ident}")
+        try:
+            if master is None or parse_labels(master.value) != labels:
+                return None  # the index outlived its identity: allocate afresh
+        except InvalidValue:
+            return None
+        await self.kv.create_many([(vkey, str(ident))])  # lost to a racing allocator: same id
+        await self.kv.delete_if_mod_revision(legacy_value_key(labels), old.mod_revision)
+        log.info("identity=%d moved to Cilium's index key", ident)
+        return ident
 
     async def _free_id(self) -> int:
         ident = self._next
@@ -91,10 +127,10 @@ class Allocator:
             return False
         labels = parse_labels(got.value)
         self._cache.pop(labels, None)
-        vkey = value_key(labels)
-        idx = await self.kv.get(vkey)
-        if idx is not None and idx.value == str(ident).encode():
-            await self.kv.delete_if_mod_revision(vkey, idx.mod_revision)
+        for vkey in (value_key(labels), legacy_value_key(labels)):
+            idx = await self.kv.get(vkey)
+            if idx is not None and idx.value == str(ident).encode():
+                await self.kv.delete_if_mod_revision(vkey, idx.mod_revision)
         return await self.kv.delete_if_mod_revision(f"{IDENTITIES_PREFIX}/{ident}", got.mod_revision)
 
     async def owned(self) -> dict[int, tuple[str, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from plexus.core.config import Strict
 from plexus.core.manifests import Metadata
@@ -44,6 +44,17 @@ class ServiceSpec(Strict):
         None, alias="loadBalancerIP")
     external_traffic_policy: Literal["Cluster", "Local"] = "Cluster"
     backends: list[ExplicitBackend] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _port_names(self) -> ServiceSpec:
+        # Kubernetes' rule, and what the shared record relies on: ports are keyed by name
+        # there, so two ports without a name, or with the same one, would be one port.
+        names = [p.name for p in self.ports]
+        if len(names) > 1 and "" in names:
+            raise ValueError("ports: with more than one port, every port needs a name")
+        if len(set(names)) != len(names):
+            raise ValueError("ports: port names must be unique")
+        return self
 
 
 class Service(Strict):

@@ -7,6 +7,7 @@ message naming the field; the caller skips and counts it and carries on.
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import itertools
 import json
@@ -24,12 +25,21 @@ SERVICES_PREFIX = f"{PREFIX}/state/services/v1"
 IPCACHE_PREFIX = f"{PREFIX}/state/ip/v1/default"
 IDENTITIES_PREFIX = f"{PREFIX}/state/identities/v1/id"
 IDENTITY_VALUES_PREFIX = f"{PREFIX}/state/identities/v1/value"
+SERVICE_EXPORTS_PREFIX = f"{PREFIX}/state/serviceexports/v1"
 # Plexus-only objects (BGP, egress, VM registrations, policies) follow the same habits.
 PLEXUS_PREFIX = "plexus"
 
 CLUSTER_NAME_RE = re.compile(r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$")
 CLUSTER_NAME_MAX = 32
 CLUSTER_ID_MIN, CLUSTER_ID_MAX = 1, 255
+# Cilium's two supported mesh sizes (pkg/clustermesh/types/types.go): a numeric identity
+# has 24 bits; 255 clusters leave 16 bits per cluster, 511 leave 15.
+MAX_CONNECTED_CLUSTERS = (255, 511)
+IDENTITY_BITS = 24
+# What Cilium's clustermesh-apiserver sets as Source of the nodes it publishes: it reads
+# them from CiliumNode resources (pkg/source/source.go, pkg/node/types ParseCiliumNode).
+NODE_SOURCE = "custom-resource"
+ANNOTATION_WG_PUB_KEY = "network.cilium.io/wg-pub-key"  # Cilium's pkg/annotation
 
 # Reserved numeric identities, as in Cilium.
 ID_UNKNOWN = 0
@@ -62,6 +72,10 @@ SERVICE_LABEL_LB_IP = "plexus.io/load-balancer-ip"            # comma-separated 
 SERVICE_LABEL_EXTERNAL_IPS = "plexus.io/external-ips"         # comma-separated addresses
 SERVICE_LABEL_TRAFFIC_POLICY = "plexus.io/external-traffic-policy"  # Local or Cluster
 LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
+LABEL_SERVICE_ACCOUNT = "io.cilium.k8s.policy.serviceaccount"
+LABEL_NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels"  # + ".<key>" per namespace label
+LABEL_NAMESPACE_NAME = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace
+DEFAULT_SERVICE_ACCOUNT = "default"  # what Kubernetes gives a pod that names none
 
 
 class InvalidValue(ValueError):
@@ -82,21 +96,56 @@ def check_cluster_name(name: str) -> str:
     return name
 
 
-def check_cluster_id(cluster_id: Any) -> int:
+def check_cluster_id(cluster_id: Any, max_connected: int = CLUSTER_ID_MAX) -> int:
     if not isinstance(cluster_id, int) or isinstance(cluster_id, bool):
         raise InvalidValue(f"cluster id must be an integer, got {cluster_id!r}")
-    if not CLUSTER_ID_MIN <= cluster_id <= CLUSTER_ID_MAX:
-        raise InvalidValue(f"cluster id {cluster_id} is outside {CLUSTER_ID_MIN}..{CLUSTER_ID_MAX}")
+    if not CLUSTER_ID_MIN <= cluster_id <= max_connected:
+        raise InvalidValue(f"cluster id {cluster_id} is outside {CLUSTER_ID_MIN}..{max_connected}")
     return cluster_id
 
 
-def identity_range(cluster_id: int) -> tuple[int, int]:
-    """The identities a cluster may allocate: [id<<16, ((id+1)<<16)-1]."""
-    return cluster_id << 16, ((cluster_id + 1) << 16) - 1
+def cluster_id_shift(max_connected: int = CLUSTER_ID_MAX) -> int:
+    """Where the cluster id starts in a numeric identity: 16 for 255 clusters, 15 for 511."""
+    if max_connected not in MAX_CONNECTED_CLUSTERS:
+        raise InvalidValue(f"maxConnectedClusters {max_connected} is not one of "
+                           f"{', '.join(map(str, MAX_CONNECTED_CLUSTERS))}")
+    return IDENTITY_BITS - (max_connected + 1).bit_length() + 1
 
 
-def identity_cluster_id(identity: int) -> int:
-    return (identity >> 16) & 0xFF
+def identity_range(cluster_id: int, max_connected: int = CLUSTER_ID_MAX) -> tuple[int, int]:
+    """The identities a cluster may allocate: [id<<shift, ((id+1)<<shift)-1]."""
+    shift = cluster_id_shift(max_connected)
+    return cluster_id << shift, ((cluster_id + 1) << shift) - 1
+
+
+def identity_cluster_id(identity: int, max_connected: int = CLUSTER_ID_MAX) -> int:
+    return (identity >> cluster_id_shift(max_connected)) & max_connected
+
+
+# ---- Go's encoding/json ---------------------------------------------------------------
+
+# json.Marshal escapes these inside strings (HTML safety, JavaScript line separators).
+_GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                             "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def go_json(value: Any) -> str:
+    """`value` as Go's json.Marshal writes it: compact, UTF-8, Go's escapes.
+
+    Struct fields keep the order the dict was built in (struct-field order); Go maps are
+    written with sorted keys, so callers pass maps through `go_map`."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_GO_ESCAPES)
+
+
+def go_map(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Go map: keys sorted; an empty one written as null, as a nil map is."""
+    return dict(sorted(value.items())) if value else None
+
+
+def go_time(seconds: float) -> str:
+    """A time as Go's `time.Now().Format(time.RFC3339)` writes it where the zone is UTC:
+    whole seconds, `Z`."""
+    return datetime.datetime.fromtimestamp(int(seconds), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # Bounds checked before a value is decoded: a remote's value must not be able to exhaust
@@ -205,14 +254,29 @@ def cidr_from_go(value: Any, what: str) -> str | None:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """`cilium/cluster-config/<cluster>`: CiliumClusterConfig of Cilium's
+    pkg/clustermesh/types/types.go; every field `omitempty`."""
+
     id: int
     synced_canaries: bool = True
     max_connected_clusters: int = 255
+    cached: bool = False
+    # MCS-API ServiceExports: None says the cluster does not know of them at all.
+    service_exports_enabled: bool | None = False
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "capabilities": {
-            "syncedCanaries": self.synced_canaries,
-            "maxConnectedClusters": self.max_connected_clusters}})
+        caps: dict[str, Any] = {}
+        if self.synced_canaries:
+            caps["syncedCanaries"] = True
+        if self.cached:
+            caps["cached"] = True
+        if self.max_connected_clusters:
+            caps["maxConnectedClusters"] = self.max_connected_clusters
+        if self.service_exports_enabled is not None:
+            caps["serviceExportsEnabled"] = self.service_exports_enabled
+        out: dict[str, Any] = {"id": self.id} if self.id else {}
+        out["capabilities"] = caps  # a struct: omitempty never drops it
+        return go_json(out)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ClusterConfig:
@@ -220,13 +284,16 @@ class ClusterConfig:
         obj = decode_json(raw, what)
         if not isinstance(obj, dict):
             raise InvalidValue(f"{what}: expected an object")
-        cid = check_cluster_id(obj.get("id"))
         caps = obj.get("capabilities") or {}
         if not isinstance(caps, dict):
             raise InvalidValue(f"{what}: capabilities must be an object")
-        return cls(id=cid, synced_canaries=bool(caps.get("syncedCanaries", False)),
-                   max_connected_clusters=_want(caps, "maxConnectedClusters", int, what,
-                                                required=False, default=255))
+        # Absent or 0 means Cilium's default (pkg/clustermesh/types configuredMaxConnectedClusters).
+        max_connected = _want(caps, "maxConnectedClusters", int, what, required=False, default=0) or 255
+        cluster_id = check_cluster_id(obj.get("id"), max(max_connected, CLUSTER_ID_MAX))
+        exports = caps.get("serviceExportsEnabled")
+        return cls(id=cluster_id, synced_canaries=bool(caps.get("syncedCanaries", False)),
+                   max_connected_clusters=max_connected, cached=bool(caps.get("cached", False)),
+                   service_exports_enabled=exports if isinstance(exports, bool) else None)
 
 
 # ---- nodes ----------------------------------------------------------------------------
@@ -235,6 +302,14 @@ class ClusterConfig:
 class NodeAddress:
     type: str  # InternalIP, ExternalIP, CiliumInternalIP
     ip: str
+
+
+# The fields of Cilium's Node (pkg/node/types/node.go), in struct order; none has a json tag,
+# so every one is written, nil ones as null and an unset net.IP as "".
+NODE_FIELDS = ("Name", "Cluster", "IPAddresses", "IPv4AllocCIDR", "IPv4SecondaryAllocCIDRs",
+               "IPv6AllocCIDR", "IPv6SecondaryAllocCIDRs", "IPv4HealthIP", "IPv6HealthIP",
+               "IPv4IngressIP", "IPv6IngressIP", "ClusterID", "Source", "EncryptionKey", "Labels",
+               "Annotations", "WireguardPubKey", "BootID")
 
 
 @dataclass(frozen=True)
@@ -249,8 +324,17 @@ class Node:
     ipv6_alloc_cidr: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     wireguard_pubkey: str = ""
-    source: str = "local"
+    source: str = NODE_SOURCE
     secondary_alloc_cidrs: tuple[str, ...] = ()  # IPv4/IPv6SecondaryAllocCIDRs
+    ipv4_health_ip: str = ""
+    ipv6_health_ip: str = ""
+    ipv4_ingress_ip: str = ""
+    ipv6_ingress_ip: str = ""
+    encryption_key: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+    boot_id: str = ""
+    # Fields of a value this Plexus does not know (a newer Cilium's), written back as read.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -267,18 +351,33 @@ class Node:
         return self.addresses[0].ip if self.addresses else None
 
     def to_json(self) -> str:
-        return json.dumps({
+        v4 = [c for c in self.secondary_alloc_cidrs if ":" not in c]
+        v6 = [c for c in self.secondary_alloc_cidrs if ":" in c]
+        annotations = dict(self.annotations)
+        if self.wireguard_pubkey:  # Cilium carries the key in both places
+            annotations.setdefault(ANNOTATION_WG_PUB_KEY, self.wireguard_pubkey)
+        out: dict[str, Any] = {
             "Name": self.name,
             "Cluster": self.cluster,
-            "IPAddresses": [{"Type": a.type, "IP": a.ip} for a in self.addresses],
+            "IPAddresses": [{"Type": a.type, "IP": a.ip} for a in self.addresses] or None,
             "IPv4AllocCIDR": cidr_to_go(self.ipv4_alloc_cidr),
+            "IPv4SecondaryAllocCIDRs": [cidr_to_go(c) for c in v4] or None,
             "IPv6AllocCIDR": cidr_to_go(self.ipv6_alloc_cidr),
+            "IPv6SecondaryAllocCIDRs": [cidr_to_go(c) for c in v6] or None,
+            "IPv4HealthIP": self.ipv4_health_ip,
+            "IPv6HealthIP": self.ipv6_health_ip,
+            "IPv4IngressIP": self.ipv4_ingress_ip,
+            "IPv6IngressIP": self.ipv6_ingress_ip,
             "ClusterID": self.cluster_id,
             "Source": self.source,
-            "Labels": self.labels,
+            "EncryptionKey": self.encryption_key,
+            "Labels": go_map(self.labels),
+            "Annotations": go_map(annotations),
             "WireguardPubKey": self.wireguard_pubkey,
-            **_secondary_cidrs_to_go(self.secondary_alloc_cidrs),
-        })
+            "BootID": self.boot_id,
+        }
+        out.update((k, v) for k, v in self.extra.items() if k not in out)
+        return go_json(out)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Node:
@@ -295,6 +394,9 @@ class Node:
             addrs.append(NodeAddress(type=_want(a, "Type", str, what),
                                      ip=_ip(_want(a, "IP", str, what), what)))
         pubkey = _want(obj, "WireguardPubKey", str, what, required=False, default="")
+        encryption_key = _want(obj, "EncryptionKey", int, what, required=False, default=0)
+        if not 0 <= encryption_key <= 255:
+            raise InvalidValue(f"{what}: EncryptionKey {encryption_key} is not a uint8")
         return cls(
             name=name,
             cluster=check_cluster_name(_want(obj, "Cluster", str, what)),
@@ -306,15 +408,20 @@ class Node:
             wireguard_pubkey=pubkey,
             source=_want(obj, "Source", str, what, required=False, default=""),
             secondary_alloc_cidrs=_secondary_cidrs_from_go(obj, what),
+            ipv4_health_ip=_optional_ip(obj, "IPv4HealthIP", what),
+            ipv6_health_ip=_optional_ip(obj, "IPv6HealthIP", what),
+            ipv4_ingress_ip=_optional_ip(obj, "IPv4IngressIP", what),
+            ipv6_ingress_ip=_optional_ip(obj, "IPv6IngressIP", what),
+            encryption_key=encryption_key,
+            annotations=_string_map(obj.get("Annotations"), f"{what}: Annotations"),
+            boot_id=_want(obj, "BootID", str, what, required=False, default=""),
+            extra={k: v for k, v in obj.items() if k not in NODE_FIELDS},
         )
 
 
-def _secondary_cidrs_to_go(cidrs: tuple[str, ...]) -> dict[str, list[dict[str, str] | None]]:
-    out: dict[str, list[dict[str, str] | None]] = {}
-    for c in cidrs:
-        family = "IPv6" if ":" in c else "IPv4"
-        out.setdefault(f"{family}SecondaryAllocCIDRs", []).append(cidr_to_go(c))
-    return out
+def _optional_ip(obj: dict[str, Any], name: str, what: str) -> str:
+    value = _want(obj, name, str, what, required=False, default="")
+    return _ip(value, f"{what}: {name}") if value else ""
 
 
 def _secondary_cidrs_from_go(obj: dict[str, Any], what: str) -> tuple[str, ...]:
@@ -350,6 +457,9 @@ class IPIdentity:
     pod_name: str = ""
     named_ports: tuple[NamedPort, ...] = ()
     cluster: str = ""  # the cluster it was learned from; not part of the value
+    service_account: str = ""
+    metadata: str = ""
+    pod_uid: str = ""  # kept when a writer sets it; nothing here knows a pod's UID
 
     @property
     def prefix(self) -> str:
@@ -362,17 +472,24 @@ class IPIdentity:
         return f"{IPCACHE_PREFIX}/{self.ip}"
 
     def to_json(self) -> str:
+        """IPIdentityPair of Cilium's pkg/identity/identity.go, in its field order."""
         mask = None
         if self.prefix_len is not None:
             net = ipaddress.ip_network(self.prefix, strict=False)
             mask = base64.b64encode(net.netmask.packed).decode()
-        return json.dumps({
+        out: dict[str, Any] = {
             "IP": self.ip, "Mask": mask, "HostIP": self.host_ip, "ID": self.identity,
-            "Key": self.encrypt_key, "Metadata": "", "K8sNamespace": self.namespace,
-            "K8sPodName": self.pod_name,
-            "NamedPorts": [{"Name": p.name, "Port": p.port, "Protocol": p.protocol}
-                           for p in self.named_ports] or None,
-        })
+            "Key": self.encrypt_key, "Metadata": self.metadata}
+        for name, value in (("K8sNamespace", self.namespace), ("K8sPodName", self.pod_name),
+                            ("K8sServiceAccount", self.service_account)):
+            if value:  # omitempty
+                out[name] = value
+        if self.named_ports:
+            out["NamedPorts"] = [{"Name": p.name, "Port": p.port, "Protocol": p.protocol}
+                                 for p in sorted(self.named_ports, key=lambda p: p.name)]
+        if self.pod_uid:
+            out["K8sPodUID"] = self.pod_uid
+        return go_json(out)
 
     @classmethod
     def from_json(cls, raw: bytes | str, cluster: str = "") -> IPIdentity:
@@ -409,6 +526,9 @@ class IPIdentity:
             namespace=_want(obj, "K8sNamespace", str, what, required=False, default=""),
             pod_name=_want(obj, "K8sPodName", str, what, required=False, default=""),
             named_ports=tuple(ports), cluster=cluster,
+            service_account=_want(obj, "K8sServiceAccount", str, what, required=False, default=""),
+            metadata=_want(obj, "Metadata", str, what, required=False, default=""),
+            pod_uid=_want(obj, "K8sPodUID", str, what, required=False, default=""),
         )
 
 
@@ -460,12 +580,21 @@ def parse_labels(raw: bytes | str, what: str = "identity") -> tuple[str, ...]:
     return tuple(sorted(parts))
 
 
-def identity_labels(cluster: str, namespace: str, labels: dict[str, str]) -> tuple[str, ...]:
-    """The label set an endpoint's identity is allocated from."""
+def identity_labels(cluster: str, namespace: str, labels: dict[str, str], *,
+                    service_account: str = DEFAULT_SERVICE_ACCOUNT,
+                    namespace_labels: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The label set an endpoint's identity is allocated from, with the labels Cilium
+    derives for a pod (pkg/k8s/utils GetPodMetadata and pkg/policy/api's namespace
+    labels): its namespace, service account and the labels of its namespace, where
+    Kubernetes always sets `kubernetes.io/metadata.name`."""
     out = {f"k8s:{k}={v}" for k, v in labels.items()}
     out.add(f"k8s:{LABEL_CLUSTER}={cluster}")
     if namespace:
         out.add(f"k8s:{LABEL_NAMESPACE}={namespace}")
+        ns_labels = {LABEL_NAMESPACE_NAME: namespace, **(namespace_labels or {})}
+        out.update(f"k8s:{LABEL_NAMESPACE_LABELS}.{k}={v}" for k, v in ns_labels.items())
+        if service_account:
+            out.add(f"k8s:{LABEL_SERVICE_ACCOUNT}={service_account}")
     return tuple(sorted(out))
 
 
@@ -501,13 +630,16 @@ class ClusterService:
         return f"{SERVICES_PREFIX}/{self.cluster}/{self.namespace}/{self.name}"
 
     def to_json(self) -> str:
-        def ports(m: dict[str, dict[str, L4Addr]]) -> dict[str, dict[str, dict[str, Any]]]:
-            return {ip: {n: {"Protocol": a.protocol, "Port": a.port} for n, a in pm.items()}
-                    for ip, pm in m.items()}
-        return json.dumps({
+        """Cilium's pkg/clustermesh/store ClusterService: maps with sorted keys, ports keyed
+        by port name ("" for an unnamed one), L4Addr as {"Protocol","Port"}."""
+        def ports(m: dict[str, dict[str, L4Addr]]) -> dict[str, Any]:
+            return {ip: {n: {"Protocol": a.protocol, "Port": a.port} for n, a in sorted(pm.items())}
+                    for ip, pm in sorted(m.items())}
+        return go_json({
             "cluster": self.cluster, "namespace": self.namespace, "name": self.name,
             "frontends": ports(self.frontends), "backends": ports(self.backends),
-            "labels": self.labels, "selector": self.selector,
+            "labels": dict(sorted(self.labels.items())),
+            "selector": dict(sorted(self.selector.items())),
             "includeExternal": self.include_external, "shared": self.shared,
             "clusterID": self.cluster_id,
         })
@@ -578,11 +710,14 @@ class EndpointRegistration:
     node: str
     host_ip: str
     ipv6: str | None = None
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    namespace_labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"ip": self.ip, "ipv6": self.ipv6, "namespace": self.namespace,
-                           "podName": self.pod_name, "labels": self.labels, "node": self.node,
-                           "hostIP": self.host_ip})
+        return go_json({"ip": self.ip, "ipv6": self.ipv6, "namespace": self.namespace,
+                        "podName": self.pod_name, "labels": self.labels, "node": self.node,
+                        "hostIP": self.host_ip, "serviceAccount": self.service_account,
+                        "namespaceLabels": self.namespace_labels})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> EndpointRegistration:
@@ -599,6 +734,9 @@ class EndpointRegistration:
             node=_want(obj, "node", str, what),
             host_ip=_ip(_want(obj, "hostIP", str, what), what),
             ipv6=_ip(ipv6, what) if isinstance(ipv6, str) and ipv6 else None,
+            service_account=_want(obj, "serviceAccount", str, what, required=False,
+                                  default=DEFAULT_SERVICE_ACCOUNT),
+            namespace_labels=_string_map(obj.get("namespaceLabels"), f"{what}: namespaceLabels"),
         )
 
 
@@ -606,5 +744,9 @@ def synced_key(cluster: str, prefix: str) -> str:
     return f"{SYNCED_PREFIX}/{cluster}/{prefix}"
 
 
+# The canaries a reader waits for (what Cilium and older Plexus both write) ...
 SYNCED_PREFIXES = (NODES_PREFIX, SERVICES_PREFIX, IDENTITIES_PREFIX.rsplit("/", 1)[0],
                    IPCACHE_PREFIX.rsplit("/", 1)[0])
+# ... and those the apiserver writes: Cilium's also says its (empty) service exports are
+# synced, even with MCS-API off (clustermesh-apiserver's clustermesh/root.go).
+WRITTEN_CANARIES = (*SYNCED_PREFIXES, SERVICE_EXPORTS_PREFIX)

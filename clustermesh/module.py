@@ -21,7 +21,12 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from clustermesh.config import ClusterMeshConfig, EtcdSection, RemoteClusterFile
+from clustermesh.config import (
+    ClusterMeshConfig,
+    EtcdSection,
+    RemoteClusterFile,
+    read_remote_cluster_file,
+)
 from clustermesh.kvstore import KvError, KvStore, Tls
 from clustermesh.models import InvalidValue, Node, NodeAddress, check_cluster_name
 from clustermesh.ops import (
@@ -48,7 +53,7 @@ from clustermesh.tables import (
     services_table,
 )
 from plexus.core.api import ApiError
-from plexus.core.config import ConfigError, load
+from plexus.core.config import ConfigError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive, Module
@@ -64,6 +69,17 @@ NOT_CLUSTER_FILES = (".crt", ".key", ".pem")  # certificates kept next to the fi
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
     return Tls(ca, cert, key) if ca is not None else None
+
+
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def _boot_id() -> str:
+    """This kernel's boot id, which Cilium's nodes carry so peers can tell a reboot."""
+    try:
+        return BOOT_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
 
 
 class _Remote:
@@ -83,6 +99,7 @@ class _FileRead:
     config: RemoteClusterFile | None
     digest: str
     error: str
+    ignored: tuple[str, ...] = ()  # keys Cilium accepts that Plexus does not use
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -98,7 +115,7 @@ def _read_cluster_file(path: Path, st: os.stat_result) -> _FileRead:
     try:
         raw = path.read_bytes()
         raw.decode()
-        cfg = load(RemoteClusterFile, path)
+        cfg, ignored = read_remote_cluster_file(path)
     except UnicodeDecodeError as e:
         return _FileRead(stamp, None, "", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
     except ConfigError as e:
@@ -107,7 +124,10 @@ def _read_cluster_file(path: Path, st: os.stat_result) -> _FileRead:
         return _FileRead(stamp, None, "", f"{path}: cannot read: {e.strerror or e}")
     except Exception as e:  # whatever the YAML parser makes of hostile bytes
         return _FileRead(stamp, None, "", f"{path}: cannot be read: {type(e).__name__}: {e}"[:300])
-    return _FileRead(stamp, cfg, hashlib.sha256(raw).hexdigest(), "")
+    if ignored:
+        log.warning("clustermesh config %s: ignoring %s (accepted as Cilium does, not used "
+                    "by Plexus)", path, ", ".join(ignored))
+    return _FileRead(stamp, cfg, hashlib.sha256(raw).hexdigest(), "", ignored)
 
 
 class ClusterMesh:
@@ -220,7 +240,7 @@ class ClusterMesh:
                     ipv4_alloc_cidr=self.local.pod_cidr, ipv6_alloc_cidr=self.local.pod_cidr_v6,
                     labels=dict(self.local.labels),
                     wireguard_pubkey=self.node_attributes.get(WIREGUARD_PUBLIC_KEY) or "",
-                    source="plexus")
+                    boot_id=_boot_id())
 
     async def _publish_own_node(self) -> None:
         # Modules that add attributes (the WireGuard key) hold the table until they have:
@@ -312,7 +332,8 @@ class ClusterMesh:
                 continue
             cfg = read.config
             try:
-                kv = KvStore(cfg.endpoints, _tls(cfg.trusted_ca_file, cfg.cert_file, cfg.key_file))
+                kv = KvStore(cfg.endpoints, _tls(cfg.ca, cfg.cert_file, cfg.key_file),
+                             timeout=cfg.timeout)
             except (KvError, OSError, ValueError) as e:
                 errors[name] = (paths, f"{path}: {e}")
                 continue
@@ -392,7 +413,7 @@ class ClusterMesh:
             raise ApiError(404, f"no table {q['table']}; one of {', '.join(tables)}")
         rows = [dataclasses.asdict(r) for r in tables[q["table"]].all()]
         if "cluster" in q:
-            rows = [r for r in rows if r.get("cluster") == q["cluster"]]
+            rows = [r for r in rows if _contributed_by(r, q["cluster"])]
         return rows
 
     def status(self) -> dict[str, Any]:
@@ -402,6 +423,14 @@ class ClusterMesh:
                              for n, s in remotes.items()},
                 "nodes": len(self.tables.nodes), "endpoints": len(self.tables.ipcache),
                 "identities": len(self.tables.identities), "services": len(self.tables.services)}
+
+
+def _contributed_by(row: dict[str, Any], cluster: str) -> bool:
+    """Whether `cluster` contributed the row; a merged global service has no cluster of its
+    own, its backends have."""
+    if "cluster" in row:
+        return bool(row["cluster"] == cluster)
+    return any(b.get("cluster") == cluster for b in row.get("backends", ()))
 
 
 class _MeshCollector(Collector):

@@ -19,6 +19,7 @@ from clustermesh.kvstore import KV, Event, KvError, KvStore
 from clustermesh.manifests import MANIFESTS_PREFIX
 from clustermesh.models import (
     CLUSTER_CONFIG_PREFIX,
+    CLUSTER_ID_MAX,
     IDENTITIES_PREFIX,
     IPCACHE_PREFIX,
     NODES_PREFIX,
@@ -113,8 +114,10 @@ class ClusterWatcher:
     def __init__(self, name: str, kv: KvStore, tables: MeshTables, *, local_cluster: str,
                  local_id: int, ids_in_use: Callable[[str], dict[int, str]],
                  backoff: Backoff = RECONNECT_BACKOFF,
-                 on_event: Callable[[], None] | None = None) -> None:
+                 on_event: Callable[[], None] | None = None,
+                 max_connected: int = CLUSTER_ID_MAX) -> None:
         self.name = name
+        self.max_connected = max_connected
         self.kv = kv
         self.tables = tables
         self.local_cluster = local_cluster
@@ -147,7 +150,7 @@ class ClusterWatcher:
     # ---- decoders: each raises InvalidValue -------------------------------------------
     def _check_identity(self, ident: int, what: str) -> None:
         cid = self.status.cluster_id
-        if ident >= 256 and identity_cluster_id(ident) != cid:
+        if ident >= 256 and identity_cluster_id(ident, self.max_connected) != cid:
             raise InvalidValue(f"{what}: identity {ident} is outside cluster {self.name}'s range")
 
     def _node(self, key: str, value: bytes) -> Node:
@@ -234,6 +237,13 @@ class ClusterWatcher:
             cfg = ClusterConfig.from_json(got.value)
         except InvalidValue as e:
             raise ConfigRejected(f"bad cluster-config: {e}") from None
+        if cfg.max_connected_clusters != self.max_connected:
+            # Cilium refuses this too (pkg/clustermesh/types CiliumClusterConfig validation): the cluster
+            # id sits in different identity bits, so every identity would be misread.
+            raise ConfigRejected(
+                f"cluster {self.name} is set up for maxConnectedClusters "
+                f"{cfg.max_connected_clusters} and this cluster for {self.max_connected}: "
+                "every cluster of a mesh must use the same value")
         if self.is_local:
             if cfg.id != self.local_id:
                 raise ConfigRejected(f"own cluster-config says id {cfg.id}, this agent has {self.local_id}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from clustermesh.models import ClusterService
+from clustermesh.models import ClusterService, L4Addr
 from clustermesh.tables import Backend, GlobalService
 
 AFFINITY_LABEL = "service.cilium.io/affinity"
@@ -29,9 +29,10 @@ def merge(services: Iterable[ClusterService], local_cluster: str) -> list[Global
             continue
         lead = local or remotes[0]
         affinity = lead.labels.get(AFFINITY_LABEL, "none")
-        local_backends = [Backend(ip, ports, local.cluster) for ip, ports in
-                          sorted(local.backends.items())] if local else []
-        remote_backends = [Backend(ip, ports, s.cluster) for s in remotes
+        numbers = {name: addr.port for pm in lead.frontends.values() for name, addr in pm.items()}
+        local_backends = [Backend(ip, _by_frontend_name(ports, numbers), local.cluster)
+                          for ip, ports in sorted(local.backends.items())] if local else []
+        remote_backends = [Backend(ip, _by_frontend_name(ports, numbers), s.cluster) for s in remotes
                            for ip, ports in sorted(s.backends.items())]
         if affinity == "local":
             backends = local_backends or remote_backends
@@ -41,4 +42,21 @@ def merge(services: Iterable[ClusterService], local_cluster: str) -> list[Global
             backends = local_backends + remote_backends
         out.append(GlobalService(namespace=ns, name=name, frontends=dict(lead.frontends),
                                  backends=tuple(backends), affinity=affinity))
+    return out
+
+
+def _by_frontend_name(ports: dict[str, L4Addr], numbers: dict[str, int]) -> dict[str, L4Addr]:
+    """A backend's ports under the frontend's port names.
+
+    Cilium matches a backend port to a frontend port by name, "" when unnamed
+    (pkg/clustermesh/store PortConfiguration). Plexus before this release keyed an
+    unnamed port by its number: such a key stands for the unnamed port, and the other way
+    round, so a mesh with an older Plexus cluster still finds every backend."""
+    out = dict(ports)
+    for name, number in numbers.items():
+        if name in out:
+            continue
+        alias = str(number) if name == "" else "" if name == str(number) else None
+        if alias is not None and alias in ports:
+            out[name] = ports[alias]
     return out

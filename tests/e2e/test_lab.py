@@ -665,6 +665,137 @@ def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None
         assert landed("tcp", {"lbw1", "lbw2"}) == {"lbw1", "lbw2"}
 
 
+MIX_EAST_VIP, MIX_WEST_VIP = "10.96.1.30", "10.96.2.30"
+MIX_SERVICE = f"""
+apiVersion: v1
+kind: Service
+metadata:
+  name: mixweb
+  namespace: default
+  annotations: {{service.cilium.io/global: "true"}}
+spec:
+  clusterIP: {MIX_EAST_VIP}
+  selector: {{app: mixweb}}
+  ports:
+    - {{port: 80, targetPort: 8080}}
+"""
+
+
+def write_as_cilium(lab: Lab, backend_ip: str) -> None:
+    """West's state as Cilium's clustermesh-apiserver writes it, in place of what west's
+    Plexus apiserver wrote: every key rewritten from tests/cilium_wire.py's templates, then
+    whatever else was there removed."""
+    from tests import cilium_wire as cw
+
+    west = lab.topo.cluster("west")
+    cp = west.control_plane.netns
+
+    def etcdctl(*args: str) -> str:
+        return lab.etcdctl(cp, west, *args, url="https://127.0.0.1:2379", check=True).stdout
+
+    before = set(etcdctl("get", "--prefix", "--keys-only", "cilium/").split())
+    want: dict[str, str] = {"cilium/cluster-config/west": cw.cluster_config(west.id)}
+    for n in west.nodes:
+        registered = json.loads(etcdctl("get", "--print-value-only",
+                                        f"plexus/registrations/v1/west/nodes/{n.name}"))
+        want[f"cilium/state/nodes/v1/west/{n.name}"] = cw.node(
+            n.name, "west", west.id, n.host.ip, n.pod_cidr, registered["WireguardPubKey"],
+            registered["Labels"] or {})
+    identities: dict[str, int] = {}
+    for pod in lab.pods().values():
+        if pod["cluster"] != "west":
+            continue
+        labels = cw.pod_labels("west", pod["namespace"], pod["labels"])
+        ident = identities.setdefault(labels, (west.id << 16) + 0xF000 + len(identities))
+        host = lab.topo.node("west", pod["node"]).host.ip
+        want[f"cilium/state/ip/v1/default/{pod['ip']}"] = cw.ip_pair(
+            pod["ip"], ident, host, pod["namespace"], pod["pod"])
+    for labels, ident in identities.items():
+        want[f"cilium/state/identities/v1/id/{ident}"] = labels
+    want["cilium/state/services/v1/west/default/mixweb"] = cw.service(
+        "west", west.id, "default", "mixweb", MIX_WEST_VIP, 80, {backend_ip: 8080}, {"app": "mixweb"})
+    for prefix in cw.CANARY_PREFIXES:
+        want[f"cilium/synced/west/{prefix}"] = cw.now()
+    for key, value in want.items():
+        etcdctl("put", key, value)
+    for key in sorted(before - want.keys() - {"cilium/.heartbeat"}):
+        etcdctl("del", key)
+
+
+def test_a_cilium_cluster_and_a_plexus_cluster_share_a_global_service(lab: Lab, tmp_path: Path) -> None:
+    """West's clustermesh-apiserver replaced by a writer of Cilium's values: a global service
+    with an unnamed port load-balances from east (Plexus) to west's backend and from west's
+    nodes (reading Cilium's values) to east's, and back."""
+    from tests.support import wait_until, whoami, whoami_server
+
+    pods = {"mxe": ("east", "n1"), "mxw": ("west", "n1")}
+    ips = {name: lab.pod_add(c, n, name, {"app": "mixweb"})["ip"] for name, (c, n) in pods.items()}
+    clients = {"east": ("n2", "mxce"), "west": ("n2", "mxcw")}
+    for cluster, (n, name) in clients.items():
+        lab.pod_add(cluster, n, name, {"app": "mixclient"})
+    state = State.load(lab.state_path)
+    apiserver = state.processes["apiserver-west"]
+
+    def west_status() -> dict[str, Any]:
+        r = plexus("clustermesh", "status", "--node", "east-n1", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout)["clusters"]["west"])
+
+    invalid_before = west_status()["invalidEntries"]
+    try:
+        assert apply_in("east", MIX_SERVICE, tmp_path).returncode == 0
+        ops.stop(apiserver.pid, apiserver.marker)  # a PID the lab recorded: ours
+        write_as_cilium(lab, ips["mxw"])
+
+        def backends(node: str, vip: str) -> set[tuple[str, str]]:
+            return {(b["ip"], b["cluster"]) for f in lb_frontends(node, "default/mixweb")
+                    if f["frontend"] == f"{vip}:80/TCP" for b in f["backends"]}
+
+        both = {(ips["mxe"], "east"), (ips["mxw"], "west")}
+        wait_until(lambda: backends("east-n2", MIX_EAST_VIP) == both, 60,
+                   what="east's frontend with east's and the Cilium cluster's backend")
+        wait_until(lambda: backends("west-n2", MIX_WEST_VIP) == both, 60,
+                   what="the Cilium cluster's frontend with both backends")
+        st = west_status()
+        assert st["ready"] and st["invalidEntries"] == invalid_before, st
+        r = plexus("clustermesh", "list", "global-services", "--node", "east-n1", "--cluster", "west",
+                   "-o", "json")
+        assert "default/mixweb" in {f"{g['namespace']}/{g['name']}" for g in json.loads(r.stdout)}
+
+        with ExitStack() as stack:
+            for name, (c, n) in pods.items():
+                stack.enter_context(whoami_server(pod_netns(lab.topo.node(c, n), name), "tcp", 8080, name))
+            for cluster, vip in (("east", MIX_EAST_VIP), ("west", MIX_WEST_VIP)):
+                n, name = clients[cluster]
+                client = pod_netns(lab.topo.node(cluster, n), name)
+                seen: set[str | None] = set()
+
+                def more(client: str = client, vip: str = vip, seen: set[str | None] = seen) -> bool:
+                    """Every connection of a round answered, and both backends seen so far."""
+                    batch = {who for conn in whoami(client, "tcp", vip, 80, conns=8, timeout=2)
+                             for who in conn}
+                    seen.update(batch)
+                    return None not in batch and {"mxe", "mxw"} <= seen
+
+                wait_until(more, 60, interval=0.2,
+                           what=f"{cluster}'s client on both clusters' backends")
+                assert seen <= {"mxe", "mxw", None}, seen
+    finally:
+        for name, (c, n) in {**pods, **{v[1]: (k, v[0]) for k, v in clients.items()}}.items():
+            if pod_netns(lab.topo.node(c, n), name) in lab.pods():
+                lab.pod_del(c, n, name)
+        f = tmp_path / "mix.yaml"
+        f.write_text(MIX_SERVICE)
+        plexus("delete", "-f", str(f), "--lab", "east")
+        r = plexus("lab", "up")  # west's apiserver again: it replaces what the writer wrote
+        assert r.returncode == 0, r.stdout + r.stderr
+    def west_apiserver_ready() -> bool:
+        r = plexus("clustermesh-apiserver", "status", "--cluster", "west", "-o", "json")
+        return r.returncode == 0 and bool(json.loads(r.stdout)["modules"]["apiserver"]["ready"])
+
+    wait_until(west_apiserver_ready, 60, what="west's apiserver ready again")
+
+
 def root_links() -> set[str]:
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}

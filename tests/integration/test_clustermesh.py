@@ -21,6 +21,7 @@ from clustermesh.models import (
     Node,
     NodeAddress,
     endpoint_registration_key,
+    format_labels,
     identity_range,
     node_registration_key,
 )
@@ -284,7 +285,10 @@ async def test_hostile_values_are_skipped_and_counted(tmp_path: Path, etcds: dic
 
 async def test_conflicting_and_malformed_configs_get_a_clear_status(tmp_path: Path,
                                                                    etcds: dict[str, Etcd]) -> None:
-    with etcd_server("north") as north, etcd_server("twin") as twin:
+    with etcd_server("north") as north, etcd_server("twin") as twin, etcd_server("wide") as wide:
+        async with KvStore([wide.endpoint]) as kv:  # a Cilium cluster set up for 511 clusters
+            await kv.put("cilium/cluster-config/wide",
+                         ClusterConfig(id=3, max_connected_clusters=511).to_json())
         async with KvStore([north.endpoint]) as kv:
             await kv.put("cilium/cluster-config/north", ClusterConfig(id=1).to_json())  # ours
         async with KvStore([twin.endpoint]) as kv:
@@ -294,22 +298,29 @@ async def test_conflicting_and_malformed_configs_get_a_clear_status(tmp_path: Pa
             m = mesh(app)
             connect(tmp_path, "west", etcds["west"])
             await eventually(lambda: "west" in m.remotes and m.remotes["west"].watcher.status.ready, 10)
-            connect(tmp_path, "north", north)
+            # keys Cilium's etcd client config allows, and one nobody knows: accepted as
+            # Cilium accepts them, so north connects and is refused for its id alone
+            connect(tmp_path, "north", north).write_text(
+                f"endpoints: ['{north.endpoint}']\ndial-timeout: 2000000000\n"
+                "auto-sync-interval: 0\ninsecure-skip-tls-verify: false\ncolour: red\n")
             connect(tmp_path, "twin", twin)
+            connect(tmp_path, "wide", wide)
             (tmp_path / "mesh" / "broken").write_text("endpoints: [oops\n")
-            (tmp_path / "mesh" / "typo").write_text("endpoints: ['http://127.0.0.1:1']\ncolour: red\n")
+            (tmp_path / "mesh" / "typo").write_text("endpoints: ['http://127.0.0.1:1']\ndial-timeout: 5s\n")
             (tmp_path / "mesh" / "Bad_Name").write_text(f"endpoints: ['{north.endpoint}']\n")
 
             def errors() -> dict[str, str]:
                 return {n: s.get("configError", "") for n, s in m.remote_status().items()}
 
-            await eventually(lambda: all(errors().get(n) for n in ("north", "twin", "broken", "typo",
-                                                                   "Bad_Name")), 15, what="errors")
+            await eventually(lambda: all(errors().get(n) for n in ("north", "twin", "wide", "broken",
+                                                                   "typo", "Bad_Name")), 15,
+                             what="errors")
             e = errors()
             assert "same as the local cluster" in e["north"]
             assert "already used by cluster west" in e["twin"]
             assert "invalid YAML" in e["broken"]
-            assert "colour: unknown field" in e["typo"]
+            assert "dial-timeout: Input should be a valid integer" in e["typo"]
+            assert "maxConnectedClusters 511 and this cluster for 255" in e["wide"]
             assert "cluster name" in e["Bad_Name"]
             assert m.remotes["west"].watcher.status.ready  # the rest keeps working
 
@@ -329,6 +340,31 @@ async def test_identity_allocation_race_gives_one_id_per_label_set(etcd: Etcd) -
     assert len(set(distinct)) == 10
     lo, hi = identity_range(1)
     assert all(lo <= i <= hi for i in distinct)
+    # the index is Cilium's slave key (pkg/kvstore/allocator: value/<labels>/<owner>), one
+    # per label set; nothing else under value/
+    async with KvStore([etcd.endpoint]) as kv:
+        values, _ = await kv.list_prefix("cilium/state/identities/v1/value/")
+    assert sorted(v.key for v in values) == sorted(
+        f"cilium/state/identities/v1/value/{format_labels(ls)}/clustermesh-apiserver"
+        for ls in by_labels)
+    assert {int(v.value) for v in values} == set(distinct)
+
+
+async def test_an_identity_an_older_plexus_indexed_keeps_its_id(etcd: Etcd) -> None:
+    from clustermesh.identity import Allocator, legacy_value_key, value_key
+
+    labels = ("k8s:app=old", "k8s:io.cilium.k8s.policy.cluster=east")
+    async with KvStore([etcd.endpoint]) as kv:
+        await kv.put(f"cilium/state/identities/v1/id/{(1 << 16) + 300}", format_labels(labels))
+        await kv.put(legacy_value_key(labels), str((1 << 16) + 300))
+        assert await Allocator(kv, 1).allocate(labels) == (1 << 16) + 300
+        assert await kv.get(legacy_value_key(labels)) is None
+        got = await kv.get(value_key(labels))
+        assert got is not None and got.value == str((1 << 16) + 300).encode()
+        # an index whose identity is gone, or names other labels, is not trusted
+        stale = ("k8s:app=stale", "k8s:io.cilium.k8s.policy.cluster=east")
+        await kv.put(legacy_value_key(stale), str((1 << 16) + 300))
+        assert await Allocator(kv, 1).allocate(stale) != (1 << 16) + 300
 
 
 async def test_unused_identities_are_collected_after_the_grace(etcd: Etcd) -> None:

@@ -218,7 +218,8 @@ def test_rebuild_equals_the_incremental_result() -> None:
 def test_secondary_cidrs_survive_the_wire() -> None:
     back = Node.from_json(WEST_NODE.to_json())
     assert back.secondary_alloc_cidrs == ("10.20.0.0/24",)
-    assert "SecondaryAllocCIDRs" not in Node("n2", "west", 2).to_json()
+    # Go writes a nil slice as null (pkg/node/types/node.go has no omitempty)
+    assert '"IPv4SecondaryAllocCIDRs":null' in Node("n2", "west", 2).to_json()
 
 
 def test_the_local_cluster_changing_its_nodes_re_judges_remote_claims() -> None:
