@@ -119,6 +119,13 @@ def bulk_commands(peer: IPAddress, gone: Iterable[IPNetwork], new: Iterable[tupl
     return out
 
 
+def end_of_rib_commands(peer: IPAddress, families: Iterable[str]) -> list[str]:
+    """End-of-RIB for each unicast family of the session (ExaBGP sends it after every
+    update queued before it)."""
+    fams = [f for f in families if f in ("ipv4", "ipv6")]
+    return [f"neighbor {address_text(peer)} announce eor {f} unicast" for f in fams]
+
+
 def probe_command() -> str:
     """Answered "done" only by an ExaBGP started through bgp/launcher.py."""
     return BULK
