@@ -48,6 +48,11 @@ class Router(Protocol):
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]: ...
 
+    def count(self, family: str = "ipv4") -> int:
+        """Routes from the node the router holds now, stale ones (graceful restart) included;
+        -1 when the router does not answer."""
+        ...
+
 
 def available(kind: str) -> bool:
     return {"bird": shutil.which("bird") is not None,
@@ -96,6 +101,12 @@ class Bird:
 
     def established(self) -> bool:
         return self.lab.established()
+
+    def count(self, family: str = "ipv4") -> int:
+        table = "master4" if family == "ipv4" else "master6"
+        out = self.lab.birdc("show", "route", "count", "table", table, "protocol", "node")
+        m = re.search(r"(\d+) of \d+ routes", out)
+        return int(m[1]) if m else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         table = "master4" if family == "ipv4" else "master6"
@@ -181,6 +192,13 @@ router bgp {router_asn}
     def established(self) -> bool:
         n = self.vtysh(f"show bgp neighbors {NODE_IP} json").get(NODE_IP, {})
         return bool(n.get("bgpState") == "Established")
+
+    def count(self, family: str = "ipv4") -> int:
+        # a walk of the table for the node's paths, stale ones included (the summary's
+        # ribCount counts the table's tree nodes, pfxRcd only what the session accepted)
+        walk = self.vtysh(f"show bgp {family} unicast neighbors {NODE_IP} prefix-counts json"
+                          ).get("ribTableWalkCounters")
+        return int(walk["All RIB"]) - int(walk.get("Removed", 0)) if walk else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         """The table's prefixes, then each one's path in detail (FRR 8.4 has no `detail json`
@@ -268,6 +286,10 @@ class GoBgp:
     def established(self) -> bool:
         n = self.gobgp("neighbor", NODE_IP)
         return isinstance(n, dict) and n.get("state", {}).get("session_state") in (6, "established")
+
+    def count(self, family: str = "ipv4") -> int:
+        summary = self.gobgp("global", "rib", "summary", "-a", family)
+        return int(summary.get("num_destination", 0)) if isinstance(summary, dict) else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         rib = self.gobgp("global", "rib", "-a", family) or {}
