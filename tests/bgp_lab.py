@@ -34,7 +34,8 @@ class Lab:
         return self.tmp / "bird.ctl"
 
     def start_bird(self, *, password: str | None = None, hold: int = 9, extra: str = "",
-                   peers: str = "", node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN) -> None:
+                   peers: str = "", node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN,
+                   graceful: bool = True) -> None:
         pw = f'    password "{password}";\n' if password else ""
         conf = f"""
 log "{self.tmp}/bird.log" all;
@@ -47,7 +48,7 @@ protocol bgp node {{
     hold time {hold};
     connect retry time 1;
     error wait time 1, 2;
-    graceful restart on;
+    graceful restart {"on" if graceful else "off"};
 {pw}    ipv4 {{ import all; export none; }};
     allow bgp_local_pref on;
 {extra}

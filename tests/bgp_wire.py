@@ -8,6 +8,8 @@ prefixes each announced or withdrew, and where End-of-RIB came.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import ipaddress
 import struct
 import subprocess
@@ -29,6 +31,7 @@ class Update:
     announced: tuple[str, ...] = ()
     withdrawn: tuple[str, ...] = ()
     eor: bool = False
+    time: float = 0.0  # when the packet that completed it was captured (wall clock)
 
 
 @dataclass
@@ -73,28 +76,43 @@ class Capture:
         return sessions(self.path.read_bytes(), node_ip)
 
 
-def _packets(data: bytes) -> list[bytes]:
-    """The link-layer frames of a pcap file (Ethernet)."""
+def _packets(data: bytes) -> list[tuple[float, bytes]]:
+    """(capture time, link-layer frame) of each packet of a pcap file (Ethernet)."""
     magic = data[:4]
     endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
     linktype = struct.unpack(endian + "I", data[20:24])[0]
     if linktype != 1:
         raise ValueError(f"pcap link type {linktype}, expected Ethernet")
+    scale = 1e-9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e-6
     out, i = [], 24
     while i + 16 <= len(data):
-        incl = struct.unpack(endian + "I", data[i + 8:i + 12])[0]
-        out.append(data[i + 16:i + 16 + incl])
+        sec, frac, incl = struct.unpack(endian + "III", data[i:i + 12])
+        out.append((sec + frac * scale, data[i + 16:i + 16 + incl]))
         i += 16 + incl
     return out
 
 
-def _streams(frames: list[bytes], node_ip: str) -> list[tuple[int, bytes]]:
-    """(source port, bytes) of each TCP connection the node opened to port 179, in order."""
+@dataclass
+class Stream:
+    """The bytes the node sent on one connection, and when each part of them was captured."""
+
+    port: int
+    data: bytes
+    ends: list[tuple[int, float]]  # (offset just past a segment, its capture time), ascending
+
+    def time_of(self, offset: int) -> float:
+        """When the byte at this offset was captured."""
+        i = bisect.bisect_right(self.ends, offset, key=lambda e: e[0])
+        return self.ends[min(i, len(self.ends) - 1)][1] if self.ends else 0.0
+
+
+def _streams(frames: list[tuple[float, bytes]], node_ip: str) -> list[Stream]:
+    """Each TCP connection the node opened to port 179, in order."""
     node = ipaddress.IPv4Address(node_ip).packed
     isn: dict[int, int] = {}
     order: list[int] = []
-    segments: dict[int, dict[int, bytes]] = {}
-    for f in frames:
+    segments: dict[int, dict[int, tuple[float, bytes]]] = {}
+    for ts, f in frames:
         if len(f) < 34 or f[12:14] != b"\x08\x00":
             continue
         ip = f[14:]
@@ -113,18 +131,20 @@ def _streams(frames: list[bytes], node_ip: str) -> list[tuple[int, bytes]]:
             continue
         payload = tcp[doff:]
         if sport in isn and payload:
-            segments[sport][(seq - isn[sport] - 1) % 2**32] = payload
+            segments[sport].setdefault((seq - isn[sport] - 1) % 2**32, (ts, payload))
     out = []
     for port in order:
         stream = bytearray()
+        ends: list[tuple[int, float]] = []
         for off in sorted(segments[port]):
-            chunk = segments[port][off]
+            ts, chunk = segments[port][off]
             if off + len(chunk) <= len(stream):
                 continue  # retransmitted
             if off > len(stream):
                 break  # a gap: the capture lost a packet
             stream += chunk[len(stream) - off:]
-        out.append((port, bytes(stream)))
+            ends.append((len(stream), ts))
+        out.append(Stream(port, bytes(stream), ends))
     return out
 
 
@@ -174,15 +194,16 @@ def parse_update(body: bytes) -> Update:
 def sessions(pcap: bytes, node_ip: str) -> list[Session]:
     """Every connection the node opened to the router's port 179 with what it sent on it."""
     out = []
-    for port, stream in _streams(_packets(pcap), node_ip):
-        s = Session(port)
+    for st in _streams(_packets(pcap), node_ip):
+        s, stream = Session(st.port), st.data
         i = 0
         while i + 19 <= len(stream):
             length, kind = struct.unpack("!HB", stream[i + 16:i + 19])
             if length < 19 or i + length > len(stream):
                 break
             if kind == 2:
-                s.updates.append(parse_update(stream[i + 19:i + length]))
+                u = parse_update(stream[i + 19:i + length])
+                s.updates.append(dataclasses.replace(u, time=st.time_of(i + length - 1)))
             i += length
         if s.updates:
             out.append(s)
