@@ -86,6 +86,20 @@ protocol bgp node {{
     def established(self, name: str = "node") -> bool:
         return "Established" in self.protocol_state(name)
 
+    def session(self, name: str = "node") -> tuple[str, float]:
+        """(state, seconds of the day it has held since): the same session has the same pair.
+        BIRD prints the time from its monotonic clock, so two reads may differ by a
+        millisecond: compare the time with a tolerance (same_session)."""
+        line = self.protocol_state(name)
+        m = re.search(r"(\d+):(\d+):(\d+(?:\.\d+)?)\s+(\S+)\s*$", line)
+        if not m:
+            return line, -1.0
+        return m[4], int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+
+    def same_session(self, before: tuple[str, float], name: str = "node") -> bool:
+        state, since = self.session(name)
+        return state == before[0] and abs(since - before[1]) < 0.05
+
     def route_count(self, protocol: str = "node") -> int:
         out = self.birdc("show", "route", "count", "protocol", protocol)
         m = re.search(r"(\d+) of \d+ routes", out)
