@@ -458,7 +458,7 @@ class Speaker:
         if peer not in self.eor_due or n is None or st is None or st.state != "established":
             return False
         try:
-            await self.send(end_of_rib_commands(peer, n.families))
+            await self.send(end_of_rib_commands(peer, n.families, await self.bulk_supported()))
         except PermanentError:  # ExaBGP has no established session with the peer any more
             log.info("End-of-RIB to %s not sent: its session is down", peer)
             return False
