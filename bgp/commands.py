@@ -11,7 +11,7 @@ import base64
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from bgp.launcher import BULK, NEIGHBOR
+from bgp.launcher import BULK, EOR, NEIGHBOR
 from bgp.tables import IPAddress, IPNetwork, RouteAttrs
 
 
@@ -117,6 +117,15 @@ def bulk_commands(peer: IPAddress, gone: Iterable[IPNetwork], new: Iterable[tupl
     out += [safe(f"{head} announce {fam[ns[0].version]} {pack_prefixes(ns)} {attrs_text(a)}")
             for a, ns in grouped(new, batch)]
     return out
+
+
+def end_of_rib_commands(peer: IPAddress, families: Iterable[str], extended: bool = False) -> list[str]:
+    """End-of-RIB for the session, sent after every update queued before it: for each family
+    it negotiated (`plexus-eor`, bgp/launcher.py), else for each configured unicast family."""
+    if extended:
+        return [f"neighbor {address_text(peer)} {EOR}"]
+    fams = [f for f in families if f in ("ipv4", "ipv6")]
+    return [f"neighbor {address_text(peer)} announce eor {f} unicast" for f in fams]
 
 
 def probe_command() -> str:

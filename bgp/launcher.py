@@ -21,6 +21,13 @@ Three changes before ExaBGP's own `main` runs:
       plexus-neighbor add <base64 of a config with a process and neighbor sections>
       plexus-neighbor remove <peer address>
 
+- the `plexus-eor` API command: End-of-RIB for each family the peer's session negotiated,
+  queued behind every update already queued. ExaBGP's `announce eor <afi> <safi>` sends it
+  for whatever family it names, negotiated or not, and a router (GoBGP) resets the session
+  on an UPDATE of a family it did not negotiate.
+
+      [neighbor <ip>] plexus-eor
+
 - `launcher.py --validate` reads a config on stdin and says whether ExaBGP's parser takes
   it (the agent checks a config this way before it replaces the running one).
 
@@ -47,6 +54,7 @@ from typing import Any
 
 BULK = "plexus-bulk"
 NEIGHBOR = "plexus-neighbor"
+EOR = "plexus-eor"
 VALIDATE = "--validate"
 STEP = 2000  # prefixes queued per scheduler step, so keepalives and reads interleave
 WIDTH = {"ipv4": 4, "ipv6": 16}
@@ -113,6 +121,7 @@ class ExaBGP:
     inet: Any                    # exabgp.bgp.message.update.nlri.INET
     change: Any                  # exabgp.rib.change.Change
     afis: dict[str, Any]         # "ipv4"/"ipv6" -> exabgp.protocol.family.AFI
+    family: Any                  # exabgp.protocol.family.Family
     unicast: Any                 # exabgp.protocol.family.SAFI.unicast
     api: Any                     # exabgp.reactor.api.API, whose response() dispatches commands
     configuration: Any           # exabgp.configuration.configuration.Configuration
@@ -138,7 +147,8 @@ def load_exabgp() -> ExaBGP | None:
         x = ExaBGP(
             action=message.Action, cidr=nlri.CIDR, inet=nlri.INET,
             change=exabgp_module("rib.change").Change,
-            afis={"ipv4": family.AFI.ipv4, "ipv6": family.AFI.ipv6}, unicast=family.SAFI.unicast,
+            afis={"ipv4": family.AFI.ipv4, "ipv6": family.AFI.ipv6}, family=family.Family,
+            unicast=family.SAFI.unicast,
             api=exabgp_module("reactor.api").API,
             configuration=exabgp_module("configuration.configuration").Configuration,
             peer=exabgp_module("reactor.peer").Peer, extract_neighbors=limit.extract_neighbors,
@@ -222,6 +232,31 @@ def bulk_steps(x: ExaBGP, api: Any, reactor: Any, service: str, line: str) -> It
         yield True
 
 
+def eor_steps(x: ExaBGP, reactor: Any, service: str, line: str) -> Iterator[bool]:
+    """`[neighbor <ip>] plexus-eor`: End-of-RIB per negotiated family of each established
+    session named; sent once nothing queued before it is left (ExaBGP's peer loop)."""
+    try:
+        descriptions, command = x.extract_neighbors(line)
+        if command != EOR:
+            raise ValueError(f"expected '[neighbor <ip>] {EOR}'")
+        if descriptions and isinstance(descriptions[0], str):
+            # ExaBGP returns one selector's words unwrapped when no word follows the command
+            descriptions = [descriptions]
+        keys = x.match_neighbors(reactor.established_peers(), descriptions)
+        if not keys:
+            raise ValueError("no established session matches")
+        for key in keys:
+            proto = reactor._peers[key].proto
+            for afi, safi in proto.negotiated.families if proto is not None else ():
+                reactor.configuration.neighbors[key].eor.append(x.family(afi, safi))
+        reactor.processes.answer_done(service)
+    except Exception as e:  # the agent waits for an answer, whatever failed
+        reason = f"{EOR}: {e}: {line[:200]}"
+        x.log.info(lambda: reason, "processes")
+        reactor.processes.answer_error(service)
+    yield True
+
+
 def parse_neighbor_command(command: str) -> tuple[str, str]:
     """`plexus-neighbor add <base64 config>` or `plexus-neighbor remove <address>` -> its parts."""
     words = command.split(" ")
@@ -284,7 +319,7 @@ def neighbor_steps(x: ExaBGP, reactor: Any, service: str, command: str) -> Itera
 
 
 def install_commands() -> bool:
-    """Hooks `plexus-bulk` and `plexus-neighbor` in front of ExaBGP's command dispatch; False
+    """Hooks `plexus-bulk`, `plexus-neighbor` and `plexus-eor` in front of ExaBGP's command dispatch; False
     if this ExaBGP's layout is not the one they were written against."""
     x = load_exabgp()
     if x is None:
@@ -297,6 +332,9 @@ def install_commands() -> bool:
         # Scheduled like every route command, so answers keep the order of the commands.
         if command.startswith(NEIGHBOR + " "):
             reactor.asynchronous.schedule(service, command, neighbor_steps(x, reactor, service, command))
+            return True
+        if EOR in command.split(" ", 3)[:3]:
+            reactor.asynchronous.schedule(service, command, eor_steps(x, reactor, service, command))
             return True
         if BULK in command.split(" ", 3)[:3]:
             reactor.asynchronous.schedule(service, command, bulk_steps(x, api, reactor, service, command))

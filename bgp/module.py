@@ -132,6 +132,8 @@ class BGPControlPlane:
 
     def _on_event(self, state: str, peer: IPAddress, _reason: str) -> None:
         self.metrics.session_up.labels(str(peer)).set(1 if state == "established" else 0)
+        if state == "established":
+            self.reconciler.requeue_all()  # its End-of-RIB goes out once its routes are queued
 
     def _on_sent(self, peer: IPAddress, announced: int, withdrawn: int) -> None:
         self.metrics.updates.labels(str(peer), "announce").inc(announced)
@@ -153,8 +155,15 @@ class BGPControlPlane:
                 "advertised": self.speaker.announced.count(addr) if up else 0,
                 "desired": len(r.routes) if (r := self.table.get(addr)) else 0,
                 "md5": n.password is not None, "gracefulRestart": n.graceful_restart,
+                "endOfRib": bool(up and st is not None and st.end_of_rib),
+                "routesError": self._routes_error(addr),
             })
         return out
+
+    def _routes_error(self, peer: IPAddress) -> str:
+        """Why the peer's routes did not all reach ExaBGP ("" when they did); retried."""
+        st = self.reconciler.status.get(peer) if hasattr(self, "reconciler") else None
+        return st.error if st is not None and st.state == "error" else ""
 
     def status(self) -> dict[str, Any]:
         if not self.config.enabled:

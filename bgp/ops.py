@@ -4,7 +4,9 @@ Only the difference between a PeerRoutes row and what ExaBGP announces to that p
 (bgp/announced.py) is sent: as `plexus-bulk` commands (packed prefixes, added to ExaBGP by
 bgp/launcher.py) when the running ExaBGP answers the probe, else as ExaBGP's own
 `announce/withdraw attributes ... nlri` text (bgp/commands.py). Drain is a desired state
-with no routes, so it withdraws through the same path.
+with no routes, so it withdraws through the same path. Once a peer's routes are queued in
+ExaBGP, End-of-RIB is asked for if its session came up since the last one (bgp/speaker.py);
+a push that failed is retried by the reconciler, and End-of-RIB waits for it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterable
 from bgp.commands import announce_commands, bulk_commands, withdraw_commands
 from bgp.speaker import Speaker
 from bgp.tables import IPAddress, IPNetwork, PeerRoutes, RouteAttrs
-from plexus.core.reconciler import TemporaryError
+from plexus.core.reconciler import PermanentError, TemporaryError
 
 
 class RoutesOps:
@@ -34,7 +36,15 @@ class RoutesOps:
         cur = sp.announced.of(row.peer)
         gone = [n for n in cur if n not in row.routes]
         new = [(n, a) for n, a in row.routes.items() if cur.get(n) != a]
-        await self._apply(row.peer, gone, new, {n: cur[n].next_hop for n in gone})
+        try:
+            await self._apply(row.peer, gone, new, {n: cur[n].next_hop for n in gone})
+        except PermanentError:
+            # ExaBGP refused some routes and will never send them: the router should not
+            # wait for them either. Status shows the refusal until the row changes.
+            await sp.end_of_rib(row.peer)
+            raise
+        # Everything wanted is queued in ExaBGP: End-of-RIB goes out behind it.
+        await sp.end_of_rib(row.peer)
 
     async def delete(self, row: PeerRoutes) -> None:
         sp = self.speaker

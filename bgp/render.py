@@ -16,7 +16,8 @@ PROCESS = "plexus"
 
 def render_config(neighbors: Iterable[Neighbor], routes: Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]],
                   socket_path: Path, batch: int) -> str:
-    """ExaBGP's config; each neighbor carries its routes so they go out before End-of-RIB."""
+    """ExaBGP's config. The agent starts ExaBGP with no routes (the API sends them); routes
+    are rendered only to check them with ExaBGP's parser."""
     run = f"{sys.executable} {BRIDGE} {socket_path}"
     if any(c.isspace() or c in ";{}\"'" for c in f"{sys.executable}{BRIDGE}{socket_path}"):
         raise CommandError(f"paths must not contain spaces or ';{{}}\"': {run}")
@@ -37,6 +38,8 @@ def _neighbor_section(n: Neighbor, routes: Mapping[IPNetwork, RouteAttrs], batch
         f"    hold-time {int(n.hold_time)};",
         f"    connect {int(n.port)};",
         "    group-updates true;",
+        # End-of-RIB only when the agent says its routes are queued (bgp/speaker.py).
+        "    manual-eor true;",
     ]
     if n.multihop > 1:
         out.append(f"    outgoing-ttl {int(n.multihop)};")

@@ -3,17 +3,24 @@ come or go, restarted with backoff when it dies, stopped without a NOTIFICATION.
 
 Stop is not remove: on agent stop ExaBGP is killed without a NOTIFICATION, so a router
 with graceful restart keeps the routes (stale) for the restart time, or until hold time
-without it; the next agent re-announces before End-of-RIB (routes are in the config).
+without it.
+
+Routes never go into ExaBGP's config: it starts with its neighbors only (connecting at once,
+whatever the number of routes), and the Ops send every peer's routes through the API
+(`plexus-bulk`) as soon as its API connects, usually before the session is up. ExaBGP sends
+no End-of-RIB of its own (`manual-eor`): the agent asks for it, per family, once a peer's
+routes are queued and its session is up (`end_of_rib`), so a router with graceful restart
+keeps every stale route until the fresh ones are in, and drops only what is really gone.
+Every time a session comes up ExaBGP resends what it holds, and End-of-RIB follows again.
 
 Adding or removing a peer changes only that peer in the running ExaBGP (`plexus-neighbor`,
-bgp/launcher.py): the other sessions, and what they announce, stay as they are. A new peer
-starts with no routes in its config; the Ops send them through the API as soon as ExaBGP
-has the peer, usually before its session is up. A peer whose settings change, or an
-ExaBGP not started through bgp/launcher.py, still means a restart.
+bgp/launcher.py): the other sessions, and what they announce, stay as they are. A peer whose
+settings change, or an ExaBGP not started through bgp/launcher.py, still means a restart.
 
 A config ExaBGP's parser refuses would make it exit (and take every session down), so every
-new config is checked first (`launcher.py --validate`): a refused one never replaces the
-running one, and its reason is kept for status (`refused`) and logged.
+new config is checked first (`launcher.py --validate`, on one route per peer, family and
+attributes): a refused one never replaces the running one, and its reason is kept for
+status (`refused`) and logged.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from pathlib import Path
 
 from bgp.announced import Announced
 from bgp.api import ApiClient
-from bgp.commands import CommandError, add_neighbors_command, remove_neighbor_command
+from bgp.commands import CommandError, add_neighbors_command, end_of_rib_commands, remove_neighbor_command
 from bgp.launcher import VALIDATE
 from bgp.render import exabgp_env, render_config, write_config
 from bgp.tables import IPAddress, IPNetwork, Neighbor, RouteAttrs
@@ -63,6 +70,7 @@ class PeerState:
     since: float = field(default_factory=time.time)
     reason: str = ""
     flaps: int = 0
+    end_of_rib: float = 0.0  # when End-of-RIB was sent on this session (0: not yet)
 
     def set(self, state: str, reason: str = "") -> None:
         if state != self.state:
@@ -120,7 +128,7 @@ class Speaker:
         self._reconfigure = asyncio.Event()
         self._generation = 0
         self._connected_generation = -1
-        self._config_routes: dict[IPAddress, dict[IPNetwork, RouteAttrs]] = {}
+        self.eor_due: set[IPAddress] = set()  # sessions up whose End-of-RIB is not sent yet
         self._reader: asyncio.Future[None] | None = None
 
     @property
@@ -161,7 +169,7 @@ class Speaker:
                     if start is None:  # refused, and nothing accepted to fall back on
                         await self._reconfigure.wait()
                         continue
-                    proc = await self._spawn(*start)
+                    proc = await self._spawn(start)
                 except (OSError, CommandError) as e:
                     attempt += 1
                     await self._start_failed(e, attempt)
@@ -229,21 +237,22 @@ class Speaker:
         desired = self.desired()
         return {p: dict(desired.get(p, {})) for p in neighbors}
 
-    async def _startable(self) -> tuple[dict[IPAddress, Neighbor], Routes] | None:
-        """The config to start ExaBGP with: the wanted one if ExaBGP's parser takes it; else
-        the wanted peers with their routes left to the API (a refused route then fails alone);
-        else the peers ExaBGP last ran; None if it takes none of these."""
+    async def _startable(self) -> dict[IPAddress, Neighbor] | None:
+        """The peers to start ExaBGP with: the wanted ones if ExaBGP's parser takes them with
+        their routes; else still the wanted ones if it takes them without (a refused route
+        then fails alone, through the API); else the peers ExaBGP last ran; None if it takes
+        none of these."""
         wanted = dict(self.neighbors)
         routes = self._snapshot(wanted)
         reason = await self._refusal(wanted, routes)
         if not reason:
-            return wanted, routes
+            return wanted
         if routes and not await self._check(wanted, {}):
-            log.warning("starting ExaBGP without its routes in the config; the API sends them")
-            return wanted, {}
+            log.warning("starting ExaBGP although it refuses some routes; the API sends the others")
+            return wanted
         if self.loaded and self.loaded != wanted and not await self._check(self.loaded, {}):
             log.warning("starting ExaBGP with the peers it last ran")
-            return dict(self.loaded), self._snapshot(self.loaded)
+            return dict(self.loaded)
         return None
 
     async def _refusal(self, neighbors: Mapping[IPAddress, Neighbor], routes: Routes) -> str:
@@ -299,23 +308,22 @@ class Speaker:
         self._verdicts[text] = reason
         return reason
 
-    async def _spawn(self, neighbors: dict[IPAddress, Neighbor], routes: Routes
-                     ) -> asyncio.subprocess.Process:
-        snapshot = {p: dict(routes.get(p, {})) for p in neighbors}
-        text = render_config(neighbors.values(), snapshot, self.socket_path, self.batch)
+    async def _spawn(self, neighbors: dict[IPAddress, Neighbor]) -> asyncio.subprocess.Process:
+        """ExaBGP with these neighbors and no routes: it connects at once, and the Ops send
+        the routes through the API."""
+        text = render_config(neighbors.values(), {}, self.socket_path, self.batch)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.config_path, text)
         self._generation += 1
         self.loaded = dict(neighbors)
-        self._config_routes = snapshot
+        self.eor_due.clear()
         for p in neighbors:
             self.peers.setdefault(p, PeerState()).set("connect")
         self.proc = await asyncio.create_subprocess_exec(
             *self.command, str(self.config_path), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             env=exabgp_env(self.reactor_speed, self.run_dir, self.async_limit), cwd=str(self.run_dir))
-        log.info("ExaBGP started pid=%d neighbors=%d routes=%d", self.proc.pid, len(neighbors),
-                 sum(len(r) for r in snapshot.values()))
+        log.info("ExaBGP started pid=%d neighbors=%d", self.proc.pid, len(neighbors))
         self._reader = asyncio.ensure_future(self._read_output(self.proc))
         return self.proc
 
@@ -344,7 +352,7 @@ class Speaker:
         self.loaded = wanted
         for p in removed:
             self.announced.drop(p)
-            self._config_routes.pop(p, None)
+            self.eor_due.discard(p)
         for n in added:
             self.peers.setdefault(n.peer_address, PeerState()).set("connect")
         self._write_config()
@@ -357,8 +365,8 @@ class Speaker:
     def _write_config(self) -> None:
         """The config file says what ExaBGP now runs (a restart renders it afresh anyway)."""
         try:
-            write_config(self.config_path, render_config(self.loaded.values(), self._config_routes,
-                                                         self.socket_path, self.batch))
+            write_config(self.config_path, render_config(self.loaded.values(), {}, self.socket_path,
+                                                         self.batch))
         except (OSError, CommandError) as e:
             log.warning("cannot rewrite %s: %s", self.config_path, e)
 
@@ -399,6 +407,7 @@ class Speaker:
 
     def _lost(self) -> None:
         self.announced.clear()
+        self.eor_due.clear()
         self.api.disconnect("ExaBGP went away")
         for st in self.peers.values():
             st.set("idle", self.last_exit or "ExaBGP restarting")
@@ -409,16 +418,22 @@ class Speaker:
     # ---- API events -----------------------------------------------------------------
     def _on_connect(self) -> None:
         if self._connected_generation != self._generation:
-            # A fresh ExaBGP holds exactly what its config carried; a respawned helper of the
-            # same ExaBGP leaves its RIB (and so our view of it) as it was.
+            # A fresh ExaBGP holds no routes; a respawned helper of the same ExaBGP leaves
+            # its RIB (and so our view of it) as it was.
             self._connected_generation = self._generation
-            self.announced.reset(self._config_routes)
+            self.announced.clear()
         log.info("ExaBGP API connected generation=%d", self._generation)
         self.on_ready()
 
     def _on_state(self, peer: IPAddress, state: str, reason: str) -> None:
         if peer in self.neighbors:  # a removed peer still reports its session going down
-            self.peers.setdefault(peer, PeerState()).set(state, reason)
+            st = self.peers.setdefault(peer, PeerState())
+            st.set(state, reason)
+            if state == "established":
+                # ExaBGP resends what it holds on every new session; End-of-RIB follows it
+                # once the Ops have queued what is wanted (see end_of_rib).
+                self.eor_due.add(peer)
+                st.end_of_rib = 0.0
         self.on_event(state, peer, reason)
 
     # ---- what the Ops use -----------------------------------------------------------
@@ -433,3 +448,21 @@ class Speaker:
     async def send(self, commands: list[str]) -> None:
         """Send commands (pipelined) and wait until ExaBGP acknowledged every one."""
         await self.api.send(commands)
+
+    async def end_of_rib(self, peer: IPAddress) -> bool:
+        """Send End-of-RIB for each of the peer's families if its session came up since the
+        last one, and the Ops queued its routes (they call this only then): ExaBGP sends it
+        once everything queued before it went out. False when it is not due or the session
+        went down meanwhile (the next session asks again)."""
+        n, st = self.loaded.get(peer), self.peers.get(peer)
+        if peer not in self.eor_due or n is None or st is None or st.state != "established":
+            return False
+        try:
+            await self.send(end_of_rib_commands(peer, n.families, await self.bulk_supported()))
+        except PermanentError:  # ExaBGP has no established session with the peer any more
+            log.info("End-of-RIB to %s not sent: its session is down", peer)
+            return False
+        self.eor_due.discard(peer)
+        st.end_of_rib = time.time()
+        log.info("End-of-RIB sent to %s families=%s", peer, ",".join(n.families))
+        return True

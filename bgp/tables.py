@@ -7,6 +7,7 @@ and its last good version (if any) keeps being used.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -141,18 +142,6 @@ def attrs_of(adv: Advertisement) -> RouteAttrs:
                       adv.attributes.local_preference)
 
 
-def _addresses(text: str) -> list[IPAddress]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if part:
-            try:
-                out.append(ipaddress.ip_address(part))
-            except ValueError:
-                continue
-    return out
-
-
 def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
                      local: LocalNode) -> list[IPNetwork]:
     assert adv.service is not None
@@ -167,15 +156,34 @@ def service_prefixes(adv: Advertisement, services: Iterable[ClusterService],
             backends = [ipaddress.ip_address(b) for b in svc.backends]
             if not any(b in n for b in backends for n in pod_nets if b.version == n.version):
                 continue
-        addrs: list[IPAddress] = []
         for kind in adv.service.addresses:
             if kind == "ClusterIP":
-                addrs += [ipaddress.ip_address(f) for f in svc.frontends]
+                out += [host_prefix(f) for f in svc.frontends]
             elif kind == "LoadBalancerIP":
-                addrs += _addresses(svc.labels.get(LB_IP_LABEL, ""))
+                out += _host_prefixes(svc.labels.get(LB_IP_LABEL, ""))
             else:
-                addrs += _addresses(svc.labels.get(EXTERNAL_IPS_LABEL, ""))
-        out += [ipaddress.ip_network(a) for a in addrs]
+                out += _host_prefixes(svc.labels.get(EXTERNAL_IPS_LABEL, ""))
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def host_prefix(address: str) -> IPNetwork:
+    """The /32 or /128 of an address (ValueError if it is none). Kept: with 100,000 services,
+    parsing every address again on each recompute costs seconds."""
+    if "/" in address:
+        raise ValueError(f"{address!r} is not an address")
+    return ipaddress.ip_network(address)
+
+
+def _host_prefixes(text: str) -> list[IPNetwork]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            try:
+                out.append(host_prefix(part))
+            except ValueError:
+                continue
     return out
 
 
@@ -232,6 +240,8 @@ class Inputs:
     overrides: list[BGPNodeConfigOverride]
     services: list[ClusterService]
     secrets_dir: Path
+    # what each Service advertisement selects, by id() of the advertisement, filled as read
+    service_prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -334,8 +344,10 @@ def add_peer(out: Resolved, inputs: Inputs, instance: str, identity: Identity, p
         graceful_restart=gr.restart_time_seconds if gr.enabled else None,
         families=tuple(sorted({f.afi for f in spec.families})))
     out.routes[peer.peer_address] = wanted_routes(spec, inputs, src.version, identity.next_hops)
-    missing = sorted({n.version for n in wanted_routes(spec, inputs) if n.version != src.version
-                      and n.version not in identity.next_hops})
+    left_out = {v for f in spec.families if f.advertisements is not None
+                and (v := 4 if f.afi == "ipv4" else 6) != src.version and v not in identity.next_hops}
+    missing = sorted({n.version for n in wanted_routes(spec, inputs) if n.version in left_out}
+                     if left_out else set())
     for v in missing:
         out.problems[f"{where or field_}/ipv{v}"] = (
             f"{field_}: IPv{v} routes over an IPv{src.version} session need this node's IPv{v} "
@@ -376,4 +388,8 @@ def advertised_prefixes(item: Advertisement, version: int, inputs: Inputs) -> li
     if item.advertisement_type == "PodCIDR":
         cidr = inputs.local.pod_cidr if version == 4 else inputs.local.pod_cidr_v6
         return [ipaddress.ip_network(cidr)] if cidr else []
-    return service_prefixes(item, inputs.services, inputs.local)
+    # the same for every family and peer: walked once per resolve
+    known = inputs.service_prefixes.get(id(item))
+    if known is None:
+        known = inputs.service_prefixes[id(item)] = service_prefixes(item, inputs.services, inputs.local)
+    return known

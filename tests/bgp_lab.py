@@ -34,7 +34,8 @@ class Lab:
         return self.tmp / "bird.ctl"
 
     def start_bird(self, *, password: str | None = None, hold: int = 9, extra: str = "",
-                   peers: str = "", node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN) -> None:
+                   peers: str = "", node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN,
+                   graceful: bool = True) -> None:
         pw = f'    password "{password}";\n' if password else ""
         conf = f"""
 log "{self.tmp}/bird.log" all;
@@ -47,7 +48,7 @@ protocol bgp node {{
     hold time {hold};
     connect retry time 1;
     error wait time 1, 2;
-    graceful restart on;
+    graceful restart {"on" if graceful else "off"};
 {pw}    ipv4 {{ import all; export none; }};
     allow bgp_local_pref on;
 {extra}
@@ -84,6 +85,20 @@ protocol bgp node {{
 
     def established(self, name: str = "node") -> bool:
         return "Established" in self.protocol_state(name)
+
+    def session(self, name: str = "node") -> tuple[str, float]:
+        """(state, seconds of the day it has held since): the same session has the same pair.
+        BIRD prints the time from its monotonic clock, so two reads may differ by a
+        millisecond: compare the time with a tolerance (same_session)."""
+        line = self.protocol_state(name)
+        m = re.search(r"(\d+):(\d+):(\d+(?:\.\d+)?)\s+(\S+)\s*$", line)
+        if not m:
+            return line, -1.0
+        return m[4], int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+
+    def same_session(self, before: tuple[str, float], name: str = "node") -> bool:
+        state, since = self.session(name)
+        return state == before[0] and abs(since - before[1]) < 0.05
 
     def route_count(self, protocol: str = "node") -> int:
         out = self.birdc("show", "route", "count", "protocol", protocol)

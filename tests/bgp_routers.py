@@ -48,6 +48,15 @@ class Router(Protocol):
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]: ...
 
+    def has(self, prefix: str) -> bool:
+        """Whether the router holds a route for exactly this prefix (one quick query)."""
+        ...
+
+    def count(self, family: str = "ipv4") -> int:
+        """Routes from the node the router holds now, stale ones (graceful restart) included;
+        -1 when the router does not answer."""
+        ...
+
 
 def available(kind: str) -> bool:
     return {"bird": shutil.which("bird") is not None,
@@ -63,13 +72,14 @@ def add_ipv6(lab: Lab) -> None:
 
 
 def start_router(lab: Lab, kind: str, *, node_asn: int = NODE_ASN, router_asn: int = ROUTER_ASN,
-                 hold: int = 9) -> Router:
+                 hold: int = 9, graceful: bool = True) -> Router:
+    """The router, with graceful restart (helper for the node's sessions) unless told not to."""
     if kind == "bird":
-        return Bird.start(lab, node_asn, router_asn, hold)
+        return Bird.start(lab, node_asn, router_asn, hold, graceful)
     if kind == "frr":
-        return Frr.start(lab, node_asn, router_asn, hold)
+        return Frr.start(lab, node_asn, router_asn, hold, graceful)
     if kind == "gobgp":
-        return GoBgp.start(lab, node_asn, router_asn, hold)
+        return GoBgp.start(lab, node_asn, router_asn, hold, graceful)
     raise ValueError(kind)
 
 
@@ -89,13 +99,22 @@ class Bird:
         self.lab = lab
 
     @classmethod
-    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int) -> Bird:
-        lab.start_bird(node_asn=node_asn, router_asn=router_asn, hold=hold,
+    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int, graceful: bool = True) -> Bird:
+        lab.start_bird(node_asn=node_asn, router_asn=router_asn, hold=hold, graceful=graceful,
                        extra="    ipv6 { import all; export none; };")
         return cls(lab)
 
+    def has(self, prefix: str) -> bool:
+        return prefix in self.lab.birdc("show", "route", prefix)
+
     def established(self) -> bool:
         return self.lab.established()
+
+    def count(self, family: str = "ipv4") -> int:
+        table = "master4" if family == "ipv4" else "master6"
+        out = self.lab.birdc("show", "route", "count", "table", table, "protocol", "node")
+        m = re.search(r"(\d+) of \d+ routes", out)
+        return int(m[1]) if m else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         table = "master4" if family == "ipv4" else "master6"
@@ -136,7 +155,7 @@ class Frr:
         self.run = run
 
     @classmethod
-    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int) -> Frr:
+    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int, graceful: bool = True) -> Frr:
         run = lab.tmp / "frr"
         run.mkdir()
         # FRR drops to its own user: it may pass through the lab's dir and owns its own
@@ -149,7 +168,7 @@ router bgp {router_asn}
  bgp router-id {ROUTER_IP}
  no bgp ebgp-requires-policy
  no bgp network import-check
- bgp graceful-restart
+ bgp graceful-restart{"" if graceful else "-disable"}
  neighbor {NODE_IP} remote-as {node_asn}
  neighbor {NODE_IP} timers {keepalive} {hold}
  neighbor {NODE_IP} timers connect 1
@@ -181,6 +200,17 @@ router bgp {router_asn}
     def established(self) -> bool:
         n = self.vtysh(f"show bgp neighbors {NODE_IP} json").get(NODE_IP, {})
         return bool(n.get("bgpState") == "Established")
+
+    def has(self, prefix: str) -> bool:
+        family = "ipv6" if ":" in prefix else "ipv4"
+        return bool(self.vtysh(f"show bgp {family} unicast {prefix} json").get("paths"))
+
+    def count(self, family: str = "ipv4") -> int:
+        # a walk of the table for the node's paths, stale ones included (the summary's
+        # ribCount counts the table's tree nodes, pfxRcd only what the session accepted)
+        walk = self.vtysh(f"show bgp {family} unicast neighbors {NODE_IP} prefix-counts json"
+                          ).get("ribTableWalkCounters")
+        return int(walk["All RIB"]) - int(walk.get("Removed", 0)) if walk else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         """The table's prefixes, then each one's path in detail (FRR 8.4 has no `detail json`
@@ -215,7 +245,7 @@ class GoBgp:
         self.run = run
 
     @classmethod
-    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int) -> GoBgp:
+    def start(cls, lab: Lab, node_asn: int, router_asn: int, hold: int, graceful: bool = True) -> GoBgp:
         run = lab.tmp / "gobgp"
         run.mkdir()
         afis = "".join(f"""
@@ -223,7 +253,7 @@ class GoBgp:
     [neighbors.afi-safis.config]
       afi-safi-name = "{f}"
     [neighbors.afi-safis.mp-graceful-restart.config]
-      enabled = true
+      enabled = {"true" if graceful else "false"}
 """ for f in ("ipv4-unicast", "ipv6-unicast"))
         (run / "gobgpd.toml").write_text(f"""[global.config]
   as = {router_asn}
@@ -240,7 +270,7 @@ class GoBgp:
     keepalive-interval = {max(1, hold // 3)}
     connect-retry = 1
   [neighbors.graceful-restart.config]
-    enabled = true
+    enabled = {"true" if graceful else "false"}
     restart-time = 120
 {afis}""")
         _popen(lab, "gobgpd", "-f", str(run / "gobgpd.toml"), "-t", "toml", "--api-hosts", cls.API,
@@ -268,6 +298,15 @@ class GoBgp:
     def established(self) -> bool:
         n = self.gobgp("neighbor", NODE_IP)
         return isinstance(n, dict) and n.get("state", {}).get("session_state") in (6, "established")
+
+    def has(self, prefix: str) -> bool:
+        family = "ipv6" if ":" in prefix else "ipv4"
+        rib = self.gobgp("global", "rib", "-a", family, prefix)
+        return isinstance(rib, dict) and prefix in rib
+
+    def count(self, family: str = "ipv4") -> int:
+        summary = self.gobgp("global", "rib", "summary", "-a", family)
+        return int(summary.get("num_destination", 0)) if isinstance(summary, dict) else -1
 
     def routes(self, family: str = "ipv4") -> dict[str, Route]:
         rib = self.gobgp("global", "rib", "-a", family) or {}

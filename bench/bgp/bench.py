@@ -1,14 +1,20 @@
-"""BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs GoBGP and BIRD as the speaker.
+"""BGP announcement speed into BIRD 2: Plexus (ExaBGP driver) vs GoBGP and BIRD as the speaker;
+and Plexus into FRR and GoBGP as the router too (--routers).
 
 Run (root, from the repo root):
     .venv/bin/python -m bench.bgp.bench [--sizes 10000,100000] [--changes 50] [--modes ...]
+        [--routers bird,frr,gobgp]
 
-Modes: config, api, api-text (Plexus: routes in ExaBGP's config; sent on the live session as
-`plexus-bulk`; as ExaBGP's text commands), bird (BIRD as the speaker), gobgp-live,
+Modes: start, api, api-text (Plexus: routes known when ExaBGP starts, sent through the API as
+soon as it connects; sent on the live session as `plexus-bulk`; as ExaBGP's text commands),
+bird (BIRD as the speaker), gobgp-live,
 gobgp-preload, gobgp-mrt (GoBGP: routes added through gRPC on the live session; before the
 session; `gobgp mrt inject`, reporting how many gobgpd kept). Everything runs in two fresh
 network namespaces (plx-tb...) joined by a veth; gobgpd's gRPC is a unix socket; nothing
-touches the root namespace. Prints one line per speaker and size.
+touches the root namespace. Prints one line per speaker and size. --routers applies to the
+Plexus modes (the others speak to BIRD); each change is timed until the router answers a
+query for the new prefix (birdc, vtysh or the gobgp CLI, so it includes one query's time).
+Restarts are measured by bench/bgp/restart.py.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from bgp.config import BGPConfig
 from bgp.ops import RoutesOps
 from bgp.speaker import Speaker
 from bgp.tables import IPNetwork, Neighbor, PeerRoutes, RouteAttrs
-from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, Lab, bgp_lab
+from tests.bgp_lab import NODE_ASN, NODE_IP, ROUTER_ASN, ROUTER_IP, bgp_lab
+from tests.bgp_routers import start_router
 
 ATTRS = RouteAttrs(((65000, 100),), ((65001, 1, 2),), None)
 PEER = ipaddress.ip_address(ROUTER_IP)
@@ -45,15 +52,11 @@ def neighbor() -> Neighbor:
                     ipaddress.ip_address(NODE_IP), hold_time=30, keepalive=10)
 
 
-async def until_all(lab: Lab, n: int, t_est: float, limit: float) -> dict[str, float]:
+async def until_all(count: Callable[[], int], n: int, t_est: float, limit: float) -> dict[str, float]:
     """Seconds from established until the router holds 99% and then all of the n prefixes."""
-    t99 = await wait_for(lambda: lab.route_count() >= n * 0.99, limit, 0.02)
-    t_all = await wait_for(lambda: lab.route_count() >= n, limit, 0.02)
+    t99 = await wait_for(lambda: count() >= n * 0.99, limit, 0.02)
+    t_all = await wait_for(lambda: count() >= n, limit, 0.02)
     return {"established_to_99pct": t99 - t_est, "established_to_all": t_all - t_est}
-
-
-def router_has(lab: Lab, prefix: str) -> bool:
-    return prefix in lab.birdc("show", "route", prefix)
 
 
 async def wait_for(cond: Callable[[], object], limit: float, interval: float = 0.02) -> float:
@@ -65,28 +68,32 @@ async def wait_for(cond: Callable[[], object], limit: float, interval: float = 0
     return time.monotonic()
 
 
-async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float) -> dict[str, float]:
-    """mode config: routes known when ExaBGP starts; api: routes arrive after the session is up,
-    as `plexus-bulk` commands (api-text: as ExaBGP's text `announce attributes ... nlri`)."""
+async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float,
+                     kind: str = "bird") -> dict[str, float]:
+    """mode start: routes known when ExaBGP starts (sent as soon as its API connects); api:
+    routes arrive after the session is up, as `plexus-bulk` commands (api-text: as ExaBGP's
+    text `announce attributes ... nlri`). kind: the router."""
     out: dict[str, float] = {}
     with bgp_lab() as lab:
-        lab.start_bird(hold=30)
+        router = start_router(lab, kind, hold=30)
         routes: dict[IPNetwork, RouteAttrs] = {p: ATTRS for p in prefixes(n)}
         sp = Speaker(lab.tmp / "sp", ["ip", "netns", "exec", lab.node_ns, *BGPConfig().exabgp],
-                     reactor_speed=speed, batch=BATCH, bulk=mode != "api-text",
-                     desired=(lambda: {PEER: routes}) if mode == "config" else dict)
+                     reactor_speed=speed, batch=BATCH, bulk=mode != "api-text")
         ops = RoutesOps(sp)
         sp.configure({PEER: neighbor()})
         task = asyncio.ensure_future(sp.run())
         try:
             t_start = time.monotonic()
-            t_est = await wait_for(lab.established, limit, 0.01)
+            if mode == "start":
+                await wait_for(sp.ready, limit, 0.005)
+                await ops.update(PeerRoutes(PEER, routes))
+            t_est = await wait_for(router.established, limit, 0.01)
             out["start_to_established"] = t_est - t_start
-            if mode != "config":
+            if mode != "start":
                 await wait_for(sp.ready, 10)
                 out["bulk_command"] = float(await sp.bulk_supported())
                 await ops.update(PeerRoutes(PEER, routes))
-            out.update(await until_all(lab, n, t_est, limit))
+            out.update(await until_all(router.count, n, t_est, limit))
             if changes:
                 await wait_for(sp.ready, 10)
                 sp.announced.load(PEER, routes)
@@ -97,11 +104,12 @@ async def plexus_run(n: int, mode: str, changes: int, speed: float, limit: float
                     cur = {**cur, net: ATTRS}
                     t0 = time.monotonic()
                     await ops.update(PeerRoutes(PEER, cur))
-                    await wait_for(partial(router_has, lab, str(net)), 10, 0.002)
+                    await wait_for(partial(router.has, str(net)), 10, 0.002)
                     lat.append(time.monotonic() - t0)
                 lat.sort()
                 out["change_p50_ms"] = 1000 * statistics.median(lat)
                 out["change_p99_ms"] = 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+                out["change_max_ms"] = 1000 * lat[-1]
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -135,7 +143,8 @@ protocol bgp uplink {{
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lab.procs.append(proc)
         t_est = await wait_for(lab.established, limit, 0.005)
-        return {"start_to_established": t_est - t_start, **(await until_all(lab, n, t_est, limit))}
+        held = await until_all(lab.route_count, n, t_est, limit)
+        return {"start_to_established": t_est - t_start, **held}
 
 
 async def gobgp_run(n: int, mode: str, limit: float) -> dict[str, float]:
@@ -185,7 +194,7 @@ async def gobgp_run(n: int, mode: str, limit: float) -> dict[str, float]:
             out["start_to_established"] = t_est - t_start
             inject = asyncio.ensure_future(
                 asyncio.to_thread(gobgp.add_paths, sock, gobgp.add_path_requests(nets, pattrs)))
-        out.update(await until_all(lab, n, t_est, limit))
+        out.update(await until_all(lab.route_count, n, t_est, limit))
         if mode == "gobgp-live":
             await inject
             out["loaded"] = await asyncio.to_thread(gobgp.rib_count, sock)
@@ -197,11 +206,14 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--speed", type=float, default=0.05)
-    ap.add_argument("--modes", default="config,api,api-text,bird,gobgp-live,gobgp-preload,gobgp-mrt")
+    ap.add_argument("--modes", default="start,api,api-text,bird,gobgp-live,gobgp-preload,gobgp-mrt")
+    ap.add_argument("--routers", default="bird", help="routers for the Plexus modes: bird,frr,gobgp")
     ap.add_argument("--limit", type=float, default=240.0)
     ap.add_argument("--batch", type=int, default=BATCH, help="prefixes per bulk API command")
     a = ap.parse_args()
     globals()["BATCH"] = a.batch
+    from plexus.lab.ops import hold_machine_lock
+    hold_machine_lock()
     print(f"# kernel {subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}, "
           f"cmd: {' '.join(sys.argv)}")
     for n in [int(x) for x in a.sizes.split(",")]:
@@ -212,11 +224,17 @@ def main() -> None:
                 elif mode.startswith("gobgp"):
                     r = asyncio.run(gobgp_run(n, mode, a.limit))
                 else:
-                    r = asyncio.run(plexus_run(n, mode, a.changes if n == 10000 else 0, a.speed, a.limit))
+                    for kind in a.routers.split(","):
+                        r = asyncio.run(plexus_run(n, mode, a.changes if n == 10000 else 0, a.speed,
+                                                   a.limit, kind))
+                        print(f"N={n} speaker={mode} router={kind} "
+                              + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
+                    continue
             except TimeoutError:
                 print(f"N={n} speaker={mode}: timed out after {a.limit}s", flush=True)
                 continue
-            print(f"N={n} speaker={mode} " + " ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
+            print(f"N={n} speaker={mode} router=bird " + " ".join(f"{k}={v:.3f}" for k, v in r.items()),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _render_peers(data: dict[str, Any]) -> str:
-    rows = [(p["peer"], p["peerASN"], p["localASN"], p["state"], p["uptime"], p["advertised"], p["reason"])
+    rows = [(p["peer"], p["peerASN"], p["localASN"], p["state"], p["uptime"], p["advertised"],
+             "yes" if p.get("endOfRib") else "no",
+             "; ".join(x for x in (p["reason"], p.get("routesError", "")) if x))
             for p in data["peers"]]
-    out = table(rows, ["PEER", "PEER-ASN", "LOCAL-ASN", "STATE", "UPTIME", "ADVERTISED", "REASON"])
+    out = table(rows, ["PEER", "PEER-ASN", "LOCAL-ASN", "STATE", "UPTIME", "ADVERTISED", "EOR", "REASON"])
     if data.get("drained"):
         out += "\n(drained: all routes withdrawn)"
     for where, problem in data.get("problems", {}).items():

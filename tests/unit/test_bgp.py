@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from clustermesh.models import ClusterService, L4Addr
 from plexus.core.config import ConfigError, parse
 from plexus.core.manifests import Manifest, ManifestCache
 from plexus.core.node import LocalNode
+from plexus.core.reconciler import PermanentError, TemporaryError
 from tests.support import eventually
 
 A = ipaddress.ip_address
@@ -186,7 +188,8 @@ def test_render_config() -> None:
                          Path("/run/x.sock"), 10)
     for line in ["neighbor 10.0.0.2 {", "local-as 65001;", "peer-as 65000;", "hold-time 9;",
                  "outgoing-ttl 2;", 'md5-password "pw";', "graceful-restart 60;", "ipv4 unicast;",
-                 "processes [ plexus ];", "route 10.1.0.0/24 next-hop self local-preference 5;"]:
+                 "processes [ plexus ];", "route 10.1.0.0/24 next-hop self local-preference 5;",
+                 "manual-eor true;"]:
         assert line in text
     assert "ipv6 unicast" not in text
 
@@ -221,6 +224,52 @@ def test_ops_send_only_the_difference() -> None:
         assert sp.sent[3] == [
             "neighbor 10.0.0.2 withdraw attributes next-hop self nlri 10.1.0.0/24 10.3.0.0/24"]
         assert sp.announced == {}
+    asyncio.run(go())
+
+
+class FailingSpeaker(FakeSpeaker):
+    """ExaBGP answers route commands with `error` (or not at all): End-of-RIB still goes out."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def send(self, commands: list[str]) -> None:
+        if any(" announce eor " not in c for c in commands):
+            raise self.error
+        await super().send(commands)
+
+
+def test_end_of_rib_follows_the_routes_once_per_session() -> None:
+    async def go() -> None:
+        sp = FakeSpeaker()
+        ops = RoutesOps(sp)
+        peer = A("10.0.0.2")
+        sp.loaded = {peer: dataclasses.replace(sp.loaded[peer], families=("ipv4", "ipv6"))}
+        routes = {N("10.1.0.0/24"): RouteAttrs()}
+        await ops.update(PeerRoutes(peer, routes))  # session not up: no End-of-RIB yet
+        assert sp.sent == [["neighbor 10.0.0.2 announce attributes next-hop self nlri 10.1.0.0/24"]]
+        sp._on_state(peer, "established", "")
+        assert peer in sp.eor_due and not sp.peers[peer].end_of_rib
+        await ops.update(PeerRoutes(peer, routes))  # nothing new to send: End-of-RIB behind what was
+        assert sp.sent[1:] == [[], ["neighbor 10.0.0.2 announce eor ipv4 unicast",
+                                    "neighbor 10.0.0.2 announce eor ipv6 unicast"]]
+        assert peer not in sp.eor_due and sp.peers[peer].end_of_rib > 0
+        await ops.update(PeerRoutes(peer, {**routes, N("10.2.0.0/24"): RouteAttrs()}))
+        assert sp.sent[3:] == [["neighbor 10.0.0.2 announce attributes next-hop self nlri 10.2.0.0/24"]]
+        sp._on_state(peer, "active", "")
+        sp._on_state(peer, "established", "")  # a new session: ExaBGP resends, End-of-RIB again
+        await ops.update(PeerRoutes(peer, {**routes, N("10.2.0.0/24"): RouteAttrs()}))
+        assert sp.sent[-1][0] == "neighbor 10.0.0.2 announce eor ipv4 unicast"
+
+        # a push that times out is retried before End-of-RIB; one ExaBGP refuses gets End-of-RIB
+        for error, eor in ((TemporaryError("no answer"), False), (PermanentError("refused"), True)):
+            sp = FailingSpeaker(error)
+            sp._on_state(peer, "established", "")
+            with pytest.raises(type(error)):
+                await RoutesOps(sp).update(PeerRoutes(peer, routes))
+            assert (peer not in sp.eor_due) is eor
+            assert [c[0] for c in sp.sent] == (["neighbor 10.0.0.2 announce eor ipv4 unicast"] if eor else [])
     asyncio.run(go())
 
 

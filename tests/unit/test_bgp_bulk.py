@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from bgp.commands import (
     add_neighbors_command,
     announce_commands,
     bulk_commands,
+    end_of_rib_commands,
     pack_prefixes,
     remove_neighbor_command,
     withdraw_commands,
@@ -61,10 +63,14 @@ class Speaker:
         self.processes = self
         self.api = API(self)
         self._peers: dict[str, Any] = {}  # the reactor's running peers
+        self.established: set[str] = set()  # keys of the peers whose session is up
         assert install_commands()
 
     def peers(self, service: str) -> list[str]:
         return list(self.configuration.neighbors)
+
+    def established_peers(self) -> set[str]:
+        return self.established
 
     def answer_done(self, service: str) -> None:
         self.answers.append("done")
@@ -202,3 +208,19 @@ def test_neighbors_added_and_removed_leave_the_others_alone(tmp_path: Path) -> N
     assert sp.run(["plexus-neighbor add !!!", "plexus-neighbor replace 10.0.0.2",
                    add_neighbors_command("neighbor 10.0.0.8 { nonsense; }")]) == ["error"] * 3
     assert running() == {"10.0.0.2", "fd00::2"}
+
+
+def test_end_of_rib_goes_for_the_negotiated_families_only(tmp_path: Path) -> None:
+    from exabgp.protocol.family import AFI, SAFI
+
+    sp = Speaker(tmp_path)
+    assert sp.run(["neighbor fd00::2 plexus-eor"]) == ["error"]  # no session up
+    key = next(k for k, n in sp.configuration.neighbors.items() if str(n["peer-address"]) == "fd00::2")
+    negotiated = SimpleNamespace(families=[(AFI.ipv4, SAFI.unicast)])  # ipv6 configured, not taken
+    sp._peers[key] = SimpleNamespace(proto=SimpleNamespace(negotiated=negotiated))
+    sp.established = {key}
+    assert sp.run(["neighbor fd00::2 plexus-eor"]) == ["done"]
+    assert [(f.afi, f.safi) for f in sp.configuration.neighbors[key].eor] == [(AFI.ipv4, SAFI.unicast)]
+    assert end_of_rib_commands(V6, ("ipv4", "ipv6"), extended=True) == ["neighbor fd00::2 plexus-eor"]
+    assert end_of_rib_commands(V6, ("ipv4", "ipv6")) == ["neighbor fd00::2 announce eor ipv4 unicast",
+                                                         "neighbor fd00::2 announce eor ipv6 unicast"]

@@ -97,11 +97,11 @@ def test_a_refused_config_is_reported_and_the_speaker_falls_back(tmp_path: Path)
         sp = Speaker(tmp_path / "bgp", [str(tmp_path / "no-such-exabgp")], desired=lambda: wanted)
         sp.configure({PEER: n})
         start = await sp._startable()
-        assert start == ({PEER: n}, {})  # the peers start; their routes go through the API
+        assert start == {PEER: n}  # the peers start; their routes go through the API
         assert "does not have the same family" in sp.refused
         assert "ExaBGP refused the config" in sp.peers[PEER].reason
         wanted[PEER].pop(N("fd00:1:1::/64"))
-        assert await sp._startable() == ({PEER: n}, wanted)
+        assert await sp._startable() == {PEER: n}
         assert sp.refused == "" and sp.peers[PEER].reason == ""
     asyncio.run(go())
 
