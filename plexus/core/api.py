@@ -53,7 +53,8 @@ class Routes:
         self._routes.append(_Route("DELETE", path, handler))
 
     def stream(self, path: str, handler: StreamHandler) -> None:
-        """A GET that answers newline-delimited JSON until the client goes away."""
+        """A GET that answers newline-delimited JSON until the client goes away. A handler
+        that is a plain function returning the iterator may raise ApiError first."""
         self._routes.append(_Route("GET", path, stream=handler))
 
     def paths(self) -> list[tuple[str, str]]:
@@ -70,10 +71,14 @@ def _wrap(route: _Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
     async def handle(request: web.Request) -> web.StreamResponse:
         query = dict(request.query) | dict(request.match_info)
         if route.stream is not None:
+            try:  # a handler that refuses its query does so before it yields anything
+                items = route.stream(query)
+            except ApiError as e:
+                return web.json_response({"error": e.message, **e.details}, status=e.status)
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             try:
-                async for item in route.stream(query):
+                async for item in items:
                     await resp.write(json.dumps(item).encode() + b"\n")
             except (ConnectionResetError, asyncio.CancelledError):
                 pass

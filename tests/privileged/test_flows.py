@@ -1,0 +1,186 @@
+"""Flows of a real datapath, through the bpf module: two pods on one node, real TCP and UDP,
+what `plexus observe` is served (Hubble's JSON, filters, --follow) and lost events counted."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bpf import attach
+from bpf.config import BpfConfig
+from bpf.flows import Flow, FlowFilter
+from bpf.module import BpfDatapath
+from bpf.policy import ALLOW, DENY, INGRESS
+from clustermesh.models import Identity, IPIdentity
+from plexus.cni import ops as cni
+from plexus.cni.ops import in_netns
+from plexus.core.api import ApiError
+from plexus.core.node import LocalNode
+from tests.bpf_fixture import bpf_module
+from tests.support import echo, echo_server, eventually, netns, sh, unique
+
+pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")  # bcc
+CLIENT_ID, WEB_ID = 131300, 65600
+CLIENT, WEB = "10.9.1.2", "10.9.1.3"
+TCP, UDP = 6, 17
+
+FLOOD = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[3])):
+    s.sendto(b"x", (sys.argv[1], int(sys.argv[2]) + i % 50))
+"""
+
+
+async def drain(stream: AsyncIterator[Any]) -> list[dict[str, Any]]:
+    return [doc async for doc in stream]
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[tuple[BpfDatapath, dict[str, str]]]:
+    with ExitStack() as stack:
+        bpffs = Path(tempfile.mkdtemp(prefix="plexus-flowfs-"))
+        sh("mount", "-t", "bpf", "plexus-flowtest", str(bpffs))
+        stack.callback(bpffs.rmdir)
+        stack.callback(sh, "umount", str(bpffs), check=False)
+        module, tables = bpf_module(tmp_path, LocalNode("east", 1, "n1", "172.31.1.11", "10.9.1.0/24"),
+                                    BpfConfig(enabled=True, pin_dir=bpffs / secrets.token_hex(3),
+                                              flow_ring=64, flow_buffer_pages=1))
+        tables["identities"].upsert(Identity(CLIENT_ID, ("k8s:app=client",
+                                                         "k8s:io.cilium.k8s.policy.cluster=west",
+                                                         "k8s:io.kubernetes.pod.namespace=shop"), "west"))
+        tables["identities"].upsert(Identity(WEB_ID, ("k8s:app=web", "k8s:io.cilium.k8s.policy.cluster=east",
+                                                      "k8s:io.kubernetes.pod.namespace=shop"), "east"))
+        tables["ipcache"].upsert(IPIdentity(CLIENT, CLIENT_ID, namespace="shop", pod_name="client",
+                                            cluster="west"))
+        tables["ipcache"].upsert(IPIdentity(WEB, WEB_ID, namespace="shop", pod_name="web", cluster="east"))
+        await module.start()
+        assert module.dp is not None, module.hive.health
+        dp = module.dp
+        node_ns = stack.enter_context(netns("plx-tf"))
+        pods, host_ifs = {}, {}
+
+        def wire(pod_ns: str, ip: str) -> int | None:  # pyroute2's sync calls, off the loop
+            host_if = unique("plxf")
+            with in_netns(f"/var/run/netns/{node_ns}"):
+                cni.add(f"/var/run/netns/{pod_ns}", "eth0", host_if, ip, 1500)
+                attach.attach(host_if, (dp.from_pod.fd, dp.from_pod.name), (dp.to_pod.fd, dp.to_pod.name))
+                return attach.ifindex(host_if)
+
+        for name, ip in (("client", CLIENT), ("web", WEB)):
+            pod_ns = stack.enter_context(netns("plx-tf"))
+            idx = await asyncio.to_thread(wire, pod_ns, ip)
+            assert idx is not None
+            pods[name], host_ifs[name] = pod_ns, idx
+        web_if = host_ifs["web"]
+        dp.policy_set(web_if, CLIENT_ID, 8080, TCP, INGRESS, ALLOW)
+        dp.policy_set(web_if, CLIENT_ID, 9090, TCP, INGRESS, DENY)
+        dp.enforce_set(web_if, INGRESS)
+        await eventually(lambda: f"{CLIENT}/32" in dp.ipcache_items(), 10, what="ipcache in the map")
+        try:
+            yield module, pods
+        finally:
+            module._polling.clear()
+            await eventually(lambda: not any(t.name == "bpf-flows" for t in threading.enumerate()), 5)
+            await module.stop()
+            await module.hive.stop_module("bpf")
+            for name in ("flows", "flows6", "lb4_flows"):
+                table = dp.bpf[name]
+                for cpu in list(table._open_key_fds):
+                    del table[cpu]
+            shutil.rmtree(bpffs / module.config.pin_dir.name, ignore_errors=True)
+
+
+async def test_flows_are_recorded_filtered_and_written_as_hubble_does(
+        node: tuple[BpfDatapath, dict[str, str]]) -> None:
+    module, pods = node
+    before = time.time_ns()
+    with echo_server(pods["web"], "tcp", 8080), echo_server(pods["web"], "tcp", 9090):
+        assert await asyncio.to_thread(echo, pods["client"], "tcp", WEB, 8080, "x")
+        assert not await asyncio.to_thread(echo, pods["client"], "tcp", WEB, 9090, "x", 1)
+        await eventually(lambda: any(f.verdict == "DROPPED" for f in module.ring.flows), 5,
+                         what="the drop in the ring")
+
+        docs = await drain(module._observe({"last": "100"}))
+        flows = [Flow.from_json(d) for d in docs]
+        denied = next(d["flow"] for d in docs if d["flow"]["verdict"] == "DROPPED"
+                      and d["flow"]["traffic_direction"] == "INGRESS")
+        # Hubble's field names, both ends named by what the mesh knows of them
+        assert denied["source"] == {"identity": CLIENT_ID, "cluster_name": "west", "namespace": "shop",
+                                    "labels": ["k8s:app=client", "k8s:io.cilium.k8s.policy.cluster=west",
+                                               "k8s:io.kubernetes.pod.namespace=shop"], "pod_name": "client"}
+        assert denied["destination"]["pod_name"] == "web" and denied["destination"]["identity"] == WEB_ID
+        assert denied["l4"]["TCP"] == {"source_port": denied["l4"]["TCP"]["source_port"],
+                                       "destination_port": 9090, "flags": {"SYN": True}}
+        assert denied["drop_reason_desc"] == "POLICY_DENIED" and denied["node_name"] == "east/n1"
+        assert denied["IP"] == {"source": CLIENT, "destination": WEB, "ipVersion": "IPv4"}
+        # the packet's own time, not when it was read
+        assert before <= Flow.from_json({"flow": denied}).time_ns <= time.time_ns()
+        # the allowed connection: the client's egress and web's ingress, each forwarded
+        fwd = [f for f in flows if f.verdict == "FORWARDED" and f.destination.port == 8080]
+        assert {f.direction for f in fwd} == {"EGRESS", "INGRESS"}
+
+        # filters narrow, combine and negate
+        only = await drain(module._observe({"last": "100", "filters": FlowFilter.of(
+            ("verdict", ["DROPPED"]), ("from-pod", ["shop/client"])).to_query()}))
+        assert only and all(d["flow"]["verdict"] == "DROPPED" for d in only)
+        none = await drain(module._observe({"last": "100", "filters": FlowFilter.of(
+            ("to-port", ["9090"]), ("cluster", ["west"], True)).to_query()}))
+        assert none == []
+        assert await drain(module._observe({"last": "1"})) == docs[-1:]
+        assert await drain(module._observe({"since": "1h"})) == docs
+        with pytest.raises(ApiError, match="not an IP"):
+            module._observe({"filters": FlowFilter.of(("pod", ["x"])).to_query().replace('"pod"', '"ip"')})
+
+        # --follow: history first, then the new verdicts as they happen
+        stream = module._observe({"last": "0", "follow": "1", "filters": FlowFilter.of(
+            ("verdict", ["DROPPED"])).to_query()})
+        pending = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        assert not await asyncio.to_thread(echo, pods["client"], "tcp", WEB, 9090, "y", 1)
+        live = await asyncio.wait_for(pending, 5)
+        assert live["flow"]["verdict"] == "DROPPED" and live["flow"]["l4"]["TCP"]["destination_port"] == 9090
+        await stream.aclose()
+
+
+async def test_a_burst_larger_than_the_buffer_is_counted_lost(
+        node: tuple[BpfDatapath, dict[str, str]]) -> None:
+    module, pods = node
+    # no reader: the one-page buffer holds under a hundred events; each denied packet is one
+    module._polling.clear()
+    await eventually(lambda: not any(t.name == "bpf-flows" for t in threading.enumerate()), 5)
+    sent = 2000
+
+    def flood(count: int) -> None:
+        r = subprocess.run(["ip", "netns", "exec", pods["client"], sys.executable, "-c", FLOOD, WEB, "7000",
+                            str(count)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    flood(sent)
+    module.start_polling()
+    # the kernel tells of what it lost with the next event written once there is room again
+    await eventually(lambda: len(module.ring.flows) >= 50, 10, what="the buffer's events read")
+    flood(5)
+    sent += 5
+    await eventually(lambda: module.ring.lost_perf > 0, 10,
+                     what=lambda: f"{module.ring.seen} seen, none lost")
+    await eventually(lambda: module.ring.seen + module.ring.lost_perf >= sent, 10,
+                     what=lambda: f"{module.ring.seen} seen + {module.ring.lost_perf} lost of {sent}")
+    assert module.ring.lost_perf <= sent
+    assert len(module.ring.flows) == 64  # the ring keeps the last ones, no more
+    first = (await drain(module._observe({"last": "5"})))[0]
+    assert first["lost_events"]["source"] == "PERF_EVENT_RING_BUFFER"
+    assert first["lost_events"]["num_events_lost"] == module.ring.lost_perf
+    assert module.status()["flows"]["lostPerfBuffer"] == module.ring.lost_perf
