@@ -9,6 +9,19 @@ from pydantic import Field, field_validator
 from plexus.core.config import Strict
 
 
+class FlowsServer(Strict):
+    """The node's flows over TCP for the relay, with mutual TLS: only clients holding a
+    certificate of the cluster CA whose name is listed get an answer."""
+
+    address: str = Field(description="Address to listen on (the node's own).")
+    port: int = Field(4244, ge=1, le=65535, description="TCP port (Hubble's peer port by default).")
+    ca_file: Path = Field(description="CA that issued the relay's client certificate.")
+    cert_file: Path = Field(description="This node's server certificate (its address in the SAN).")
+    key_file: Path = Field(description="Its private key.")
+    client_names: list[str] = Field(["relay"], min_length=1,
+                                    description="Common names of the client certificates let in.")
+
+
 class BpfConfig(Strict):
     """Identity-based policy on every pod's host-side veth."""
 
@@ -28,3 +41,4 @@ class BpfConfig(Strict):
         if v & (v - 1):
             raise ValueError(f"must be a power of two, not {v}")
         return v
+    flows_server: FlowsServer | None = Field(None, description="Serve flows to the relay (mutual TLS).")

@@ -15,6 +15,7 @@ is how the relay and the web page filter what nodes sent.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import datetime
 import ipaddress
@@ -395,7 +396,17 @@ class FlowRing:
         self.lost_readers = 0  # flows slow readers missed
 
     def record(self, flow: Flow) -> None:
-        self.flows.append(flow)
+        """Keep `flow` in time order (one older than the newest kept, as a slow node's, goes
+        where its time puts it); hand it to the readers it matches."""
+        if self.flows and flow.time_ns < self.flows[-1].time_ns:
+            at = bisect.bisect_right(self.flows, flow.time_ns, key=lambda f: f.time_ns)
+            if len(self.flows) < self.capacity:
+                self.flows.insert(at, flow)
+            elif at > 0:  # full: the oldest goes; a flow older than all kept is not kept
+                self.flows.popleft()
+                self.flows.insert(at - 1, flow)
+        else:
+            self.flows.append(flow)
         self.seen += 1
         for sub in self.subscribers:
             if not sub.filter.matches(flow):

@@ -39,13 +39,14 @@ from clustermesh.models import (
     identity_labels,
 )
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
-from plexus.core.api import ApiError
+from plexus.core.api import ApiError, Routes, TcpServer
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache, ManifestKey
 from plexus.core.module import Hive, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE, Endpoint
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
+from plexus.core.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class BpfDatapath:
         hive.routes.get("/v1/flows/status", self._flows_status)
         self.ring = FlowRing(config.flow_ring, node=f"{self.local.cluster}/{self.local.name}")
         self._polling = threading.Event()
+        self.flows_server: TcpServer | None = None
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this turns it into Unix time
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         hive.metrics.registry.register(_Counters(self))
@@ -141,6 +143,7 @@ class BpfDatapath:
         # its reconcilers, and its flows polled with ours
         self.lb.start(self.dp.bpf, loop, lost)
         self.start_polling()
+        await self._serve_flows()
         for table in (self.endpoints, self.ipcache_src, self.identities, self.manifests, self.nodes):
             self.hive.spawn("bpf", self._follow(table), f"follow-{table.name}")
         self.hive.spawn("bpf", self._derive(), "derive")
@@ -149,6 +152,27 @@ class BpfDatapath:
     async def stop(self) -> None:
         # programs stay attached and maps pinned: traffic keeps its policy
         self._polling.clear()
+        if self.flows_server is not None:
+            await self.flows_server.stop()
+
+    async def _serve_flows(self) -> None:
+        """The relay's view of this node: the same observe stream, over mutual TLS."""
+        cfg = self.config.flows_server
+        if cfg is None:
+            return
+        routes = Routes()
+        routes.stream("/v1/observe", self._observe)
+        routes.get("/v1/flows/status", self._flows_status)
+        tls = server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
+        self.flows_server = TcpServer(routes, cfg.address, cfg.port, tls, tuple(cfg.client_names))
+        try:
+            await self.flows_server.start()
+        except OSError as e:
+            self.hive.health["bpf"] = f"flows not served on {cfg.address}:{cfg.port}: {e.strerror or e}"
+            log.error("%s", self.hive.health["bpf"])
+            return
+        log.info("flows served to %s on %s:%d (mutual TLS)", ",".join(cfg.client_names), cfg.address,
+                 self.flows_server.port)
 
     # ---- flows ----------------------------------------------------------------------
     def start_polling(self) -> None:

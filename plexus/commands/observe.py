@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from bpf.flows import FIELDS, Criterion, FilterError, Flow, FlowFilter
-from plexus.commands.common import add_agent_args, client
-from plexus.core.client import ClientError
+from plexus.commands.common import add_agent_args, client, lab_relay_socket
+from plexus.core.client import Client, ClientError
+
+RELAY_SOCKET = "/run/plexus/relay.sock"
 
 # CLI flag -> filter field (`--node` picks the lab node to ask; the filter is `--node-name`)
 _FLAG_FIELDS = {("node-name" if f == "node" else f): f for f in FIELDS}
@@ -74,6 +77,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="compact lines, or Hubble's JSON (`hubble observe -o json`)")
     add_filter_args(p)
     add_agent_args(p)
+    src = p.add_argument_group("every node of every cluster")
+    src.add_argument("--relay", nargs="?", const=os.environ.get("PLEXUS_RELAY_SOCKET", RELAY_SOCKET),
+                     metavar="SOCKET", help=f"ask the relay (its API socket; default {RELAY_SOCKET} "
+                                            "or $PLEXUS_RELAY_SOCKET)")
+    src.add_argument("--lab", nargs="?", const="east", metavar="CLUSTER",
+                     help="ask the lab's relay of CLUSTER (default east)")
     p.set_defaults(func=_observe)
 
 
@@ -109,8 +118,14 @@ def _observe(args: argparse.Namespace) -> int:
     except FilterError as e:
         print(f"plexus observe: {e}", file=sys.stderr)
         return 2
+    if args.lab:
+        source = Client(lab_relay_socket(args.lab))
+    elif args.relay:
+        source = Client(args.relay)
+    else:
+        source = client(args)
     try:
-        return print_stream(client(args).stream("/v1/observe", **q), args.output)
+        return print_stream(source.stream("/v1/observe", **q), args.output)
     except ClientError as e:
         print(f"plexus observe: {e}", file=sys.stderr)
         return 1

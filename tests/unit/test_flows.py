@@ -187,3 +187,10 @@ async def test_ring_last_since_follow_and_lost() -> None:
     assert ring.status() == {"capacity": 4, "flows": 4, "seen": 11, "lostPerfBuffer": 7, "lostSlowReaders": 2}
     with pytest.raises(ValueError, match="at least 1"):
         FlowRing(capacity=0)
+
+
+def test_ring_keeps_time_order_when_a_flow_comes_late() -> None:
+    ring = FlowRing(capacity=3)
+    for t in (10, 30, 20, 40, 5):
+        ring.record(flow(time_ns=t))
+    assert [f.time_ns for f in ring.flows] == [20, 30, 40]  # 5 was older than all kept
