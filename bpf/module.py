@@ -28,6 +28,7 @@ from bpf.flows import PROTOCOLS, FilterError, Flow, FlowFilter, FlowRing, Peer, 
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
+from bpf.metrics import FlowMetrics
 from bpf.models import MANIFEST_KINDS, PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
@@ -111,7 +112,9 @@ class BpfDatapath:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this turns it into Unix time
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         hive.metrics.registry.register(_Counters(self))
-        self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self.ring.record)
+        self.flow_metrics = FlowMetrics(self.ring)
+        hive.metrics.registry.register(self.flow_metrics)
+        self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self._record)
         if config.enabled:
             numbers = kernel_numbers(hive)
             numbers.claim("tc-priority", TC_PRIORITY, "bpf", "policy programs on pod veths' clsact hooks")
@@ -186,7 +189,11 @@ class BpfDatapath:
             self.dp.poll_flows(200)
 
     def _publish(self, ev: dict[str, Any]) -> None:
-        self.ring.record(self._enrich(ev))
+        self._record(self._enrich(ev))
+
+    def _record(self, flow: Flow) -> None:
+        self.flow_metrics.observe(flow)
+        self.ring.record(flow)
 
     def _peer(self, ip: str, port: int, identity: int | None = None) -> Peer:
         """What the mesh knows of `ip`: its identity, labels, namespace, pod and cluster."""

@@ -194,3 +194,23 @@ def test_ring_keeps_time_order_when_a_flow_comes_late() -> None:
     for t in (10, 30, 20, 40, 5):
         ring.record(flow(time_ns=t))
     assert [f.time_ns for f in ring.flows] == [20, 30, 40]  # 5 was older than all kept
+
+
+def test_flow_metrics_bounded_namespaces() -> None:
+    from bpf import metrics
+
+    ring = FlowRing()
+    m = metrics.FlowMetrics(ring)
+    m.observe(flow())
+    m.observe(flow(verdict="FORWARDED", drop_reason=""))
+    for i in range(metrics.MAX_NAMESPACES + 10):
+        m.observe(flow(source=Peer("10.0.0.1", namespace=f"ns{i}"), destination=Peer("10.0.0.2")))
+    fams = {f.name: f for f in m.collect()}
+    processed = {tuple(s.labels.values()): s.value for s in fams["plexus_flows_processed"].samples}
+    assert processed[("policy-verdict", "DROPPED", "TCP", "INGRESS")] == metrics.MAX_NAMESPACES + 11
+    assert processed[("policy-verdict", "FORWARDED", "TCP", "INGRESS")] == 1
+    by_ns = fams["plexus_flows_dropped_by_namespace"].samples
+    assert len({s.labels["source_namespace"] for s in by_ns}) == metrics.MAX_NAMESPACES + 1  # the rest: other
+    # "default" took a place first: 11 of the 42 went over
+    assert sum(s.value for s in by_ns if s.labels["source_namespace"] == "other") == 11
+    assert {s.labels["reason"] for s in fams["plexus_flows_dropped"].samples} == {"POLICY_DENIED"}
