@@ -4,37 +4,23 @@ what `plexus observe` is served (Hubble's JSON, filters, --follow) and lost even
 from __future__ import annotations
 
 import asyncio
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bpf import attach
-from bpf.config import BpfConfig
 from bpf.flows import Flow, FlowFilter
 from bpf.module import BpfDatapath
-from bpf.policy import ALLOW, DENY, INGRESS
-from clustermesh.models import Identity, IPIdentity
-from plexus.cni import ops as cni
-from plexus.cni.ops import in_netns
 from plexus.core.api import ApiError
-from plexus.core.node import LocalNode
-from tests.bpf_fixture import bpf_module
-from tests.support import echo, echo_server, eventually, netns, sh, unique
+from tests.flows_fixture import CLIENT, CLIENT_ID, WEB, WEB_ID, flow_node
+from tests.support import echo, echo_server, eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")  # bcc
-CLIENT_ID, WEB_ID = 131300, 65600
-CLIENT, WEB = "10.9.1.2", "10.9.1.3"
-TCP, UDP = 6, 17
 
 FLOOD = r"""
 import socket, sys
@@ -50,57 +36,8 @@ async def drain(stream: AsyncIterator[Any]) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[tuple[BpfDatapath, dict[str, str]]]:
-    with ExitStack() as stack:
-        bpffs = Path(tempfile.mkdtemp(prefix="plexus-flowfs-"))
-        sh("mount", "-t", "bpf", "plexus-flowtest", str(bpffs))
-        stack.callback(bpffs.rmdir)
-        stack.callback(sh, "umount", str(bpffs), check=False)
-        module, tables = bpf_module(tmp_path, LocalNode("east", 1, "n1", "172.31.1.11", "10.9.1.0/24"),
-                                    BpfConfig(enabled=True, pin_dir=bpffs / secrets.token_hex(3),
-                                              flow_ring=64, flow_buffer_pages=1))
-        tables["identities"].upsert(Identity(CLIENT_ID, ("k8s:app=client",
-                                                         "k8s:io.cilium.k8s.policy.cluster=west",
-                                                         "k8s:io.kubernetes.pod.namespace=shop"), "west"))
-        tables["identities"].upsert(Identity(WEB_ID, ("k8s:app=web", "k8s:io.cilium.k8s.policy.cluster=east",
-                                                      "k8s:io.kubernetes.pod.namespace=shop"), "east"))
-        tables["ipcache"].upsert(IPIdentity(CLIENT, CLIENT_ID, namespace="shop", pod_name="client",
-                                            cluster="west"))
-        tables["ipcache"].upsert(IPIdentity(WEB, WEB_ID, namespace="shop", pod_name="web", cluster="east"))
-        await module.start()
-        assert module.dp is not None, module.hive.health
-        dp = module.dp
-        node_ns = stack.enter_context(netns("plx-tf"))
-        pods, host_ifs = {}, {}
-
-        def wire(pod_ns: str, ip: str) -> int | None:  # pyroute2's sync calls, off the loop
-            host_if = unique("plxf")
-            with in_netns(f"/var/run/netns/{node_ns}"):
-                cni.add(f"/var/run/netns/{pod_ns}", "eth0", host_if, ip, 1500)
-                attach.attach(host_if, (dp.from_pod.fd, dp.from_pod.name), (dp.to_pod.fd, dp.to_pod.name))
-                return attach.ifindex(host_if)
-
-        for name, ip in (("client", CLIENT), ("web", WEB)):
-            pod_ns = stack.enter_context(netns("plx-tf"))
-            idx = await asyncio.to_thread(wire, pod_ns, ip)
-            assert idx is not None
-            pods[name], host_ifs[name] = pod_ns, idx
-        web_if = host_ifs["web"]
-        dp.policy_set(web_if, CLIENT_ID, 8080, TCP, INGRESS, ALLOW)
-        dp.policy_set(web_if, CLIENT_ID, 9090, TCP, INGRESS, DENY)
-        dp.enforce_set(web_if, INGRESS)
-        await eventually(lambda: f"{CLIENT}/32" in dp.ipcache_items(), 10, what="ipcache in the map")
-        try:
-            yield module, pods
-        finally:
-            module._polling.clear()
-            await eventually(lambda: not any(t.name == "bpf-flows" for t in threading.enumerate()), 5)
-            await module.stop()
-            await module.hive.stop_module("bpf")
-            for name in ("flows", "flows6", "lb4_flows"):
-                table = dp.bpf[name]
-                for cpu in list(table._open_key_fds):
-                    del table[cpu]
-            shutil.rmtree(bpffs / module.config.pin_dir.name, ignore_errors=True)
+    async with flow_node(tmp_path, ring=64, pages=1) as (module, pods, _ifs):
+        yield module, pods
 
 
 async def test_flows_are_recorded_filtered_and_written_as_hubble_does(

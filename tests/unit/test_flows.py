@@ -214,3 +214,15 @@ def test_flow_metrics_bounded_namespaces() -> None:
     # "default" took a place first: 11 of the 42 went over
     assert sum(s.value for s in by_ns if s.labels["source_namespace"] == "other") == 11
     assert {s.labels["reason"] for s in fams["plexus_flows_dropped"].samples} == {"POLICY_DENIED"}
+
+
+def test_the_web_page_knows_the_same_filters_as_the_cli() -> None:
+    import re
+    from pathlib import Path
+
+    from bpf.flows import FIELDS
+
+    js = (Path(__file__).resolve().parents[2] / "plexus" / "relay" / "web" / "app.js").read_text()
+    listed = re.search(r"const FIELDS = \[(.*?)\];", js, re.S)
+    assert listed is not None
+    assert tuple(re.findall(r'"([a-z-]+)"', listed[1])) == FIELDS
