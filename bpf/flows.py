@@ -23,7 +23,7 @@ import json
 import re
 import time
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # ---- the flow ------------------------------------------------------------------------------
@@ -82,10 +82,19 @@ class Flow:
     tcp_flags: int = 0
     is_reply: bool | None = False  # verdicts are taken on a connection's first packet
     service: str = ""              # "namespace/name" of the service the destination was reached by
+    # its JSON once made (or as read): a flow sent to many readers, or passed on by the relay,
+    # is written once
+    _json: dict[str, Any] | None = field(default=None, init=False, compare=False, repr=False)
 
     # ---- Hubble's JSON ----
     def to_json(self) -> dict[str, Any]:
         """Hubble's GetFlowsResponse for this flow (protojson, proto names, zero values left out)."""
+        if self._json is None:
+            object.__setattr__(self, "_json", self._make_json())
+        assert self._json is not None
+        return self._json
+
+    def _make_json(self) -> dict[str, Any]:
         stamp = rfc3339(self.time_ns)
         ipv6 = ":" in self.source.ip
         f: dict[str, Any] = {"time": stamp, "verdict": self.verdict}
@@ -149,7 +158,7 @@ class Flow:
         body: dict[str, Any] = l4.get(protocol) or {}
         event = f.get("event_type") or {}
         svc = f.get("destination_service")
-        return cls(
+        flow = cls(
             time_ns=parse_time(f["time"]), node=f.get("node_name", doc.get("node_name", "")),
             kind="translation" if event.get("type") == _EVENT_TYPE["trace"] else "policy-verdict",
             verdict=f["verdict"], direction=f.get("traffic_direction", ""),
@@ -161,6 +170,8 @@ class Flow:
             tcp_flags=sum(bit for name, bit in TCP_FLAG_BITS if (body.get("flags") or {}).get(name)),
             is_reply=f.get("is_reply"),
             service=(f"{svc.get('namespace', '')}/{svc['name']}" if svc else ""))
+        object.__setattr__(flow, "_json", doc)
+        return flow
 
     def compact(self) -> str:
         """One line, the way `hubble observe` prints one by default."""

@@ -94,18 +94,20 @@ def in_pod(ns: str, *argv: str, timeout: float = 60) -> str:
 
 async def follow_all(module: BpfDatapath, stop: asyncio.Event) -> int:
     """A reader of every flow, as the relay is; returns how many it read."""
-    n = 0
-    stream = module.ring.observe(FlowFilter(), last=0, follow=True)
+    read = [0]
+
+    async def consume() -> None:
+        async for _doc in module.ring.observe(FlowFilter(), last=0, follow=True):
+            read[0] += 1
+
+    task = asyncio.ensure_future(consume())
+    await stop.wait()
+    task.cancel()
     try:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(anext(stream), 0.2)
-                n += 1
-            except TimeoutError:
-                continue
-    finally:
-        await stream.aclose()
-    return n
+        await task
+    except asyncio.CancelledError:
+        pass
+    return read[0]
 
 
 async def rate_round(module: BpfDatapath, pods: dict[str, str], rate: int, seconds: float) -> dict[str, Any]:

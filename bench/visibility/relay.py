@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,22 @@ try:
     s.connect((sys.argv[1], 9090))
 except OSError:
     pass
+"""
+
+SYNS = r"""
+import collections, socket, sys, time
+ip, count, interval, offset = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+open_ = collections.deque()
+start = time.monotonic() + offset
+for i in range(count):
+    time.sleep(max(0.0, start + i * interval - time.monotonic()))
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((ip, 9090))  # one SYN; closed before the kernel would send it again
+    open_.append((time.monotonic(), s))
+    while open_ and time.monotonic() - open_[0][0] > 0.3:
+        open_.popleft()[1].close()
+time.sleep(0.3)
 """
 
 OBSERVE_ROWS = """
@@ -138,15 +155,15 @@ def run(lab: Lab, args: argparse.Namespace) -> None:
         time.sleep(1)
         rates.append(status()["flowsPerSecond"])
     sent = sum(int(s.communicate()[0]) for s in senders)
-    wait_until(lambda: status()["flows"] - before["flows"] >= sent, 20, interval=0.5)
+    wait_until(lambda: status()["flows"] - before["flows"] >= sent, 60, interval=0.2)
     elapsed = time.monotonic() - t0
     after = status()
     received = after["flows"] - before["flows"]
     lost = sum(n["lost"] for n in after["nodes"]) - lost_before
     print(f"merge: 4 nodes x {args.rate}/s for {args.seconds}s: {sent} packets sent, {received} flows "
-          f"merged ({received / args.seconds:.0f}/s over the sending time, peak relay rate "
-          f"{max(rates, default=0):.0f}/s), {lost} lost at nodes, {after['late']} came late")
-    del elapsed
+          f"merged in {elapsed:.1f}s ({received / elapsed:.0f} flows/s until the relay had them all; "
+          f"its own peak reading {max(rates, default=0):.0f}/s), {lost} lost at nodes, "
+          f"{after['late'] - before['late']} passed on after newer ones")
 
     # ---- delay to the browser --------------------------------------------------------------
     with browser("plx-east-cp") as driver:
@@ -156,18 +173,36 @@ def run(lab: Lab, args: argparse.Namespace) -> None:
         driver.find_element("id", "apply").click()
         time.sleep(1.5)  # the page's history of earlier drops arrives first: not measured
         driver.execute_script(OBSERVE_ROWS)
-        start = time.monotonic()
-        for i in range(args.syns):
-            ns, ip = pairs[i % len(pairs)]
-            subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SYN, ip])
-            due = start + (i + 1) / 20
-            time.sleep(max(0.0, due - time.monotonic()))
-        wait_until(lambda: len(driver.execute_script("return window.delays")) >= args.syns, 30,
+        # the same flows through the CLI's stream, each line stamped when it is read
+        cli = subprocess.Popen([sys.executable, "-m", "plexus", "observe", "--lab", "east", "-f", "--last",
+                                "0", "--verdict", "DROPPED", "--protocol", "tcp", "--to-label",
+                                "app=btarget", "-o", "json"], stdout=subprocess.PIPE, text=True)
+        cli_delays: list[float] = []
+
+        def read_cli() -> None:
+            assert cli.stdout is not None
+            for line in cli.stdout:
+                cli_delays.append(time.time() - parse_time(json.loads(line)["flow"]["time"]) / 1e9)
+
+        reader = threading.Thread(target=read_cli, daemon=True)
+        reader.start()
+        time.sleep(0.5)
+        per_pod = args.syns // len(pairs)
+        syns = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SYNS, ip, str(per_pod),
+                                  str(len(pairs) / 20), str(i / 20)]) for i, (ns, ip) in enumerate(pairs)]
+        for s in syns:
+            s.wait(120)
+        total = per_pod * len(pairs)
+        wait_until(lambda: len(driver.execute_script("return window.delays")) >= total, 30,
                    interval=0.2, what="every SYN's row")
+        wait_until(lambda: len(cli_delays) >= total, 10, interval=0.2, what="every SYN's line")
         got = driver.execute_script("return window.delays")
+        cli.terminate()
+        cli.wait(10)
     delays = [at / 1000 - parse_time(t) / 1e9 for at, t in got]
-    print(f"delay packet -> browser over {len(delays)} drops: p50 {percentile(delays, 50) * 1000:.0f} ms, "
-          f"p99 {percentile(delays, 99) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms")
+    for what, ds in (("browser (page row)", delays), ("CLI stream (plexus observe -f)", cli_delays)):
+        print(f"delay packet -> {what} over {len(ds)} drops at 20/s: p50 {percentile(ds, 50) * 1000:.0f} ms, "
+              f"p99 {percentile(ds, 99) * 1000:.0f} ms, max {max(ds) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

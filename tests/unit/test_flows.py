@@ -226,3 +226,12 @@ def test_the_web_page_knows_the_same_filters_as_the_cli() -> None:
     listed = re.search(r"const FIELDS = \[(.*?)\];", js, re.S)
     assert listed is not None
     assert tuple(re.findall(r'"([a-z-]+)"', listed[1])) == FIELDS
+
+
+def test_a_changed_copy_is_written_anew() -> None:
+    import dataclasses
+
+    f = flow()
+    assert f.to_json()["flow"]["verdict"] == "DROPPED"  # now cached
+    g = dataclasses.replace(f, verdict="FORWARDED", drop_reason="")
+    assert g.to_json()["flow"]["verdict"] == "FORWARDED" and "drop_reason_desc" not in g.to_json()["flow"]

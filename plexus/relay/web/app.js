@@ -227,6 +227,12 @@ function draw() {
     const r = Math.floor(i / cols);
     rowHeights[r] = Math.max(rowHeights[r] || 0, h);
   });
+  const defs = el("defs", {}, svg);
+  for (const v of ["FORWARDED", "DROPPED", "TRANSLATED"]) {
+    const m = el("marker", {id: `arrow-${v}`, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7,
+                            markerHeight: 7, orient: "auto-start-reverse"}, defs);
+    el("path", {d: "M0,0 L10,5 L0,10 z", class: `arrowhead ${v}`}, m);
+  }
   const layer = el("g", {}, svg);
   const edgeLayer = el("g", {}, svg);
   ordered.forEach((g, i) => {
@@ -249,7 +255,7 @@ function draw() {
   const totalW = 20 + cols * W + (cols - 1) * COL_GAP;
   const totalH = 20 + rowHeights.reduce((a, b) => a + b + ROW_GAP, 0);
   svg.setAttribute("viewBox", `0 0 ${Math.max(totalW, 400)} ${Math.max(totalH, 200)}`);
-  const offset = {FORWARDED: -5, DROPPED: 5, TRANSLATED: 0};
+  const offset = {FORWARDED: -6, DROPPED: 6, TRANSLATED: 0};
   for (const e of state.edges.values()) {
     const a = pos.get(e.src), b = pos.get(e.dst);
     if (!a || !b) continue;
@@ -262,11 +268,14 @@ function draw() {
     const c2 = a.x === b.x ? x2 + bend : x2 - (forward ? bend : -bend);
     const path = el("path", {d: `M${x1},${y1} C${c1},${y1} ${c2},${y2} ${x2},${y2}`,
                              class: `edge ${e.verdict}`, "data-verdict": e.verdict,
-                             "data-src": e.src, "data-dst": e.dst}, edgeLayer);
+                             "data-src": e.src, "data-dst": e.dst, "marker-end": `url(#arrow-${e.verdict})`},
+                        edgeLayer);
     el("title", {}, path).textContent = `${e.count} ${e.verdict.toLowerCase()}; click to filter`;
     path.addEventListener("click", () => filterEdge(e));
-    const mx = (x1 + x2) / 2 + (a.x === b.x ? bend * 0.75 : 0), my = (y1 + y2) / 2 + dy;
-    el("text", {x: mx, y: my - 3, class: `count ${e.verdict}`, "text-anchor": "middle"}, edgeLayer)
+    // the count near where the edge leaves its source, one line per verdict
+    const lx = a.x === b.x ? x1 + 14 : x1 + (forward ? 16 : -16);
+    const ly = y1 + {FORWARDED: -8, DROPPED: 16, TRANSLATED: 4}[e.verdict];
+    el("text", {x: lx, y: ly, class: `count ${e.verdict}`, "text-anchor": forward ? "start" : "end"}, edgeLayer)
       .textContent = String(e.count);
   }
 }
