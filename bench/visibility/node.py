@@ -55,11 +55,13 @@ print(sent)
 """
 
 CONNECTS = r"""
-import socket, sys, time
+import socket, struct, sys, time
 ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+linger = struct.pack("ii", 1, 0)  # closed with a reset: no TIME_WAIT to run out of ports
 n, end = 0, time.monotonic() + seconds
 while time.monotonic() < end:
     c = socket.create_connection((ip, port), timeout=2)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
     c.close()
     n += 1
 print(n / seconds)
