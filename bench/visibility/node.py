@@ -141,9 +141,10 @@ def iperf(pods: dict[str, str], seconds: float) -> float:
         for _ in range(50):
             r = subprocess.run(["ip", "netns", "exec", pods["client"], "iperf3", "-c", WEB, "-t",
                                 str(seconds), "-J"], capture_output=True, text=True)
-            if r.returncode == 0:
-                return float(json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
-            time.sleep(0.1)
+            doc = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+            if r.returncode == 0 and "sum_received" in doc.get("end", {}):
+                return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
+            time.sleep(0.2)  # the server not listening yet, or still busy with the last test
         raise RuntimeError(f"iperf3 failed: {r.stdout[-300:]} {r.stderr[-300:]}")
     finally:
         stop_pid(srv)
