@@ -166,6 +166,20 @@ def run(lab: Lab, args: argparse.Namespace) -> None:
           f"{after['late'] - before['late']} passed on after newer ones")
 
     # ---- delay to the browser --------------------------------------------------------------
+    # the same flows through the CLI's stream, each line stamped when it is read; started
+    # first, so it follows before the first SYN
+    cli = subprocess.Popen([sys.executable, "-m", "plexus", "observe", "--lab", "east", "-f", "--last",
+                            "0", "--verdict", "DROPPED", "--protocol", "tcp", "--to-label",
+                            "app=btarget", "-o", "json"], stdout=subprocess.PIPE, text=True)
+    cli_delays: list[float] = []
+
+    def read_cli() -> None:
+        assert cli.stdout is not None
+        for line in cli.stdout:
+            cli_delays.append(time.time() - parse_time(json.loads(line)["flow"]["time"]) / 1e9)
+
+    reader = threading.Thread(target=read_cli, daemon=True)
+    reader.start()
     with browser("plx-east-cp") as driver:
         driver.get(RELAY_URL)
         box = driver.find_element("id", "filter")
@@ -173,20 +187,6 @@ def run(lab: Lab, args: argparse.Namespace) -> None:
         driver.find_element("id", "apply").click()
         time.sleep(1.5)  # the page's history of earlier drops arrives first: not measured
         driver.execute_script(OBSERVE_ROWS)
-        # the same flows through the CLI's stream, each line stamped when it is read
-        cli = subprocess.Popen([sys.executable, "-m", "plexus", "observe", "--lab", "east", "-f", "--last",
-                                "0", "--verdict", "DROPPED", "--protocol", "tcp", "--to-label",
-                                "app=btarget", "-o", "json"], stdout=subprocess.PIPE, text=True)
-        cli_delays: list[float] = []
-
-        def read_cli() -> None:
-            assert cli.stdout is not None
-            for line in cli.stdout:
-                cli_delays.append(time.time() - parse_time(json.loads(line)["flow"]["time"]) / 1e9)
-
-        reader = threading.Thread(target=read_cli, daemon=True)
-        reader.start()
-        time.sleep(0.5)
         per_pod = args.syns // len(pairs)
         syns = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SYNS, ip, str(per_pod),
                                   str(len(pairs) / 20), str(i / 20)]) for i, (ns, ip) in enumerate(pairs)]
