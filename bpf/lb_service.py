@@ -12,10 +12,12 @@ Translations come back through a perf buffer as TRANSLATED flows for `plexus obs
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from bpf.flows import Flow
 from bpf.lb import (
     PROTOCOL_NAMES,
     VERDICT_TRANSLATED,
@@ -45,8 +47,8 @@ class ServiceLoadBalancer:
     hands a flow to `plexus observe`.
     """
 
-    def __init__(self, hive: Hive, enrich: Callable[[dict[str, Any]], dict[str, Any]],
-                 publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, hive: Hive, enrich: Callable[[dict[str, Any]], Flow],
+                 publish: Callable[[Flow], None]) -> None:
         self.hive = hive
         self.enrich = enrich
         self.publish = publish
@@ -62,7 +64,7 @@ class ServiceLoadBalancer:
         self.reconcilers: list[Reconciler[Any, Any]] = []
         hive.routes.get("/v1/bpf/lb", self._api)
 
-    def start(self, bpf: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, bpf: Any, loop: asyncio.AbstractEventLoop, lost: Callable[[int], None]) -> None:
         """Adopt the pinned backend ids, start the reconcilers, open the flow buffer (before
         the module's poll thread starts)."""
         self.maps = maps = LbMaps(bpf)
@@ -77,13 +79,13 @@ class ServiceLoadBalancer:
 
         def on_event(_cpu: int, data: Any, _size: int) -> None:
             e = maps.flows.event(data)
-            ev = {"ifindex": e.ifindex, "client": u32_ip(e.client), "vip": u32_ip(e.vip),
+            ev = {"ts": e.ts, "ifindex": e.ifindex, "client": u32_ip(e.client), "vip": u32_ip(e.vip),
                   "backend": u32_ip(e.backend), "backend_id": e.backend_id,
                   "cport": socket.ntohs(e.cport), "vport": socket.ntohs(e.vport),
                   "bport": socket.ntohs(e.bport), "proto": e.proto, "verdict": e.verdict}
             loop.call_soon_threadsafe(self._publish, ev)
 
-        maps.flows.open_perf_buffer(on_event, page_cnt=16)
+        maps.flows.open_perf_buffer(on_event, page_cnt=16, lost_cb=lost)
 
     async def _follow(self) -> None:
         await self.services.initialized.wait()
@@ -112,24 +114,15 @@ class ServiceLoadBalancer:
         translated = ev["verdict"] == VERDICT_TRANSLATED
         peer = ev["backend"] if translated else ev["vip"]
         known = self.ipcache.get(f"{peer}/32")
-        flow = self.enrich({"ifindex": ev["ifindex"], "src": ev["client"], "dst": peer,
+        flow = self.enrich({"ts": ev["ts"], "ifindex": ev["ifindex"], "src": ev["client"], "dst": peer,
                             "identity": known.identity if known else ID_WORLD, "sport": ev["cport"],
                             "dport": ev["bport"] if translated else ev["vport"],
-                            "proto": ev["proto"], "direction": 0, "verdict": 0})
+                            "proto": ev["proto"], "direction": 0, "verdict": 1})
         front = self.frontends.get((ev["vip"], ev["vport"], ev["proto"]))
-        backend = self.backends.get(ev["backend_id"]) if translated else None
-        flow["verdict"] = "TRANSLATED" if translated else "DROPPED"
-        if not translated:
-            flow["drop_reason"] = "no service backend"
-        flow["service"] = {
-            "name": front.service if front else "",
-            "frontend": {"ip": ev["vip"], "port": ev["vport"]},
-            "backend": ({"ip": ev["backend"], "port": ev["bport"],
-                         "cluster": backend.cluster if backend else "",
-                         "pod": f"{known.namespace}/{known.pod_name}" if known and known.pod_name else ""}
-                        if translated else None),
-        }
-        self.publish(flow)
+        self.publish(dataclasses.replace(
+            flow, kind="translation", verdict="TRANSLATED" if translated else "DROPPED",
+            drop_reason="" if translated else "SERVICE_BACKEND_NOT_FOUND",
+            service=front.service if front else ""))
 
     # ---- API ------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

@@ -263,30 +263,32 @@ class Datapath:
                  k.sport, k.dport, k.proto, v.seen, v.flags) for k, v in self.bpf["conntrack6"].items()]
         return out
 
-    def open_flows(self, callback: Any) -> None:
-        """Call `callback(event)` for every verdict the datapath reports (poll to deliver)."""
+    def open_flows(self, callback: Any, lost: Any = None, pages: int = 64) -> None:
+        """Call `callback(event)` for every verdict the datapath reports, and `lost(count)`
+        when the kernel's buffer overran (poll to deliver). `ts` is CLOCK_MONOTONIC ns."""
         table = self.bpf["flows"]
 
         def on_event(_cpu: int, data: Any, _size: int) -> None:
             e = table.event(data)
-            callback({"ifindex": e.ifindex, "src": u32_ip(e.saddr), "dst": u32_ip(e.daddr),
+            callback({"ts": e.ts, "ifindex": e.ifindex, "src": u32_ip(e.saddr), "dst": u32_ip(e.daddr),
                       "identity": e.identity, "sport": e.sport, "dport": e.dport,
-                      "proto": e.proto, "direction": e.direction, "verdict": e.verdict})
+                      "proto": e.proto, "direction": e.direction, "verdict": e.verdict,
+                      "tcp_flags": e.tcp_flags})
 
-        table.open_perf_buffer(on_event, page_cnt=64)
-        self._open_flows6(callback)
+        table.open_perf_buffer(on_event, page_cnt=pages, lost_cb=lost)
+        self._open_flows6(callback, lost)
 
-    def _open_flows6(self, callback: Any) -> None:
+    def _open_flows6(self, callback: Any, lost: Any) -> None:
         table = self.bpf["flows6"]
 
         def on_event(_cpu: int, data: Any, _size: int) -> None:
             e = table.event(data)
-            callback({"ifindex": e.ifindex, "src": bytes_ip6(bytes(e.saddr)),
+            callback({"ts": e.ts, "ifindex": e.ifindex, "src": bytes_ip6(bytes(e.saddr)),
                       "dst": bytes_ip6(bytes(e.daddr)), "identity": e.identity, "sport": e.sport,
                       "dport": e.dport, "proto": e.proto, "direction": e.direction,
-                      "verdict": e.verdict})
+                      "verdict": e.verdict, "tcp_flags": 0})
 
-        table.open_perf_buffer(on_event, page_cnt=16)
+        table.open_perf_buffer(on_event, page_cnt=16, lost_cb=lost)
 
     def poll_flows(self, timeout_ms: int) -> None:
         self.bpf.perf_buffer_poll(timeout=timeout_ms)

@@ -13,12 +13,10 @@ appears or vanishes in any cluster changes only the entries of the rules it ente
 from __future__ import annotations
 
 import asyncio
-import collections
-import datetime
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -26,9 +24,11 @@ from prometheus_client.registry import Collector
 
 from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
+from bpf.flows import PROTOCOLS, FilterError, Flow, FlowFilter, FlowRing, Peer, parse_since, peer_labels
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
+from bpf.metrics import FlowMetrics
 from bpf.models import MANIFEST_KINDS, PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
@@ -40,13 +40,14 @@ from clustermesh.models import (
     identity_labels,
 )
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
-from plexus.core.api import ApiError
+from plexus.core.api import ApiError, Routes, TcpServer
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache, ManifestKey
 from plexus.core.module import Hive, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE, Endpoint
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
+from plexus.core.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +105,16 @@ class BpfDatapath:
         hive.routes.get("/v1/bpf/policies", self._policies_api)
         hive.routes.get("/v1/bpf/ct", self._ct_api)
         hive.routes.stream("/v1/observe", self._observe)
-        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
-        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.flows_lost = 0
+        hive.routes.get("/v1/flows/status", self._flows_status)
+        self.ring = FlowRing(config.flow_ring, node=f"{self.local.cluster}/{self.local.name}")
         self._polling = threading.Event()
+        self.flows_server: TcpServer | None = None
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC: this turns it into Unix time
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         hive.metrics.registry.register(_Counters(self))
-        self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self._emit)
+        self.flow_metrics = FlowMetrics(self.ring)
+        hive.metrics.registry.register(self.flow_metrics)
+        self.lb = ServiceLoadBalancer(hive, enrich=self._enrich, publish=self._record)
         if config.enabled:
             numbers = kernel_numbers(hive)
             numbers.claim("tc-priority", TC_PRIORITY, "bpf", "policy programs on pod veths' clsact hooks")
@@ -133,10 +138,15 @@ class BpfDatapath:
         ]
         self.ifindexes = ifx
         loop = asyncio.get_running_loop()
-        self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev))
-        self.lb.start(self.dp.bpf, loop)  # its reconcilers, and its flows polled with ours
-        self._polling.set()
-        threading.Thread(target=self._poll, name="bpf-flows", daemon=True).start()
+        def lost(count: int) -> None:
+            loop.call_soon_threadsafe(self.ring.lost, count)
+
+        self.dp.open_flows(lambda ev: loop.call_soon_threadsafe(self._publish, ev), lost,
+                           self.config.flow_buffer_pages)
+        # its reconcilers, and its flows polled with ours
+        self.lb.start(self.dp.bpf, loop, lost)
+        self.start_polling()
+        await self._serve_flows()
         for table in (self.endpoints, self.ipcache_src, self.identities, self.manifests, self.nodes):
             self.hive.spawn("bpf", self._follow(table), f"follow-{table.name}")
         self.hive.spawn("bpf", self._derive(), "derive")
@@ -145,73 +155,104 @@ class BpfDatapath:
     async def stop(self) -> None:
         # programs stay attached and maps pinned: traffic keeps its policy
         self._polling.clear()
+        if self.flows_server is not None:
+            await self.flows_server.stop()
+
+    async def _serve_flows(self) -> None:
+        """The relay's view of this node: the same observe stream, over mutual TLS."""
+        cfg = self.config.flows_server
+        if cfg is None:
+            return
+        routes = Routes()
+        routes.stream("/v1/observe", self._observe)
+        routes.get("/v1/flows/status", self._flows_status)
+        tls = server_context(cfg.ca_file, cfg.cert_file, cfg.key_file)
+        self.flows_server = TcpServer(routes, cfg.address, cfg.port, tls, tuple(cfg.client_names))
+        try:
+            await self.flows_server.start()
+        except OSError as e:
+            self.hive.health["bpf"] = f"flows not served on {cfg.address}:{cfg.port}: {e.strerror or e}"
+            log.error("%s", self.hive.health["bpf"])
+            return
+        log.info("flows served to %s on %s:%d (mutual TLS)", ",".join(cfg.client_names), cfg.address,
+                 self.flows_server.port)
 
     # ---- flows ----------------------------------------------------------------------
+    def start_polling(self) -> None:
+        """Read the kernel's flow buffers on a thread of their own (until `_polling` clears)."""
+        self._polling.set()
+        threading.Thread(target=self._poll, name="bpf-flows", daemon=True).start()
+
     def _poll(self) -> None:
         assert self.dp is not None
         while self._polling.is_set():
             self.dp.poll_flows(200)
 
     def _publish(self, ev: dict[str, Any]) -> None:
-        self._emit(self._enrich(ev))
+        self._record(self._enrich(ev))
 
-    def _emit(self, flow: dict[str, Any]) -> None:
-        self.recent.append(flow)
-        for q in list(self.subscribers):
-            if q.full():
-                self.flows_lost += 1
-            else:
-                q.put_nowait(flow)
+    def _record(self, flow: Flow) -> None:
+        self.flow_metrics.observe(flow)
+        self.ring.record(flow)
 
-    def _enrich(self, ev: dict[str, Any]) -> dict[str, Any]:
+    def _peer(self, ip: str, port: int, identity: int | None = None) -> Peer:
+        """What the mesh knows of `ip`: its identity, labels, namespace, pod and cluster."""
+        known = self.ipcache_src.get(f"{ip}/{128 if ':' in ip else 32}")
+        ident_id = identity if identity is not None else (known.identity if known else 0)
+        ident = self.identities.get(ident_id)
+        if ident is not None:
+            labels = ident.labels
+        else:
+            labels = (RESERVED_IDENTITIES.get(ident_id, f"cidr-or-unknown:{ident_id}"),) if ident_id else ()
+        ns, cluster = peer_labels(labels)
+        if known is not None:
+            ns = known.namespace or ns
+            cluster = cluster or known.cluster
+        if ident is not None and not cluster:
+            cluster = ident.cluster
+        return Peer(ip=ip, port=port, identity=ident_id, labels=tuple(labels), namespace=ns,
+                    pod=known.pod_name if known else "", cluster=cluster)
+
+    def _enrich(self, ev: dict[str, Any]) -> Flow:
+        """A datapath event as a flow: the local pod (by the veth it came through) and the peer
+        (by the identity the datapath looked up) with all the mesh knows of them."""
         by_ifindex = {v: k for k, v in self.ifindexes.cache.items()}
         ep = next((e for e in self.endpoints if e.host_ifname == by_ifindex.get(ev["ifindex"])), None)
-        ident = self.identities.get(ev["identity"])
-        peer_labels = (list(ident.labels) if ident else
-                       [RESERVED_IDENTITIES.get(ev["identity"], f"cidr-or-unknown:{ev['identity']}")])
-        peer_cluster = ident.cluster if ident else ""
-        local = {"pod": f"{ep.namespace}/{ep.pod_name}" if ep else "?", "cluster": self.local.cluster,
-                 "labels": [f"k8s:{k}={v}" for k, v in sorted(ep.labels.items())] if ep else []}
-        peer = {"identity": ev["identity"], "cluster": peer_cluster, "labels": peer_labels}
         egress = ev["direction"] == 0
+        local_ip, peer_ip = (ev["src"], ev["dst"]) if egress else (ev["dst"], ev["src"])
+        local_port, peer_port = (ev["sport"], ev["dport"]) if egress else (ev["dport"], ev["sport"])
+        local = self._peer(local_ip, local_port)
+        if ep is not None:
+            local = Peer(ip=local_ip, port=local_port, identity=local.identity,
+                         labels=local.labels or tuple(f"k8s:{k}={v}" for k, v in sorted(ep.labels.items())),
+                         namespace=ep.namespace, pod=ep.pod_name, cluster=self.local.cluster)
+        peer = self._peer(peer_ip, peer_port, ev["identity"])
         src, dst = (local, peer) if egress else (peer, local)
-        return {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-            "node": f"{self.local.cluster}/{self.local.name}",
-            "verdict": "FORWARDED" if ev["verdict"] == 1 else "DROPPED",
-            "direction": "egress" if egress else "ingress",
-            "protocol": {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}.get(ev["proto"], str(ev["proto"])),
-            "source": {**src, "ip": ev["src"], "port": ev["sport"]},
-            "destination": {**dst, "ip": ev["dst"], "port": ev["dport"]},
-        }
+        dropped = ev["verdict"] != 1
+        ts = ev.get("ts")
+        return Flow(time_ns=ts + self._wall_offset_ns if ts else time.time_ns(),
+                    node=self.ring.node, kind="policy-verdict",
+                    verdict="DROPPED" if dropped else "FORWARDED",
+                    direction="EGRESS" if egress else "INGRESS",
+                    protocol=PROTOCOLS.get(ev["proto"], str(ev["proto"])), source=src, destination=dst,
+                    drop_reason="POLICY_DENIED" if dropped else "", tcp_flags=ev.get("tcp_flags", 0))
 
-    @staticmethod
-    def _matches(flow: dict[str, Any], q: dict[str, str]) -> bool:
-        if q.get("verdict") and flow["verdict"] != q["verdict"].upper():
-            return False
-        if q.get("from_cluster") and flow["source"]["cluster"] != q["from_cluster"]:
-            return False
-        if q.get("to_cluster") and flow["destination"]["cluster"] != q["to_cluster"]:
-            return False
-        # only the local side of a flow carries a pod name
-        pods = (flow["source"].get("pod"), flow["destination"].get("pod"))
-        return not (q.get("pod") and q["pod"] not in pods)
-
-    async def _observe(self, q: dict[str, str]) -> AsyncIterator[Any]:
-        last = int(q.get("last", "20"))
-        for flow in [f for f in self.recent if self._matches(f, q)][-last:] if last else []:
-            yield flow
-        if q.get("follow", "1") != "1":
-            return
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
-        self.subscribers.add(queue)
+    def _observe(self, q: dict[str, str]) -> AsyncGenerator[Any, None]:
+        """Hubble's GetFlows: `last` (default 20; with `since` or `all`, every one), `since`
+        (a duration or an RFC 3339 time), `follow` ("1"), `filters` (FlowFilter.to_query)."""
         try:
-            while True:
-                flow = await queue.get()
-                if self._matches(flow, q):
-                    yield flow
-        finally:
-            self.subscribers.discard(queue)
+            flt = FlowFilter.from_query(q.get("filters"))
+            since = parse_since(q["since"]) if q.get("since") else None
+            last_raw = q.get("last")
+            last = int(last_raw) if last_raw not in (None, "") else (None if since is not None else 20)
+        except (FilterError, ValueError) as e:
+            raise ApiError(400, str(e)) from None
+        if last is not None and last < 0:
+            raise ApiError(400, f"last: {last} is negative")
+        return self.ring.observe(flt, last, since, follow=q.get("follow") == "1")
+
+    async def _flows_status(self, _q: dict[str, str], _b: Any) -> Any:
+        return {"node": self.ring.node, **self.ring.status()}
 
     async def _open_gates(self) -> None:
         for t in (self.ipcache_src, self.identities, self.manifests, self.nodes):
@@ -362,7 +403,7 @@ class BpfDatapath:
         return {"enabled": True, "loaded": self.dp is not None, "pinDir": str(self.config.pin_dir),
                 "ipcache": len(self.ipcache), "policyEntries": len(self.entries),
                 "policies": len(self.policies), "rejected": len(self.rejected),
-                "lb": self.lb.status(),
+                "lb": self.lb.status(), "flows": self.ring.status(),
                 **(self.dp.counter_totals() if self.dp else {})}
 
 

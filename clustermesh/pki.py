@@ -135,6 +135,31 @@ def make_cluster_pki(cluster: str, out: Path, server_ips: list[str],
     return written
 
 
+RELAY_USER = "relay"  # the client certificate the relay shows every node's flow server
+
+
+def make_flows_pki(cluster: str, out: Path, nodes: dict[str, str]) -> list[Path]:
+    """Issue (once) from the cluster CA the relay's client certificate (`relay.crt`) and one
+    server certificate per node for its flow server (`flows-<node>.crt`, its address in the
+    SAN); `make_cluster_pki` made the CA. A node whose address changed gets a new one."""
+    ca_key, ca_cert = _load_ca(out, "ca")
+    written = []
+    wanted = [(RELAY_USER, RELAY_USER, ())] + [(f"flows-{name}", f"flows-{name}", (ip,))
+                                                for name, ip in sorted(nodes.items())]
+    for stem, cn, ips in wanted:
+        path = out / f"{stem}.crt"
+        current = x509.load_pem_x509_certificate(path.read_bytes()) if path.exists() else None
+        same = current is not None and current.issuer == ca_cert.subject and (
+            not ips or {str(i) for i in current.extensions.get_extension_for_class(
+                x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)} >= set(ips))
+        if not same:
+            key, cert = _issue(ca_key, ca_cert, cn, cluster, server_ips=ips, client=not ips)
+            _write_key(out / f"{stem}.key", key)
+            _write_cert(path, cert)
+        written.append(path)
+    return written
+
+
 def etcd_tls_args(pki: Path) -> list[str]:
     """etcd flags for TLS with client-certificate authentication."""
     return ["--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, bgp, bpf, clustermesh, encrypt, lab
+from plexus.commands import agent, apply, bgp, bpf, clustermesh, encrypt, lab, observe, relay
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -16,6 +16,8 @@ COMMAND_GROUPS = [
     apply,
     encrypt,
     bpf,
+    observe,
+    relay,
     bgp,
 ]
 

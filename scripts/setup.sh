@@ -11,6 +11,7 @@ DEBS=(
   python3-bpfcc bpftool clang llvm linux-headers-amd64 libelf1
   iproute2 iputils-ping nftables iptables ipset tcpdump iperf3 ethtool procps psmisc
   python3-venv python3-dev ca-certificates
+  chromium chromium-driver fonts-dejavu-core
 )
 
 missing=()

@@ -45,7 +45,7 @@ struct ct_key { u32 ifindex; u32 saddr; u32 daddr; u16 sport; u16 dport; u8 prot
 struct ct_value { u64 seen; u32 flags; u32 pad; };
 struct flow_event {
     u64 ts; u32 ifindex; u32 saddr; u32 daddr; u32 identity;
-    u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason;
+    u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason; u8 tcp_flags; u8 pad[7];
 };
 
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 262144, PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
@@ -317,7 +317,7 @@ static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 di
     struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = ifindex, .saddr = f->saddr,
                              .daddr = f->daddr, .identity = identity, .sport = f->sport,
                              .dport = f->dport, .proto = f->proto, .direction = dir,
-                             .verdict = action, .reason = REASON_NEW };
+                             .verdict = action, .reason = REASON_NEW, .tcp_flags = f->tcp_flags };
     flows.perf_submit(skb, &ev, sizeof(ev));
     return action == ACTION_ALLOW ? TC_ACT_OK : TC_ACT_SHOT;
 }

@@ -11,7 +11,6 @@ from plexus.commands.common import add_agent_args, add_output_arg, client, emit,
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    register_observe(sub)
     p = sub.add_parser("bpf", help="what the eBPF datapath holds")
     b = p.add_subparsers(dest="bpf_command", required=True, metavar="MAP")
     _map_command(b, "ipcache", "prefix -> identity", "list", _ipcache)
@@ -93,48 +92,4 @@ def _render_policy(p: dict[str, Any]) -> str:
 
 def _policy(args: argparse.Namespace) -> int:
     emit(args, client(args).get(f"/v1/bpf/policy/{args.endpoint}"), _render_policy)
-    return 0
-
-
-def register_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("observe", help="follow policy verdicts and service translations live, with "
-                       "identities and clusters")
-    p.add_argument("--verdict", choices=["FORWARDED", "DROPPED", "TRANSLATED"])
-    p.add_argument("--from-cluster")
-    p.add_argument("--to-cluster")
-    p.add_argument("--pod", help="namespace/name of a local pod")
-    p.add_argument("--last", type=int, default=20, help="recent flows first (default %(default)s)")
-    p.add_argument("--no-follow", action="store_true", help="print recent flows and stop")
-    add_agent_args(p)
-    add_output_arg(p)
-    p.set_defaults(func=_observe)
-
-
-def _line(f: dict[str, Any]) -> str:
-    s, d = f["source"], f["destination"]
-
-    def who(x: dict[str, Any]) -> str:
-        name = x.get("pod") or ",".join(x["labels"][:2])
-        return f"{x['ip']}:{x['port']} ({x['cluster'] or '-'} {name})"
-
-    svc = f.get("service")
-    via = f" via {svc['name'] or '?'} {svc['frontend']['ip']}:{svc['frontend']['port']}" if svc else ""
-    return (f"{f['time'][11:23]} {f['node']:<8} {who(s)} -> {who(d)} {f['protocol']} {f['verdict']}"
-            f"{via}")
-
-
-def _observe(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    stream = client(args).stream("/v1/observe", verdict=args.verdict, from_cluster=args.from_cluster,
-                                 to_cluster=args.to_cluster, pod=args.pod, last=args.last,
-                                 follow="0" if args.no_follow else "1")
-    try:
-        for flow in stream:
-            print(json.dumps(flow) if args.output == "json" else _line(flow), flush=True)
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        sys.stderr.close()
     return 0

@@ -25,6 +25,11 @@ def lab_apiserver_socket(cluster: str) -> Path:
     return LAB_DIR / "clusters" / cluster / "apiserver.sock"
 
 
+def lab_relay_socket(cluster: str) -> Path:
+    """The API socket of lab cluster `cluster`'s flow relay."""
+    return LAB_DIR / "clusters" / cluster / "relay.sock"
+
+
 def add_agent_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", default=os.environ.get("PLEXUS_API_SOCKET", "/run/plexus/agent.sock"),
                    help="the agent's API socket (default: %(default)s, or $PLEXUS_API_SOCKET)")

@@ -88,8 +88,19 @@ class Client:
         q = {k: v for k, v in query.items() if v is not None}
         conn = _UnixConnection(self.socket_path, timeout=None)
         try:
-            conn.request("GET", path + (f"?{urlencode(q)}" if q else ""))
-            resp = conn.getresponse()
+            try:
+                conn.request("GET", path + (f"?{urlencode(q)}" if q else ""))
+                resp = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise ClientError(
+                    0, f"agent is not running (no API at {self.socket_path}): {e.strerror}") from None
+            if resp.status >= 400:
+                data = resp.read()
+                try:
+                    msg = json.loads(data).get("error", data.decode(errors="replace"))
+                except (ValueError, AttributeError):
+                    msg = data.decode(errors="replace")
+                raise ClientError(resp.status, msg)
             for line in resp:
                 if line.strip():
                     yield json.loads(line)

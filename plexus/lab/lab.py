@@ -28,10 +28,11 @@ from clustermesh.pki import (
     etcd_tls_args,
     etcdctl_tls,
     make_cluster_pki,
+    make_flows_pki,
 )
 from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
-from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_socket
+from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_relay_socket, lab_socket
 from plexus.core.client import Client, ClientError
 from plexus.lab import ops
 from plexus.lab.ops import LabError
@@ -54,6 +55,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = Path("/sys/fs/bpf/plexus-lab")  # where older labs pinned; removed if found
 WG_DIR = Path("/var/run/wireguard")
 APISERVER_METRICS_PORT = 9963  # each control plane is its own namespace
+FLOWS_PORT = 4244  # every agent serves its flows to the relays there (mutual TLS)
+RELAY_PORT = 4245  # each relay's web page, on its control plane's loopback
 
 
 # Stop order, last tier first: agents go before the etcd they talk to.
@@ -176,6 +179,8 @@ class Lab:
         self._apply_bgp()
         ops.wait_for(self._bgp_routes_in, 90, "the router to learn every pod CIDR over BGP",
                      interval=0.3)
+        self.say("==> relays: every node's flows, one stream per cluster")
+        self._ensure_all(state, [self.relay_daemons(c) for c in self.topo.clusters])
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
 
     def _set_etcd_members(self, count: int) -> None:
@@ -250,6 +255,7 @@ class Lab:
         state = self._own_state()
         daemons = {d.name: d for group in [self.router_daemons(),
                                            *(self.control_plane(c) for c in self.topo.clusters),
+                                           *(self.relay_daemons(c) for c in self.topo.clusters),
                                            *(self.node_daemons(n) for n in self.topo.nodes())]
                    for d in group}
         unknown = [n for n in names if n not in daemons]
@@ -437,6 +443,7 @@ protocol kernel {{
                 (pki / "server.key").unlink(missing_ok=True)
         # other clusters reach the read-only endpoint, which answers on every member's address
         make_cluster_pki(c.name, pki, [*ips, "127.0.0.1"], advertise=ips)
+        make_flows_pki(c.name, pki, {n.name: n.host.ip for n in c.nodes})
 
     def etcd_data(self, c: Cluster, m: EtcdMember) -> Path:
         d = self.root / "clusters" / c.name
@@ -545,7 +552,8 @@ protocol kernel {{
 
     def _connect_clusters(self) -> None:
         clusters = self.topo.clusters
-        dirs = {c.name: [self.node_dir(n) / "clustermesh" for n in c.nodes] for c in clusters}
+        dirs = {c.name: [*(self.node_dir(n) / "clustermesh" for n in c.nodes),
+                         self.relay_dir(c) / "clustermesh"] for c in clusters}
         for i, a in enumerate(clusters):
             for b in clusters[i + 1:]:
                 connect(a.name, b.name, self.root / "pki", dirs)
@@ -561,6 +569,49 @@ protocol kernel {{
             if ready != want:
                 return False
         return True
+
+    # ---- relays ---------------------------------------------------------------------
+    def relay_dir(self, c: Cluster) -> Path:
+        return self.root / "clusters" / c.name / "relay"
+
+    def relay_socket(self, c: Cluster) -> Path:
+        return lab_relay_socket(c.name) if self.root == LAB_DIR else self.relay_dir(c) / "relay.sock"
+
+    def relay_config(self, c: Cluster) -> str:
+        """The relay next to `c`'s control plane: its etcd for the node table, the remote
+        clusters' files, and credentials every cluster's CA issued for its nodes."""
+        pki = self.pki(c.name)
+        (self.relay_dir(c) / "clustermesh").mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "cluster": {"name": c.name, "id": c.id},
+            "etcd": {"endpoints": c.etcd_urls, "trustedCaFile": str(pki / "ca.crt"),
+                     "certFile": str(pki / "admin.crt"), "keyFile": str(pki / "admin.key")},
+            "clustermeshDir": str(self.relay_dir(c) / "clustermesh"),
+            "apiSocket": str(self.relay_socket(c)),
+            "listen": {"address": "127.0.0.1", "port": RELAY_PORT},
+            "metrics": {"address": c.control_plane.ip, "port": 9964},
+            "relay": {"nodePort": FLOWS_PORT,
+                      "nodeTls": {k.name: {"caFile": str(self.pki(k.name) / "ca.crt"),
+                                           "certFile": str(self.pki(k.name) / "relay.crt"),
+                                           "keyFile": str(self.pki(k.name) / "relay.key")}
+                                  for k in self.topo.clusters}},
+        }
+        head = f"# Written by plexus lab for cluster {c.name}'s relay.\n"
+        return head + yaml.safe_dump(cfg, sort_keys=False)
+
+    def relay_daemons(self, c: Cluster) -> list[Daemon]:
+        conf = self.relay_dir(c) / "relay.yaml"
+        return [Daemon(f"relay-{c.name}", c.control_plane.netns, TIER_CONTROL_PLANE,
+                       [sys.executable, "-m", "plexus", "relay", "--config", str(conf)],
+                       lambda: self._relay_ready(c), files={conf: self.relay_config(c)},
+                       env={"PYTHONPATH": str(REPO_ROOT)})]
+
+    def _relay_ready(self, c: Cluster) -> bool:
+        try:
+            Client(self.relay_socket(c), timeout=2).get("/v1/relay/status")
+            return True
+        except ClientError:
+            return False
 
     # ---- agents ---------------------------------------------------------------------
     def agent_config(self, n: Node) -> str:
@@ -581,7 +632,10 @@ protocol kernel {{
                 "configDir": str(d / "clustermesh"),
             },
             "encryption": {"enabled": True, "device": n.wg_device, "strict": True},
-            "bpf": {"enabled": True, "pinDir": str(self.bpffs / n.key)},
+            "bpf": {"enabled": True, "pinDir": str(self.bpffs / n.key),
+                    "flowsServer": {"address": n.host.ip, "port": FLOWS_PORT, "caFile": str(pki / "ca.crt"),
+                                    "certFile": str(pki / f"flows-{n.name}.crt"),
+                                    "keyFile": str(pki / f"flows-{n.name}.key")}},
         }
         return f"# Written by plexus lab for node {n.key}.\n" + yaml.safe_dump(sections, sort_keys=False)
 

@@ -62,7 +62,7 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert r.returncode == 0, r.stderr
     after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
     assert before == after
-    assert len(after) == 1 + 2 + 2 + 2 + 4  # BIRD, etcds, apiservers, remote endpoints, agents
+    assert len(after) == 1 + 2 + 2 + 2 + 4 + 2  # BIRD, etcds, apiservers, remote endpoints, agents, relays
 
 
 def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
@@ -455,7 +455,7 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         # Verdicts are visible live, with identities and clusters, as Hubble shows them.
         watcher = subprocess.Popen([sys.executable, "-m", "plexus", "observe", "--node", "east-n1",
                                     "--verdict", "DROPPED", "--from-cluster", "west", "--last", "0",
-                                    "-o", "json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                                    "--follow", "-o", "json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
             import select
 
@@ -467,15 +467,18 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
                 if ready:
                     break
             assert ready, "no DROPPED flow from west was reported"
-            flow = json.loads(watcher.stdout.readline())
+            flow = json.loads(watcher.stdout.readline())["flow"]
         finally:
             watcher.terminate()
             watcher.wait(10)
             if watcher.stdout is not None:
                 watcher.stdout.close()
-        assert flow["verdict"] == "DROPPED" and flow["direction"] == "ingress"
-        assert flow["source"]["cluster"] == "west" and "k8s:app=pclient" in flow["source"]["labels"]
-        assert flow["destination"]["pod"] == "default/pweb" and flow["destination"]["port"] == 8080
+        # Hubble's JSON: `hubble observe -o json | jq` habits carry over
+        assert flow["verdict"] == "DROPPED" and flow["traffic_direction"] == "INGRESS"
+        assert flow["drop_reason_desc"] == "POLICY_DENIED" and flow["node_name"] == "east/n1"
+        assert flow["source"]["cluster_name"] == "west" and "k8s:app=pclient" in flow["source"]["labels"]
+        assert flow["destination"]["pod_name"] == "pweb" and flow["destination"]["namespace"] == "default"
+        assert flow["l4"]["TCP"]["destination_port"] == 8080
         metrics = ops.run("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
                           "'http://172.31.1.11:9962/metrics').read().decode())", ns="plx-east-n1").stdout
         assert 'plexus_datapath_packets_total{verdict="dropped"}' in metrics
@@ -580,7 +583,7 @@ def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None
             for conn in whoami(client, proto, LB_VIP, 80, conns=conns, msgs=3, errors=errors):
                 if None in conn:
                     flows = plexus("observe", "--node", "east-n1", "--pod", "default/lbcl", "--last",
-                                   "100", "--no-follow").stdout
+                                   "100").stdout
                     lbs = plexus("bpf", "lb", "list", "--node", "east-n1").stdout
                     raise AssertionError(f"{proto} connection failed: {conn}, {errors}\n{lbs}\n{flows}")
                 assert len(set(conn)) == 1, f"{proto} connection moved between backends: {conn}"
@@ -632,16 +635,14 @@ def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None
 
         # translations are flows: the client, the frontend and the chosen backend
         r = plexus("observe", "--node", "east-n1", "--verdict", "TRANSLATED", "--last", "500",
-                   "--no-follow", "-o", "json")
+                   "--service", "default/lbweb", "-o", "json")
         assert r.returncode == 0, r.stderr
-        flows = [json.loads(line) for line in r.stdout.splitlines()]
-        mine = [f for f in flows if f["service"]["name"] == "default/lbweb"]
-        assert mine and all(f["source"]["pod"] == "default/lbcl" for f in mine)
-        assert {f["service"]["frontend"]["ip"] for f in mine} == {LB_VIP}
-        assert {f["service"]["backend"]["cluster"] for f in mine} == {"east", "west"}
-        west = next(f for f in mine if f["service"]["backend"]["cluster"] == "west")
-        assert west["destination"]["cluster"] == "west"
-        assert west["destination"]["ip"] == west["service"]["backend"]["ip"]
+        mine = [json.loads(line)["flow"] for line in r.stdout.splitlines()]
+        assert mine and all(f["source"]["pod_name"] == "lbcl" for f in mine)
+        assert all(f["destination_service"] == {"name": "lbweb", "namespace": "default"} for f in mine)
+        assert {f["destination"]["cluster_name"] for f in mine} == {"east", "west"}
+        west = next(f for f in mine if f["destination"]["cluster_name"] == "west")
+        assert west["IP"]["destination"] in {ips[n] for n, (c, _) in backends.items() if c == "west"}
 
         # affinity local (east's copy decides for east): only east's backends
         assert apply_in("east", LB_SERVICE.replace("AFFINITY", "local"), tmp_path).returncode == 0
