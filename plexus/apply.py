@@ -20,9 +20,11 @@ from bpf.models import MANIFEST_KINDS as BPF_KINDS
 from clustermesh.kvstore import KvStore
 from clustermesh.manifests import MANIFEST_KINDS as CLUSTERMESH_KINDS
 from clustermesh.manifests import manifest_key
+from egress.models import MANIFEST_KINDS as EGRESS_KINDS
 from plexus.core.config import ConfigError, Strict, parse
 
-KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS, **BGP_KINDS}
+KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS, **BGP_KINDS,
+                               **EGRESS_KINDS}
 
 MIB = 1024 * 1024
 # etcd refuses a request over --max-request-bytes (1.5 MiB by default) and a transaction of
