@@ -79,7 +79,7 @@ class EgressGateways:
         await self.hive.cancel_tasks("egress")  # stop is not remove: entries stay as they are
 
     async def _follow(self, table: Table[Any, Any]) -> None:
-        async for _ in table.watch(replay=False):
+        async for _ in table.watch():  # the first batch (replay) closes the gap since start
             self._dirty.set()
 
     async def _recompute_loop(self) -> None:
