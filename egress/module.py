@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 from clustermesh.models import Identity, IPIdentity, Node
@@ -107,8 +108,7 @@ class EgressGateways:
         self.chooser.forget((src, gw.node) for p in states for src in {e.node for e in p.endpoints}
                             for gw in p.gateways)
         derived = entries(states, active)
-        states = [PolicyState(**{**s.__dict__, "conflicts": tuple(derived.conflicts.get(s.key, ()))})
-                  for s in states]
+        states = [replace(s, conflicts=tuple(derived.conflicts.get(s.key, ()))) for s in states]
         self.policies.replace_where(lambda _p: True, states)
         self.active.replace_where(lambda _a: True, active.values())
         self.entries.replace_where(lambda _e: True, derived.entries)

@@ -129,6 +129,11 @@ def test_a_good_policy_validates_through_apply(tmp_path: Path) -> None:
     assert doc.body["spec"]["destinationCIDRs"] == ["198.51.100.0/24"]
 
 
+def test_the_example_validates() -> None:
+    [doc] = load_documents([Path(__file__).resolve().parents[2] / "examples" / "egress-gateway.yaml"])
+    assert parse(EgressGatewayPolicy, doc.body, "example") == policy()
+
+
 def test_overlapping_destination_and_excluded_cidrs_are_allowed() -> None:
     p = policy(excludedCIDRs=["198.51.100.0/24", "198.51.100.0/25"])
     assert [str(c) for c in p.spec.excluded_cidrs] == ["198.51.100.0/24", "198.51.100.0/25"]
