@@ -293,7 +293,8 @@ def entries(policies: Iterable[PolicyState],
     - an excludedCIDR of any policy selecting the pod beats a destinationCIDR equal to it;
     - for the same (pod, CIDR), the older policy wins; the younger is told so;
     - between different CIDRs the longest prefix wins in the datapath (LPM); a policy whose
-      destination a more specific one of another policy covers is told so.
+      destination a more specific one of another policy covers is told so;
+    - a pod's address pairs only with destinations of its own family.
     """
     out = Derived()
     by_key: dict[EntryKey, EgressEntry] = {}
@@ -302,12 +303,16 @@ def entries(policies: Iterable[PolicyState],
         for ep in p.endpoints:
             act = active.get((p.key, ep.node))
             gw = act.gateway if act else None
+            family = ipaddress.ip_address(ep.ip).version
             for dest in p.destinations:
-                _put(out, by_key, EgressEntry(
-                    ep.ip, dest, p.key, ep.node, gateway=gw.node if gw else None,
-                    egress_ip=gw.egress_ip if gw else None, interface=gw.interface if gw else None))
+                if ipaddress.ip_network(dest).version == family:
+                    _put(out, by_key, EgressEntry(
+                        ep.ip, dest, p.key, ep.node, gateway=gw.node if gw else None,
+                        egress_ip=gw.egress_ip if gw else None,
+                        interface=gw.interface if gw else None))
             for dest in p.excluded:
-                _put(out, by_key, EgressEntry(ep.ip, dest, p.key, ep.node, excluded=True))
+                if ipaddress.ip_network(dest).version == family:
+                    _put(out, by_key, EgressEntry(ep.ip, dest, p.key, ep.node, excluded=True))
     _shadowed(out, by_key.values())
     out.entries = sorted(by_key.values(), key=lambda e: (ipaddress.ip_address(e.source_ip),
                                                          ipaddress.ip_network(e.destination)))
