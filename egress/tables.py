@@ -37,6 +37,7 @@ ActiveKey = tuple[PolicyKey, NodeKey | None]
 HealthKey = tuple[str, NodeKey]            # (reporter, gateway node)
 LABEL_HOSTNAME = "kubernetes.io/hostname"
 CONTROL_PLANE = "control-plane"            # the reporter that speaks for every source node
+SHOWN_SOURCES = 3                          # endpoints a conflict line names
 MIN_ENDPOINT_IDENTITY = 256                # below: reserved identities (host, world, ...)
 
 
@@ -278,7 +279,19 @@ def resolve_policy(key: PolicyKey, seen: float, policy: EgressGatewayPolicy,
 @dataclass
 class Derived:
     entries: list[EgressEntry] = field(default_factory=list)
-    conflicts: dict[PolicyKey, list[str]] = field(default_factory=dict)
+    # per policy: what wins over it -> the source endpoint IPs it happens for
+    sources: dict[PolicyKey, dict[str, list[str]]] = field(default_factory=dict)
+
+    @property
+    def conflicts(self) -> dict[PolicyKey, list[str]]:
+        """One line per policy and reason, naming a few of the endpoints it concerns."""
+        out: dict[PolicyKey, list[str]] = {}
+        for policy, whats in self.sources.items():
+            for what, ips in whats.items():
+                shown = ", ".join(ips[:SHOWN_SOURCES])
+                more = f" and {len(ips) - SHOWN_SOURCES} more" if len(ips) > SHOWN_SOURCES else ""
+                out.setdefault(policy, []).append(f"{what} (from {shown}{more})")
+        return out
 
 
 def age_order(p: PolicyState) -> tuple[float, PolicyKey]:
@@ -330,11 +343,11 @@ def _put(out: Derived, by_key: dict[EntryKey, EgressEntry], e: EgressEntry) -> N
         return
     if e.excluded and not old.excluded:
         by_key[e.key] = e
-        _conflict(out, old.policy, f"{e.destination} from {e.source_ip}: excluded by "
-                                   f"{policy_name(e.policy)}, which wins")
+        _conflict(out, old.policy, e.source_ip,
+                  f"{e.destination}: excluded by {policy_name(e.policy)}, which wins")
     elif not e.excluded and not old.excluded:
-        _conflict(out, e.policy, f"{e.destination} from {e.source_ip}: the older policy "
-                                 f"{policy_name(old.policy)} wins")
+        _conflict(out, e.policy, e.source_ip,
+                  f"{e.destination}: the older policy {policy_name(old.policy)} wins")
 
 
 def _shadowed(out: Derived, all_entries: Iterable[EgressEntry]) -> None:
@@ -349,12 +362,12 @@ def _shadowed(out: Derived, all_entries: Iterable[EgressEntry]) -> None:
                 nb = ipaddress.ip_network(b.destination)
                 if (a.policy != b.policy and na.version == nb.version
                         and nb.prefixlen > na.prefixlen and nb.subnet_of(na)):  # type: ignore[arg-type]
-                    _conflict(out, a.policy, f"{b.destination} from {source}: the more specific "
-                                             f"destination of {policy_name(b.policy)} wins within "
-                                             f"{a.destination}")
+                    _conflict(out, a.policy, source,
+                              f"{b.destination}: the more specific destination of "
+                              f"{policy_name(b.policy)} wins within {a.destination}")
 
 
-def _conflict(out: Derived, policy: PolicyKey, what: str) -> None:
-    seen = out.conflicts.setdefault(policy, [])
-    if what not in seen:
-        seen.append(what)
+def _conflict(out: Derived, policy: PolicyKey, source: str, what: str) -> None:
+    ips = out.sources.setdefault(policy, {}).setdefault(what, [])
+    if source not in ips:
+        ips.append(source)

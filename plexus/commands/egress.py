@@ -38,7 +38,7 @@ def render(data: dict[str, Any]) -> str:
         out.append("\n".join(block))
     if not data["policies"]:
         out.append("no egress gateway policies")
-    out += [f"rejected {k}: {why}" for k, why in data["rejected"].items()]
+    out += [f"rejected: {why}" for why in data["rejected"].values()]  # each names its manifest
     if data["health"]:
         out.append(table([(h["reporter"], h["gateway"], "healthy" if h["healthy"] else "UNHEALTHY",
                            h["reason"]) for h in data["health"]],

@@ -255,8 +255,7 @@ def test_same_destination_the_older_policy_wins_and_the_younger_is_told() -> Non
         e = next(x for x in d.entries if x.key == ("10.1.1.5", "198.51.100.0/24"))
         assert (e.policy[2], e.egress_ip) == ("a-old", "10.255.0.10")
         assert d.conflicts[young.key] == [
-            "198.51.100.0/24 from 10.1.1.5: the older policy east/default/a-old wins",
-            "198.51.100.0/24 from 10.2.1.5: the older policy east/default/a-old wins"]
+            "198.51.100.0/24: the older policy east/default/a-old wins (from 10.1.1.5, 10.2.1.5)"]
         assert old.key not in d.conflicts
     # First seen together: the key decides, the same on every agent.
     tie = [state("zz", seen=1.0, egressIP="10.255.0.20"), state("aa", seen=1.0)]
@@ -273,12 +272,19 @@ def test_the_more_specific_destination_wins_and_an_exclusion_beats_another_polic
     # narrow's exclusion of the /24 beats wide's older /24; its own /25 stays (LPM picks it).
     assert got == {("10.1.1.5", "198.51.100.0/24"): ("narrow", True),
                    ("10.1.1.5", "198.51.100.0/25"): ("narrow", False)}
-    assert ("198.51.100.0/24 from 10.1.1.5: excluded by east/default/narrow, which wins"
-            in d.conflicts[wide.key])
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/24: excluded by east/default/narrow, which wins (from 10.1.1.5, 10.2.1.5)"]
     plain = state("narrow", seen=2.0, destinationCIDRs=["198.51.100.0/25"], excludedCIDRs=[])
     d = entries([wide, plain], choose([wide, plain]))
-    assert ("198.51.100.0/25 from 10.1.1.5: the more specific destination of east/default/narrow "
-            "wins within 198.51.100.0/24") in d.conflicts[wide.key]
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/25: the more specific destination of east/default/narrow wins within "
+        "198.51.100.0/24 (from 10.1.1.5, 10.2.1.5)"]
+    # Many endpoints: a few are named, the rest counted.
+    crowd = tuple(replace(endpoints()[0], ip=f"10.1.1.{i}") for i in range(10, 15))
+    d = entries([replace(wide, endpoints=crowd), replace(plain, endpoints=crowd)], {})
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/25: the more specific destination of east/default/narrow wins within "
+        "198.51.100.0/24 (from 10.1.1.10, 10.1.1.11, 10.1.1.12 and 2 more)"]
 
 
 # ---- failover ------------------------------------------------------------------------------------
