@@ -61,7 +61,7 @@ class EgressGateways:
         self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.chooser = GatewayChooser(hive.clock, config.hold_down)
         self.metrics = EgressMetrics(hive.metrics.registry)
-        self._seen: dict[PolicyKey, float] = {}
+        self._created: dict[PolicyKey, float] = {}
         self._failovers_counted: dict[ActiveKey, int] = {}
         self._dirty = asyncio.Event()
         hive.routes.get("/v1/egress/list", self._list)
@@ -95,14 +95,16 @@ class EgressGateways:
         self.cache.sync(m for m in self.manifests if m.kind in MANIFEST_KINDS)
         now = self.hive.clock.time()
         parsed = {(k[0], k[2], k[3]): p for k, p in self.cache.parsed(EgressGatewayPolicy).items()}
-        for key in parsed.keys() - self._seen.keys():
-            self._seen[key] = now
-        for key in self._seen.keys() - parsed.keys():
-            del self._seen[key]
+        for key, p in parsed.items():
+            # Age: when it was first stored (plexus apply stamps it), else when first seen here.
+            created = p.metadata.creation_timestamp
+            self._created[key] = created.timestamp() if created else self._created.get(key, now)
+        for key in self._created.keys() - parsed.keys():
+            del self._created[key]
         nodes = list(self.nodes or [])
         ids = {i.id: i for i in self.identities or []}
         endpoints = mesh_endpoints(self.ipcache or [], ids, nodes)
-        states = [resolve_policy(k, self._seen[k], p, endpoints, nodes) for k, p in parsed.items()]
+        states = [resolve_policy(k, self._created[k], p, endpoints, nodes) for k, p in parsed.items()]
         health = dict(self.health.items())
         active = self.chooser.choose(states, health)
         self.chooser.forget((src, gw.node) for p in states for src in {e.node for e in p.endpoints}

@@ -84,7 +84,7 @@ class PolicyState:
     """One policy as this agent resolves it: what it selects and where it may leave."""
 
     key: PolicyKey
-    seen: float                                 # when this agent first saw it (age order)
+    created: float  # age order: metadata.creationTimestamp, else when this agent first saw it
     endpoints: tuple[MeshEndpoint, ...]
     gateways: tuple[GatewayCandidate, ...]
     destinations: tuple[str, ...]
@@ -237,7 +237,7 @@ def _held_elsewhere(ip: str, gateway: NodeKey | None, nodes: list[Node]) -> str 
     return None
 
 
-def resolve_policy(key: PolicyKey, seen: float, policy: EgressGatewayPolicy,
+def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
                    endpoints: Iterable[MeshEndpoint], nodes: Iterable[Node]) -> PolicyState:
     """What one policy selects and where its traffic may leave, in preference order.
 
@@ -269,7 +269,7 @@ def resolve_policy(key: PolicyKey, seen: float, policy: EgressGatewayPolicy,
             taken.add(n.key)
             gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
     return PolicyState(
-        key=key, seen=seen, endpoints=tuple(e for e in endpoints if selects(policy, e)),
+        key=key, created=created, endpoints=tuple(e for e in endpoints if selects(policy, e)),
         gateways=tuple(gateways), destinations=tuple(str(c) for c in spec.destination_cidrs),
         excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=tuple(problems))
 
@@ -295,8 +295,8 @@ class Derived:
 
 
 def age_order(p: PolicyState) -> tuple[float, PolicyKey]:
-    """Older first; policies first seen together are ordered by key (stable)."""
-    return (p.seen, p.key)
+    """Older first; policies created in the same second are ordered by key (stable)."""
+    return (p.created, p.key)
 
 
 def entries(policies: Iterable[PolicyState],

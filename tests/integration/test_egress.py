@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,31 @@ def test_apply_reaches_the_agent_and_a_bad_version_keeps_the_good_one(tmp_path: 
         r = plexus("apply", "-f", str(f), "--cluster", "east", "--etcd", etcd.endpoint)
         assert r.returncode == 0, r.stderr
         assert "egressgatewaypolicy/default/legacy-db applied" in r.stdout
+
+        key = "plexus/manifests/v1/east/EgressGatewayPolicy/default/legacy-db"
+
+        async def created(set_to: str = "") -> str:
+            async with KvStore([etcd.endpoint]) as kv:
+                got = await kv.get(key)
+                assert got is not None
+                body = json.loads(got.value)
+                if set_to:
+                    body["metadata"]["creationTimestamp"] = set_to
+                    await kv.put(key, json.dumps(body))
+                stamp: str = body["metadata"]["creationTimestamp"]
+                return stamp
+
+        # Stamped when first stored; applied again (changed), it keeps that time: its age.
+        first = datetime.strptime(asyncio.run(created()), "%Y-%m-%dT%H:%M:%S%z")
+        assert abs((datetime.now(UTC) - first).total_seconds()) < 120
+        asyncio.run(created(set_to="2020-01-01T00:00:00Z"))
+        f.write_text(POLICY.replace("excludedCIDRs: [198.51.100.128/25]", "excludedCIDRs: []"))
+        r = plexus("apply", "-f", str(f), "--cluster", "east", "--etcd", etcd.endpoint)
+        assert r.returncode == 0, r.stderr
+        assert asyncio.run(created()) == "2020-01-01T00:00:00Z"
+        f.write_text(POLICY)
+        r = plexus("apply", "-f", str(f), "--cluster", "east", "--etcd", etcd.endpoint)
+        assert r.returncode == 0, r.stderr
 
         def active() -> Any:
             ps = listing()["policies"]

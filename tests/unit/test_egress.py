@@ -107,8 +107,8 @@ def endpoints() -> list[MeshEndpoint]:
     return mesh_endpoints(IPCACHE_ALL, IDS, NODES_ALL)
 
 
-def state(name: str = "legacy-db", seen: float = 0.0, **spec: Any) -> PolicyState:
-    return resolve_policy(("east", "default", name), seen, policy(**spec), endpoints(), NODES_ALL)
+def state(name: str = "legacy-db", created: float = 0.0, **spec: Any) -> PolicyState:
+    return resolve_policy(("east", "default", name), created, policy(**spec), endpoints(), NODES_ALL)
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -248,8 +248,8 @@ def test_entries_steer_destinations_and_excluded_cidrs_win() -> None:
 
 
 def test_same_destination_the_older_policy_wins_and_the_younger_is_told() -> None:
-    old = state("a-old", seen=10.0)
-    young = state("b-young", seen=20.0, egressIP="10.255.0.20")
+    old = state("a-old", created=10.0)
+    young = state("b-young", created=20.0, egressIP="10.255.0.20")
     for order in ([old, young], [young, old]):
         d = entries(order, choose(order))
         e = next(x for x in d.entries if x.key == ("10.1.1.5", "198.51.100.0/24"))
@@ -257,15 +257,15 @@ def test_same_destination_the_older_policy_wins_and_the_younger_is_told() -> Non
         assert d.conflicts[young.key] == [
             "198.51.100.0/24: the older policy east/default/a-old wins (from 10.1.1.5, 10.2.1.5)"]
         assert old.key not in d.conflicts
-    # First seen together: the key decides, the same on every agent.
-    tie = [state("zz", seen=1.0, egressIP="10.255.0.20"), state("aa", seen=1.0)]
+    # Created in the same second: the key decides, the same on every agent.
+    tie = [state("zz", created=1.0, egressIP="10.255.0.20"), state("aa", created=1.0)]
     e = next(x for x in entries(tie, choose(tie)).entries if x.key == ("10.1.1.5", "198.51.100.0/24"))
     assert e.policy[2] == "aa"
 
 
 def test_the_more_specific_destination_wins_and_an_exclusion_beats_another_policy() -> None:
-    wide = state("wide", seen=1.0, excludedCIDRs=[])
-    narrow = state("narrow", seen=2.0, destinationCIDRs=["198.51.100.0/25"], egressIP="10.255.0.20",
+    wide = state("wide", created=1.0, excludedCIDRs=[])
+    narrow = state("narrow", created=2.0, destinationCIDRs=["198.51.100.0/25"], egressIP="10.255.0.20",
                    excludedCIDRs=["198.51.100.0/24"])
     d = entries([wide, narrow], choose([wide, narrow]))
     got = {e.key: (e.policy[2], e.excluded) for e in d.entries if e.source_ip == "10.1.1.5"}
@@ -274,7 +274,7 @@ def test_the_more_specific_destination_wins_and_an_exclusion_beats_another_polic
                    ("10.1.1.5", "198.51.100.0/25"): ("narrow", False)}
     assert d.conflicts[wide.key] == [
         "198.51.100.0/24: excluded by east/default/narrow, which wins (from 10.1.1.5, 10.2.1.5)"]
-    plain = state("narrow", seen=2.0, destinationCIDRs=["198.51.100.0/25"], excludedCIDRs=[])
+    plain = state("narrow", created=2.0, destinationCIDRs=["198.51.100.0/25"], excludedCIDRs=[])
     d = entries([wide, plain], choose([wide, plain]))
     assert d.conflicts[wide.key] == [
         "198.51.100.0/25: the more specific destination of east/default/narrow wins within "
@@ -373,6 +373,23 @@ def test_a_malformed_new_version_loses_nothing(tmp_path: Path) -> None:
     mf.delete(("west", "EgressGatewayPolicy", "default", "legacy-db"))
     eg.recompute()
     assert eg.entries.all() == [] and eg.listing()["rejected"] == {}
+
+
+def test_the_policy_stored_first_wins_whatever_this_agent_saw_first(tmp_path: Path) -> None:
+    eg, mf, _ = make_module(tmp_path)
+    young = body(egressIP="10.255.0.20")
+    young["metadata"]["creationTimestamp"] = "2026-12-02T10:00:01Z"
+    old = body()
+    old["metadata"]["creationTimestamp"] = "2026-12-02T10:00:00Z"
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "a-young", young))
+    eg.recompute()
+    mf.upsert(Manifest("west", "EgressGatewayPolicy", "default", "z-old", old))
+    eg.recompute()
+    e = eg.entries.get(("10.1.1.5", "198.51.100.0/24"))
+    assert e is not None and e.policy == ("west", "default", "z-old") and e.egress_ip == "10.255.0.10"
+    [young_state] = [p for p in eg.listing()["policies"] if p["policy"] == "a-young"]
+    assert young_state["conflicts"] == [
+        "198.51.100.0/24: the older policy west/default/z-old wins (from 10.1.1.5, 10.2.1.5)"]
 
 
 def test_listing_and_metrics_follow_health(tmp_path: Path) -> None:
