@@ -67,6 +67,7 @@ class MeshEndpoint:
     labels: Mapping[str, str]
     namespace_labels: Mapping[str, str]
     node: NodeKey | None  # the node it runs on (by its ipcache host IP), if known
+    identity: int = 0     # endpoints of one identity (and namespace) share their labels
 
 
 @dataclass(frozen=True)
@@ -179,23 +180,29 @@ def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Ident
                    nodes: Iterable[Node]) -> list[MeshEndpoint]:
     """Every pod of every cluster whose identity is known, in address order."""
     where = _node_by_address(nodes)
+    prefix = LABEL_NAMESPACE_LABELS + "."
+    shared: dict[tuple[int, str, str], tuple[dict[str, str], dict[str, str]]] = {}
     out = []
     for e in ipcache:
         ident = identities.get(e.identity)
         if e.identity < MIN_ENDPOINT_IDENTITY or ident is None or e.prefix_len is not None:
             continue  # hosts, world, CIDRs; or labels not known yet
-        labels = ident.label_map()
-        prefix = LABEL_NAMESPACE_LABELS + "."
-        ns_labels = {k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix)}
-        namespace = e.namespace or labels.get(LABEL_NAMESPACE, "")
-        if namespace:
-            ns_labels.setdefault(LABEL_NAMESPACE_NAME, namespace)
-        pod = {k: v for k, v in labels.items() if not k.startswith(prefix)}
-        pod.setdefault(LABEL_CLUSTER, e.cluster or ident.cluster)
-        out.append(MeshEndpoint(ip=e.ip, cluster=pod[LABEL_CLUSTER], namespace=namespace,
+        once = (e.identity, e.namespace, e.cluster)
+        if once not in shared:
+            labels = ident.label_map()
+            ns_labels = {k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix)}
+            namespace = e.namespace or labels.get(LABEL_NAMESPACE, "")
+            if namespace:
+                ns_labels.setdefault(LABEL_NAMESPACE_NAME, namespace)
+            pod = {k: v for k, v in labels.items() if not k.startswith(prefix)}
+            pod.setdefault(LABEL_CLUSTER, e.cluster or ident.cluster)
+            shared[once] = (pod, ns_labels)
+        pod, ns_labels = shared[once]
+        out.append(MeshEndpoint(ip=e.ip, cluster=pod[LABEL_CLUSTER],
+                                namespace=ns_labels.get(LABEL_NAMESPACE_NAME, ""),
                                 pod=e.pod_name, labels=pod, namespace_labels=ns_labels,
-                                node=where.get(e.host_ip)))
-    return sorted(out, key=lambda m: ipaddress.ip_address(m.ip))
+                                node=where.get(e.host_ip), identity=e.identity))
+    return sorted(out, key=lambda m: (6 if ":" in m.ip else 4, ipaddress.ip_address(m.ip).packed))
 
 
 # ---- one policy ------------------------------------------------------------------------------
@@ -209,6 +216,22 @@ def selects(policy: EgressGatewayPolicy, ep: MeshEndpoint) -> bool:
             continue
         return True
     return False
+
+
+def selected(policy: EgressGatewayPolicy, endpoints: Iterable[MeshEndpoint]) -> tuple[MeshEndpoint, ...]:
+    """The endpoints `policy` selects; tested once per identity, namespace and cluster."""
+    verdicts: dict[tuple[int, str, str], bool] = {}
+    out = []
+    for e in endpoints:
+        once = (e.identity, e.namespace, e.cluster)
+        ok = verdicts.get(once) if e.identity else None  # no identity: test this one alone
+        if ok is None:
+            ok = selects(policy, e)
+            if e.identity:
+                verdicts[once] = ok
+        if ok:
+            out.append(e)
+    return tuple(out)
 
 
 def _pod_cidrs(n: Node) -> list[IPNetwork]:
@@ -269,7 +292,7 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
             taken.add(n.key)
             gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
     return PolicyState(
-        key=key, created=created, endpoints=tuple(e for e in endpoints if selects(policy, e)),
+        key=key, created=created, endpoints=selected(policy, endpoints),
         gateways=tuple(gateways), destinations=tuple(str(c) for c in spec.destination_cidrs),
         excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=tuple(problems))
 
@@ -313,22 +336,27 @@ def entries(policies: Iterable[PolicyState],
     by_key: dict[EntryKey, EgressEntry] = {}
     ordered = sorted(policies, key=age_order)
     for p in ordered:
+        dests = [(d, ipaddress.ip_network(d).version) for d in p.destinations]
+        excluded = [(d, ipaddress.ip_network(d).version) for d in p.excluded]
         for ep in p.endpoints:
             act = active.get((p.key, ep.node))
             gw = act.gateway if act else None
-            family = ipaddress.ip_address(ep.ip).version
-            for dest in p.destinations:
-                if ipaddress.ip_network(dest).version == family:
+            family = 6 if ":" in ep.ip else 4
+            for dest, version in dests:
+                if version == family:
                     _put(out, by_key, EgressEntry(
                         ep.ip, dest, p.key, ep.node, gateway=gw.node if gw else None,
                         egress_ip=gw.egress_ip if gw else None,
                         interface=gw.interface if gw else None))
-            for dest in p.excluded:
-                if ipaddress.ip_network(dest).version == family:
+            for dest, version in excluded:
+                if version == family:
                     _put(out, by_key, EgressEntry(ep.ip, dest, p.key, ep.node, excluded=True))
     _shadowed(out, by_key.values())
-    out.entries = sorted(by_key.values(), key=lambda e: (ipaddress.ip_address(e.source_ip),
-                                                         ipaddress.ip_network(e.destination)))
+    nets = {d: ipaddress.ip_network(d) for d in {e.destination for e in by_key.values()}}
+    ips = {i: ipaddress.ip_address(i) for i in {e.source_ip for e in by_key.values()}}
+    out.entries = sorted(by_key.values(), key=lambda e: (ips[e.source_ip].version, ips[e.source_ip],
+                                                         nets[e.destination].version,
+                                                         nets[e.destination]))
     return out
 
 

@@ -238,9 +238,10 @@ def test_entries_steer_destinations_and_excluded_cidrs_win() -> None:
     assert d.conflicts == {}
     # A pod's IPv6 address pairs only with IPv6 destinations.
     v6 = MeshEndpoint("fd00:1::5", "east", "default", "bill6", {}, {}, E_N1)
-    dual = replace(state(egressIP=None), endpoints=(v6,),
+    dual = replace(state(egressIP=None), endpoints=(v6, endpoints()[0]),
                    destinations=("198.51.100.0/24", "2001:db8:100::/48"))
     assert [(e.source_ip, e.destination) for e in entries([dual], choose([dual])).entries] == [
+        ("10.1.1.5", "198.51.100.0/24"), ("10.1.1.5", "198.51.100.128/25"),
         ("fd00:1::5", "2001:db8:100::/48")]  # neither the IPv4 destination nor exclusion
     # A policy excluding its own destination: nothing of it is steered.
     same = state(excludedCIDRs=["198.51.100.0/24"])
