@@ -14,6 +14,7 @@ gateway health table, which a per-source-node prober and the control plane fill.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -202,7 +203,14 @@ def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Ident
                                 namespace=ns_labels.get(LABEL_NAMESPACE_NAME, ""),
                                 pod=e.pod_name, labels=pod, namespace_labels=ns_labels,
                                 node=where.get(e.host_ip), identity=e.identity))
-    return sorted(out, key=lambda m: (6 if ":" in m.ip else 4, ipaddress.ip_address(m.ip).packed))
+    return sorted(out, key=lambda m: _address_order(m.ip))
+
+
+def _address_order(ip: str) -> tuple[int, bytes]:
+    """IPv4 before IPv6, then numerically (inet_pton: ipaddress is ten times slower)."""
+    if ":" in ip:
+        return (6, socket.inet_pton(socket.AF_INET6, ip))
+    return (4, socket.inet_pton(socket.AF_INET, ip))
 
 
 # ---- one policy ------------------------------------------------------------------------------
@@ -353,8 +361,7 @@ def entries(policies: Iterable[PolicyState],
                     _put(out, by_key, EgressEntry(ep.ip, dest, p.key, ep.node, excluded=True))
     _shadowed(out, by_key.values())
     nets = {d: ipaddress.ip_network(d) for d in {e.destination for e in by_key.values()}}
-    ips = {i: ipaddress.ip_address(i) for i in {e.source_ip for e in by_key.values()}}
-    out.entries = sorted(by_key.values(), key=lambda e: (ips[e.source_ip].version, ips[e.source_ip],
+    out.entries = sorted(by_key.values(), key=lambda e: (_address_order(e.source_ip),
                                                          nets[e.destination].version,
                                                          nets[e.destination]))
     return out
@@ -383,11 +390,17 @@ def _shadowed(out: Derived, all_entries: Iterable[EgressEntry]) -> None:
     for e in all_entries:
         if not e.excluded:
             steered.setdefault(e.source_ip, []).append(e)
+    nets: dict[str, IPNetwork] = {}
     for source, es in steered.items():
+        if len({e.policy for e in es}) < 2:
+            continue  # one policy: nothing to shadow
+        for e in es:
+            if e.destination not in nets:
+                nets[e.destination] = ipaddress.ip_network(e.destination)
         for a in es:
-            na = ipaddress.ip_network(a.destination)
+            na = nets[a.destination]
             for b in es:
-                nb = ipaddress.ip_network(b.destination)
+                nb = nets[b.destination]
                 if (a.policy != b.policy and na.version == nb.version
                         and nb.prefixlen > na.prefixlen and nb.subnet_of(na)):  # type: ignore[arg-type]
                     _conflict(out, a.policy, source,
