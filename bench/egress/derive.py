@@ -44,8 +44,8 @@ def policy(i: int) -> dict[str, Any]:
                          {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "n2"}}}]}}
 
 
-def build(args: argparse.Namespace) -> tuple[EgressGateways, Any]:
-    hive = Hive(agent=None, state_dir=Path(tempfile.mkdtemp(prefix="plexus-bench-egress-")))
+def build(args: argparse.Namespace, state_dir: Path) -> tuple[EgressGateways, Any]:
+    hive = Hive(agent=None, state_dir=state_dir)  # nothing is written there
     hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
     mf = hive.provide(MANIFESTS, manifests_table())
     nodes, ipc, ids = nodes_table(), ipcache_table(), identities_table()
@@ -85,7 +85,12 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=20)
     ap.add_argument("--changes", type=int, default=50)
     args = ap.parse_args()
-    eg, ipc = build(args)
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-egress-") as tmp:
+        return run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, state_dir: Path) -> int:
+    eg, ipc = build(args, state_dir)
     t = time.perf_counter()
     eg.recompute()
     first = time.perf_counter() - t
