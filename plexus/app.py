@@ -7,6 +7,7 @@ from typing import Any
 from bgp.module import module as bgp
 from bpf.module import module as bpf
 from clustermesh.module import module as clustermesh
+from egress.module import module as egress
 from encryption.module import module as encryption
 from plexus.core.module import Module
 from plexus.node.module import module as node
@@ -17,4 +18,5 @@ MODULES: list[Module[Any]] = [
     bpf,
     encryption,
     bgp,
+    egress,
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from bpf.models import MANIFEST_KINDS as BPF_KINDS
 from clustermesh.kvstore import KvStore
 from clustermesh.manifests import MANIFEST_KINDS as CLUSTERMESH_KINDS
 from clustermesh.manifests import manifest_key
+from egress.models import MANIFEST_KINDS as EGRESS_KINDS
 from plexus.core.config import ConfigError, Strict, parse
 
-KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS, **BGP_KINDS}
+KINDS: dict[str, type[Strict]] = {**CLUSTERMESH_KINDS, **BPF_KINDS, **BGP_KINDS,
+                               **EGRESS_KINDS}
 
 MIB = 1024 * 1024
 # etcd refuses a request over --max-request-bytes (1.5 MiB by default) and a transaction of
@@ -204,9 +207,32 @@ def load_documents(paths: list[Path]) -> list[Document]:
     return docs
 
 
-async def apply(kv: KvStore, cluster: str, docs: list[Document]) -> list[str]:
-    """Store every document in one transaction: all of them, or (on error) none."""
-    await kv.put_many([(d.key(cluster), d.stored()) for d in docs])
+def _created(stored: bytes) -> str | None:
+    """The creationTimestamp of a stored manifest, if it has one."""
+    try:
+        meta = json.loads(stored).get("metadata", {})
+    except (ValueError, AttributeError):
+        return None
+    value = meta.get("creationTimestamp") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
+async def apply(kv: KvStore, cluster: str, docs: list[Document],
+                now: datetime | None = None) -> list[str]:
+    """Store every document in one transaction: all of them, or (on error) none.
+
+    Each keeps the `metadata.creationTimestamp` of the version it replaces, or is stamped
+    with the time now when it is new, as Kubernetes' API server does: features that let
+    the older of two manifests win (egress gateway policies) then agree on every agent.
+    """
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    items = []
+    for d in docs:
+        old = await kv.get(d.key(cluster))
+        created = (_created(old.value) if old is not None else None) or stamp
+        body = {**d.body, "metadata": {**d.body.get("metadata", {}), "creationTimestamp": created}}
+        items.append((d.key(cluster), json.dumps(body)))
+    await kv.put_many(items)
     return [f"{d.kind.lower()}/{d.namespace}/{d.name} applied" for d in docs]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, bgp, bpf, clustermesh, encrypt, lab, observe, relay
+from plexus.commands import agent, apply, bgp, bpf, clustermesh, egress, encrypt, lab, observe, relay
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -19,6 +19,7 @@ COMMAND_GROUPS = [
     observe,
     relay,
     bgp,
+    egress,
 ]
 
 

@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, Field
@@ -45,6 +46,9 @@ class Metadata(Strict):
     namespace: Name = "default"
     labels: Labels = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: datetime | None = Field(
+        None, description="When the manifest was first stored: set by `plexus apply`, kept by "
+                          "later applies (what \"the older one\" means between manifests).")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,414 @@
+"""Desired egress state, derived from the mesh tables and the policies (pure functions).
+
+- `mesh_endpoints`: every endpoint of every cluster (ipcache + identity labels) with the
+  node it runs on;
+- `resolve_policy`: per policy, the endpoints it selects and its candidate gateway nodes in
+  preference order, with what keeps a gateway from holding its egress IP;
+- `entries`: per (source endpoint IP, destination CIDR) what the datapath needs (gateway
+  node and egress IP, or "excluded"), with conflicts between policies reported.
+
+The active gateway of each (policy, source node) is chosen in `egress.failover` from the
+gateway health table, which a per-source-node prober and the control plane fill.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from clustermesh.models import (
+    LABEL_CLUSTER,
+    LABEL_NAMESPACE,
+    LABEL_NAMESPACE_LABELS,
+    LABEL_NAMESPACE_NAME,
+    Identity,
+    IPIdentity,
+    Node,
+)
+from clustermesh.tables import NodeKey
+from egress.models import EgressGatewayPolicy, IPNetwork
+from plexus.core.module import Key
+from plexus.core.tables import Table
+
+PolicyKey = tuple[str, str, str]           # (cluster, namespace, name) of the manifest
+EntryKey = tuple[str, str]                 # (source endpoint IP, destination CIDR)
+ActiveKey = tuple[PolicyKey, NodeKey | None]
+HealthKey = tuple[str, NodeKey]            # (reporter, gateway node)
+LABEL_HOSTNAME = "kubernetes.io/hostname"
+CONTROL_PLANE = "control-plane"            # the reporter that speaks for every source node
+SHOWN_SOURCES = 3                          # endpoints a conflict line names
+MIN_ENDPOINT_IDENTITY = 256                # below: reserved identities (host, world, ...)
+
+
+def reporter_of(node: NodeKey) -> str:
+    """The reporter name a source node's own prober writes its health rows under."""
+    return f"{node[0]}/{node[1]}"
+
+
+def policy_name(key: PolicyKey) -> str:
+    return "/".join(key)
+
+
+def node_name(node: NodeKey | None) -> str:
+    return "/".join(node) if node else ""
+
+
+# ---- rows ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MeshEndpoint:
+    """An endpoint of any cluster, with the labels selectors see."""
+
+    ip: str
+    cluster: str
+    namespace: str
+    pod: str
+    labels: Mapping[str, str]
+    namespace_labels: Mapping[str, str]
+    node: NodeKey | None  # the node it runs on (by its ipcache host IP), if known
+    identity: int = 0     # endpoints of one identity (and namespace) share their labels
+
+
+@dataclass(frozen=True)
+class GatewayCandidate:
+    """A node that may be the gateway, with the address traffic leaves with there."""
+
+    node: NodeKey
+    entry: int                   # index into spec.egressGateways
+    egress_ip: str | None        # None: the first address of `interface` on the gateway
+    interface: str | None = None
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """One policy as this agent resolves it: what it selects and where it may leave."""
+
+    key: PolicyKey
+    created: float  # age order: metadata.creationTimestamp, else when this agent first saw it
+    endpoints: tuple[MeshEndpoint, ...]
+    gateways: tuple[GatewayCandidate, ...]
+    destinations: tuple[str, ...]
+    excluded: tuple[str, ...]
+    problems: tuple[str, ...] = ()              # gateways that cannot hold their egress IP
+    conflicts: tuple[str, ...] = ()             # where another policy wins or shadows it
+
+
+@dataclass(frozen=True)
+class GatewayHealth:
+    """What one reporter (a source node's prober, or the control plane) says of a gateway."""
+
+    reporter: str
+    gateway: NodeKey
+    healthy: bool
+    since: float = 0.0   # monotonic time of the last change, from the reporter's clock
+    reason: str = ""
+
+    @property
+    def key(self) -> HealthKey:
+        return (self.reporter, self.gateway)
+
+
+@dataclass(frozen=True)
+class ActiveGateway:
+    """The gateway a source node's traffic of one policy leaves through now."""
+
+    policy: PolicyKey
+    source: NodeKey | None
+    gateway: GatewayCandidate | None  # None: no healthy gateway (drop, never leak)
+    since: float
+
+    @property
+    def key(self) -> ActiveKey:
+        return (self.policy, self.source)
+
+
+@dataclass(frozen=True)
+class EgressEntry:
+    """What the datapath on the source's node needs for (source IP, destination)."""
+
+    source_ip: str
+    destination: str
+    policy: PolicyKey
+    source_node: NodeKey | None
+    excluded: bool = False                 # leaves as before: an excludedCIDR
+    gateway: NodeKey | None = None         # None and not excluded: drop (no-egress-gateway)
+    egress_ip: str | None = None
+    interface: str | None = None
+
+    @property
+    def key(self) -> EntryKey:
+        return (self.source_ip, self.destination)
+
+
+def policies_table() -> Table[PolicyKey, PolicyState]:
+    return Table("egress-policies", key=lambda p: p.key)
+
+
+def health_table() -> Table[HealthKey, GatewayHealth]:
+    return Table("egress-gateway-health", key=lambda h: h.key)
+
+
+def active_table() -> Table[ActiveKey, ActiveGateway]:
+    return Table("egress-active-gateways", key=lambda a: a.key)
+
+
+def entries_table() -> Table[EntryKey, EgressEntry]:
+    return Table("egress-entries", key=lambda e: e.key)
+
+
+GATEWAY_HEALTH: Key[Table[HealthKey, GatewayHealth]] = Key("egress-gateway-health")
+EGRESS_ENTRIES: Key[Table[EntryKey, EgressEntry]] = Key("egress-entries")
+
+
+# ---- endpoints and nodes -------------------------------------------------------------------
+
+def node_labels(node: Node) -> dict[str, str]:
+    """A node's labels as nodeSelectors see them: its name and cluster always present."""
+    return {LABEL_HOSTNAME: node.name, **node.labels, LABEL_CLUSTER: node.cluster}
+
+
+def _node_by_address(nodes: Iterable[Node]) -> dict[str, NodeKey]:
+    out: dict[str, NodeKey] = {}
+    for n in nodes:
+        for a in n.addresses:
+            out.setdefault(a.ip, n.key)
+    return out
+
+
+def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Identity],
+                   nodes: Iterable[Node]) -> list[MeshEndpoint]:
+    """Every pod of every cluster whose identity is known, in address order."""
+    where = _node_by_address(nodes)
+    prefix = LABEL_NAMESPACE_LABELS + "."
+    shared: dict[tuple[int, str, str], tuple[dict[str, str], dict[str, str]]] = {}
+    out = []
+    for e in ipcache:
+        ident = identities.get(e.identity)
+        if e.identity < MIN_ENDPOINT_IDENTITY or ident is None or e.prefix_len is not None:
+            continue  # hosts, world, CIDRs; or labels not known yet
+        once = (e.identity, e.namespace, e.cluster)
+        if once not in shared:
+            labels = ident.label_map()
+            ns_labels = {k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix)}
+            namespace = e.namespace or labels.get(LABEL_NAMESPACE, "")
+            if namespace:
+                ns_labels.setdefault(LABEL_NAMESPACE_NAME, namespace)
+            pod = {k: v for k, v in labels.items() if not k.startswith(prefix)}
+            pod.setdefault(LABEL_CLUSTER, e.cluster or ident.cluster)
+            shared[once] = (pod, ns_labels)
+        pod, ns_labels = shared[once]
+        out.append(MeshEndpoint(ip=e.ip, cluster=pod[LABEL_CLUSTER],
+                                namespace=ns_labels.get(LABEL_NAMESPACE_NAME, ""),
+                                pod=e.pod_name, labels=pod, namespace_labels=ns_labels,
+                                node=where.get(e.host_ip), identity=e.identity))
+    return sorted(out, key=lambda m: _address_order(m.ip))
+
+
+def _address_order(ip: str) -> tuple[int, bytes]:
+    """IPv4 before IPv6, then numerically (inet_pton: ipaddress is ten times slower)."""
+    if ":" in ip:
+        return (6, socket.inet_pton(socket.AF_INET6, ip))
+    return (4, socket.inet_pton(socket.AF_INET, ip))
+
+
+# ---- one policy ------------------------------------------------------------------------------
+
+def selects(policy: EgressGatewayPolicy, ep: MeshEndpoint) -> bool:
+    for s in policy.spec.selectors:
+        if s.pod_selector is not None and not s.pod_selector.matches(dict(ep.labels)):
+            continue
+        if s.namespace_selector is not None and not s.namespace_selector.matches(
+                dict(ep.namespace_labels)):
+            continue
+        return True
+    return False
+
+
+def selected(policy: EgressGatewayPolicy, endpoints: Iterable[MeshEndpoint]) -> tuple[MeshEndpoint, ...]:
+    """The endpoints `policy` selects; tested once per identity, namespace and cluster."""
+    verdicts: dict[tuple[int, str, str], bool] = {}
+    out = []
+    for e in endpoints:
+        once = (e.identity, e.namespace, e.cluster)
+        ok = verdicts.get(once) if e.identity else None  # no identity: test this one alone
+        if ok is None:
+            ok = selects(policy, e)
+            if e.identity:
+                verdicts[once] = ok
+        if ok:
+            out.append(e)
+    return tuple(out)
+
+
+def _pod_cidrs(n: Node) -> list[IPNetwork]:
+    out: list[IPNetwork] = []
+    for c in (n.ipv4_alloc_cidr, n.ipv6_alloc_cidr, *n.secondary_alloc_cidrs):
+        if c:
+            try:
+                out.append(ipaddress.ip_network(c, strict=False))
+            except ValueError:
+                continue
+    return out
+
+
+def _held_elsewhere(ip: str, gateway: NodeKey | None, nodes: list[Node]) -> str | None:
+    """Why `ip` cannot move to `gateway` (None: to whichever is active): it belongs to
+    another node or sits in a node's pod CIDR."""
+    addr = ipaddress.ip_address(ip)
+    for n in nodes:
+        if n.key == gateway:
+            continue
+        if any(a.ip == ip for a in n.addresses):
+            return f"{ip} is an address of node {node_name(n.key)}"
+        for net in _pod_cidrs(n):
+            if addr.version == net.version and addr in net:
+                return f"{ip} lies in the pod CIDR {net} of node {node_name(n.key)}"
+    return None
+
+
+def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
+                   endpoints: Iterable[MeshEndpoint], nodes: Iterable[Node]) -> PolicyState:
+    """What one policy selects and where its traffic may leave, in preference order.
+
+    A node that several gateway entries select keeps its first place; an entry's nodes
+    are taken in (cluster, name) order. A gateway that cannot hold its egress IP is left
+    out and reported on that entry.
+    """
+    nodes = sorted(nodes, key=lambda n: n.key)
+    spec = policy.spec
+    problems: list[str] = []
+    if spec.egress_ip is not None and (why := _held_elsewhere(str(spec.egress_ip), None, nodes)):
+        problems.append(f"spec.egressIP: {why}; it cannot follow the active gateway")
+    gateways: list[GatewayCandidate] = []
+    taken: set[NodeKey] = set()
+    for i, gw in enumerate(spec.egress_gateways):
+        matched = [n for n in nodes if gw.node_selector.matches(node_labels(n))]
+        if not matched:
+            problems.append(f"spec.egressGateways[{i}].nodeSelector: selects no node")
+        for n in matched:
+            if n.key in taken:
+                continue
+            ip: str | None = str(spec.egress_ip or gw.egress_ip or "") or None
+            if gw.egress_ip is not None and (why := _held_elsewhere(str(gw.egress_ip), n.key, nodes)):
+                problems.append(f"spec.egressGateways[{i}].egressIP: {why}, so gateway "
+                                f"{node_name(n.key)} cannot hold it")
+                continue
+            if ip is None and gw.interface is None:
+                ip = n.internal_ip()  # Cilium's default: the gateway's own address
+            taken.add(n.key)
+            gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
+    return PolicyState(
+        key=key, created=created, endpoints=selected(policy, endpoints),
+        gateways=tuple(gateways), destinations=tuple(str(c) for c in spec.destination_cidrs),
+        excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=tuple(problems))
+
+
+# ---- entries across policies -----------------------------------------------------------------
+
+@dataclass
+class Derived:
+    entries: list[EgressEntry] = field(default_factory=list)
+    # per policy: what wins over it -> the source endpoint IPs it happens for
+    sources: dict[PolicyKey, dict[str, list[str]]] = field(default_factory=dict)
+
+    @property
+    def conflicts(self) -> dict[PolicyKey, list[str]]:
+        """One line per policy and reason, naming a few of the endpoints it concerns."""
+        out: dict[PolicyKey, list[str]] = {}
+        for policy, whats in self.sources.items():
+            for what, ips in whats.items():
+                shown = ", ".join(ips[:SHOWN_SOURCES])
+                more = f" and {len(ips) - SHOWN_SOURCES} more" if len(ips) > SHOWN_SOURCES else ""
+                out.setdefault(policy, []).append(f"{what} (from {shown}{more})")
+        return out
+
+
+def age_order(p: PolicyState) -> tuple[float, PolicyKey]:
+    """Older first; policies created in the same second are ordered by key (stable)."""
+    return (p.created, p.key)
+
+
+def entries(policies: Iterable[PolicyState],
+            active: Mapping[ActiveKey, ActiveGateway]) -> Derived:
+    """Every (source IP, destination) entry, with the rules that decide between policies:
+
+    - an excludedCIDR of any policy selecting the pod beats a destinationCIDR equal to it;
+    - for the same (pod, CIDR), the older policy wins; the younger is told so;
+    - between different CIDRs the longest prefix wins in the datapath (LPM); a policy whose
+      destination a more specific one of another policy covers is told so;
+    - a pod's address pairs only with destinations of its own family.
+    """
+    out = Derived()
+    by_key: dict[EntryKey, EgressEntry] = {}
+    ordered = sorted(policies, key=age_order)
+    for p in ordered:
+        dests = [(d, ipaddress.ip_network(d).version) for d in p.destinations]
+        excluded = [(d, ipaddress.ip_network(d).version) for d in p.excluded]
+        for ep in p.endpoints:
+            act = active.get((p.key, ep.node))
+            gw = act.gateway if act else None
+            family = 6 if ":" in ep.ip else 4
+            for dest, version in dests:
+                if version == family:
+                    _put(out, by_key, EgressEntry(
+                        ep.ip, dest, p.key, ep.node, gateway=gw.node if gw else None,
+                        egress_ip=gw.egress_ip if gw else None,
+                        interface=gw.interface if gw else None))
+            for dest, version in excluded:
+                if version == family:
+                    _put(out, by_key, EgressEntry(ep.ip, dest, p.key, ep.node, excluded=True))
+    _shadowed(out, by_key.values())
+    nets = {d: ipaddress.ip_network(d) for d in {e.destination for e in by_key.values()}}
+    out.entries = sorted(by_key.values(), key=lambda e: (_address_order(e.source_ip),
+                                                         nets[e.destination].version,
+                                                         nets[e.destination]))
+    return out
+
+
+def _put(out: Derived, by_key: dict[EntryKey, EgressEntry], e: EgressEntry) -> None:
+    old = by_key.get(e.key)
+    if old is None:
+        by_key[e.key] = e
+        return
+    if old.policy == e.policy:
+        if e.excluded and not old.excluded:
+            by_key[e.key] = e  # a policy that excludes its own destination: excluded wins
+        return
+    if e.excluded and not old.excluded:
+        by_key[e.key] = e
+        _conflict(out, old.policy, e.source_ip,
+                  f"{e.destination}: excluded by {policy_name(e.policy)}, which wins")
+    elif not e.excluded and not old.excluded:
+        _conflict(out, e.policy, e.source_ip,
+                  f"{e.destination}: the older policy {policy_name(old.policy)} wins")
+
+
+def _shadowed(out: Derived, all_entries: Iterable[EgressEntry]) -> None:
+    steered: dict[str, list[EgressEntry]] = {}
+    for e in all_entries:
+        if not e.excluded:
+            steered.setdefault(e.source_ip, []).append(e)
+    nets: dict[str, IPNetwork] = {}
+    for source, es in steered.items():
+        if len({e.policy for e in es}) < 2:
+            continue  # one policy: nothing to shadow
+        for e in es:
+            if e.destination not in nets:
+                nets[e.destination] = ipaddress.ip_network(e.destination)
+        for a in es:
+            na = nets[a.destination]
+            for b in es:
+                nb = nets[b.destination]
+                if (a.policy != b.policy and na.version == nb.version
+                        and nb.prefixlen > na.prefixlen and nb.subnet_of(na)):  # type: ignore[arg-type]
+                    _conflict(out, a.policy, source,
+                              f"{b.destination}: the more specific destination of "
+                              f"{policy_name(b.policy)} wins within {a.destination}")
+
+
+def _conflict(out: Derived, policy: PolicyKey, source: str, what: str) -> None:
+    ips = out.sources.setdefault(policy, {}).setdefault(what, [])
+    if source not in ips:
+        ips.append(source)

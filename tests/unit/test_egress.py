@@ -1,0 +1,441 @@
+"""Egress gateway: manifest validation, selection across clusters, entries, tie-breaks,
+failover with hold-down, and the module's view (pure: tables in, tables out)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
+from clustermesh.tables import IDENTITIES, IPCACHE, NODES, identities_table, ipcache_table, nodes_table
+from egress.config import EgressConfig
+from egress.failover import GatewayChooser
+from egress.models import EgressGatewayPolicy
+from egress.module import EgressGateways
+from egress.tables import (
+    CONTROL_PLANE,
+    GatewayHealth,
+    MeshEndpoint,
+    PolicyState,
+    entries,
+    mesh_endpoints,
+    resolve_policy,
+)
+from plexus.apply import load_documents
+from plexus.core.clock import ManualClock
+from plexus.core.config import ConfigError, parse
+from plexus.core.manifests import MANIFESTS, Manifest, manifests_table
+from plexus.core.module import Hive
+from plexus.core.node import LOCAL_NODE, LocalNode
+from tests.support import eventually
+
+POLICY = """
+apiVersion: plexus.io/v1
+kind: EgressGatewayPolicy
+metadata: {name: legacy-db}
+spec:
+  selectors:
+  - podSelector: {matchLabels: {app: billing}}
+    namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: default}}
+  destinationCIDRs: [198.51.100.0/24]
+  excludedCIDRs: [198.51.100.128/25]
+  egressIP: 10.255.0.10
+  egressGateways:
+  - nodeSelector: {matchLabels: {kubernetes.io/hostname: n2, io.cilium.k8s.policy.cluster: east}}
+  - nodeSelector: {matchLabels: {kubernetes.io/hostname: n2, io.cilium.k8s.policy.cluster: west}}
+"""
+E_N1, E_N2, W_N1, W_N2 = ("east", "n1"), ("east", "n2"), ("west", "n1"), ("west", "n2")
+
+
+def body(text: str = POLICY, **spec: Any) -> dict[str, Any]:
+    b: dict[str, Any] = yaml.safe_load(text)
+    b["spec"].update(spec)
+    return b
+
+
+def policy(**spec: Any) -> EgressGatewayPolicy:
+    return parse(EgressGatewayPolicy, body(**spec), "test")
+
+
+def node(cluster: str, name: str) -> Node:
+    cid = 1 if cluster == "east" else 2
+    idx = int(name[1:])
+    return Node(name=name, cluster=cluster, cluster_id=cid,
+                addresses=(NodeAddress("InternalIP", f"172.31.{cid}.{10 + idx}"),),
+                ipv4_alloc_cidr=f"10.{cid}.{idx}.0/24")
+
+
+NODES_ALL = [node(c, n) for c in ("east", "west") for n in ("n1", "n2")]
+
+
+def identity(ident: int, app: str, cluster: str, namespace: str) -> Identity:
+    return Identity(ident, (f"k8s:app={app}",
+                            f"k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={namespace}",
+                            f"k8s:io.cilium.k8s.policy.cluster={cluster}",
+                            f"k8s:io.kubernetes.pod.namespace={namespace}"), cluster)
+
+
+def pod(ip: str, ident: int, host: str, namespace: str, name: str, cluster: str) -> IPIdentity:
+    return IPIdentity(ip, ident, host_ip=host, namespace=namespace, pod_name=name, cluster=cluster)
+
+
+IDS = {i.id: i for i in (identity(65537, "billing", "east", "default"),
+                         identity(131073, "billing", "west", "default"),
+                         identity(65538, "web", "east", "default"),
+                         identity(65539, "billing", "east", "shop"))}
+IPCACHE_ALL = [
+    pod("10.1.1.5", 65537, "172.31.1.11", "default", "bill-e", "east"),
+    pod("10.2.1.5", 131073, "172.31.2.11", "default", "bill-w", "west"),
+    pod("10.1.1.6", 65538, "172.31.1.11", "default", "web", "east"),
+    pod("10.1.2.7", 65539, "172.31.1.12", "shop", "bill-shop", "east"),
+    IPIdentity("172.31.1.11", 1, cluster="east"),                       # a host: never selected
+    IPIdentity("203.0.113.0", 16777217, prefix_len=24, cluster="east"),  # a CIDR: never selected
+]
+
+
+def gw(cluster: str, name: str, **extra: str) -> dict[str, Any]:
+    return {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": name,
+                                             "io.cilium.k8s.policy.cluster": cluster}}, **extra}
+
+
+def endpoints() -> list[MeshEndpoint]:
+    return mesh_endpoints(IPCACHE_ALL, IDS, NODES_ALL)
+
+
+def state(name: str = "legacy-db", created: float = 0.0, **spec: Any) -> PolicyState:
+    return resolve_policy(("east", "default", name), created, policy(**spec), endpoints(), NODES_ALL)
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+def problems_of(tmp_path: Path, spec: dict[str, Any]) -> str:
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(body(**spec)))
+    with pytest.raises(ConfigError) as e:
+        load_documents([f])
+    return str(e.value)
+
+
+def test_a_good_policy_validates_through_apply(tmp_path: Path) -> None:
+    f = tmp_path / "p.yaml"
+    f.write_text(POLICY)
+    [doc] = load_documents([f])
+    assert (doc.kind, doc.namespace, doc.name) == ("EgressGatewayPolicy", "default", "legacy-db")
+    assert doc.body["spec"]["egressIP"] == "10.255.0.10"
+    assert doc.body["spec"]["destinationCIDRs"] == ["198.51.100.0/24"]
+
+
+def test_the_example_validates() -> None:
+    [doc] = load_documents([Path(__file__).resolve().parents[2] / "examples" / "egress-gateway.yaml"])
+    assert parse(EgressGatewayPolicy, doc.body, "example") == policy()
+
+
+def test_overlapping_destination_and_excluded_cidrs_are_allowed() -> None:
+    p = policy(excludedCIDRs=["198.51.100.0/24", "198.51.100.0/25"])
+    assert [str(c) for c in p.spec.excluded_cidrs] == ["198.51.100.0/24", "198.51.100.0/25"]
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"destinationCIDRs": ["198.51.100.1/24"]}, "spec.destinationCIDRs[0]"),
+    ({"destinationCIDRs": []}, "spec.destinationCIDRs: List should have at least 1 item"),
+    ({"excludedCIDRs": ["nonsense"]}, "spec.excludedCIDRs[0]"),
+    ({"egressIP": "224.0.0.5"}, "spec.egressIP: Value error, 224.0.0.5 is a multicast address"),
+    ({"egressIP": "0.0.0.0"}, "spec.egressIP: Value error, 0.0.0.0 is unspecified"),
+    ({"egressIP": "198.51.100.9"}, "egressIP: 198.51.100.9 lies inside destinationCIDRs[0]"),
+    ({"egressIP": "2001:db8::1"}, "egressIP: IPv6 address 2001:db8::1 cannot be the source"),
+    ({"egressGateways": []}, "spec.egressGateways: List should have at least 1 item"),
+    ({"selectors": [{}]}, "spec.selectors[0]: Value error, give a podSelector or a namespaceSelector"),
+    ({"selectors": [{"podSelector": {"matchLabelz": {}}}]},
+     "spec.selectors[0].podSelector.matchLabelz: unknown field"),
+    ({"egressGateways": [{"nodeSelector": {}, "egressIP": "127.0.0.1"}]},
+     "spec.egressGateways[0].egressIP: Value error, 127.0.0.1 is a loopback address"),
+    ({"egressGateways": [{"nodeSelector": {}, "interface": "eth0/1"}]},
+     "spec.egressGateways[0]: Value error, interface 'eth0/1' is not a Linux interface name"),
+    ({"egressGateways": [{"nodeSelector": {}, "interface": "eth0", "egressIP": "192.0.2.1"}]},
+     "spec.egressGateways[0]: Value error, give egressIP or interface, not both"),
+    ({"egressGateways": [{"nodeSelector": {}}, {"nodeSelector": {}, "egressIP": "192.0.2.1"}]},
+     "egressGateways[1].egressIP: the policy's egressIP 10.255.0.10 is held by whichever gateway"),
+    ({"egressIP": None, "egressGateways": [{"nodeSelector": {}, "egressIP": "2001:db8::5"}]},
+     "egressGateways[0].egressIP: IPv6 address 2001:db8::5 cannot be the source"),
+])
+def test_validation_errors_name_the_field(tmp_path: Path, spec: dict[str, Any], expected: str) -> None:
+    msg = problems_of(tmp_path, spec)
+    assert "EgressGatewayPolicy default/legacy-db" in msg
+    assert expected in msg, msg
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+def test_selection_spans_clusters_and_the_cluster_label_narrows() -> None:
+    s = state()
+    assert [(e.ip, e.cluster, e.node) for e in s.endpoints] == [
+        ("10.1.1.5", "east", E_N1), ("10.2.1.5", "west", W_N1)]  # not web, not namespace shop
+    west = state(selectors=[{"podSelector": {"matchLabels": {
+        "app": "billing", "io.cilium.k8s.policy.cluster": "west"}}}])
+    assert [e.ip for e in west.endpoints] == ["10.2.1.5"]
+    any_ns = state(selectors=[{"podSelector": {"matchLabels": {"app": "billing"}}}])
+    assert [e.ip for e in any_ns.endpoints] == ["10.1.1.5", "10.1.2.7", "10.2.1.5"]
+    by_ns = state(selectors=[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}}}])
+    assert [e.ip for e in by_ns.endpoints] == ["10.1.2.7"]
+
+
+def test_gateways_in_preference_order_across_clusters() -> None:
+    s = state(egressGateways=[
+        gw("west", "n2"),
+        {"nodeSelector": {}},  # every node; west/n2 keeps its first place
+    ])
+    assert [g.node for g in s.gateways] == [W_N2, E_N1, E_N2, W_N1]
+    assert {g.egress_ip for g in s.gateways} == {"10.255.0.10"}
+
+
+def test_without_an_egress_ip_the_gateway_uses_its_own_or_its_interface() -> None:
+    s = state(egressIP=None, egressGateways=[
+        gw("east", "n2"), gw("west", "n1", interface="ext0")])
+    assert [(g.node, g.egress_ip, g.interface) for g in s.gateways] == [
+        (E_N2, "172.31.1.12", None), (W_N1, None, "ext0")]
+
+
+def test_an_egress_ip_a_gateway_cannot_hold_is_reported_on_that_gateway() -> None:
+    s = state(egressIP=None, egressGateways=[
+        gw("east", "n2", egressIP="172.31.1.11"),   # east/n1's own address
+        gw("west", "n1", egressIP="10.2.2.99"),     # inside west/n2's pod CIDR
+        {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "n9"}}}])
+    assert s.gateways == ()
+    assert s.problems == (
+        "spec.egressGateways[0].egressIP: 172.31.1.11 is an address of node east/n1, so gateway "
+        "east/n2 cannot hold it",
+        "spec.egressGateways[1].egressIP: 10.2.2.99 lies in the pod CIDR 10.2.2.0/24 of node "
+        "west/n2, so gateway west/n1 cannot hold it",
+        "spec.egressGateways[2].nodeSelector: selects no node")
+    floating = state(egressIP="10.1.2.1")
+    assert floating.problems == ("spec.egressIP: 10.1.2.1 lies in the pod CIDR 10.1.2.0/24 of node "
+                                 "east/n2; it cannot follow the active gateway",)
+
+
+# ---- entries -------------------------------------------------------------------------------------
+
+def choose(states: list[PolicyState], health: dict[Any, GatewayHealth] | None = None,
+           clock: ManualClock | None = None) -> Any:
+    chooser = GatewayChooser(clock or ManualClock(), hold_down=5.0)
+    return chooser.choose(states, health or {})
+
+
+def test_entries_steer_destinations_and_excluded_cidrs_win() -> None:
+    s = state()
+    d = entries([s], choose([s]))
+    got = {(e.source_ip, e.destination): (e.excluded, e.gateway, e.egress_ip) for e in d.entries}
+    assert got == {
+        ("10.1.1.5", "198.51.100.0/24"): (False, E_N2, "10.255.0.10"),
+        ("10.1.1.5", "198.51.100.128/25"): (True, None, None),
+        ("10.2.1.5", "198.51.100.0/24"): (False, E_N2, "10.255.0.10"),
+        ("10.2.1.5", "198.51.100.128/25"): (True, None, None),
+    }
+    assert d.conflicts == {}
+    # A pod's IPv6 address pairs only with IPv6 destinations.
+    v6 = MeshEndpoint("fd00:1::5", "east", "default", "bill6", {}, {}, E_N1)
+    dual = replace(state(egressIP=None), endpoints=(v6, endpoints()[0]),
+                   destinations=("198.51.100.0/24", "2001:db8:100::/48"))
+    assert [(e.source_ip, e.destination) for e in entries([dual], choose([dual])).entries] == [
+        ("10.1.1.5", "198.51.100.0/24"), ("10.1.1.5", "198.51.100.128/25"),
+        ("fd00:1::5", "2001:db8:100::/48")]  # neither the IPv4 destination nor exclusion
+    # A policy excluding its own destination: nothing of it is steered.
+    same = state(excludedCIDRs=["198.51.100.0/24"])
+    assert all(e.excluded for e in entries([same], choose([same])).entries)
+
+
+def test_same_destination_the_older_policy_wins_and_the_younger_is_told() -> None:
+    old = state("a-old", created=10.0)
+    young = state("b-young", created=20.0, egressIP="10.255.0.20")
+    for order in ([old, young], [young, old]):
+        d = entries(order, choose(order))
+        e = next(x for x in d.entries if x.key == ("10.1.1.5", "198.51.100.0/24"))
+        assert (e.policy[2], e.egress_ip) == ("a-old", "10.255.0.10")
+        assert d.conflicts[young.key] == [
+            "198.51.100.0/24: the older policy east/default/a-old wins (from 10.1.1.5, 10.2.1.5)"]
+        assert old.key not in d.conflicts
+    # Created in the same second: the key decides, the same on every agent.
+    tie = [state("zz", created=1.0, egressIP="10.255.0.20"), state("aa", created=1.0)]
+    e = next(x for x in entries(tie, choose(tie)).entries if x.key == ("10.1.1.5", "198.51.100.0/24"))
+    assert e.policy[2] == "aa"
+
+
+def test_the_more_specific_destination_wins_and_an_exclusion_beats_another_policy() -> None:
+    wide = state("wide", created=1.0, excludedCIDRs=[])
+    narrow = state("narrow", created=2.0, destinationCIDRs=["198.51.100.0/25"], egressIP="10.255.0.20",
+                   excludedCIDRs=["198.51.100.0/24"])
+    d = entries([wide, narrow], choose([wide, narrow]))
+    got = {e.key: (e.policy[2], e.excluded) for e in d.entries if e.source_ip == "10.1.1.5"}
+    # narrow's exclusion of the /24 beats wide's older /24; its own /25 stays (LPM picks it).
+    assert got == {("10.1.1.5", "198.51.100.0/24"): ("narrow", True),
+                   ("10.1.1.5", "198.51.100.0/25"): ("narrow", False)}
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/24: excluded by east/default/narrow, which wins (from 10.1.1.5, 10.2.1.5)"]
+    plain = state("narrow", created=2.0, destinationCIDRs=["198.51.100.0/25"], excludedCIDRs=[])
+    d = entries([wide, plain], choose([wide, plain]))
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/25: the more specific destination of east/default/narrow wins within "
+        "198.51.100.0/24 (from 10.1.1.5, 10.2.1.5)"]
+    # Many endpoints: a few are named, the rest counted.
+    crowd = tuple(replace(endpoints()[0], ip=f"10.1.1.{i}") for i in range(10, 15))
+    d = entries([replace(wide, endpoints=crowd), replace(plain, endpoints=crowd)], {})
+    assert d.conflicts[wide.key] == [
+        "198.51.100.0/25: the more specific destination of east/default/narrow wins within "
+        "198.51.100.0/24 (from 10.1.1.10, 10.1.1.11, 10.1.1.12 and 2 more)"]
+
+
+# ---- failover ------------------------------------------------------------------------------------
+
+def down(reporter: str, gw: tuple[str, str]) -> GatewayHealth:
+    return GatewayHealth(reporter, gw, healthy=False, reason="probe timeout")
+
+
+def test_first_healthy_gateway_with_hold_down_before_the_preferred_returns() -> None:
+    clock = ManualClock()
+    chooser = GatewayChooser(clock, hold_down=5.0)
+    s = state()
+    key = (s.key, E_N1)
+
+    def active(health: list[GatewayHealth]) -> Any:
+        act = chooser.choose([s], {h.key: h for h in health})[key].gateway
+        return act.node if act else None
+
+    assert active([]) == E_N2
+    assert active([down("east/n1", E_N2)]) == W_N2          # this source's prober says down
+    assert chooser.failovers == {key: 1}
+    # The other source node did not see it down: it stays on the preferred gateway.
+    assert chooser.active[(s.key, W_N1)].gateway.node == E_N2  # type: ignore[union-attr]
+    assert active([]) == W_N2                                 # recovered: hold-down starts
+    assert chooser.next_deadline() == clock.now() + 5.0
+    clock.advance(4.9)
+    assert active([]) == W_N2
+    clock.advance(0.1)
+    assert active([]) == E_N2                                 # hold-down over: back
+    assert chooser.next_deadline() is None
+    # Flapping inside the hold-down never drags traffic back.
+    assert active([down(CONTROL_PLANE, E_N2)]) == W_N2        # the control plane speaks for all
+    assert chooser.active[(s.key, W_N1)].gateway.node == W_N2  # type: ignore[union-attr]
+    for _ in range(3):
+        clock.advance(2.0)
+        assert active([]) == W_N2
+        assert active([down("east/n1", E_N2)]) == W_N2
+    # Every gateway down: no gateway (the datapath drops, never leaks).
+    assert active([down(CONTROL_PLANE, E_N2), down(CONTROL_PLANE, W_N2)]) is None
+    # The first to come back takes over at once: nothing is better than nothing.
+    assert active([down(CONTROL_PLANE, W_N2)]) == E_N2
+
+
+def test_no_healthy_gateway_gives_entries_that_drop() -> None:
+    s = state()
+    act = choose([s], {h.key: h for h in (down(CONTROL_PLANE, E_N2), down(CONTROL_PLANE, W_N2))})
+    d = entries([s], act)
+    steered = [e for e in d.entries if not e.excluded]
+    assert steered and all(e.gateway is None and e.egress_ip is None for e in steered)
+
+
+# ---- the module ------------------------------------------------------------------------------
+
+def make_module(tmp_path: Path) -> tuple[EgressGateways, Any, Hive]:
+    hive = Hive(agent=None, state_dir=tmp_path, clock=ManualClock())
+    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    mf = hive.provide(MANIFESTS, manifests_table())
+    nodes, ipc, ids = nodes_table(), ipcache_table(), identities_table()
+    for n in NODES_ALL:
+        nodes.upsert(n)
+    for e in IPCACHE_ALL:
+        ipc.upsert(e)
+    for i in IDS.values():
+        ids.upsert(i)
+    hive.provide(NODES, nodes)
+    hive.provide(IPCACHE, ipc)
+    hive.provide(IDENTITIES, ids)
+    return EgressGateways(hive, EgressConfig(hold_down=5.0)), mf, hive
+
+
+def test_a_malformed_new_version_loses_nothing(tmp_path: Path) -> None:
+    eg, mf, _ = make_module(tmp_path)
+    mf.upsert(Manifest("west", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    before = eg.entries.all()
+    assert len(before) == 4 and {e.policy for e in before} == {("west", "default", "legacy-db")}
+    bad = copy.deepcopy(body())
+    bad["spec"]["destinationCIDRs"] = ["198.51.100.0/33"]
+    mf.upsert(Manifest("west", "EgressGatewayPolicy", "default", "legacy-db", bad))
+    eg.recompute()
+    assert eg.entries.all() == before
+    listing = eg.listing()
+    [why] = listing["rejected"].values()
+    assert "spec.destinationCIDRs[0]" in why and "keeping the last good version" in why
+    assert [p["name"] for p in listing["policies"]] == ["west/default/legacy-db"]
+    mf.delete(("west", "EgressGatewayPolicy", "default", "legacy-db"))
+    eg.recompute()
+    assert eg.entries.all() == [] and eg.listing()["rejected"] == {}
+
+
+def test_the_policy_stored_first_wins_whatever_this_agent_saw_first(tmp_path: Path) -> None:
+    eg, mf, _ = make_module(tmp_path)
+    young = body(egressIP="10.255.0.20")
+    young["metadata"]["creationTimestamp"] = "2026-12-02T10:00:01Z"
+    old = body()
+    old["metadata"]["creationTimestamp"] = "2026-12-02T10:00:00Z"
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "a-young", young))
+    eg.recompute()
+    mf.upsert(Manifest("west", "EgressGatewayPolicy", "default", "z-old", old))
+    eg.recompute()
+    e = eg.entries.get(("10.1.1.5", "198.51.100.0/24"))
+    assert e is not None and e.policy == ("west", "default", "z-old") and e.egress_ip == "10.255.0.10"
+    [young_state] = [p for p in eg.listing()["policies"] if p["policy"] == "a-young"]
+    assert young_state["conflicts"] == [
+        "198.51.100.0/24: the older policy west/default/z-old wins (from 10.1.1.5, 10.2.1.5)"]
+
+
+def test_listing_and_metrics_follow_health(tmp_path: Path) -> None:
+    eg, mf, hive = make_module(tmp_path)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert [g["node"] for g in p["gateways"]] == ["east/n2", "west/n2"]
+    assert [(a["sourceNode"], a["gateway"], a["egressIP"]) for a in p["active"]] == [
+        ("east/n1", "east/n2", "10.255.0.10"), ("west/n1", "east/n2", "10.255.0.10")]
+    assert [e["pod"] for e in p["endpoints"]] == ["bill-e", "bill-w"]
+    eg.health.upsert(down("east/n1", E_N2))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert [a["gateway"] for a in p["active"]] == ["west/n2", "east/n2"]
+    assert [g["healthy"] for g in p["gateways"]] == [False, True]
+    reg = hive.metrics.registry
+    assert reg.get_sample_value("plexus_egress_gateway_healthy",
+                                {"policy": "east/default/legacy-db", "gateway": "east/n2"}) == 0
+    assert reg.get_sample_value("plexus_egress_gateway_failovers_total",
+                                {"policy": "east/default/legacy-db", "source_node": "east/n1"}) == 1
+    assert eg.entries.get(("10.1.1.5", "198.51.100.0/24")).gateway == W_N2  # type: ignore[union-attr]
+
+
+async def test_the_preferred_gateway_returns_when_the_hold_down_ends(tmp_path: Path) -> None:
+    eg, mf, hive = make_module(tmp_path)
+    clock = hive.clock
+    assert isinstance(clock, ManualClock)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    await eg.start()
+    try:
+        eg.health.upsert(down("east/n1", E_N2))
+        await _until(lambda: _gw(eg) == W_N2)
+        eg.health.delete(("east/n1", E_N2))
+        await _until(lambda: clock.waiters > 0 and eg.chooser.next_deadline() is not None)
+        clock.advance(5.0)  # nothing else changes: the deadline alone brings it back
+        await _until(lambda: _gw(eg) == E_N2)
+    finally:
+        await eg.stop()
+
+
+def _gw(eg: EgressGateways) -> Any:
+    e = eg.entries.get(("10.1.1.5", "198.51.100.0/24"))
+    return e.gateway if e else None
+
+
+async def _until(cond: Any) -> None:
+    await eventually(cond, timeout=5.0)
