@@ -1,0 +1,21 @@
+"""The vmagent section of an enrolled host's agent config (written by `plexus vm join`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from clustermesh.config import EtcdSection
+from clustermesh.vms import DEFAULT_LEASE
+from plexus.core.config import Strict
+
+
+class VmAgentConfig(Strict):
+    """This host as an enrolled VM: its name, its etcd access and its lease."""
+
+    enabled: bool = Field(False, description="Run as an enrolled VM or metal host.")
+    etcd: EtcdSection = Field(default_factory=EtcdSection,
+                              description="The cluster's etcd, with this VM's own certificate.")
+    lease: int = Field(DEFAULT_LEASE, ge=2, le=3600,
+                       description="Seconds of silence after which the mesh withdraws this host.")
+    cert_serial: str = Field("", pattern="^[0-9a-f]*$",
+                             description="The serial (hex) of the certificate the VM was given.")

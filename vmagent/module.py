@@ -1,0 +1,80 @@
+"""VM enrolment, host side: this host registers itself as an enrolled VM of its cluster.
+
+The host runs the node agent's modules (clustermesh to learn every cluster, encryption for
+its WireGuard peers, bpf) with this one added: it keeps the host's record, carrying the
+WireGuard key, alive under the VM's lease, with the VM's own certificate, which may write
+nothing but that record. Address, labels and identity are the operator's (the spec), never
+the host's. Stop is not remove: the record lives on until its lease runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from clustermesh.kvstore import KvStore, Tls
+from plexus.core.api import ApiError
+from plexus.core.module import Hive, Module
+from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY
+from vmagent.config import VmAgentConfig
+from vmagent.registration import Registration
+
+log = logging.getLogger(__name__)
+
+
+class VmAgent:
+    def __init__(self, hive: Hive, config: VmAgentConfig) -> None:
+        self.hive = hive
+        self.config = config
+        self.local = hive.require(LOCAL_NODE)
+        self.attributes = hive.require(NODE_ATTRIBUTES)
+        self.kv: KvStore | None = None
+        self.registration: Registration | None = None
+        hive.routes.get("/v1/vm", self._api)
+
+    async def start(self) -> None:
+        if not self.config.enabled:
+            return
+        e = self.config.etcd
+        if not e.endpoints:
+            raise ValueError("vmagent.etcd.endpoints: required when vmagent is enabled")
+        self.kv = KvStore(e.endpoints, Tls(e.trusted_ca_file, e.cert_file, e.key_file)
+                          if e.trusted_ca_file else None)
+        self.registration = Registration(
+            self.kv, self.local.cluster, self.local.name, self.config.lease,
+            self.config.cert_serial, lambda: self.attributes.get(WIREGUARD_PUBLIC_KEY) or "")
+        self.hive.spawn("vmagent", self._register(), "registration")
+
+    async def _register(self) -> None:
+        # The WireGuard key goes into the record: wait until the encryption module set it.
+        await self.attributes.initialized.wait()
+        assert self.registration is not None
+        self.hive.spawn("vmagent", self._follow_attributes(), "attributes")
+        await self.registration.run()
+
+    async def _follow_attributes(self) -> None:
+        assert self.registration is not None
+        async for _ in self.attributes.watch():
+            self.registration.changed.set()
+
+    async def stop(self) -> None:
+        # Stop is not remove: the record stays until its lease runs out.
+        await self.hive.cancel_tasks("vmagent")
+        if self.kv is not None:
+            await self.kv.close()
+
+    def status(self) -> dict[str, Any]:
+        if self.registration is None:
+            return {"enabled": self.config.enabled}
+        return {"enabled": True, "name": self.local.name, "cluster": self.local.cluster,
+                "ip": self.local.ip, "lease": self.config.lease,
+                **self.registration.status.as_dict()}
+
+    async def _api(self, _q: dict[str, str], _b: Any) -> Any:
+        if self.registration is None:
+            raise ApiError(404, "this agent is not an enrolled VM")
+        return self.status()
+
+
+module = Module(name="vmagent", doc=__doc__ or "", config=VmAgentConfig,
+                build=lambda hive, cfg: VmAgent(hive, cfg))
