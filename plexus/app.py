@@ -10,6 +10,7 @@ from clustermesh.module import module as clustermesh
 from encryption.module import module as encryption
 from plexus.core.module import Module
 from plexus.node.module import module as node
+from vmagent.module import module as vmagent
 
 MODULES: list[Module[Any]] = [
     node,
@@ -17,4 +18,14 @@ MODULES: list[Module[Any]] = [
     bpf,
     encryption,
     bgp,
+]
+
+# An enrolled VM or metal host (`plexus vmagent`): a node's modules but BGP, with the host's
+# own registration (vmagent) in place of clustermesh's node and endpoint registrations.
+VM_MODULES: list[Module[Any]] = [
+    node,
+    clustermesh,
+    bpf,
+    encryption,
+    vmagent,
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, bgp, bpf, clustermesh, encrypt, lab
+from plexus.commands import agent, apply, bgp, bpf, clustermesh, encrypt, lab, vm
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -17,6 +17,7 @@ COMMAND_GROUPS = [
     encrypt,
     bpf,
     bgp,
+    vm,
 ]
 
 
