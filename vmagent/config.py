@@ -17,5 +17,9 @@ class VmAgentConfig(Strict):
                               description="The cluster's etcd, with this VM's own certificate.")
     lease: int = Field(DEFAULT_LEASE, ge=2, le=3600,
                        description="Seconds of silence after which the mesh withdraws this host.")
+    namespace: str = Field("default", description="The namespace the host's identity carries.")
+    uplink: str = Field("eth0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$",
+                        description="The host's interface: its endpoint, where the datapath "
+                                    "enforces the policies that select the host.")
     cert_serial: str = Field("", pattern="^[0-9a-f]*$",
                              description="The serial (hex) of the certificate the VM was given.")

@@ -15,11 +15,13 @@ from typing import Any
 from clustermesh.kvstore import KvStore, Tls
 from plexus.core.api import ApiError
 from plexus.core.module import Hive, Module
-from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY, Endpoint
 from vmagent.config import VmAgentConfig
 from vmagent.registration import Registration
 
 log = logging.getLogger(__name__)
+
+HOST_ENDPOINT = "host"  # the endpoint's key: the host itself
 
 
 class VmAgent:
@@ -28,6 +30,7 @@ class VmAgent:
         self.config = config
         self.local = hive.require(LOCAL_NODE)
         self.attributes = hive.require(NODE_ATTRIBUTES)
+        self.endpoints = hive.require(ENDPOINTS)
         self.kv: KvStore | None = None
         self.registration: Registration | None = None
         hive.routes.get("/v1/vm", self._api)
@@ -40,6 +43,12 @@ class VmAgent:
             raise ValueError("vmagent.etcd.endpoints: required when vmagent is enabled")
         self.kv = KvStore(e.endpoints, Tls(e.trusted_ca_file, e.cert_file, e.key_file)
                           if e.trusted_ca_file else None)
+        # The host is its own one endpoint, on its uplink: the datapath enforces the
+        # policies that select its labels there.
+        self.endpoints.upsert(Endpoint(
+            container_id=HOST_ENDPOINT, ip=self.local.ip, namespace=self.config.namespace,
+            pod_name=self.local.name, labels=dict(self.local.labels),
+            host_ifname=self.config.uplink, ifname=self.config.uplink))
         self.registration = Registration(
             self.kv, self.local.cluster, self.local.name, self.config.lease,
             self.config.cert_serial, lambda: self.attributes.get(WIREGUARD_PUBLIC_KEY) or "")

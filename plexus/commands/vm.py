@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--api-socket", type=Path, help="default: STATE_DIR/agent.sock")
     p.add_argument("--wg-device", default="plx_wg0", help="the host's WireGuard device")
     p.add_argument("--no-encryption", action="store_true", help="no WireGuard on this host")
+    p.add_argument("--uplink", default="eth0",
+                   help="the host's interface, where its policies are enforced")
+    p.add_argument("--bpf-pin-dir", type=Path, default=Path("/sys/fs/bpf/plexus"),
+                   help="where the datapath pins its maps")
+    p.add_argument("--no-bpf", action="store_true", help="no datapath (no policy) on this host")
     p.add_argument("--config-only", action="store_true",
                    help="write the agent config and exit (run it with `plexus vmagent`)")
     p.set_defaults(func=_join)
@@ -243,71 +248,19 @@ def _address_is_local(ip: str) -> bool:
     return True
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
-
-
-def write_agent_config(bundle: Any, state: Path, api_socket: Path, wg_device: str,
-                       encryption: bool) -> Path:
-    """Unpack the bundle into `state` and write the vmagent's config; returns its path."""
-    from vmagent.bundle import cert_serial
-
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
-    etcd_dir = state / "etcd"
-    _write_private(etcd_dir / "ca.crt", bundle.etcd.ca)
-    _write_private(etcd_dir / "client.crt", bundle.etcd.cert)
-    _write_private(etcd_dir / "client.key", bundle.etcd.key)
-    mesh = state / "clustermesh"
-    mesh.mkdir(parents=True, exist_ok=True)
-    for name, r in bundle.remotes.items():
-        _write_private(mesh / f"{name}.ca.crt", r.ca)
-        _write_private(mesh / f"{name}.client.crt", r.cert)
-        _write_private(mesh / f"{name}.client.key", r.key)
-        _write_private(mesh / name, yaml.safe_dump({
-            "endpoints": r.endpoints, "trusted-ca-file": str(mesh / f"{name}.ca.crt"),
-            "cert-file": str(mesh / f"{name}.client.crt"),
-            "key-file": str(mesh / f"{name}.client.key")}, sort_keys=False))
-    for stale in mesh.iterdir():  # a cluster the new bundle no longer names is left
-        if stale.is_file() and stale.name.split(".")[0] not in bundle.remotes:
-            stale.unlink()
-    etcd = {"endpoints": bundle.etcd.endpoints, "trustedCaFile": str(etcd_dir / "ca.crt"),
-            "certFile": str(etcd_dir / "client.crt"), "keyFile": str(etcd_dir / "client.key")}
-    config = {
-        "cluster": {"name": bundle.cluster, "id": bundle.cluster_id},
-        "node": {"name": bundle.name, "ip": str(bundle.ip), "podCIDR": f"{bundle.ip}/32",
-                 "labels": dict(bundle.labels)},
-        "stateDir": str(state / "state"),
-        "apiSocket": str(api_socket),
-        "metrics": {"port": None},
-        "endpoints": {"persist": False},
-        "clustermesh": {"etcd": etcd, "configDir": str(mesh), "directRoutes": False,
-                        "registration": False},
-        "encryption": {"enabled": encryption, "device": wg_device},
-        "vmagent": {"enabled": True, "etcd": etcd, "lease": bundle.lease,
-                    "certSerial": cert_serial(bundle)},
-    }
-    path = state / "vmagent.yaml"
-    _write_private(path, f"# Written by `plexus vm join` for VM {bundle.name}.\n"
-                   + yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def _join(args: argparse.Namespace) -> int:
     from vmagent.bundle import load_bundle
+    from vmagent.join import unpack
 
     bundle = load_bundle(args.bundle, name=args.name)  # ConfigError: exit 2, file and field
     if not _address_is_local(str(bundle.ip)):
         print(f"plexus: {args.bundle}: ip: {bundle.ip} is no address of this host: the bundle is "
               f"for VM {bundle.name}", file=sys.stderr)
         return 2
-    config = write_agent_config(bundle, args.state_dir.resolve(),
+    config = unpack(bundle, args.state_dir.resolve(),
                                 (args.api_socket or args.state_dir / "agent.sock").resolve(),
-                                args.wg_device, not args.no_encryption)
+                                args.wg_device, not args.no_encryption,
+                                None if args.no_bpf else args.bpf_pin_dir, args.uplink)
     if args.config_only:
         print(config)
         return 0

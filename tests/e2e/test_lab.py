@@ -62,7 +62,7 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert r.returncode == 0, r.stderr
     after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
     assert before == after
-    assert len(after) == 1 + 2 + 2 + 2 + 4  # BIRD, etcds, apiservers, remote endpoints, agents
+    assert len(after) == 1 + 2 + 2 + 2 + 4 + 1  # BIRD, etcds, apiservers, remote endpoints, agents, VM
 
 
 def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,

@@ -80,7 +80,7 @@ async def test_vm_commands_and_vmagent_process(cluster_etcd: tuple[Etcd, Path], 
         state = tmp_path / "vm"
         sock = tmp_path / "vm.sock"
         join = ["vm", "join", str(bundle), "--state-dir", str(state), "--api-socket", str(sock),
-                "--no-encryption"]
+                "--no-encryption", "--no-bpf"]
         procs.append(vmagent(tmp_path, *join))
         await eventually(lambda: state_of(admin, "db5"), 20, what="listed")
         await eventually(lambda: _joined(admin), 30, what="the host joined")
