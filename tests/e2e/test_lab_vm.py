@@ -116,6 +116,48 @@ def test_a_policy_selecting_app_db_admits_the_west_client_and_no_other(lab: Lab,
     plexus("delete", "-f", str(next(tmp_path.glob("*.yaml"))), "--lab", "east")
 
 
+VM_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: vmlb
+  namespace: default
+  annotations: {service.cilium.io/global: "true", service.cilium.io/affinity: none}
+spec:
+  clusterIP: 10.96.1.30
+  selector: {app: vmlb}
+  ports:
+    - {name: tcp, port: 80, targetPort: 8080, protocol: TCP}
+"""
+
+
+def test_the_vm_reaches_a_global_service_with_backends_in_both_clusters(lab: Lab,
+                                                                       tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from tests.support import whoami, whoami_server
+
+    backends = {"vmlbe": ("east", "n2"), "vmlbw": ("west", "n1")}
+    for name, (c, n) in backends.items():
+        lab.pod_add(c, n, name, {"app": "vmlb"})
+    with ExitStack() as stack:
+        for name, (c, n) in backends.items():
+            stack.enter_context(whoami_server(pod_netns(lab.topo.node(c, n), name), "tcp", 8080,
+                                              name))
+        for cluster in ("east", "west"):
+            r = apply_in(cluster, VM_SERVICE, tmp_path)
+            assert r.returncode == 0, r.stderr
+        seen: set[str | None] = set()
+
+        def more() -> bool:
+            for conn in whoami(VM_NS, "tcp", "10.96.1.30", 80, conns=8, timeout=1):
+                seen.update(conn)
+            return set(backends) <= seen
+
+        wait_until(more, 60, interval=0.5, what="the VM's connections to both clusters' backends")
+        assert seen - {None} == set(backends)
+
+
 def test_forged_expired_and_foreign_bundles_are_refused_on_the_host(lab: Lab, tmp_path: Path) -> None:
     good = lab.vm_dir(vm(lab)) / "bundle.yaml"
     data = yaml.safe_load(good.read_text())
