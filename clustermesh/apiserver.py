@@ -224,7 +224,7 @@ class ApiServer:
         src = self.sources
         src.rejected.pop(key, None)
         parsed = parse_vm_key(self.cluster, key)
-        if parsed is None or parsed[1] == "joined":
+        if parsed is None or parsed[1] not in ("spec", "node"):
             return
         name, what = parsed
         table: dict[str, Any] = src.vm_specs if what == "spec" else src.vm_hosts

@@ -160,12 +160,28 @@ class KvStore:
         self._lease: Any = None
         self._maintenance: Any = None
         self._auth: Any = None
+        self._stamp: tuple[int, ...] = ()  # the TLS files as the channel read them
         self._closes = 0  # a watch resumes only on the store it started on, never after close()
+
+    def _tls_stamp(self) -> tuple[int, ...]:
+        if self.tls is None:
+            return ()
+        out = []
+        for f in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file):
+            try:
+                out.append(f.stat().st_mtime_ns if f is not None else 0)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
 
     async def connect(self) -> None:
         if self._channel is not None:
-            return
+            # Certificates renewed in place (an enrolled VM's) take effect on the next call.
+            if not self._secure or self._tls_stamp() == self._stamp:
+                return
+            await self.close()
         if self._secure:
+            self._stamp = self._tls_stamp()
             assert self.tls is not None
             try:
                 creds = grpc.ssl_channel_credentials(

@@ -167,6 +167,24 @@ def issue_client(pki: Path, cn: str, cluster: str, valid_for: datetime.timedelta
     return key_pem, cert.public_bytes(serialization.Encoding.PEM), cert.serial_number
 
 
+def certify(pki: Path, cn: str, cluster: str, public_key_pem: bytes,
+            valid_for: datetime.timedelta) -> tuple[bytes, int]:
+    """A client certificate of the cluster CA for a key its holder made (a renewal: the
+    private key never leaves the holder). Returns (cert PEM, serial)."""
+    ca_key, ca_cert = _load_ca(pki, "ca")
+    public_key = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ValueError("the public key to certify must be an EC key")
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn, cluster)).issuer_name(ca_cert.subject)
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + valid_for)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), cert.serial_number
+
+
 def sign(pki: Path, data: bytes) -> bytes:
     """An ECDSA signature of `data` by the cluster CA (join bundles carry one)."""
     ca_key, _ = _load_ca(pki, "ca")

@@ -7,6 +7,8 @@ Under `plexus/vms/v1/<cluster>/<name>/`:
 | `spec` | the operator (`plexus vm create`) | `VmSpec`: address, labels, lease, its certificate |
 | `host/node` | the VM, under its lease | `VmHost`: its WireGuard key; gone when the VM is silent |
 | `host/joined` | the VM, once | the time it first joined (so a silent VM shows as lost, not pending) |
+| `host/renew` | the VM, before its certificate expires | `{"publicKey": PEM}`: the key to certify |
+| `issued` | the cluster's signer | `{"cert": PEM, "serial": hex}`: the VM's renewed certificate |
 
 The VM's etcd user (the CN of its certificate) may write `host/` of its own VM and nothing
 else; it reads its own spec and what a remote cluster reads. The apiserver publishes a VM
@@ -89,15 +91,23 @@ def vm_joined_key(cluster: str, name: str) -> str:
     return f"{vm_host_prefix(cluster, name)}joined"
 
 
+def vm_renew_key(cluster: str, name: str) -> str:
+    return f"{vm_host_prefix(cluster, name)}renew"
+
+
+def vm_issued_key(cluster: str, name: str) -> str:
+    return f"{vm_prefix(cluster, name)}issued"
+
+
 def parse_vm_key(cluster: str, key: str) -> tuple[str, str] | None:
-    """(name, what) of a key under the cluster's VM prefix: what is spec, node or joined."""
+    """(name, what) of a key under the cluster's VM prefix: spec, issued, node, joined, renew."""
     rest = key.removeprefix(f"{VMS_PREFIX}/{cluster}/")
     if rest == key:
         return None
     name, _, what = rest.partition("/")
-    if what == "spec":
-        return name, "spec"
-    if what in ("host/node", "host/joined"):
+    if what in ("spec", "issued"):
+        return name, what
+    if what in ("host/node", "host/joined", "host/renew"):
         return name, what.removeprefix("host/")
     return None
 
@@ -115,6 +125,7 @@ def vm_grants(cluster: str, name: str) -> list[Grant]:
     """The VM's role: its own spec read, its own `host/` written, the shared state read."""
     return [*remote_reads(cluster),
             Grant("read", vm_spec_key(cluster, name)),
+            Grant("read", vm_issued_key(cluster, name)),
             Grant("readwrite", vm_host_prefix(cluster, name), prefix=True)]
 
 
@@ -147,6 +158,7 @@ class VmSpec:
     cert_serial: str = ""  # hex; a bundle whose certificate is another is not this VM's
     expires: str = ""  # RFC 3339: when the join certificate expires
     created: str = ""
+    ttl: int = 86400  # seconds each certificate (the first, and each renewal) is valid
 
     @property
     def user(self) -> str:
@@ -156,7 +168,7 @@ class VmSpec:
         return json.dumps({"name": self.name, "cluster": self.cluster, "ip": self.ip,
                            "labels": self.labels, "namespace": self.namespace,
                            "lease": self.lease, "certSerial": self.cert_serial,
-                           "expires": self.expires, "created": self.created})
+                           "expires": self.expires, "created": self.created, "ttl": self.ttl})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> VmSpec:
@@ -173,7 +185,10 @@ class VmSpec:
             ip = str(ipaddress.ip_address(_str(obj, "ip", what)))
         except ValueError:
             raise InvalidValue(f"{what}: ip {obj['ip']!r} is not an IP address") from None
-        return cls(name=name, cluster=_str(obj, "cluster", what), ip=ip,
+        ttl = obj.get("ttl", 86400)
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 10 <= ttl <= 10 * 365 * 86400:
+            raise InvalidValue(f"{what}: ttl must be 10 s to 10 years")
+        return cls(name=name, cluster=_str(obj, "cluster", what), ip=ip, ttl=ttl,
                    labels=check_labels(obj.get("labels", {}), f"{what}: labels"),
                    namespace=_str(obj, "namespace", what, "default"), lease=lease,
                    cert_serial=_str(obj, "certSerial", what, ""),

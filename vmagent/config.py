@@ -21,5 +21,3 @@ class VmAgentConfig(Strict):
     uplink: str = Field("eth0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$",
                         description="The host's interface: its endpoint, where the datapath "
                                     "enforces the policies that select the host.")
-    cert_serial: str = Field("", pattern="^[0-9a-f]*$",
-                             description="The serial (hex) of the certificate the VM was given.")

@@ -142,7 +142,8 @@ async def create(admin: ClusterAdmin, name: str, ip: str, labels: dict[str, str]
     cert_start = not_before or datetime.datetime.now(datetime.UTC)
     expires = rfc3339(cert_start + ttl)
     spec = VmSpec(name=name, cluster=c, ip=addr, labels=labels, namespace=namespace, lease=lease,
-                  cert_serial=format(serial, "x"), expires=expires, created=now_rfc3339())
+                  cert_serial=format(serial, "x"), expires=expires, created=now_rfc3339(),
+                  ttl=max(10, int(ttl.total_seconds())))
     try:
         await kv.add_role(user, vm_grants(c, name))
         await kv.add_user(user)

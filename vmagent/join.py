@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from vmagent.bundle import Bundle, cert_serial
+from vmagent.bundle import Bundle
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -62,8 +62,7 @@ def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
         "bpf": ({"enabled": True, "pinDir": str(bpf_pin_dir), "uplink": uplink}
                 if bpf_pin_dir is not None else {"enabled": False}),
         "vmagent": {"enabled": True, "etcd": etcd, "lease": bundle.lease,
-                    "namespace": bundle.namespace, "uplink": uplink,
-                    "certSerial": cert_serial(bundle)},
+                    "namespace": bundle.namespace, "uplink": uplink},
     }
     path = state / "vmagent.yaml"
     _write_private(path, f"# Written by `plexus vm join` for VM {bundle.name}.\n"

@@ -18,6 +18,7 @@ from plexus.core.module import Hive, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY, Endpoint
 from vmagent.config import VmAgentConfig
 from vmagent.registration import Registration
+from vmagent.renewal import Renewal, cert_serial
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,17 @@ class VmAgent:
         self.endpoints = hive.require(ENDPOINTS)
         self.kv: KvStore | None = None
         self.registration: Registration | None = None
+        self.renewal: Renewal | None = None
         hive.routes.get("/v1/vm", self._api)
 
     async def start(self) -> None:
         if not self.config.enabled:
             return
         e = self.config.etcd
-        if not e.endpoints:
-            raise ValueError("vmagent.etcd.endpoints: required when vmagent is enabled")
-        self.kv = KvStore(e.endpoints, Tls(e.trusted_ca_file, e.cert_file, e.key_file)
-                          if e.trusted_ca_file else None)
+        if not e.endpoints or e.cert_file is None or e.key_file is None or e.trusted_ca_file is None:
+            raise ValueError("vmagent.etcd: endpoints, trustedCaFile, certFile and keyFile are "
+                             "required when vmagent is enabled")
+        self.kv = KvStore(e.endpoints, Tls(e.trusted_ca_file, e.cert_file, e.key_file))
         # The host is its own one endpoint, on its uplink: the datapath enforces the
         # policies that select its labels there.
         self.endpoints.upsert(Endpoint(
@@ -51,8 +53,15 @@ class VmAgent:
             host_ifname=self.config.uplink, ifname=self.config.uplink))
         self.registration = Registration(
             self.kv, self.local.cluster, self.local.name, self.config.lease,
-            self.config.cert_serial, lambda: self.attributes.get(WIREGUARD_PUBLIC_KEY) or "")
+            cert_serial(e.cert_file), lambda: self.attributes.get(WIREGUARD_PUBLIC_KEY) or "")
+        self.renewal = Renewal(self.kv, self.local.cluster, self.local.name, e.trusted_ca_file,
+                               e.cert_file, e.key_file, self._renewed)
         self.hive.spawn("vmagent", self._register(), "registration")
+        self.hive.spawn("vmagent", self.renewal.run(), "renewal")
+
+    def _renewed(self, serial: str) -> None:
+        if self.registration is not None:
+            self.registration.cert_serial = serial
 
     async def _register(self) -> None:
         # The WireGuard key goes into the record: wait until the encryption module set it.
@@ -77,7 +86,11 @@ class VmAgent:
             return {"enabled": self.config.enabled}
         return {"enabled": True, "name": self.local.name, "cluster": self.local.cluster,
                 "ip": self.local.ip, "lease": self.config.lease,
-                **self.registration.status.as_dict()}
+                **self.registration.status.as_dict(),
+                "certificate": ({"notAfter": self.renewal.status.not_after,
+                                 "renewals": self.renewal.status.renewals,
+                                 "lastError": self.renewal.status.last_error}
+                                if self.renewal is not None else {})}
 
     async def _api(self, _q: dict[str, str], _b: Any) -> Any:
         if self.registration is None:

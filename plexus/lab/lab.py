@@ -539,7 +539,7 @@ protocol kernel {{
                 *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
                   for f in ("--etcd", url)),
                 "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
-                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60",
+                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60", "--vm-pki", str(pki),
                 "--api-socket", str(self.apiserver_socket(c)),
                 "--metrics-address", c.control_plane.ip, "--metrics-port", str(APISERVER_METRICS_PORT)]
 

@@ -20,7 +20,7 @@ from clustermesh.apiserver import ApiServer
 from clustermesh.kvstore import KvError, KvStore, PermissionDenied, Tls
 from clustermesh.models import IPCACHE_PREFIX, NODES_PREFIX, IPIdentity, Node, identity_range
 from clustermesh.pki import etcd_auth_commands, etcd_tls_args, etcdctl_tls, make_cluster_pki
-from clustermesh.vms import vm_joined_key, vm_node_key, vm_spec_key, vm_user
+from clustermesh.vms import VmSpec, vm_joined_key, vm_node_key, vm_spec_key, vm_user
 from plexus.core.config import ConfigError
 from tests.support import Etcd, eventually, free_port
 from vmagent import enrol
@@ -304,3 +304,60 @@ async def _forged(bundle: Bundle, pki: Path) -> Bundle:
                                           "key": key.decode()})
     return sign_bundle(bundle.model_copy(update={"etcd": etcd, "labels": {"app": "db"}}),
                        lambda data: sign(pki, data))
+
+
+async def test_the_host_renews_its_certificate_before_it_expires(east: Cluster,
+                                                                 tmp_path: Path) -> None:
+    from clustermesh.vm_signer import VmSigner
+    from vmagent.renewal import Renewal
+    from vmagent.renewal import cert_serial as file_serial
+
+    admin = east.admin
+    signer = VmSigner(admin.kv, "east", east.pki)
+    signer_task = asyncio.create_task(signer.run())
+    ttl = datetime.timedelta(seconds=16)
+    bundle = await enrol.create(admin, "r1", "172.31.3.30", {"app": "r"}, lease=3, ttl=ttl)
+    first_expiry = datetime.datetime.now(datetime.UTC) + ttl
+    d = tmp_path / "r1"
+    vm_kv = vm_store(bundle, d)
+    serial0 = file_serial(d / "cert.pem")
+    reg = Registration(vm_kv, "east", "r1", 3, serial0, lambda: WG_KEY)
+    renewal = Renewal(vm_kv, "east", "r1", d / "ca.pem", d / "cert.pem", d / "key.pem",
+                      lambda s: setattr(reg, "cert_serial", s), poll=0.2)
+    tasks = [asyncio.create_task(reg.run())]
+    try:
+        await eventually(lambda: published(admin.kv, "172.31.3.30"), 10, what="joined")
+        # Asked too early (first half of the lifetime): refused, nothing issued.
+        await vm_kv.put("plexus/vms/v1/east/r1/host/renew", '{"publicKey": "x"}')
+        await eventually(lambda: "second half" in signer.refused.get("r1", ""), 10,
+                         what="early request refused")
+        assert await admin.kv.get("plexus/vms/v1/east/r1/issued") is None
+        # Another VM's key is not writable, so no VM asks for another's certificate.
+        with pytest.raises(PermissionDenied):
+            await vm_kv.put("plexus/vms/v1/east/db9/host/renew", '{"publicKey": "x"}')
+
+        tasks.append(asyncio.create_task(renewal.run()))
+        await eventually(lambda: renewal.status.renewals >= 1, 20, what="renewed at half-life")
+        serial1 = file_serial(d / "cert.pem")
+        assert serial1 != serial0 and reg.cert_serial == serial1
+        item = await admin.kv.get(vm_spec_key("east", "r1"))
+        assert item is not None and VmSpec.from_json(item.value).cert_serial == serial1
+        assert os.stat(d / "key.pem").st_mode & 0o777 == 0o600
+
+        # Past the first certificate's expiry the host still joins and writes: a fresh
+        # connection from its files, and its registration with them.
+        await eventually(lambda: datetime.datetime.now(datetime.UTC) > first_expiry
+                         + datetime.timedelta(seconds=1), 30, interval=0.2,
+                         what="the first certificate expired")
+        fresh = KvStore(bundle.etcd.endpoints, Tls(d / "ca.pem", d / "cert.pem", d / "key.pem"))
+        assert await fresh.get(vm_spec_key("east", "r1")) is not None
+        await fresh.put("plexus/vms/v1/east/r1/host/joined", "again")
+        await fresh.close()
+        assert await published(admin.kv, "172.31.3.30") is not None
+        assert reg.status.state == "joined"
+    finally:
+        for t in [*tasks, signer_task]:
+            t.cancel()
+        await asyncio.gather(*tasks, signer_task, return_exceptions=True)
+        await vm_kv.close()
+
