@@ -645,12 +645,15 @@ protocol kernel {{
                 *(f for url in c.etcd_urls for f in ("--advertise", url))]
 
     def _enrol_vm(self, vm: Host) -> None:
-        """Enrol once (the bundle is kept), then unpack the bundle as `plexus vm join` does."""
+        """Enrol and unpack the bundle as `plexus vm join` does, once: the VM's agent renews
+        its certificate in place, which unpacking again would undo."""
         from vmagent.bundle import load_bundle
         from vmagent.join import unpack
 
         d = self.vm_dir(vm)
         bundle = d / "bundle.yaml"
+        if (d / "vmagent.yaml").exists():
+            return
         if not bundle.exists():
             d.mkdir(parents=True, exist_ok=True)
             c = self.vm_cluster(vm)
