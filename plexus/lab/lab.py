@@ -158,7 +158,9 @@ class Lab:
         state.save(self.state_path)
         self.say("==> network: router, segments, hosts")
         self._mount_bpffs()
+        missing = set(self.topo.namespaces()) - ops.namespaces()
         self._network()
+        self._stop_orphans(state, missing)
         self.say("==> router: BIRD 2")
         self._ensure_all(state, [self.router_daemons()])
         for c in self.topo.clusters:
@@ -186,6 +188,28 @@ class Lab:
         ops.wait_for(self._bgp_routes_in, 90, "the router to learn every pod CIDR over BGP",
                      interval=0.3)
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
+
+    def wireguard_devices(self) -> list[tuple[str, Path, str]]:
+        """(namespace, state dir, device) of every wireguard-go the lab's agents start."""
+        return ([(n.host.netns, self.node_dir(n) / "state", n.wg_device) for n in self.topo.nodes()]
+                + [(vm.netns, self.vm_dir(vm) / "state", self.vm_wg_device(vm))
+                   for vm in self.topo.vms])
+
+    def _stop_orphans(self, state: State, missing: set[str]) -> None:
+        """A process whose namespace was deleted runs on in a namespace nobody reaches (its link
+        goes when the namespace is made again): stop it, and its wireguard-go, whose UAPI socket
+        a new agent would otherwise adopt; `_ensure_all` starts them in the new namespace."""
+        for p in list(state.processes.values()):
+            if p.netns in missing and ops.alive(p.pid, p.marker):
+                self.say(f"  {p.name}: namespace {p.netns} was gone; stopping pid {p.pid}")
+                ops.stop(p.pid, p.marker)
+        for netns, state_dir, device in self.wireguard_devices():
+            pid_file = state_dir / "wireguard-go.pid"
+            if netns in missing and pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid and ops.alive(pid, device):
+                    ops.stop(pid, device)
+                (WG_DIR / f"{device}.sock").unlink(missing_ok=True)
 
     def _set_etcd_members(self, count: int) -> None:
         try:
@@ -785,9 +809,7 @@ protocol kernel {{
             done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
         # wireguard-go outlives its agent by design (stop is not remove), and one started by an
         # earlier agent is no longer below the current one: its pid file names it.
-        devices = [(self.node_dir(n) / "state", n.wg_device) for n in self.topo.nodes()]
-        devices += [(self.vm_dir(vm) / "state", self.vm_wg_device(vm)) for vm in self.topo.vms]
-        for state_dir, device in devices:
+        for _netns, state_dir, device in self.wireguard_devices():
             pid_file = state_dir / "wireguard-go.pid"
             if pid_file.exists():
                 pid = int(pid_file.read_text().strip() or 0)
