@@ -41,6 +41,7 @@ VM_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 VM_USER_PREFIX = "vm-"  # etcd user and role, and the certificate's CN: vm-<name>
 VM_NODE_LABEL = "plexus.io/vm"  # on the VM's node record, so nodes can tell it from a node
 DEFAULT_LEASE = 30
+DEFAULT_TTL = 86400  # seconds a VM's certificate is valid, the first and each renewed one
 MAX_LABELS = 64
 LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?"
                           r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -158,7 +159,7 @@ class VmSpec:
     cert_serial: str = ""  # hex; a bundle whose certificate is another is not this VM's
     expires: str = ""  # RFC 3339: when the join certificate expires
     created: str = ""
-    ttl: int = 86400  # seconds each certificate (the first, and each renewal) is valid
+    ttl: int = DEFAULT_TTL
 
     @property
     def user(self) -> str:
@@ -185,7 +186,7 @@ class VmSpec:
             ip = str(ipaddress.ip_address(_str(obj, "ip", what)))
         except ValueError:
             raise InvalidValue(f"{what}: ip {obj['ip']!r} is not an IP address") from None
-        ttl = obj.get("ttl", 86400)
+        ttl = obj.get("ttl", DEFAULT_TTL)
         if not isinstance(ttl, int) or isinstance(ttl, bool) or not 10 <= ttl <= 10 * 365 * 86400:
             raise InvalidValue(f"{what}: ttl must be 10 s to 10 years")
         return cls(name=name, cluster=_str(obj, "cluster", what), ip=ip, ttl=ttl,

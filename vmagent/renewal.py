@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from clustermesh.kvstore import KvError, KvStore
-from clustermesh.vms import vm_issued_key, vm_renew_key, vm_user
+from clustermesh.models import InvalidValue
+from clustermesh.vms import DEFAULT_TTL, VmSpec, vm_issued_key, vm_renew_key, vm_spec_key, vm_user
 from plexus.core.log import Fields
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,25 @@ class Renewal:
     def _cert(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.cert_file.read_bytes())
 
-    def due(self) -> datetime.datetime:
-        """Half-way through the certificate's lifetime (the signer serves no earlier)."""
-        c = self._cert()
-        return c.not_valid_before_utc + (c.not_valid_after_utc - c.not_valid_before_utc) / 2
+    async def due(self) -> datetime.datetime:
+        """Half-way through the certificate's lifetime, the spec's `ttl` (its start is set
+        back a few minutes for clocks that lag): the signer serves no earlier."""
+        ttl = datetime.timedelta(seconds=DEFAULT_TTL)
+        try:
+            item = await self.kv.get(vm_spec_key(self.cluster, self.name))
+            if item is not None:
+                ttl = datetime.timedelta(seconds=VmSpec.from_json(item.value).ttl)
+        except (KvError, InvalidValue) as e:
+            self.log.warning("reading the spec for its ttl: %s", e)
+        return self._cert().not_valid_after_utc - ttl / 2
 
     async def run(self) -> None:
         while True:
             cert = self._cert()
             self.status.not_after = f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-            wait = (self.due() - datetime.datetime.now(datetime.UTC)).total_seconds()
+            wait = (await self.due() - datetime.datetime.now(datetime.UTC)).total_seconds()
             if wait > 0:
-                await asyncio.sleep(min(wait, 3600))
+                await asyncio.sleep(min(wait, 600))
                 continue
             try:
                 await self.renew_once()

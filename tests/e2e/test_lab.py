@@ -312,7 +312,8 @@ def test_pod_traffic_between_nodes_and_clusters_is_encrypted(lab: Lab) -> None:
     src = pod_netns(lab.topo.node("east", "n1"), "enc-a")
     st = encrypt_status("east-n1")
     assert st["backend"].startswith("userspace") and st["mtu"] == 1420
-    assert {p["node"] for p in st["peers"]} == {"east/n2", "west/n1", "west/n2"}
+    # every other node, and the lab's enrolled VM
+    assert {p["node"] for p in st["peers"]} == {"east/n2", "west/n1", "west/n2", "east/vm1"}
     with underlay_capture(lab, "underlay") as read:
         for target, name in ((b, "enc-b"), (c, "enc-c")):
             ns = pod_netns(lab.topo.node(target["cluster"], target["node"]), name)

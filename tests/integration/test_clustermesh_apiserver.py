@@ -95,7 +95,8 @@ async def test_healthz_metrics_and_status(tmp_path: Path, etcd: Etcd) -> None:
         assert a["ready"] and a["endpoints"] == 1 and a["identitiesAllocated"] == 1
         assert a["written"]["puts"] >= 1
         assert {n: p["synced"] for n, p in a["prefixes"].items()} == {"registrations": True,
-                                                                      "services": True}
+                                                                      "services": True,
+                                                                      "vms": True}
         assert list(a["rejected"]) == [endpoint_registration_key("east", "n1", "bad")]
         assert a["etcdErrors"] == 0 and a["lastError"] == ""
         table = status(sock)
