@@ -7,8 +7,8 @@ Each run stops the VM's agent, takes its programs off its uplink and its pinned 
 nothing of the run before enforces anything), revokes and enrols it again (a new bundle), then
 starts `plexus vm join` in the VM's namespace and probes from two pods of one west node until
 the allowed one gets through and the other is refused. (While revoked, the VM's replies go
-into WireGuard tunnels the nodes no longer accept: stop is not remove.) The VM's WireGuard device is left by the run before
-(stop is not remove) and adopted. The lab must be down to start.
+into WireGuard tunnels the nodes no longer accept: stop is not remove.) The VM's WireGuard
+device is left by the run before and adopted. The lab must be down to start.
 """
 
 from __future__ import annotations
