@@ -129,6 +129,7 @@ class Registration:
                 await asyncio.wait_for(self.changed.wait(), interval)
                 self.changed.clear()
                 await self.kv.put(vm_node_key(self.cluster, self.name), self.record(), lease=lease)
+                self._recovered()
                 continue
             except TimeoutError:
                 pass
@@ -149,6 +150,14 @@ class Registration:
                 self._failed("retrying", "lease expired: the mesh withdrew this host; rejoining")
                 return
             self.status.renewals += 1
+            self._recovered()
+
+    def _recovered(self) -> None:
+        """The lease outlived an etcd outage (etcd extends leases across a leader change)."""
+        if self.status.state != "joined":
+            self.log.info("joined again: lease %x kept", self.status.lease_id)
+        self.status.state, self.status.last_error = "joined", ""
+        self.attempt = 0
 
     async def _pause(self) -> None:
         self.attempt += 1

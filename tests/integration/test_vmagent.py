@@ -361,3 +361,24 @@ async def test_the_host_renews_its_certificate_before_it_expires(east: Cluster,
         await asyncio.gather(*tasks, signer_task, return_exceptions=True)
         await vm_kv.close()
 
+
+
+async def test_a_lease_that_outlives_an_etcd_outage_is_joined_again(east: Cluster,
+                                                                    tmp_path: Path) -> None:
+    bundle = await enrol.create(east.admin, "o1", "172.31.3.40", {"app": "o"}, lease=10)
+    vm_kv = vm_store(bundle, tmp_path / "o1")
+    reg = Registration(vm_kv, "east", "o1", 10, enrol_serial(bundle), lambda: WG_KEY)
+    task = asyncio.create_task(reg.run())
+    try:
+        await eventually(lambda: reg.status.state == "joined", 10, what="joined")
+        lease = reg.status.lease_id
+        east.etcd.stop()
+        await eventually(lambda: reg.status.state == "retrying", 20, what="the outage seen")
+        east.etcd.start(etcd_tls_args(east.pki))
+        # etcd restores the lease with its full TTL: the same lease, the state joined again
+        await eventually(lambda: reg.status.state == "joined", 30, what="joined again")
+        assert reg.status.lease_id == lease and reg.status.last_error == ""
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await vm_kv.close()
