@@ -20,8 +20,11 @@ def ifindex(ifname: str, netlink: Netlink = AGENT_NETNS) -> int | None:
 
 
 def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str],
-           netlink: Netlink = AGENT_NETNS) -> int:
-    """Attach both programs to a host veth; returns its ifindex. Replacing is atomic."""
+           netlink: Netlink = AGENT_NETNS, uplink: bool = False) -> int:
+    """Attach both programs to a host veth; returns its ifindex. Replacing is atomic.
+
+    `uplink`: the endpoint's own interface (an enrolled host's), where what leaves the
+    endpoint passes tc egress, not ingress as on a pod's host-side veth."""
     with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
@@ -32,7 +35,9 @@ def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str],
         except NetlinkError as e:
             if e.code != 17:  # EEXIST: adopted from a previous run
                 raise
-        for parent, (fd, name) in ((INGRESS, from_pod), (EGRESS, to_pod)):
+        hooks = ((EGRESS, from_pod), (INGRESS, to_pod)) if uplink else \
+            ((INGRESS, from_pod), (EGRESS, to_pod))
+        for parent, (fd, name) in hooks:
             ipr.tc("replace-filter", "bpf", idx, f":{TC_HANDLE:x}", fd=fd, name=name, parent=parent,
                    classid=1, direct_action=True, prio=TC_PRIORITY)
         return idx

@@ -34,6 +34,11 @@ class BpfConfig(Strict):
                                    description="Pages per CPU of the kernel buffer verdicts are read "
                                                "from (a power of two); a burst larger than it is lost, "
                                                "and counted.")
+    flows_server: FlowsServer | None = Field(None, description="Serve flows to the relay (mutual TLS).")
+    uplink: str = Field("", pattern=r"^[a-zA-Z0-9_.-]{0,15}$",
+                        description="An enrolled host's own interface: its endpoint's programs "
+                                    "go on it with the directions turned (tc egress is the "
+                                    "host's egress), where a pod's go on its host-side veth.")
 
     @field_validator("flow_buffer_pages")
     @classmethod
@@ -41,4 +46,3 @@ class BpfConfig(Strict):
         if v & (v - 1):
             raise ValueError(f"must be a power of two, not {v}")
         return v
-    flows_server: FlowsServer | None = Field(None, description="Serve flows to the relay (mutual TLS).")

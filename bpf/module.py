@@ -34,6 +34,8 @@ from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, 
 from bpf.policy import Enforced, LocalEndpoint, PolicyEntry
 from bpf.resolver import Resolver
 from clustermesh.models import (
+    ID_HOST,
+    ID_REMOTE_NODE,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
     RESERVED_IDENTITIES,
@@ -98,7 +100,8 @@ class BpfDatapath:
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self._dirty = asyncio.Event()
         self._changed: dict[str, set[Any]] = {}  # source table name -> keys changed since
-        self.resolver = Resolver()
+        # an enrolled host (uplink set) is reached by the mesh's nodes: WireGuard, BGP
+        self.resolver = Resolver((ID_HOST, ID_REMOTE_NODE) if config.uplink else (ID_HOST,))
         self.ipcache_rows = IpcacheRows(self.local)
         hive.routes.get("/v1/bpf/ipcache", self._ipcache_api)
         hive.routes.get("/v1/bpf/policy/{endpoint}", self._policy_api)
@@ -131,7 +134,8 @@ class BpfDatapath:
             return
         ifx = self.ifindexes
         self.reconcilers = [
-            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(self.dp, ifx)),
+            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(self.dp, ifx,
+                                                                             self.config.uplink)),
             self.hive.reconcile("bpf", "bpf-ipcache", self.ipcache, IpcacheOps(self.dp)),
             self.hive.reconcile("bpf", "bpf-policy", self.entries, PolicyOps(self.dp, ifx)),
             self.hive.reconcile("bpf", "bpf-enforce", self.enforced, EnforceOps(self.dp, ifx)),

@@ -130,9 +130,10 @@ class AttachOps:
     with them; prune detaches from a veth that outlived its row (removed while the agent
     was down)."""
 
-    def __init__(self, dp: Datapath, ifindexes: Ifindexes) -> None:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplink: str = "") -> None:
         self.dp = dp
         self.ifindexes = ifindexes
+        self.uplink = uplink  # an enrolled host's own interface: directions turned
         self.attached: set[str] = set()  # by this run's update; its delete detaches them
 
     @property
@@ -144,7 +145,7 @@ class AttachOps:
             idx = await asyncio.to_thread(attach.attach, a.ifname,
                                           (self.dp.from_pod.fd, self.dp.from_pod.name),
                                           (self.dp.to_pod.fd, self.dp.to_pod.name),
-                                          self.netlink)
+                                          self.netlink, a.ifname == self.uplink)
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx

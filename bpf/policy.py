@@ -87,6 +87,7 @@ def rule_ports(rule: IngressRule | EgressRule) -> list[tuple[int, int]]:
 
 def compute(policies: Iterable[PlexusNetworkPolicy], identities: dict[int, dict[str, str]],
             endpoints: Iterable[LocalEndpoint], cidr_ids: dict[str, int] | None = None,
+            always_allowed: tuple[int, ...] = (ID_HOST,),
             ) -> tuple[list[PolicyEntry], list[Enforced]]:
     """Every entry from scratch. `cidr_ids` gives the CIDRs' identities (default: numbered in
     sorted order, as `cidr_identities`); the incremental resolver keeps its own, stable."""
@@ -122,5 +123,6 @@ def compute(policies: Iterable[PlexusNetworkPolicy], identities: dict[int, dict[
                         for port, proto in rule_ports(rule):
                             add(PolicyEntry(ep.ifname, ident, port, proto, direction, action))
     for e in enforced:  # the node itself always reaches its pods (health checks, probes)
-        add(PolicyEntry(e.ifname, ID_HOST, 0, 0, e.direction, ALLOW))
+        for ident in always_allowed:
+            add(PolicyEntry(e.ifname, ident, 0, 0, e.direction, ALLOW))
     return sorted(entries.values(), key=lambda e: e.key), sorted(enforced, key=lambda e: e.key)

@@ -120,7 +120,10 @@ def _canonical(sel: LabelSelector) -> str:
 
 
 class Resolver:
-    def __init__(self) -> None:
+    def __init__(self, always_allowed: tuple[int, ...] = (ID_HOST,)) -> None:
+        # identities every enforced endpoint admits: the node itself (health checks, probes);
+        # on an enrolled host also the mesh's nodes (WireGuard and BGP reach it from them)
+        self.always_allowed = always_allowed
         self._clear()
 
     def _clear(self) -> None:
@@ -311,8 +314,8 @@ class Resolver:
         else:
             del self._enforce[key]
         if (sign > 0 and n == 1) or (sign < 0 and n == 0):
-            # the node itself always reaches its pods (health checks, probes)
-            self._count((ifname, ID_HOST, 0, 0, direction), 0, sign)
+            for ident in self.always_allowed:
+                self._count((ifname, ident, 0, 0, direction), 0, sign)
             self._dirty_enforce.add(key)
 
 

@@ -37,12 +37,14 @@ from clustermesh.models import (
     IPIdentity,
     L4Addr,
     Node,
+    NodeAddress,
     decode_json,
     go_time,
     identity_labels,
     synced_key,
 )
 from clustermesh.session import run_sessions
+from clustermesh.vms import VM_NODE_LABEL, VMS_PREFIX, VmHost, VmSpec, parse_vm_key
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.config import ConfigError, parse
 from plexus.core.log import Fields
@@ -57,6 +59,8 @@ class Sources:
     nodes: dict[str, Node] = field(default_factory=dict)  # by registration key
     endpoints: dict[str, EndpointRegistration] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    vm_specs: dict[str, VmSpec] = field(default_factory=dict)  # by VM name
+    vm_hosts: dict[str, VmHost] = field(default_factory=dict)  # by VM name, while its lease lives
     rejected: dict[str, str] = field(default_factory=dict)  # key -> why
 
 
@@ -94,10 +98,12 @@ class ApiServer:
         self.ready = False  # this etcd session's initial sync is written
         self.reg_prefix = f"{REGISTRATIONS_PREFIX}/{cluster}/"
         self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
+        self.vm_prefix = f"{VMS_PREFIX}/{cluster}/"
         self.counters = Counters()
         # The sources, followed across sessions so a relist drops what vanished meanwhile.
         self.watches = {"registrations": ListWatch(kv, self.reg_prefix),
-                        "services": ListWatch(kv, self.svc_prefix)}
+                        "services": ListWatch(kv, self.svc_prefix),
+                        "vms": ListWatch(kv, self.vm_prefix)}
 
     # ---- desired state --------------------------------------------------------------
     async def desired(self) -> dict[str, bytes]:
@@ -115,12 +121,29 @@ class ApiServer:
                     ip=ip, identity=ident, host_ip=ep.host_ip, namespace=ep.namespace,
                     pod_name=ep.pod_name, service_account=ep.service_account).to_json().encode()
             by_ns.setdefault(ep.namespace, []).append(ep)
+        for name, spec in list(self.sources.vm_specs.items()):
+            host = self.sources.vm_hosts.get(name)
+            if host is not None:  # enrolled and alive: published like a node and its one endpoint
+                await self._vm_desired(spec, host, out)
         for svc in list(self.sources.services.values()):
             if not svc.is_global:
                 continue
             cs = self._cluster_service(svc, by_ns.get(svc.metadata.namespace, []))
             out[cs.kv_key] = cs.to_json().encode()
         return out
+
+    async def _vm_desired(self, spec: VmSpec, host: VmHost, out: dict[str, bytes]) -> None:
+        """Address and labels come from the operator's spec alone, the key from the VM."""
+        node = Node(name=spec.name, cluster=self.cluster, cluster_id=self.cluster_id,
+                    addresses=(NodeAddress("InternalIP", spec.ip),),
+                    labels={**spec.labels, VM_NODE_LABEL: "true"},
+                    wireguard_pubkey=host.wireguard_pubkey, source="plexus")
+        out[f"{NODES_PREFIX}/{self.cluster}/{spec.name}"] = node.to_json().encode()
+        ident = await self.allocator.allocate(identity_labels(self.cluster, spec.namespace,
+                                                              spec.labels))
+        out[f"{IPCACHE_PREFIX}/{spec.ip}"] = IPIdentity(
+            ip=spec.ip, identity=ident, host_ip=spec.ip, namespace=spec.namespace,
+            pod_name=spec.name).to_json().encode()
 
     def _cluster_service(self, svc: Service, endpoints: list[EndpointRegistration]) -> ClusterService:
         spec = svc.spec
@@ -176,6 +199,9 @@ class ApiServer:
     # ---- sources --------------------------------------------------------------------
     def _apply(self, key: str, value: bytes | None) -> None:
         src = self.sources
+        if key.startswith(self.vm_prefix):
+            self._apply_vm(key, value)
+            return
         src.rejected.pop(key, None)
         for table in (src.nodes, src.endpoints, src.services):
             table.pop(key, None)
@@ -202,6 +228,28 @@ class ApiServer:
         except Exception as e:  # a value no check foresaw: rejected all the same
             self.log.error("decoding key=%s failed", key[:SHOWN_CHARS], exc_info=e)
             self._reject(key, f"{type(e).__name__}: {e}")
+
+    def _apply_vm(self, key: str, value: bytes | None) -> None:
+        src = self.sources
+        src.rejected.pop(key, None)
+        parsed = parse_vm_key(self.cluster, key)
+        if parsed is None or parsed[1] not in ("spec", "node"):
+            return
+        name, what = parsed
+        table: dict[str, Any] = src.vm_specs if what == "spec" else src.vm_hosts
+        table.pop(name, None)
+        if value is None:
+            return
+        try:
+            if what == "spec":
+                spec = VmSpec.from_json(value)
+                if spec.name != name or spec.cluster != self.cluster:
+                    raise InvalidValue("VM spec names another VM or cluster than its key")
+                src.vm_specs[name] = spec
+            else:
+                src.vm_hosts[name] = VmHost.from_json(value)
+        except (InvalidValue, ValueError) as e:
+            self._reject(key, str(e))
 
     def _reject(self, key: str, why: str) -> None:
         self.sources.rejected[key] = why[:SHOWN_CHARS]
@@ -318,7 +366,9 @@ class ApiServer:
         return {"cluster": self.cluster, "id": self.cluster_id, "synced": self.synced.is_set(),
                 "ready": self.ready,
                 "nodes": len(self.sources.nodes), "endpoints": len(self.sources.endpoints),
-                "services": len(self.sources.services), "rejected": dict(self.sources.rejected),
+                "services": len(self.sources.services), "vms": len(self.sources.vm_specs),
+                "vmsJoined": len(self.sources.vm_specs.keys() & self.sources.vm_hosts.keys()),
+                "rejected": dict(self.sources.rejected),
                 "published": len(self.published),
                 "prefixes": {name: w.status.as_dict() for name, w in self.watches.items()},
                 "written": {"puts": self.counters.puts, "deletes": self.counters.deletes,

@@ -24,6 +24,8 @@ class ClusterMeshConfig(Strict):
     etcd: EtcdSection = Field(default_factory=EtcdSection)
     config_dir: Path | None = Field(None, description="One file per remote cluster, named after it.")
     direct_routes: bool = Field(True, description="Route to same-segment nodes' pod CIDRs directly.")
+    registration: bool = Field(True, description="Register this node and its endpoints for the "
+                               "apiserver (off on an enrolled VM, which registers itself).")
     config_poll_interval: float = Field(1.0, gt=0, description="How often the config dir is read.")
 
 

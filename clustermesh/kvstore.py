@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import grpc
 from aetcd import rpc
-from aetcd.rpc import rpc_pb2_grpc
+from aetcd.rpc import auth_pb2, rpc_pb2_grpc
 
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -59,6 +59,19 @@ class Tls:
     ca_file: Path
     cert_file: Path | None = None
     key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One permission of a role: read, write or readwrite on a key or a prefix."""
+
+    perm: Literal["read", "write", "readwrite"]
+    key: str
+    prefix: bool = False
+
+
+_PERMS = {"read": auth_pb2.Permission.READ, "write": auth_pb2.Permission.WRITE,
+          "readwrite": auth_pb2.Permission.READWRITE}
 
 
 @dataclass(frozen=True)
@@ -146,12 +159,29 @@ class KvStore:
         self._watch: Any = None
         self._lease: Any = None
         self._maintenance: Any = None
+        self._auth: Any = None
+        self._stamp: tuple[int, ...] = ()  # the TLS files as the channel read them
         self._closes = 0  # a watch resumes only on the store it started on, never after close()
+
+    def _tls_stamp(self) -> tuple[int, ...]:
+        if self.tls is None:
+            return ()
+        out = []
+        for f in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file):
+            try:
+                out.append(f.stat().st_mtime_ns if f is not None else 0)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
 
     async def connect(self) -> None:
         if self._channel is not None:
-            return
+            # Certificates renewed in place (an enrolled VM's) take effect on the next call.
+            if not self._secure or self._tls_stamp() == self._stamp:
+                return
+            await self.close()
         if self._secure:
+            self._stamp = self._tls_stamp()
             assert self.tls is not None
             try:
                 creds = grpc.ssl_channel_credentials(
@@ -168,6 +198,7 @@ class KvStore:
         self._watch = rpc_pb2_grpc.WatchStub(self._channel)
         self._lease = rpc_pb2_grpc.LeaseStub(self._channel)
         self._maintenance = rpc_pb2_grpc.MaintenanceStub(self._channel)
+        self._auth = rpc_pb2_grpc.AuthStub(self._channel)
 
     async def close(self) -> None:
         self._closes += 1
@@ -188,13 +219,14 @@ class KvStore:
         call = getattr(getattr(self, stub), method)
         # With several members, a call that found its member gone goes once more, to the next
         # one the channel picks (as a watch resumes there).
-        for attempt in range(2 if len(self.endpoints) > 1 else 1):
+        attempts = 2 if len(self.endpoints) > 1 else 1
+        for attempt in range(attempts):
             try:
                 return await call(request, timeout=deadline or self.timeout, wait_for_ready=False,
                                   metadata=_REQUIRE_LEADER)
             except grpc.aio.AioRpcError as e:
                 error = _translate(e)
-                if attempt or not isinstance(error, Unavailable):
+                if attempt == attempts - 1 or not isinstance(error, Unavailable):
                     raise error from None
             await asyncio.sleep(0.2)
         raise Unavailable("unreachable")  # the loop above always returns or raises
@@ -313,6 +345,55 @@ class KvStore:
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
         return 0
+
+    async def revoke(self, lease: int) -> bool:
+        """End a lease and delete its keys; False when it was already gone."""
+        try:
+            await self._call("_lease", "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease))
+        except KvError as e:
+            if "lease not found" in str(e):
+                return False
+            raise
+        return True
+
+    # ---- users and roles (etcd RBAC; the client-certificate CN is the user) ---------
+    async def add_user(self, name: str) -> None:
+        """A user without password: it authenticates by client certificate only."""
+        await self._call("_auth", "UserAdd", rpc.AuthUserAddRequest(
+            name=name, options=rpc.UserAddOptions(no_password=True)))
+
+    async def add_role(self, name: str, grants: Sequence[Grant]) -> None:
+        """A role with `grants`, given to the user of the same name."""
+        await self._call("_auth", "RoleAdd", rpc.AuthRoleAddRequest(name=name))
+        for g in grants:
+            key = g.key.encode()
+            perm = auth_pb2.Permission(permType=_PERMS[g.perm], key=key,
+                                       range_end=prefix_end(key) if g.prefix else b"")
+            await self._call("_auth", "RoleGrantPermission",
+                             rpc.AuthRoleGrantPermissionRequest(name=name, perm=perm))
+
+    async def grant_role(self, user: str, role: str) -> None:
+        await self._call("_auth", "UserGrantRole", rpc.AuthUserGrantRoleRequest(user=user, role=role))
+
+    async def delete_user(self, name: str) -> bool:
+        """Remove a user (and so every request its certificate makes); False if absent."""
+        return await self._delete_auth("UserDelete", rpc.AuthUserDeleteRequest(name=name))
+
+    async def delete_role(self, name: str) -> bool:
+        return await self._delete_auth("RoleDelete", rpc.AuthRoleDeleteRequest(role=name))
+
+    async def users(self) -> list[str]:
+        resp = await self._call("_auth", "UserList", rpc.AuthUserListRequest())
+        return list(resp.users)
+
+    async def _delete_auth(self, method: str, request: Any) -> bool:
+        try:
+            await self._call("_auth", method, request)
+        except KvError as e:
+            if "not found" in str(e):
+                return False
+            raise
+        return True
 
     # ---- watch ----------------------------------------------------------------------
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[tuple[list[Event], int]]:

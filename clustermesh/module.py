@@ -186,7 +186,7 @@ class ClusterMesh:
             self.hive.reconcile(owner, "endpoint-registration", self.endpoints,
                                 EndpointRegistrationOps(self.kv, self.local.cluster, self.local.name,
                                                         self.local.ip)),
-        ]
+        ] if self.config.registration else []
         if self.config.direct_routes:
             self.reconcilers.append(self.hive.reconcile(owner, "direct-routes", self.routes, RouteOps()))
         self.hive.spawn(owner, self._publish_own_node(), "own-node")

@@ -30,6 +30,7 @@ from clustermesh.models import CLUSTER_CONFIG_PREFIX, HEARTBEAT_KEY, SYNCED_PREF
 VALID_DAYS = 3650
 REMOTE_USER = "remote"
 REMOTE_PORT = 2479  # the read-only endpoint other clusters reach
+CRL_FILE = "crl.pem"  # certificates etcd refuses (revoked VMs)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -54,7 +55,8 @@ KeyPair = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
 
 
 def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, cluster: str,
-           *, server_ips: Iterable[str] = (), client: bool = True) -> KeyPair:
+           *, server_ips: Iterable[str] = (), client: bool = True,
+           valid_for: datetime.timedelta = datetime.timedelta(days=VALID_DAYS)) -> KeyPair:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
@@ -64,7 +66,7 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: st
     b = (x509.CertificateBuilder().subject_name(_name(cn, cluster)).issuer_name(ca_cert.subject)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+         .not_valid_after(now + valid_for)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
          .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
     if ips:
@@ -130,6 +132,8 @@ def make_cluster_pki(cluster: str, out: Path, server_ips: list[str],
             _write_key(out / f"{name}.key", key)
             _write_cert(out / f"{name}.crt", cert)
         written.append(out / f"{name}.crt")
+    if not (out / CRL_FILE).exists():
+        write_crl(out, [])
     (out / "endpoints").write_text("".join(f"https://{ip}:{REMOTE_PORT}\n"
                                            for ip in advertise or server_ips))
     return written
@@ -162,8 +166,77 @@ def make_flows_pki(cluster: str, out: Path, nodes: dict[str, str]) -> list[Path]
 
 def etcd_tls_args(pki: Path) -> list[str]:
     """etcd flags for TLS with client-certificate authentication."""
-    return ["--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),
+    args = ["--cert-file", str(pki / "server.crt"), "--key-file", str(pki / "server.key"),
             "--trusted-ca-file", str(pki / "ca.crt"), "--client-cert-auth"]
+    if (pki / CRL_FILE).exists():  # etcd reads it at every handshake: a revocation needs no restart
+        args += ["--client-crl-file", str(pki / CRL_FILE)]
+    return args
+
+
+def issue_client(pki: Path, cn: str, cluster: str, valid_for: datetime.timedelta,
+                 not_before: datetime.datetime | None = None) -> tuple[bytes, bytes, int]:
+    """A client certificate of the cluster CA for etcd user `cn`: (key PEM, cert PEM, serial).
+    Nothing is written: the caller hands the key to its one holder."""
+    ca_key, ca_cert = _load_ca(pki, "ca")
+    key, cert = _issue(ca_key, ca_cert, cn, cluster, valid_for=valid_for)
+    if not_before is not None:  # only to make certificates that are already expired
+        cert = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+                .public_key(cert.public_key()).serial_number(cert.serial_number)
+                .not_valid_before(not_before).not_valid_after(not_before + valid_for)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM), cert.serial_number
+
+
+def certify(pki: Path, cn: str, cluster: str, public_key_pem: bytes,
+            valid_for: datetime.timedelta) -> tuple[bytes, int]:
+    """A client certificate of the cluster CA for a key its holder made (a renewal: the
+    private key never leaves the holder). Returns (cert PEM, serial)."""
+    ca_key, ca_cert = _load_ca(pki, "ca")
+    public_key = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise ValueError("the public key to certify must be an EC key")
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name(cn, cluster)).issuer_name(ca_cert.subject)
+            .public_key(public_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + valid_for)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), cert.serial_number
+
+
+def sign(pki: Path, data: bytes) -> bytes:
+    """An ECDSA signature of `data` by the cluster CA (join bundles carry one)."""
+    ca_key, _ = _load_ca(pki, "ca")
+    return ca_key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def write_crl(pki: Path, serials: Iterable[int]) -> None:
+    """The cluster CA's revocation list: etcd refuses a handshake with any of `serials`."""
+    ca_key, ca_cert = _load_ca(pki, "ca")
+    now = datetime.datetime.now(datetime.UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - datetime.timedelta(minutes=5))
+         .next_update(now + datetime.timedelta(days=VALID_DAYS)))
+    for serial in sorted(set(serials)):
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(now).build())
+    crl = b.sign(ca_key, hashes.SHA256())
+    tmp = pki / f".{CRL_FILE}.tmp"
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, pki / CRL_FILE)
+
+
+def revoked_serials(pki: Path) -> set[int]:
+    path = pki / CRL_FILE
+    if not path.exists():
+        return set()
+    return {r.serial_number for r in x509.load_pem_x509_crl(path.read_bytes())}
 
 
 def etcd_auth_commands(cluster: str) -> list[list[str]]:

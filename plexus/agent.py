@@ -113,17 +113,19 @@ def add_core_routes(app: App) -> None:
     app.hive.routes.get("/v1/healthz", healthz)
 
 
-async def run(config_path: str | Path) -> int:
+async def run(config_path: str | Path, modules: list[Module[Any]] | None = None) -> int:
+    """Run the agent of `modules` (default: a node's, `plexus.app.MODULES`)."""
     from plexus.app import MODULES
 
+    modules = MODULES if modules is None else modules
     try:
-        config = load_config(config_path, MODULES)
+        config = load_config(config_path, modules)
     except ConfigError as e:
         logging.getLogger("plexus.agent").error("invalid config:\n%s", e)
         return 2
     plog.setup(config.log_level, prefix=f"{config.cluster.name}/{config.node.name}")
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    app = build(config, MODULES)
+    app = build(config, modules)
     add_core_routes(app)
     server = ApiServer(app.hive.routes, config.api_socket, app.hive.metrics.registry,
                        config.metrics.address, config.metrics.port)

@@ -11,6 +11,7 @@ from egress.module import module as egress
 from encryption.module import module as encryption
 from plexus.core.module import Module
 from plexus.node.module import module as node
+from vmagent.module import module as vmagent
 
 MODULES: list[Module[Any]] = [
     node,
@@ -19,4 +20,14 @@ MODULES: list[Module[Any]] = [
     encryption,
     bgp,
     egress,
+]
+
+# An enrolled VM or metal host (`plexus vmagent`): a node's modules but BGP, with the host's
+# own registration (vmagent) in place of clustermesh's node and endpoint registrations.
+VM_MODULES: list[Module[Any]] = [
+    node,
+    clustermesh,
+    bpf,
+    encryption,
+    vmagent,
 ]

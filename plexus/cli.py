@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plexus.commands import agent, apply, bgp, bpf, clustermesh, egress, encrypt, lab, observe, relay
+from plexus.commands import agent, apply, bgp, bpf, clustermesh, egress, encrypt, lab, observe, relay, vm
 from plexus.core.client import ClientError
 from plexus.core.config import ConfigError
 
@@ -20,6 +20,7 @@ COMMAND_GROUPS = [
     relay,
     bgp,
     egress,
+    vm,
 ]
 
 

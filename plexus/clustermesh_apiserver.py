@@ -15,6 +15,7 @@ from pydantic import Field, create_model
 from clustermesh.apiserver_module import APISERVER
 from clustermesh.apiserver_module import module as apiserver
 from clustermesh.config import EtcdSection
+from clustermesh.vm_signer import module as vmsigner
 from plexus.agent import ClusterSection, MetricsSection
 from plexus.core import log as plog
 from plexus.core.api import ApiServer
@@ -28,6 +29,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/plexus/clustermesh-apiserver")
 
 MODULES: list[Module[Any]] = [
     apiserver,
+    vmsigner,
 ]
 
 

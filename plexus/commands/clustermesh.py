@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--key", type=Path)
     p.add_argument("--identity-gc-grace", type=float, default=300.0,
                    help="seconds an unused identity is kept (default %(default)s)")
+    p.add_argument("--vm-pki", type=Path,
+                   help="the cluster's PKI directory (ca.key): renew enrolled VMs' certificates")
     p.add_argument("--api-socket", type=Path, default=Path(APISERVER_SOCKET),
                    help="unix socket of its local API (default %(default)s)")
     p.add_argument("--metrics-address", default="127.0.0.1",
@@ -111,6 +113,7 @@ def _apiserver(args: argparse.Namespace) -> int:
         "metrics": {"address": args.metrics_address, "port": args.metrics_port or None},
         "logLevel": args.log_level,
         "apiserver": {"identityGcGrace": args.identity_gc_grace},
+        "vmsigner": {"pki": args.vm_pki},
     }, MODULES)
     return asyncio.run(run(config))
 

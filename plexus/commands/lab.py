@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from plexus.commands.common import add_output_arg, emit, table
+from plexus.commands.common import LAB_DIR, add_output_arg, emit, table
 from plexus.core.client import Client
 from plexus.lab.lab import Lab
 from plexus.lab.ops import LabError, run
@@ -173,6 +173,10 @@ def _demo(_args: argparse.Namespace) -> int:
     ]
     _say("==> connectivity")
     ok = True
+    for v in lab.topo.vms:
+        checks += [(f"VM {v.netns} -> pod, west cluster (encrypted)", v.netns,
+                    ip("west", "n1", "web")),
+                   (f"pod -> VM {v.netns}", client, v.ip)]
     for what, src, dst in checks:
         good = ping(src, dst)
         ok &= good
@@ -192,6 +196,14 @@ def _demo(_args: argparse.Namespace) -> int:
     for name, c in mesh.get("/v1/clustermesh/status")["clusters"].items():
         _say(f"  cluster {name:<5} id {c['clusterID']}  ready {c['ready']}  nodes {c['nodes']}  "
              f"endpoints {c['endpoints']}  identities {c['identities']}")
+    for v in lab.topo.vms:
+        st = lab._vm_status(v)
+        seen = sum(1 for n in lab.topo.nodes() if any(
+            r.get("ip") == v.ip for r in Client(lab.socket(n), timeout=5).get(
+                "/v1/clustermesh/tables/endpoints")))
+        _say(f"==> VM {lab.vm_name(v)} ({v.ip}) enrolled in {lab.vm_cluster(v).name}: "
+             f"{st.get('state', st.get('error'))}, in the ipcache of {seen} of "
+             f"{len(lab.topo.nodes())} nodes")
     first: Node = lab.topo.nodes()[0]
     _say(f"""
 ==> explore
@@ -206,6 +218,8 @@ def _demo(_args: argparse.Namespace) -> int:
   ip netns exec {client} ping {ip('west', 'n1', 'web')}
   ip netns exec plx-router birdc -s {lab.bird_socket()} show route
   .venv/bin/plexus lab pod add east n2 db --labels app=db
+  .venv/bin/plexus vm list                                 # enrolled VMs: state, identity
+  .venv/bin/plexus status --socket {LAB_DIR}/vms/vm1/agent.sock   # the VM's agent
 ==> tear down
   make down        (or: .venv/bin/plexus lab down)""")
     return 0 if ok else 1

@@ -57,6 +57,8 @@ WG_DIR = Path("/var/run/wireguard")
 APISERVER_METRICS_PORT = 9963  # each control plane is its own namespace
 FLOWS_PORT = 4244  # every agent serves its flows to the relays there (mutual TLS)
 RELAY_PORT = 4245  # each relay's web page, on its control plane's loopback
+VM_LABELS = "app=db,env=lab"  # what the lab's policies select the VM by
+VM_LEASE = 10  # seconds: the lab's VM is withdrawn this soon after it goes silent
 
 
 # Stop order, last tier first: agents go before the etcd they talk to.
@@ -159,7 +161,9 @@ class Lab:
         state.save(self.state_path)
         self.say("==> network: router, segments, hosts")
         self._mount_bpffs()
+        missing = set(self.topo.namespaces()) - ops.namespaces()
         self._network()
+        self._stop_orphans(state, missing)
         self.say("==> router: BIRD 2")
         self._ensure_all(state, [self.router_daemons()])
         for c in self.topo.clusters:
@@ -173,8 +177,15 @@ class Lab:
             self.say(f"==> node {n.key} ({n.host.ip}, pods {n.pod_cidr}): "
                      + ", ".join(d.name for d in self.node_daemons(n)))
         self._ensure_all(state, [self.node_daemons(n) for n in self.topo.nodes()])
+        for vm in self.topo.vms:
+            self.say(f"==> VM {vm.netns} ({vm.ip}) enrols into {self.vm_cluster(vm).name}: "
+                     + ", ".join(d.name for d in self.vm_daemons(vm)))
+            self._enrol_vm(vm)
+        self._ensure_all(state, [self.vm_daemons(vm) for vm in self.topo.vms])
         self.say("==> waiting for every agent to sync every cluster")
         ops.wait_for(self._mesh_ready, 90, "clustermesh to be ready on every node", interval=0.2)
+        ops.wait_for(self._vms_in_mesh, 60, "every node of every cluster to know the VMs",
+                     interval=0.2)
         self.say("==> BGP: every node peers with the router and announces its pod CIDR")
         self._apply_bgp()
         ops.wait_for(self._bgp_routes_in, 90, "the router to learn every pod CIDR over BGP",
@@ -182,6 +193,28 @@ class Lab:
         self.say("==> relays: every node's flows, one stream per cluster")
         self._ensure_all(state, [self.relay_daemons(c) for c in self.topo.clusters])
         self.say(f"==> lab is up ({time.monotonic() - started:.1f}s)")
+
+    def wireguard_devices(self) -> list[tuple[str, Path, str]]:
+        """(namespace, state dir, device) of every wireguard-go the lab's agents start."""
+        return ([(n.host.netns, self.node_dir(n) / "state", n.wg_device) for n in self.topo.nodes()]
+                + [(vm.netns, self.vm_dir(vm) / "state", self.vm_wg_device(vm))
+                   for vm in self.topo.vms])
+
+    def _stop_orphans(self, state: State, missing: set[str]) -> None:
+        """A process whose namespace was deleted runs on in a namespace nobody reaches (its link
+        goes when the namespace is made again): stop it, and its wireguard-go, whose UAPI socket
+        a new agent would otherwise adopt; `_ensure_all` starts them in the new namespace."""
+        for p in list(state.processes.values()):
+            if p.netns in missing and ops.alive(p.pid, p.marker):
+                self.say(f"  {p.name}: namespace {p.netns} was gone; stopping pid {p.pid}")
+                ops.stop(p.pid, p.marker)
+        for netns, state_dir, device in self.wireguard_devices():
+            pid_file = state_dir / "wireguard-go.pid"
+            if netns in missing and pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid and ops.alive(pid, device):
+                    ops.stop(pid, device)
+                (WG_DIR / f"{device}.sock").unlink(missing_ok=True)
 
     def _set_etcd_members(self, count: int) -> None:
         try:
@@ -256,7 +289,8 @@ class Lab:
         daemons = {d.name: d for group in [self.router_daemons(),
                                            *(self.control_plane(c) for c in self.topo.clusters),
                                            *(self.relay_daemons(c) for c in self.topo.clusters),
-                                           *(self.node_daemons(n) for n in self.topo.nodes())]
+                                           *(self.node_daemons(n) for n in self.topo.nodes()),
+                                           *(self.vm_daemons(vm) for vm in self.topo.vms)]
                    for d in group}
         unknown = [n for n in names if n not in daemons]
         if unknown:
@@ -536,7 +570,7 @@ protocol kernel {{
                 *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
                   for f in ("--etcd", url)),
                 "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
-                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60",
+                "--key", str(pki / "admin.key"), "--identity-gc-grace", "60", "--vm-pki", str(pki),
                 "--api-socket", str(self.apiserver_socket(c)),
                 "--metrics-address", c.control_plane.ip, "--metrics-port", str(APISERVER_METRICS_PORT)]
 
@@ -654,6 +688,79 @@ protocol kernel {{
         except ClientError:
             return False
 
+    # ---- VMs ------------------------------------------------------------------------
+    def vm_cluster(self, _vm: Host) -> Cluster:
+        return self.topo.clusters[0]
+
+    @staticmethod
+    def vm_name(vm: Host) -> str:
+        return vm.netns.removeprefix("plx-")
+
+    def vm_dir(self, vm: Host) -> Path:
+        return self.root / "vms" / self.vm_name(vm)
+
+    def vm_socket(self, vm: Host) -> Path:
+        return self.vm_dir(vm) / "agent.sock"
+
+    @staticmethod
+    def vm_wg_device(vm: Host) -> str:
+        return f"plxwg-{vm.netns.removeprefix('plx-')}"
+
+    def vm_daemons(self, vm: Host) -> list[Daemon]:
+        return [Daemon(f"vmagent-{self.vm_name(vm)}", vm.netns, TIER_NODE,
+                       [sys.executable, "-m", "plexus", "vmagent", "--config",
+                        str(self.vm_dir(vm) / "vmagent.yaml")],
+                       lambda: self.vm_joined(vm), env={"PYTHONPATH": str(REPO_ROOT)})]
+
+    def vm_create_argv(self, vm: Host, bundle: Path) -> list[str]:
+        """`plexus vm create` as the cluster's admin, run inside its control-plane namespace."""
+        c = self.vm_cluster(vm)
+        return [sys.executable, "-m", "plexus", "vm", "create", self.vm_name(vm),
+                "--cluster", c.name, "--ip", vm.ip, "--labels", VM_LABELS,
+                "--lease", str(VM_LEASE), "-o", str(bundle),
+                "--etcd", "https://127.0.0.1:2379" if len(c.etcd) == 1 else c.etcd_urls[0],
+                "--pki", str(self.pki(c.name)), "--mesh-pki", str(self.root / "pki"),
+                *(f for url in c.etcd_urls for f in ("--advertise", url))]
+
+    def _enrol_vm(self, vm: Host) -> None:
+        """Enrol and unpack the bundle as `plexus vm join` does, once: the VM's agent renews
+        its certificate in place, which unpacking again would undo."""
+        from vmagent.bundle import load_bundle
+        from vmagent.join import unpack
+
+        d = self.vm_dir(vm)
+        bundle = d / "bundle.yaml"
+        if (d / "vmagent.yaml").exists():
+            return
+        if not bundle.exists():
+            d.mkdir(parents=True, exist_ok=True)
+            c = self.vm_cluster(vm)
+            r = subprocess.run(["ip", "netns", "exec", c.control_plane.netns,
+                                *self.vm_create_argv(vm, bundle)], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=60)
+            if r.returncode != 0:
+                raise LabError(f"enrolling {vm.netns} in {c.name} failed: {r.stderr.strip()}")
+            self.say(f"  {r.stdout.strip()}")
+        unpack(load_bundle(bundle, name=self.vm_name(vm)), d, self.vm_socket(vm),
+               self.vm_wg_device(vm), encryption=True, bpf_pin_dir=self.bpffs / self.vm_name(vm))
+
+    def vm_joined(self, vm: Host) -> bool:
+        try:
+            return bool(Client(self.vm_socket(vm), timeout=2).get("/v1/vm")["state"] == "joined")
+        except ClientError:
+            return False
+
+    def _vms_in_mesh(self) -> bool:
+        want = {vm.ip for vm in self.topo.vms}
+        for n in self.topo.nodes():
+            try:
+                rows = Client(self.socket(n), timeout=3).get("/v1/clustermesh/tables/endpoints")
+            except ClientError:
+                return False
+            if not want <= {r.get("ip") for r in rows}:
+                return False
+        return True
+
     # ---- pods -----------------------------------------------------------------------
     def pod_add(self, cluster: str, node_name: str, pod: str, labels: dict[str, str],
                 namespace: str = "default") -> dict[str, Any]:
@@ -726,9 +833,16 @@ protocol kernel {{
             "etcd": {c.name: self.etcd_members_status(c) for c in self.topo.clusters
                      if c.control_plane.netns in present},
             "pods": state.pods,
+            "vms": {self.vm_name(vm): self._vm_status(vm) for vm in self.topo.vms},
             "router_routes": self.birdc("show", "route") if ROUTER in present else "",
             "router_protocols": self.birdc("show", "protocols") if ROUTER in present else "",
         }
+
+    def _vm_status(self, vm: Host) -> dict[str, Any]:
+        try:
+            return dict(Client(self.vm_socket(vm), timeout=3).get("/v1/vm"))
+        except ClientError as e:
+            return {"error": str(e)}
 
     # ---- down -----------------------------------------------------------------------
     def down(self, force: bool = False) -> list[str]:
@@ -749,13 +863,13 @@ protocol kernel {{
             done += [f"stopped {cmd} (pid {pid}, started by the lab)" for pid, cmd in left]
         # wireguard-go outlives its agent by design (stop is not remove), and one started by an
         # earlier agent is no longer below the current one: its pid file names it.
-        for n in self.topo.nodes():
-            pid_file = self.node_dir(n) / "state" / "wireguard-go.pid"
+        for _netns, state_dir, device in self.wireguard_devices():
+            pid_file = state_dir / "wireguard-go.pid"
             if pid_file.exists():
                 pid = int(pid_file.read_text().strip() or 0)
-                if pid and ops.alive(pid, n.wg_device):
-                    ops.stop(pid, n.wg_device)
-                    done.append(f"stopped wireguard-go {n.wg_device} (pid {pid})")
+                if pid and ops.alive(pid, device):
+                    ops.stop(pid, device)
+                    done.append(f"stopped wireguard-go {device} (pid {pid})")
         for ns in sorted(ops.namespaces()):
             if is_lab_netns(ns, self.topo):
                 ops.delete_netns(ns)
@@ -763,8 +877,9 @@ protocol kernel {{
         if BPF_DIR.exists():
             shutil.rmtree(BPF_DIR, ignore_errors=True)
             done.append(f"removed {BPF_DIR}")
-        for n in self.topo.nodes():
-            sock = WG_DIR / f"{n.wg_device}.sock"
+        for device in [n.wg_device for n in self.topo.nodes()] + [self.vm_wg_device(vm)
+                                                                  for vm in self.topo.vms]:
+            sock = WG_DIR / f"{device}.sock"
             if sock.exists():
                 sock.unlink()
                 done.append(f"removed {sock}")

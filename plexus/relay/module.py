@@ -28,6 +28,7 @@ from clustermesh.config import RemoteClusterFile
 from clustermesh.kvstore import KvStore, Tls
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
+from clustermesh.vms import VM_NODE_LABEL
 from plexus.core.api import ApiError, StreamError, stream_ndjson
 from plexus.core.config import ConfigError, load
 from plexus.core.manifests import manifests_table
@@ -199,7 +200,9 @@ class Relay:
             wanted: dict[str, tuple[str, str]] = {}
             for n in self.tables.nodes:
                 ip = n.internal_ip()
-                if ip:
+                # An enrolled host serves its flows on its own API (`plexus observe` there),
+                # not to the relay: its uplink policy would judge the relay's connection.
+                if ip and n.labels.get(VM_NODE_LABEL) != "true":
                     wanted[f"{n.cluster}/{n.name}"] = (n.cluster, ip)
             for key in self.links.keys() - wanted.keys():
                 link = self.links.pop(key)

@@ -62,7 +62,8 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert r.returncode == 0, r.stderr
     after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
     assert before == after
-    assert len(after) == 1 + 2 + 2 + 2 + 4 + 2  # BIRD, etcds, apiservers, remote endpoints, agents, relays
+    # BIRD, etcds, apiservers, remote endpoints, agents, relays, VM
+    assert len(after) == 1 + 2 + 2 + 2 + 4 + 2 + 1
 
 
 def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
@@ -312,7 +313,8 @@ def test_pod_traffic_between_nodes_and_clusters_is_encrypted(lab: Lab) -> None:
     src = pod_netns(lab.topo.node("east", "n1"), "enc-a")
     st = encrypt_status("east-n1")
     assert st["backend"].startswith("userspace") and st["mtu"] == 1420
-    assert {p["node"] for p in st["peers"]} == {"east/n2", "west/n1", "west/n2"}
+    # every other node, and the lab's enrolled VM
+    assert {p["node"] for p in st["peers"]} == {"east/n2", "west/n1", "west/n2", "east/vm1"}
     with underlay_capture(lab, "underlay") as read:
         for target, name in ((b, "enc-b"), (c, "enc-c")):
             ns = pod_netns(lab.topo.node(target["cluster"], target["node"]), name)

@@ -68,7 +68,8 @@ async def test_healthz_metrics_and_status(tmp_path: Path, etcd: Etcd) -> None:
     with apiserver_process(tmp_path, etcd, port) as sock:
         await eventually(lambda: http_get(port, "/healthz")[0] == 200, 30, what="/healthz ok")
         health = json.loads(http_get(port, "/healthz")[1])
-        assert health["ok"] and health["ready"] and health["health"] == {"apiserver": "ok"}
+        assert health["ok"] and health["ready"] and health["health"] == {"apiserver": "ok",
+                                                                           "vmsigner": "ok"}
 
         async with KvStore([etcd.endpoint]) as kv:
             await kv.put(endpoint_registration_key("east", "n1", "c1"), EndpointRegistration(
@@ -94,7 +95,8 @@ async def test_healthz_metrics_and_status(tmp_path: Path, etcd: Etcd) -> None:
         assert a["ready"] and a["endpoints"] == 1 and a["identitiesAllocated"] == 1
         assert a["written"]["puts"] >= 1
         assert {n: p["synced"] for n, p in a["prefixes"].items()} == {"registrations": True,
-                                                                      "services": True}
+                                                                      "services": True,
+                                                                      "vms": True}
         assert list(a["rejected"]) == [endpoint_registration_key("east", "n1", "bad")]
         assert a["etcdErrors"] == 0 and a["lastError"] == ""
         table = status(sock)

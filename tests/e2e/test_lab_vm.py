@@ -1,0 +1,228 @@
+"""The lab's VM (plx-vm1, 172.31.3.10) enrolled into east: known to every node of both clusters,
+a WireGuard peer of each, policy on its uplink, withdrawn when silent and back on return,
+gone when revoked, and bundles that must be refused refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from plexus.core.client import Client, ClientError
+from plexus.lab.lab import VM_LEASE, Lab, State
+from plexus.lab.topology import pod_netns
+from tests.e2e.test_lab import apply_in, lab_namespaces, plexus
+from tests.support import echo, echo_server, wait_until
+
+VM_NS = "plx-vm1"
+VM_IP = "172.31.3.10"
+
+VM_POLICY = """
+apiVersion: plexus.io/v1
+kind: PlexusNetworkPolicy
+metadata: {name: db-from-west-clients, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: vmclient, io.cilium.k8s.policy.cluster: west}}]
+      toPorts: [{ports: [{port: 5432, protocol: TCP}]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if lab_namespaces():
+        plexus("lab", "down")
+        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        yield Lab(say=lambda _line: None)
+    finally:
+        plexus("lab", "down")
+
+
+def vm(lab: Lab) -> Any:
+    return lab.topo.vms[0]
+
+
+def vm_status(lab: Lab) -> dict[str, Any]:
+    return dict(Client(lab.vm_socket(vm(lab)), timeout=5).get("/v1/vm"))
+
+
+def listed() -> dict[str, dict[str, Any]]:
+    r = plexus("vm", "list", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return {row["name"]: row for row in json.loads(r.stdout)}
+
+
+def known_by(lab: Lab) -> dict[str, int | None]:
+    """Per node of both clusters: the VM's identity in its ipcache (None: not there)."""
+    out: dict[str, int | None] = {}
+    for n in lab.topo.nodes():
+        rows = Client(lab.socket(n), timeout=5).get("/v1/clustermesh/tables/endpoints")
+        out[n.key] = next((r["identity"] for r in rows if r["ip"] == VM_IP), None)
+    return out
+
+
+def test_the_vm_is_enrolled_and_every_node_of_both_clusters_knows_it(lab: Lab) -> None:
+    row = listed()["vm1"]
+    assert (row["cluster"], row["ip"], row["state"]) == ("east", VM_IP, "joined")
+    assert row["labels"] == {"app": "db", "env": "lab"}
+    ident = row["identity"]
+    assert ident is not None and 1 << 16 <= ident < 2 << 16  # east's identity range
+    assert set(known_by(lab).values()) == {ident}
+    # a WireGuard peer of every node, and every node one of its peers
+    for n in lab.topo.nodes():
+        st = Client(lab.socket(n), timeout=5).get("/v1/encryption/status")
+        peer = next(p for p in st["peers"] if p["node"] == "east/vm1")
+        assert peer["endpoint"].startswith(VM_IP) and f"{VM_IP}/32" in peer["allowedIPs"]
+    r = plexus("status", "--socket", str(lab.vm_socket(vm(lab))))
+    assert r.returncode == 0 and "vmagent" in r.stdout and "joined" in r.stdout, r.stderr
+    st = Client(lab.vm_socket(vm(lab)), timeout=5).get("/v1/encryption/status")
+    assert {p["node"] for p in st["peers"]} == {n.key.replace("-", "/") for n in lab.topo.nodes()}
+    # its key material is its own and private
+    for f in ("etcd/client.key", "vmagent.yaml", "bundle.yaml"):
+        assert os.stat(lab.vm_dir(vm(lab)) / f).st_mode & 0o777 == 0o600, f
+
+
+def test_a_policy_selecting_app_db_admits_the_west_client_and_no_other(lab: Lab,
+                                                                       tmp_path: Path) -> None:
+    lab.pod_add("west", "n1", "vmcl", {"app": "vmclient"})
+    lab.pod_add("west", "n2", "vmother", {"app": "vmother"})
+    client = pod_netns(lab.topo.node("west", "n1"), "vmcl")
+    other = pod_netns(lab.topo.node("west", "n2"), "vmother")
+    with echo_server(VM_NS, "tcp", 5432):
+        assert wait_until(lambda: echo(other, "tcp", VM_IP, 5432, "x", timeout=1), 30,
+                          what="open before any policy selects the VM")
+        r = apply_in("east", VM_POLICY, tmp_path)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: not echo(other, "tcp", VM_IP, 5432, "x", timeout=1), 30,
+                   what="the other west pod denied once the VM is selected")
+        assert echo(client, "tcp", VM_IP, 5432, "x")
+        # the host's datapath shows it: conntrack has the client's connection
+        r = plexus("bpf", "ct", "list", "--socket", str(lab.vm_socket(vm(lab))), "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert lab.pods()[client]["ip"] in r.stdout
+        # the VM itself still reaches the mesh (its agent, WireGuard) under the policy
+        assert vm_status(lab)["state"] == "joined"
+    plexus("delete", "-f", str(next(tmp_path.glob("*.yaml"))), "--lab", "east")
+
+
+VM_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata:
+  name: vmlb
+  namespace: default
+  annotations: {service.cilium.io/global: "true", service.cilium.io/affinity: none}
+spec:
+  clusterIP: 10.96.1.30
+  selector: {app: vmlb}
+  ports:
+    - {name: tcp, port: 80, targetPort: 8080, protocol: TCP}
+"""
+
+
+def test_the_vm_reaches_a_global_service_with_backends_in_both_clusters(lab: Lab,
+                                                                       tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from tests.support import whoami, whoami_server
+
+    backends = {"vmlbe": ("east", "n2"), "vmlbw": ("west", "n1")}
+    for name, (c, n) in backends.items():
+        lab.pod_add(c, n, name, {"app": "vmlb"})
+    with ExitStack() as stack:
+        for name, (c, n) in backends.items():
+            stack.enter_context(whoami_server(pod_netns(lab.topo.node(c, n), name), "tcp", 8080,
+                                              name))
+        for cluster in ("east", "west"):
+            r = apply_in(cluster, VM_SERVICE, tmp_path)
+            assert r.returncode == 0, r.stderr
+        seen: set[str | None] = set()
+
+        def more() -> bool:
+            for conn in whoami(VM_NS, "tcp", "10.96.1.30", 80, conns=8, timeout=1):
+                seen.update(conn)
+            return set(backends) <= seen
+
+        wait_until(more, 60, interval=0.5, what="the VM's connections to both clusters' backends")
+        assert seen - {None} == set(backends)
+
+
+def test_forged_expired_and_foreign_bundles_are_refused_on_the_host(lab: Lab, tmp_path: Path) -> None:
+    good = lab.vm_dir(vm(lab)) / "bundle.yaml"
+    data = yaml.safe_load(good.read_text())
+    data["labels"] = {"app": "web"}
+    forged = tmp_path / "forged.yaml"
+    forged.write_text(yaml.safe_dump(data))
+    os.chmod(forged, 0o600)
+    r = subprocess.run(["ip", "netns", "exec", VM_NS, *_plexus_argv(), "vm", "join", str(forged),
+                        "--state-dir", str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 2 and "signature: does not match" in r.stderr, r.stderr
+    r = subprocess.run(["ip", "netns", "exec", VM_NS, *_plexus_argv(), "vm", "join", str(good),
+                        "--name", "vm2", "--state-dir", str(tmp_path / "s")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not 'vm2'" in r.stderr, r.stderr
+    # a bundle for this VM on another host: its address is not there
+    r = subprocess.run(["ip", "netns", "exec", "plx-ext", *_plexus_argv(), "vm", "join", str(good),
+                        "--state-dir", str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 2 and "is no address of this host" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
+    assert vm_status(lab)["state"] == "joined"
+
+
+def _plexus_argv() -> list[str]:
+    import sys
+    return [sys.executable, "-m", "plexus"]
+
+
+def test_the_vm_killed_is_withdrawn_from_both_clusters_within_its_lease_and_comes_back(
+        lab: Lab) -> None:
+    state = State.load(lab.state_path)
+    proc = state.processes["vmagent-vm1"]
+    os.kill(proc.pid, signal.SIGKILL)
+    wait_until(lambda: set(known_by(lab).values()) == {None}, VM_LEASE + 2, interval=0.2,
+               what=f"the silent VM withdrawn from every node within {VM_LEASE} + 2 s")
+    assert listed()["vm1"]["state"] == "lost"
+    lab.start("vmagent-vm1")
+    wait_until(lambda: None not in known_by(lab).values(), 30, interval=0.2,
+               what="the VM back on every node")
+    assert listed()["vm1"]["state"] == "joined"
+
+
+def test_zz_the_vm_revoked_cannot_write_and_is_gone_from_the_mesh(lab: Lab) -> None:
+    r = plexus("vm", "delete", "vm1", "--cluster", "east")
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: set(known_by(lab).values()) == {None}, 15, interval=0.2,
+               what="the revoked VM gone from every node")
+    assert "vm1" not in listed()
+    for n in lab.topo.nodes():
+        st = Client(lab.socket(n), timeout=5).get("/v1/encryption/status")
+        assert all(p["node"] != "east/vm1" for p in st["peers"]), n.key
+    # its certificate no longer writes, or even connects
+    d = lab.vm_dir(vm(lab))
+    c = lab.topo.cluster("east")
+    r = subprocess.run(["ip", "netns", "exec", VM_NS, "etcdctl", "--endpoints", c.etcd_urls[0],
+                        "--dial-timeout", "3s", "--command-timeout", "5s", "--cacert",
+                        str(d / "etcd" / "ca.crt"), "--cert", str(d / "etcd" / "client.crt"),
+                        "--key", str(d / "etcd" / "client.key"), "put",
+                        "plexus/vms/v1/east/vm1/host/node", "{}"], capture_output=True, text=True)
+    assert r.returncode != 0
+    wait_until(lambda: _refused(lab), 30, what="the host's agent reports it")
+
+
+def _refused(lab: Lab) -> bool:
+    try:
+        st = vm_status(lab)
+    except ClientError:
+        return False
+    return st["state"] in ("refused", "retrying") and bool(st["lastError"])
