@@ -24,7 +24,9 @@ class ClusterMeshConfig(Strict):
     etcd: EtcdSection = Field(default_factory=EtcdSection)
     config_dir: Path | None = Field(None, description="One file per remote cluster, named after it.")
     direct_routes: bool = Field(True, description="Route to same-segment nodes' pod CIDRs directly.")
-    config_poll_interval: float = Field(1.0, gt=0, description="How often the config dir is read.")
+    config_poll_interval: float = Field(1.0, gt=0, description=(
+        "While the config dir is missing or cannot be watched: how often its stat is checked. "
+        "Otherwise it is read when the kernel reports a change."))
 
 
 class RemoteClusterFile(Strict):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asyncinotify import Inotify, Mask
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,6 +42,8 @@ from clustermesh.ownership import IpcacheMerge
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.services import merge
 from clustermesh.tables import (
+    BY_CLUSTER,
+    BY_NAME,
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
@@ -65,6 +68,12 @@ log = logging.getLogger(__name__)
 
 MAX_CONFIG_FILE_BYTES = 64 * 1024  # a remote's file names endpoints and three paths
 NOT_CLUSTER_FILES = (".crt", ".key", ".pem")  # certificates kept next to the files
+# What makes the config directory be read again: a file written, added, removed or
+# renamed (a Kubernetes secret mount swaps a symlink), or the directory itself going.
+CONFIG_DIR_EVENTS = (Mask.CLOSE_WRITE | Mask.MODIFY | Mask.ATTRIB | Mask.CREATE | Mask.DELETE
+                     | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.MOVE_SELF)
+CONFIG_DIR_SETTLE = 0.02  # s: the events of one write arrive together
+CONFIG_DIR_RETRY_WATCH = 5.0  # s between attempts to watch a directory that could not be
 
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
@@ -228,7 +237,7 @@ class ClusterMesh:
         self.ipcache_merge.rebuild()  # complete before the first prune
         for done in self._init_done:
             done()
-        self._routes_from(self.tables.nodes.all())  # complete before the first prune
+        self._routes_from(self.tables.nodes.by(BY_CLUSTER, self.local.cluster))  # before the first prune
         self._routes_ready()
         log.info("clustermesh: initial sync of %d cluster(s) complete", len(self.remotes))
 
@@ -252,9 +261,14 @@ class ClusterMesh:
 
     # ---- derived tables -------------------------------------------------------------
     async def _merge_services(self) -> None:
-        async for _ in self.tables.services.watch():
-            merged = merge(self.tables.services.all(), self.local.cluster)
-            self.global_services.replace_where(lambda _r: True, merged)
+        # Only the names whose copies changed are merged again.
+        async for keys in self.tables.services.watch():
+            for ns_name in {(ns, name) for _cluster, ns, name in keys}:
+                merged = merge(self.tables.services.by(BY_NAME, ns_name), self.local.cluster)
+                if merged:
+                    self.global_services.upsert(merged[0])
+                else:
+                    self.global_services.delete(ns_name)
 
     async def _merge_claims(self) -> None:
         async for keys in self.tables.ip_claims.watch():
@@ -266,8 +280,9 @@ class ClusterMesh:
             self.ipcache_merge.nodes_changed(keys)
 
     async def _derive_routes(self) -> None:
-        async for _ in self.tables.nodes.watch():
-            self._routes_from(self.tables.nodes.all())
+        async for keys in self.tables.nodes.watch():
+            if any(cluster == self.local.cluster for cluster, _ in keys):
+                self._routes_from(self.tables.nodes.by(BY_CLUSTER, self.local.cluster))
 
     def _routes_from(self, nodes: list[Node]) -> None:
         rows = []
@@ -369,9 +384,53 @@ class ClusterMesh:
         log.info("clustermesh: remote=%s removed and drained", name)
 
     async def _watch_config_dir(self) -> None:
+        """Rescan when the kernel says the directory changed (inotify), never by reading
+        files on a timer. While the directory is missing, or inotify refuses a watch,
+        one stat of the directory per tick stands in."""
+        d = self.config.config_dir
+        assert d is not None
+        tick = self.config.config_poll_interval
         while True:
-            await asyncio.sleep(self.config.config_poll_interval)
+            try:
+                with Inotify() as inotify:
+                    inotify.add_watch(d, CONFIG_DIR_EVENTS)
+                    self._rescan_config_dir()  # what changed before the watch was set
+                    await self._follow_config_dir(inotify)
+            except OSError as e:  # missing, or no inotify watch left: poll the directory
+                log.debug("clustermesh: config dir %s not watched (%s): polling it", d, e)
+                await self._poll_config_dir(d, tick)
+
+    async def _follow_config_dir(self, inotify: Inotify) -> None:
+        inotify.sync_timeout = 0  # sync_get below takes what is queued, never waits
+        gone = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF
+        while True:
+            events = [await inotify.get()]
+            # One write makes several events: gather the burst, then scan once.
+            await asyncio.sleep(CONFIG_DIR_SETTLE)
+            while (more := inotify.sync_get()) is not None:
+                events.append(more)
             self._rescan_config_dir()
+            if any(e.mask & gone for e in events):
+                return  # the directory went (its remotes with it): watch for it again
+
+    async def _poll_config_dir(self, d: Path, tick: float) -> None:
+        """Until inotify can watch `d`: one directory stat per tick, a rescan when it changed.
+        Returns when a missing directory appears, or after a while to try the watch again."""
+        def stamp() -> tuple[int, int, int, int] | None:
+            try:
+                return _stamp(d.stat())
+            except OSError:
+                return None
+        existed = stamp() is not None
+        seen: tuple[int, int, int, int] | None = None
+        for _ in range(max(1, int(CONFIG_DIR_RETRY_WATCH / tick))):
+            now = stamp()
+            if now != seen:
+                seen = now
+                self._rescan_config_dir()
+                if now is not None and not existed:
+                    return
+            await asyncio.sleep(tick)
 
     def _rescan_config_dir(self) -> None:
         try:
@@ -411,7 +470,10 @@ class ClusterMesh:
         tables = self.listable()
         if q["table"] not in tables:
             raise ApiError(404, f"no table {q['table']}; one of {', '.join(tables)}")
-        rows = [dataclasses.asdict(r) for r in tables[q["table"]].all()]
+        table = tables[q["table"]]
+        if "cluster" in q and table is not self.global_services:
+            return [dataclasses.asdict(r) for r in table.by(BY_CLUSTER, q["cluster"])]
+        rows = [dataclasses.asdict(r) for r in table.all()]
         if "cluster" in q:
             rows = [r for r in rows if _contributed_by(r, q["cluster"])]
         return rows

@@ -39,6 +39,7 @@ from clustermesh.models import (
 )
 from clustermesh.ownership import MIN_ALLOCATED_IDENTITY, claims_table
 from clustermesh.session import run_sessions
+from clustermesh.tables import BY_CLUSTER
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
 from plexus.core.manifests import Manifest
@@ -80,7 +81,7 @@ class RemoteStatus:
 
     def as_dict(self, tables: MeshTables) -> dict[str, Any]:
         def count(t: Table[Any, Any]) -> int:
-            return len(t.where(lambda r: getattr(r, "cluster", "") == self.name))
+            return t.count(BY_CLUSTER, self.name)  # kept as rows change: no scan
         return {
             "name": self.name, "ready": self.ready, "connected": self.connected,
             "clusterID": self.cluster_id, "configError": self.config_error,
@@ -326,8 +327,9 @@ class ClusterWatcher:
             if row is not None:
                 p.keys[item.key] = p.table.key_of(row)
                 rows[p.keys[item.key]] = row
-        # A relist replaces this cluster's rows: what vanished while we were away goes.
-        p.table.replace_where(p.owned, rows.values())
+        # A relist replaces this cluster's rows (and looks at no other cluster's): what
+        # vanished while we were away goes.
+        p.table.replace_in(BY_CLUSTER, self.name, rows.values())
 
     def _apply(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:
         for ev in events:
@@ -354,7 +356,7 @@ class ClusterWatcher:
         """Remove every row this cluster contributed."""
         gone = 0
         for p in self.prefixes:
-            gone += len(p.table.delete_where(p.owned))
+            gone += len(p.table.delete_in(BY_CLUSTER, self.name))
             p.keys.clear()
         self.status.ready = False
         self.status.synced = {}
