@@ -26,6 +26,9 @@ IPCACHE_PREFIX = f"{PREFIX}/state/ip/v1/default"
 IDENTITIES_PREFIX = f"{PREFIX}/state/identities/v1/id"
 IDENTITY_VALUES_PREFIX = f"{PREFIX}/state/identities/v1/value"
 SERVICE_EXPORTS_PREFIX = f"{PREFIX}/state/serviceexports/v1"
+# KVStoreMesh's copy of every remote cluster in the local etcd (Cilium's
+# kvstore.StateToCachePrefix: "state" becomes "cache", then the cluster's name).
+CACHE_PREFIX = f"{PREFIX}/cache"
 # Plexus-only objects (BGP, egress, VM registrations, policies) follow the same habits.
 PLEXUS_PREFIX = "plexus"
 
@@ -750,3 +753,16 @@ SYNCED_PREFIXES = (NODES_PREFIX, SERVICES_PREFIX, IDENTITIES_PREFIX.rsplit("/", 
 # ... and those the apiserver writes: Cilium's also says its (empty) service exports are
 # synced, even with MCS-API off (clustermesh-apiserver's clustermesh/root.go).
 WRITTEN_CANARIES = (*SYNCED_PREFIXES, SERVICE_EXPORTS_PREFIX)
+# The canaries KVStoreMesh writes under cilium/synced/<remote>/ once it has copied a kind.
+CACHED_SYNCED_PREFIXES = tuple(p.replace(f"{PREFIX}/state/", f"{CACHE_PREFIX}/", 1) for p in SYNCED_PREFIXES)
+
+
+def cache_layout(cluster: str) -> dict[str, str]:
+    """Where KVStoreMesh copies each prefix of a remote cluster's etcd: the prefix there ->
+    the prefix in the local etcd (Cilium's pkg/clustermesh/kvstoremesh reflectors)."""
+    return {
+        f"{NODES_PREFIX}/{cluster}/": f"{CACHE_PREFIX}/nodes/v1/{cluster}/",
+        f"{IPCACHE_PREFIX}/": f"{CACHE_PREFIX}/ip/v1/{cluster}/",
+        f"{IDENTITIES_PREFIX}/": f"{CACHE_PREFIX}/identities/v1/{cluster}/id/",
+        f"{SERVICES_PREFIX}/{cluster}/": f"{CACHE_PREFIX}/services/v1/{cluster}/",
+    }

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncinotify import Inotify, Mask
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from clustermesh.config import (
     ClusterMeshConfig,
     EtcdSection,
-    RemoteClusterFile,
-    read_remote_cluster_file,
+)
+from clustermesh.config_dir import (
+    FileRead,
+    file_stamp,
+    follow_directory,
+    list_cluster_files,
+    read_cluster_file,
 )
 from clustermesh.kvstore import KvError, KvStore, Tls
 from clustermesh.models import InvalidValue, Node, NodeAddress, check_cluster_name
@@ -56,7 +57,6 @@ from clustermesh.tables import (
     services_table,
 )
 from plexus.core.api import ApiError
-from plexus.core.config import ConfigError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive, Module
@@ -66,14 +66,6 @@ from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
 
-MAX_CONFIG_FILE_BYTES = 64 * 1024  # a remote's file names endpoints and three paths
-NOT_CLUSTER_FILES = (".crt", ".key", ".pem")  # certificates kept next to the files
-# What makes the config directory be read again: a file written, added, removed or
-# renamed (a Kubernetes secret mount swaps a symlink), or the directory itself going.
-CONFIG_DIR_EVENTS = (Mask.CLOSE_WRITE | Mask.MODIFY | Mask.ATTRIB | Mask.CREATE | Mask.DELETE
-                     | Mask.MOVED_FROM | Mask.MOVED_TO | Mask.DELETE_SELF | Mask.MOVE_SELF)
-CONFIG_DIR_SETTLE = 0.02  # s: the events of one write arrive together
-CONFIG_DIR_RETRY_WATCH = 5.0  # s between attempts to watch a directory that could not be
 
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
@@ -96,47 +88,6 @@ class _Remote:
         self.watcher = watcher
         self.task = task
         self.digest = digest
-
-
-@dataclass(frozen=True)
-class _FileRead:
-    """One cluster file as last read: its config, or why it is refused.
-
-    `stamp` (inode, size, mtime, ctime) unchanged means the file is not read again."""
-
-    stamp: tuple[int, int, int, int]
-    config: RemoteClusterFile | None
-    digest: str
-    error: str
-    ignored: tuple[str, ...] = ()  # keys Cilium accepts that Plexus does not use
-
-
-def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _read_cluster_file(path: Path, st: os.stat_result) -> _FileRead:
-    """Read and validate one file; any problem becomes the refusal's reason, never an error."""
-    stamp = _stamp(st)
-    if st.st_size > MAX_CONFIG_FILE_BYTES:
-        return _FileRead(stamp, None, "", f"{path}: {st.st_size} bytes, over the limit of "
-                                          f"{MAX_CONFIG_FILE_BYTES}")
-    try:
-        raw = path.read_bytes()
-        raw.decode()
-        cfg, ignored = read_remote_cluster_file(path)
-    except UnicodeDecodeError as e:
-        return _FileRead(stamp, None, "", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except ConfigError as e:
-        return _FileRead(stamp, None, "", str(e))
-    except OSError as e:
-        return _FileRead(stamp, None, "", f"{path}: cannot read: {e.strerror or e}")
-    except Exception as e:  # whatever the YAML parser makes of hostile bytes
-        return _FileRead(stamp, None, "", f"{path}: cannot be read: {type(e).__name__}: {e}"[:300])
-    if ignored:
-        log.warning("clustermesh config %s: ignoring %s (accepted as Cilium does, not used "
-                    "by Plexus)", path, ", ".join(ignored))
-    return _FileRead(stamp, cfg, hashlib.sha256(raw).hexdigest(), "", ignored)
 
 
 class ClusterMesh:
@@ -166,7 +117,7 @@ class ClusterMesh:
         self.remotes: dict[str, _Remote] = {}
         self.config_errors: dict[str, str] = {}  # cluster (or file) name -> file and reason
         self.config_files: dict[str, str] = {}  # cluster name -> the file(s) an error is about
-        self._file_reads: dict[Path, _FileRead] = {}
+        self._file_reads: dict[Path, FileRead] = {}
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self.kv: KvStore | None = None
         if self.enabled and config.direct_routes:
@@ -295,29 +246,10 @@ class ClusterMesh:
         self.routes.replace_where(lambda _r: True, rows)
 
     # ---- remote clusters ------------------------------------------------------------
-    def _list_config_dir(self, d: Path) -> dict[str, list[tuple[Path, os.stat_result]]]:
-        """Cluster name -> its files with their stat; stat only, nothing is read here."""
-        found: dict[str, list[tuple[Path, os.stat_result]]] = {}
-        try:
-            entries = list(os.scandir(d))
-        except (FileNotFoundError, NotADirectoryError):
-            return found
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.name.endswith(NOT_CLUSTER_FILES):
-                continue
-            try:
-                if not entry.is_file():
-                    continue
-                st = entry.stat()
-            except OSError:
-                continue  # vanished meanwhile, or a dangling link: as if absent
-            found.setdefault(entry.name.removesuffix(".yaml"), []).append((Path(entry.path), st))
-        return found
-
     def _scan_config_dir(self) -> None:
         d = self.config.config_dir
         assert d is not None
-        present = self._list_config_dir(d)
+        present = list_cluster_files(d)
         for name in [n for n in self.remotes if n != self.local.cluster and n not in present]:
             self._remove_remote(name)
         errors: dict[str, tuple[str, str]] = {}  # name -> (file, reason)
@@ -337,8 +269,8 @@ class ClusterMesh:
                 errors[name] = (paths, f"{path}: {e}")
                 continue
             read = self._file_reads.get(path)
-            if read is None or read.stamp != _stamp(st):
-                read = self._file_reads[path] = _read_cluster_file(path, st)
+            if read is None or read.stamp != file_stamp(st):
+                read = self._file_reads[path] = read_cluster_file(path, st)
             if read.config is None:
                 errors[name] = (paths, read.error)
                 continue  # a bad file never takes down a working connection
@@ -384,53 +316,9 @@ class ClusterMesh:
         log.info("clustermesh: remote=%s removed and drained", name)
 
     async def _watch_config_dir(self) -> None:
-        """Rescan when the kernel says the directory changed (inotify), never by reading
-        files on a timer. While the directory is missing, or inotify refuses a watch,
-        one stat of the directory per tick stands in."""
         d = self.config.config_dir
         assert d is not None
-        tick = self.config.config_poll_interval
-        while True:
-            try:
-                with Inotify() as inotify:
-                    inotify.add_watch(d, CONFIG_DIR_EVENTS)
-                    self._rescan_config_dir()  # what changed before the watch was set
-                    await self._follow_config_dir(inotify)
-            except OSError as e:  # missing, or no inotify watch left: poll the directory
-                log.debug("clustermesh: config dir %s not watched (%s): polling it", d, e)
-                await self._poll_config_dir(d, tick)
-
-    async def _follow_config_dir(self, inotify: Inotify) -> None:
-        inotify.sync_timeout = 0  # sync_get below takes what is queued, never waits
-        gone = Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF
-        while True:
-            events = [await inotify.get()]
-            # One write makes several events: gather the burst, then scan once.
-            await asyncio.sleep(CONFIG_DIR_SETTLE)
-            while (more := inotify.sync_get()) is not None:
-                events.append(more)
-            self._rescan_config_dir()
-            if any(e.mask & gone for e in events):
-                return  # the directory went (its remotes with it): watch for it again
-
-    async def _poll_config_dir(self, d: Path, tick: float) -> None:
-        """Until inotify can watch `d`: one directory stat per tick, a rescan when it changed.
-        Returns when a missing directory appears, or after a while to try the watch again."""
-        def stamp() -> tuple[int, int, int, int] | None:
-            try:
-                return _stamp(d.stat())
-            except OSError:
-                return None
-        existed = stamp() is not None
-        seen: tuple[int, int, int, int] | None = None
-        for _ in range(max(1, int(CONFIG_DIR_RETRY_WATCH / tick))):
-            now = stamp()
-            if now != seen:
-                seen = now
-                self._rescan_config_dir()
-                if now is not None and not existed:
-                    return
-            await asyncio.sleep(tick)
+        await follow_directory(d, self._rescan_config_dir, self.config.config_poll_interval)
 
     def _rescan_config_dir(self) -> None:
         try:

@@ -271,10 +271,13 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
         else:
             tables = MeshTables(nodes_table(), ipcache_table(), identities_table(), services_table(),
                                 manifests_table())
-            merge = IpcacheMerge("east", tables.ip_claims, tables.nodes, tables.ipcache)
-            watchers = [ClusterWatcher(r.name, kv, tables, local_cluster="east", local_id=LOCAL_ID,
-                                       ids_in_use=lambda _n: {}) for r, kv in zip(remotes, kvs, strict=True)]
-            tasks += [asyncio.create_task(w.run()) for w in watchers]
+            watchers = {r.name: ClusterWatcher(r.name, kv, tables, local_cluster="east", local_id=LOCAL_ID,
+                                               ids_in_use=lambda _n: {})
+                        for r, kv in zip(remotes, kvs, strict=True)}
+            # as the agent: a claim that comes before its node record is not a warning
+            merge = IpcacheMerge("east", tables.ip_claims, tables.nodes, tables.ipcache,
+                                 settled=lambda c: c in watchers and watchers[c].status.ready)
+            tasks += [asyncio.create_task(w.run()) for w in watchers.values()]
 
             async def claims() -> None:
                 async for keys in tables.ip_claims.watch():
@@ -284,7 +287,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
                 async for keys in tables.nodes.watch():
                     merge.nodes_changed(keys)
             tasks += [asyncio.create_task(claims()), asyncio.create_task(owners())]
-            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in watchers)), 300)
+            await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in watchers.values())), 300)
             merge.rebuild()
 
             async def follow_merged() -> None:

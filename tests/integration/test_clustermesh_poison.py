@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import clustermesh.config_dir
 import clustermesh.module
 from clustermesh.kvstore import KvStore
 from clustermesh.models import IPCACHE_PREFIX, Node, NodeAddress, node_registration_key
@@ -143,7 +144,7 @@ async def test_bad_config_files_are_shown_and_the_rest_keeps_working(
             # a duration as Go decodes it is nanoseconds: Cilium refuses "5s", so does Plexus
             "duration": b"endpoints: ['http://127.0.0.1:1']\ndial-timeout: 5s\n",
             "notyaml": b"endpoints: [oops\n",
-            "huge": b"# " + b"x" * (clustermesh.module.MAX_CONFIG_FILE_BYTES + 1) + b"\n",
+            "huge": b"# " + b"x" * (clustermesh.config_dir.MAX_CONFIG_FILE_BYTES + 1) + b"\n",
             "nested": b"[" * 30_000 + b"]" * 30_000,  # under the size limit, too deep for YAML
         }
         for name, content in bad.items():
@@ -188,13 +189,13 @@ async def test_bad_config_files_are_shown_and_the_rest_keeps_working(
 async def test_an_unchanged_config_file_is_not_read_again(tmp_path: Path, etcds: dict[str, Etcd],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[Path] = []
-    real = clustermesh.module._read_cluster_file
+    real = clustermesh.config_dir.read_cluster_file
 
     def counting(path: Path, st: Any) -> Any:
         reads.append(path)
         return real(path, st)
 
-    monkeypatch.setattr(clustermesh.module, "_read_cluster_file", counting)
+    monkeypatch.setattr(clustermesh.module, "read_cluster_file", counting)
     async with apiserver("east", etcds["east"]), apiserver("west", etcds["west"]), \
             agent(tmp_path, etcds["east"]) as app:
         m = mesh(app)
