@@ -72,6 +72,7 @@ def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
     return Tls(ca, cert, key) if ca is not None else None
 
 
+MERGE_SLICE = 2000  # ipcache prefixes merged between two turns of the event loop
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -168,9 +169,18 @@ class ClusterMesh:
                 if r.watcher.kv is not self.kv:
                     await r.watcher.kv.close()
 
+    @property
+    def via_kvstoremesh(self) -> bool:
+        return self.config.mode == "kvstoremesh"
+
     def _watcher(self, name: str, kv: KvStore) -> ClusterWatcher:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
-                              local_id=self.local.cluster_id, ids_in_use=self._ids_in_use)
+                              local_id=self.local.cluster_id, ids_in_use=self._ids_in_use,
+                              cached=self.via_kvstoremesh and name != self.local.cluster)
+
+    def _close_remote_kv(self, name: str, kv: KvStore) -> None:
+        if kv is not self.kv:  # with KVStoreMesh every remote shares the own etcd's connection
+            self.hive.spawn("clustermesh", kv.close(), f"close-{name}")
 
     def _cluster_ready(self, name: str) -> bool:
         r = self.remotes.get(name)
@@ -185,7 +195,10 @@ class ClusterMesh:
         """Open the tables to pruning once every cluster known at start is ready."""
         for r in list(self.remotes.values()):
             await r.watcher.ready_event.wait()
-        self.ipcache_merge.rebuild()  # complete before the first prune
+        # complete before the first prune; in slices, so the API keeps answering meanwhile
+        prefixes = self.ipcache_merge.start_rebuild()
+        await self._refresh_claims(prefixes)
+        self.ipcache_merge.finish_rebuild(prefixes)
         for done in self._init_done:
             done()
         self._routes_from(self.tables.nodes.by(BY_CLUSTER, self.local.cluster))  # before the first prune
@@ -223,12 +236,21 @@ class ClusterMesh:
 
     async def _merge_claims(self) -> None:
         async for keys in self.tables.ip_claims.watch():
-            self.ipcache_merge.claims_changed(keys)
+            batch = list(keys)  # a cluster's first list is one batch: merged in slices
+            for i in range(0, len(batch), MERGE_SLICE):
+                self.ipcache_merge.claims_changed(batch[i:i + MERGE_SLICE])
+                await asyncio.sleep(0)
 
     async def _merge_owners(self) -> None:
         # A remote's claims are judged by its node records: re-judge them when those change.
         async for keys in self.tables.nodes.watch():
-            self.ipcache_merge.nodes_changed(keys)
+            await self._refresh_claims(self.ipcache_merge.owners_changed(keys))
+
+    async def _refresh_claims(self, prefixes: set[str]) -> None:
+        batch = list(prefixes)
+        for i in range(0, len(batch), MERGE_SLICE):
+            self.ipcache_merge.refresh(batch[i:i + MERGE_SLICE])
+            await asyncio.sleep(0)
 
     async def _derive_routes(self) -> None:
         async for keys in self.tables.nodes.watch():
@@ -278,6 +300,10 @@ class ClusterMesh:
             if current is not None and current.digest == read.digest:
                 continue
             cfg = read.config
+            if self.via_kvstoremesh:  # the file names the cluster; its copy is in the own etcd
+                assert self.kv is not None
+                self._connect_remote(name, self.kv, read.digest)
+                continue
             try:
                 kv = KvStore(cfg.endpoints, _tls(cfg.ca, cfg.cert_file, cfg.key_file),
                              timeout=cfg.timeout)
@@ -300,7 +326,7 @@ class ClusterMesh:
         if current is not None:
             log.info("clustermesh config for remote=%s changed: reconnecting", name)
             current.task.cancel()
-            self.hive.spawn("clustermesh", current.watcher.kv.close(), f"close-{name}")
+            self._close_remote_kv(name, current.watcher.kv)
         watcher = self._watcher(name, kv)
         if current is not None:  # keep what was learned; the relist replaces it
             watcher.status.cluster_id = current.watcher.status.cluster_id
@@ -312,7 +338,7 @@ class ClusterMesh:
         r = self.remotes.pop(name)
         r.task.cancel()
         r.watcher.drain()
-        self.hive.spawn("clustermesh", r.watcher.kv.close(), f"close-{name}")
+        self._close_remote_kv(name, r.watcher.kv)
         log.info("clustermesh: remote=%s removed and drained", name)
 
     async def _watch_config_dir(self) -> None:

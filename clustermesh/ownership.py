@@ -181,6 +181,10 @@ class IpcacheMerge:
 
     def nodes_changed(self, keys: Iterable[tuple[str, str]]) -> None:
         """Re-evaluate every claim of the clusters whose nodes changed (theirs only)."""
+        self.refresh(self.owners_changed(keys))
+
+    def owners_changed(self, keys: Iterable[tuple[str, str]]) -> set[str]:
+        """Take in the clusters' new node records; returns the prefixes to refresh."""
         changed = set()
         for c in {cluster for cluster, _ in keys}:
             fresh = Owned.of(self.nodes.by("cluster", c))
@@ -195,10 +199,17 @@ class IpcacheMerge:
             if found:
                 self.clusters.add(cluster)
             prefixes.update(e.prefix for e in found)
-        self.refresh(prefixes)
+        return prefixes
 
     def rebuild(self) -> None:
         """Everything from scratch (the initial sync opens the table to pruning after it)."""
+        prefixes = self.start_rebuild()
+        self.refresh(prefixes)
+        self.finish_rebuild(prefixes)
+
+    def start_rebuild(self) -> set[str]:
+        """A rebuild in steps, so a caller can refresh the prefixes in slices: the node
+        records taken in afresh; returns every claimed prefix."""
         by_cluster: dict[str, list[Node]] = {}
         for n in self.nodes.all():
             by_cluster.setdefault(n.cluster, []).append(n)
@@ -209,7 +220,9 @@ class IpcacheMerge:
         for r in self.refusals.values():
             r.reasons = {p: why for p, why in r.reasons.items() if p in prefixes}
         self.refused_at = {p: cs for p, cs in self.refused_at.items() if p in prefixes}
-        self.refresh(prefixes)
+        return prefixes
+
+    def finish_rebuild(self, prefixes: set[str]) -> None:
         for prefix in [p for p, _ in self.merged.items() if p not in prefixes]:
             self.merged.delete(prefix)
 
