@@ -24,6 +24,8 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, percentile, rss_mb, seed_cluster, start_agent
+from bench.common import ROOT, machine, percentile, rss_mb, seed_cluster, start_agent
 from clustermesh.kvstore import KvStore
 from clustermesh.models import (
     IDENTITIES_PREFIX,
@@ -193,12 +195,33 @@ def _sockets(pid: int) -> int:
     return n
 
 
+@contextmanager
+def _kvstoremesh(remotes: list[Remote], east: str, work: Path) -> Iterator[Client]:
+    """A `plexus kvstoremesh` for east, every remote in its config dir, stopped afterwards."""
+    d = work / "kvstoremesh"
+    d.mkdir()
+    for r in remotes:
+        (d / r.name).write_text(f"endpoints: ['{r.etcd.endpoint}']\n")
+    sock = work / "kvstoremesh.sock"
+    with open(work / "kvstoremesh.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "plexus", "kvstoremesh", "--cluster-name", "east",
+                                 "--cluster-id", str(LOCAL_ID), "--etcd", east, "--config-dir", str(d),
+                                 "--api-socket", str(sock), "--metrics-port", "0"], cwd=ROOT, stderr=log)
+    try:
+        wait_until(sock.exists, 30, what="kvstoremesh socket")
+        yield Client(sock, timeout=30)
+    finally:
+        stop_pid(proc)
+
+
 def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="plexus-scale-agent-") as d:
+    cached = args.mode == "kvstoremesh"
+    with tempfile.TemporaryDirectory(prefix="plexus-scale-agent-") as d, ExitStack() as stack:
         work = Path(d)
         (work / "mesh").mkdir()
-        proc, api = start_agent(work, east)
+        proc, api = start_agent(work, east, mesh_options=", mode: kvstoremesh" if cached else "")
+        stack.callback(stop_pid, proc)
         try:
             wait_until(lambda: api.get("/v1/clustermesh/status")["clusters"]["east"]["ready"], 30)
             out["rss_idle"] = rss_mb(proc.pid)
@@ -212,6 +235,8 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
                            + c.get("identities", 0) + c.get("services", 0) >= shape.entries for c in cs)
 
             t0 = time.monotonic()
+            if cached:
+                km = stack.enter_context(_kvstoremesh(remotes, east, work))
             for r in remotes:
                 (work / "mesh" / r.name).write_text(f"endpoints: ['{r.etcd.endpoint}']\n")
             wait_until(synced, 600, interval=0.1, what="every remote ready with every entry")
@@ -234,15 +259,22 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
             # Recovery: the first remote's etcd restarts.
             victim = remotes[0]
             victim.etcd.stop()
-            wait_until(lambda: not api.get("/v1/clustermesh/status")["clusters"][victim.name]["connected"],
-                       60, interval=0.1, what="the agent sees the remote gone")
+
+            def follower() -> dict[str, Any]:  # who follows the remote: the agent or KVStoreMesh
+                if cached:
+                    return dict(km.get("/v1/status")["modules"]["kvstoremesh"]["clusters"][victim.name])
+                return dict(api.get("/v1/clustermesh/status")["clusters"][victim.name])
+            wait_until(lambda: not follower()["connected"], 60, interval=0.1, what="the remote seen gone")
             kept = api.get("/v1/clustermesh/status")["clusters"][victim.name]
             out["kept_while_down"] = kept["nodes"] + kept["endpoints"] + kept["identities"] + kept["services"]
+            out["agent_ready_while_down"] = kept["ready"]
             t0 = time.monotonic()
             victim.etcd.start()
-            wait_until(lambda: api.get("/v1/clustermesh/status")["clusters"][victim.name]["ready"],
-                       120, interval=0.05, what="the restarted remote ready again")
+            wait_until(lambda: follower()["ready"], 120, interval=0.05,
+                       what="the restarted remote ready again")
             out["recovery"] = time.monotonic() - t0
+            if cached:
+                out["kvstoremesh_rss"] = rss_mb(int(km.get("/v1/status")["pid"]))
         finally:
             stop_pid(proc)
     return out
@@ -251,9 +283,10 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
 # ---- propagation: the agent's watchers and merge in this process, next to the floor ------
 
 async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Namespace,
-                       floor: bool) -> list[float]:
+                       floor: bool, east: str) -> list[float]:
     latencies: list[float] = []
-    kvs = [KvStore([r.etcd.endpoint]) for r in remotes]
+    cached = args.mode == "kvstoremesh" and not floor
+    kvs = [KvStore([east])] * len(remotes) if cached else [KvStore([r.etcd.endpoint]) for r in remotes]
     tasks: list[asyncio.Task[Any]] = []
     try:
         if floor:
@@ -272,7 +305,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
             tables = MeshTables(nodes_table(), ipcache_table(), identities_table(), services_table(),
                                 manifests_table())
             watchers = {r.name: ClusterWatcher(r.name, kv, tables, local_cluster="east", local_id=LOCAL_ID,
-                                               ids_in_use=lambda _n: {})
+                                               ids_in_use=lambda _n: {}, cached=cached)
                         for r, kv in zip(remotes, kvs, strict=True)}
             # as the agent: a claim that comes before its node record is not a warning
             merge = IpcacheMerge("east", tables.ip_claims, tables.nodes, tables.ipcache,
@@ -311,7 +344,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for kv in kvs:
+        for kv in set(kvs):
             await kv.close()
     return latencies
 
@@ -325,6 +358,9 @@ def main() -> None:
     p.add_argument("--services", type=int, default=20)
     p.add_argument("--rate", type=int, default=325, help="writes/s over all remotes")
     p.add_argument("--seconds", type=float, default=30, help="of churn per measurement")
+    p.add_argument("--mode", choices=["direct", "kvstoremesh"], default="direct",
+                   help="direct: the agent connects to every remote; kvstoremesh: a `plexus "
+                        "kvstoremesh` copies them into east's etcd, the agent reads only that")
     p.add_argument("--skip-propagation", action="store_true")
     args = p.parse_args()
     if not 1 <= args.clusters <= 250:
@@ -343,14 +379,21 @@ def main() -> None:
         agent = _agent_phase(remotes, east.endpoint, shape, args)
         prop: dict[str, list[float]] = {}
         if not args.skip_propagation:
-            for floor in (True, False):
-                prop["floor" if floor else "plexus"] = [
-                    x * 1000 for x in asyncio.run(_propagation(remotes, shape, args, floor))]
+            with ExitStack() as stack:
+                if args.mode == "kvstoremesh":  # the copy in east's etcd, kept current meanwhile
+                    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plexus-scale-km-")))
+                    km = stack.enter_context(_kvstoremesh(remotes, east.endpoint, work))
+                    wait_until(lambda: km.get("/v1/healthz")["ready"], 300, what="kvstoremesh ready")
+                for floor in (True, False):
+                    prop["floor" if floor else "plexus"] = [
+                        x * 1000
+                        for x in asyncio.run(_propagation(remotes, shape, args, floor, east.endpoint))]
     total = args.clusters * shape.entries
     print(f"ClusterMesh scale: {args.clusters} remote clusters x {shape.entries} entries "
           f"({shape.nodes} nodes, "
           f"{shape.endpoints} endpoints, {shape.identities} identities, {shape.services} services) = "
-          f"{total} entries; one etcd per remote; churn {args.rate} writes/s for {args.seconds:.0f} s; "
+          f"{total} entries; one etcd per remote; mode {args.mode}; "
+          f"churn {args.rate} writes/s for {args.seconds:.0f} s; "
           f"{machine()}")
     print(f"  ({args.clusters + 1} etcds started in {started:.1f} s, filled in {filled:.1f} s)")
     print(f"  sync to ready (all config files written -> every remote ready with every entry): "
@@ -360,16 +403,19 @@ def main() -> None:
     print(f"  agent RSS {agent['rss']:.0f} MB synced (idle before {agent['rss_idle']:.0f} MB, "
           f"{agent['rss_churn']:.0f} MB after churn); CPU under churn {agent['cpu']:.0f} % of one core; "
           f"sockets {agent['sockets']}")
-    print(f"  remote restart: {agent['kept_while_down']} entries kept while down, ready "
-          f"{agent['recovery']:.2f} s after its etcd started again")
+    print(f"  remote restart: {agent['kept_while_down']} entries kept while down (agent says ready: "
+          f"{agent['agent_ready_while_down']}), ready {agent['recovery']:.2f} s after its etcd started again")
+    if "kvstoremesh_rss" in agent:
+        print(f"  kvstoremesh RSS {agent['kvstoremesh_rss']:.0f} MB")
     for what, ms in prop.items():
         label = ("etcd client watch, timestamp only (floor)" if what == "floor"
-                 else "Plexus watchers + ipcache merge")
+                 else "Plexus watchers + ipcache merge"
+                 + (" via kvstoremesh" if args.mode == "kvstoremesh" else ""))
         print(f"  propagation {label:<42} n={len(ms):>6} p50 {percentile(ms, 50):7.1f} ms  "
               f"p99 {percentile(ms, 99):7.1f} ms  max {max(ms) if ms else float('nan'):7.1f} ms")
     print(f"rerun: .venv/bin/python -m bench.scale.bench --clusters {args.clusters} --nodes {shape.nodes} "
           f"--endpoints {shape.endpoints} --identities {shape.identities} --services {shape.services} "
-          f"--rate {args.rate} --seconds {args.seconds:.0f}")
+          f"--rate {args.rate} --seconds {args.seconds:.0f} --mode {args.mode}")
 
 
 if __name__ == "__main__":
