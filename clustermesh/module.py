@@ -116,6 +116,7 @@ class ClusterMesh:
                            (self.tables.nodes, self.tables.ipcache, self.tables.identities,
                             self.tables.services, self.tables.manifests)] if self.enabled else []
         self.remotes: dict[str, _Remote] = {}
+        self._relist_turns = asyncio.Semaphore(1)  # one cluster's big list decoded at a time
         self.config_errors: dict[str, str] = {}  # cluster (or file) name -> file and reason
         self.config_files: dict[str, str] = {}  # cluster name -> the file(s) an error is about
         self._file_reads: dict[Path, FileRead] = {}
@@ -176,7 +177,8 @@ class ClusterMesh:
     def _watcher(self, name: str, kv: KvStore) -> ClusterWatcher:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
                               local_id=self.local.cluster_id, ids_in_use=self._ids_in_use,
-                              cached=self.via_kvstoremesh and name != self.local.cluster)
+                              cached=self.via_kvstoremesh and name != self.local.cluster,
+                              turns=self._relist_turns)
 
     def _close_remote_kv(self, name: str, kv: KvStore) -> None:
         if kv is not self.kv:  # with KVStoreMesh every remote shares the own etcd's connection

@@ -51,6 +51,7 @@ from plexus.core.tables import Table
 K = TypeVar("K")
 RECONNECT_BACKOFF = Backoff(initial=0.2, maximum=30.0)
 SHOWN_CHARS = 200  # of a hostile key or message in status and logs
+RELIST_SLICE = 500  # listed values decoded between two turns of the event loop
 R = TypeVar("R")
 
 
@@ -130,8 +131,10 @@ class ClusterWatcher:
                  local_id: int, ids_in_use: Callable[[str], dict[int, str]],
                  backoff: Backoff = RECONNECT_BACKOFF,
                  on_event: Callable[[], None] | None = None,
-                 max_connected: int = CLUSTER_ID_MAX, cached: bool = False) -> None:
+                 max_connected: int = CLUSTER_ID_MAX, cached: bool = False,
+                 turns: asyncio.Semaphore | None = None) -> None:
         self.name = name
+        self.turns = turns  # shared by every cluster's watcher: who decodes a big list now
         self.cached = cached  # read from KVStoreMesh's copy in the local etcd
         self.max_connected = max_connected
         self.kv = kv
@@ -347,21 +350,40 @@ class ClusterWatcher:
     # What a list and a batch of events do: the agent fills its tables; KVStoreMesh
     # (a subclass) copies into the local etcd instead.
     async def _on_relist(self, p: _Prefix[Any, Any], items: tuple[KV, ...]) -> None:
-        self._relist(p, items)
+        if self.turns is None or len(items) <= RELIST_SLICE:
+            self._relist(p, items)
+            return
+        # A big list is decoded in slices, one cluster at a time: between two slices the
+        # event loop answers the API, whatever the number of clusters listing at once.
+        async with self.turns:
+            keys: dict[str, Any] = {}
+            rows: dict[Any, Any] = {}
+            for i in range(0, len(items), RELIST_SLICE):
+                self._decode_into(p, items[i:i + RELIST_SLICE], keys, rows)
+                await asyncio.sleep(0)
+            self._replace(p, keys, rows)
 
     async def _on_changes(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:
         self._apply(p, events)
 
     def _relist(self, p: _Prefix[Any, Any], items: tuple[KV, ...]) -> None:
-        rows = {}
-        p.keys.clear()
+        keys: dict[str, Any] = {}
+        rows: dict[Any, Any] = {}
+        self._decode_into(p, items, keys, rows)
+        self._replace(p, keys, rows)
+
+    def _decode_into(self, p: _Prefix[Any, Any], items: tuple[KV, ...], keys: dict[str, Any],
+                     rows: dict[Any, Any]) -> None:
         for item in items:
             row = self._decode(p, p.state_key(item.key), item.value)
             if row is not None:
-                p.keys[item.key] = p.table.key_of(row)
-                rows[p.keys[item.key]] = row
+                keys[item.key] = key = p.table.key_of(row)
+                rows[key] = row
+
+    def _replace(self, p: _Prefix[Any, Any], keys: dict[str, Any], rows: dict[Any, Any]) -> None:
         # A relist replaces this cluster's rows (and looks at no other cluster's): what
         # vanished while we were away goes.
+        p.keys = keys
         p.table.replace_in(BY_CLUSTER, self.name, rows.values())
 
     def _apply(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:

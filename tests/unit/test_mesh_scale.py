@@ -76,7 +76,7 @@ def _items(cluster: str, nodes: int, ips: int, version: int = 0) -> dict[str, li
     cid = CLUSTER_IDS[cluster]
     ident = (cid << 16) + 300
     n = [_node(cluster, i) for i in range(nodes)]
-    e = [IPIdentity(f"10.{cid}.0.{i + 1}", ident, host_ip=f"172.31.{cid}.1", cluster=cluster,
+    e = [IPIdentity(f"10.{cid}.{i // 250}.{i % 250 + 1}", ident, host_ip=f"172.31.{cid}.1", cluster=cluster,
                     pod_name=f"p{i}-{version}") for i in range(ips)]
     s = ClusterService(cluster, "default", "web", {"10.96.0.1": {"http": L4Addr("TCP", 80)}},
                        {f"10.{cid}.0.1": {"http": L4Addr("TCP", 8080)}}, cluster_id=cid, shared=True)
@@ -175,3 +175,21 @@ def test_counts_follow_watch_events_put_update_delete() -> None:
     assert w.status.invalid_entries == 1
     assert m.tables.identities.count(BY_CLUSTER, "west") == 1
     assert isinstance(m.tables.identities.by(BY_CLUSTER, "west")[0], Identity)
+
+
+async def test_a_big_list_decoded_in_slices_gives_the_same_rows() -> None:
+    import asyncio
+
+    from clustermesh.remote import RELIST_SLICE
+    m = _Mesh()
+    turns = asyncio.Semaphore(1)
+    w = m.watchers["west"]
+    w.turns = turns
+    items = _items("west", nodes=5, ips=RELIST_SLICE * 2 + 7)
+    claims = next(p for p in w.prefixes if p.table is m.tables.ip_claims)
+    m.relist("north", _items("north", nodes=1, ips=3))
+    await asyncio.gather(w._on_relist(claims, tuple(items["ip"])),
+                         w._on_relist(claims, tuple(items["ip"][:RELIST_SLICE + 1])))
+    # the second list, applied last, is what the table holds; north's rows are untouched
+    assert m.tables.ip_claims.count(BY_CLUSTER, "west") == RELIST_SLICE + 1 == len(claims.keys)
+    assert m.tables.ip_claims.count(BY_CLUSTER, "north") == 3
