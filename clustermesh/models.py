@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import ipaddress
 import itertools
 import json
@@ -464,7 +465,7 @@ class IPIdentity:
     metadata: str = ""
     pod_uid: str = ""  # kept when a writer sets it; nothing here knows a pod's UID
 
-    @property
+    @functools.cached_property  # read many times per entry by the ipcache merge
     def prefix(self) -> str:
         addr = ipaddress.ip_address(self.ip)
         length = self.prefix_len if self.prefix_len is not None else addr.max_prefixlen

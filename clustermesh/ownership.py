@@ -65,6 +65,12 @@ class Owned:
     cidrs: frozenset[Network] = frozenset()
     node_ips: frozenset[str] = frozenset()  # host prefixes: "172.31.2.11/32"
     lengths: frozenset[tuple[int, int]] = frozenset()  # (version, prefix length) of cidrs
+    # (version, network as an integer, length) of each CIDR: a look-up without building networks
+    _keys: frozenset[tuple[int, int, int]] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_keys", frozenset(
+            (c.version, int(c.network_address), c.prefixlen) for c in self.cidrs))
 
     @classmethod
     def of(cls, nodes: Iterable[Node]) -> Owned:
@@ -81,9 +87,12 @@ class Owned:
 
     def covers(self, prefix: str) -> bool:
         """Whether a pod CIDR holds `prefix`: one look-up per CIDR length, not per CIDR."""
+        if not self.lengths:
+            return False
         net = ipaddress.ip_network(prefix, strict=False)
+        address, bits = int(net.network_address), net.max_prefixlen
         return any(version == net.version and length <= net.prefixlen
-                   and net.supernet(new_prefix=length) in self.cidrs
+                   and (version, address >> (bits - length) << (bits - length), length) in self._keys
                    for version, length in self.lengths)
 
     def holds(self, prefix: str) -> bool:
