@@ -5,7 +5,6 @@ restarted, a remote removed."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -182,4 +181,3 @@ def test_cache_layout_is_ciliums() -> None:
     }
     assert CACHED_SYNCED_PREFIXES == ("cilium/cache/nodes/v1", "cilium/cache/services/v1",
                                       "cilium/cache/identities/v1", "cilium/cache/ip/v1")
-    assert dataclasses.is_dataclass(ClusterConfig)
