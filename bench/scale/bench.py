@@ -23,6 +23,8 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -111,14 +113,35 @@ def _etcds(names: list[str]) -> Iterator[list[Etcd]]:
     """One etcd per name, started a few at a time, all stopped and removed afterwards."""
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plexus-scale-")))
-        etcds = [Etcd(n, f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}",
-                      tmp / n / "data") for n in names]
+        ports = _distinct_ports(2 * len(names))
+        etcds = [Etcd(n, f"http://127.0.0.1:{ports[2 * i]}", f"http://127.0.0.1:{ports[2 * i + 1]}",
+                      tmp / n / "data") for i, n in enumerate(names)]
         for e in etcds:
             e.data_dir.parent.mkdir(parents=True)
             stack.callback(e.stop)
+
+        def start(e: Etcd) -> None:
+            try:
+                e.start(["--quota-backend-bytes", str(256 << 20)])
+            except AssertionError:  # a port taken meanwhile by another program: new ones
+                e.stop()
+                shutil.rmtree(e.data_dir, ignore_errors=True)
+                e.client_url, e.peer_url = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+                e.start(["--quota-backend-bytes", str(256 << 20)])
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda e: e.start(["--quota-backend-bytes", str(256 << 20)]), etcds))
+            list(pool.map(start, etcds))
         yield etcds
+
+
+def _distinct_ports(n: int) -> list[int]:
+    """`n` free loopback ports, all different: each socket stays bound until all are chosen."""
+    with ExitStack() as stack:
+        socks = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 async def _fill(remotes: list[Remote], shape: Shape) -> None:
