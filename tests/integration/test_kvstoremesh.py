@@ -94,7 +94,13 @@ async def test_remote_copied_in_ciliums_layout_and_read_by_an_agent_over_one_con
         async with kvstoremesh(tmp_path, east) as km, cached_agent(tmp_path, east) as app:
             (tmp_path / "kvsm" / "west").write_text(f"endpoints: ['{west.endpoint}']\n")
             await eventually(lambda: km.ready and "west" in km.remotes, 15, what=lambda: str(km.status()))
-            copied = await local_keys(east, "cilium/")
+            # the apiserver publishes the registrations in its own time: wait for the copy
+            wanted = ("cilium/cache/nodes/v1/west/w1", "cilium/cache/ip/v1/west/10.2.1.5")
+            for _ in range(300):
+                copied = await local_keys(east, "cilium/")
+                if all(k in copied for k in wanted):
+                    break
+                await asyncio.sleep(0.05)
             cfg = ClusterConfig.from_json(copied["cilium/cluster-config/west"])
             assert (cfg.id, cfg.cached, cfg.synced_canaries) == (IDS["west"], True, True)
             assert "cilium/cache/nodes/v1/west/w1" in copied
