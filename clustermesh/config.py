@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -26,7 +26,13 @@ class ClusterMeshConfig(Strict):
     direct_routes: bool = Field(True, description="Route to same-segment nodes' pod CIDRs directly.")
     registration: bool = Field(True, description="Register this node and its endpoints for the "
                                "apiserver (off on an enrolled VM, which registers itself).")
-    config_poll_interval: float = Field(1.0, gt=0, description="How often the config dir is read.")
+    mode: Literal["direct", "kvstoremesh"] = Field("direct", description=(
+        "direct: one etcd connection per remote cluster, from its file in the config dir. "
+        "kvstoremesh: every remote named in the config dir is read from this cluster's own "
+        "etcd, where `plexus kvstoremesh` copies it; one connection in all."))
+    config_poll_interval: float = Field(1.0, gt=0, description=(
+        "While the config dir is missing or cannot be watched: how often its stat is checked. "
+        "Otherwise it is read when the kernel reports a change."))
 
 
 class RemoteClusterFile(Strict):

@@ -11,6 +11,7 @@ from plexus.core.config import Strict
 from plexus.core.manifests import Metadata
 
 MANIFESTS_PREFIX = "plexus/manifests/v1"
+MANIFESTS_CACHE_PREFIX = "plexus/cache/manifests/v1"  # KVStoreMesh's copy, per remote cluster
 ANNOTATION_GLOBAL = "service.cilium.io/global"
 ANNOTATION_SHARED = "service.cilium.io/shared"
 ANNOTATION_AFFINITY = "service.cilium.io/affinity"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import ipaddress
 import itertools
 import json
@@ -26,6 +27,9 @@ IPCACHE_PREFIX = f"{PREFIX}/state/ip/v1/default"
 IDENTITIES_PREFIX = f"{PREFIX}/state/identities/v1/id"
 IDENTITY_VALUES_PREFIX = f"{PREFIX}/state/identities/v1/value"
 SERVICE_EXPORTS_PREFIX = f"{PREFIX}/state/serviceexports/v1"
+# KVStoreMesh's copy of every remote cluster in the local etcd (Cilium's
+# kvstore.StateToCachePrefix: "state" becomes "cache", then the cluster's name).
+CACHE_PREFIX = f"{PREFIX}/cache"
 # Plexus-only objects (BGP, egress, VM registrations, policies) follow the same habits.
 PLEXUS_PREFIX = "plexus"
 
@@ -461,7 +465,7 @@ class IPIdentity:
     metadata: str = ""
     pod_uid: str = ""  # kept when a writer sets it; nothing here knows a pod's UID
 
-    @property
+    @functools.cached_property  # read many times per entry by the ipcache merge
     def prefix(self) -> str:
         addr = ipaddress.ip_address(self.ip)
         length = self.prefix_len if self.prefix_len is not None else addr.max_prefixlen
@@ -750,3 +754,16 @@ SYNCED_PREFIXES = (NODES_PREFIX, SERVICES_PREFIX, IDENTITIES_PREFIX.rsplit("/", 
 # ... and those the apiserver writes: Cilium's also says its (empty) service exports are
 # synced, even with MCS-API off (clustermesh-apiserver's clustermesh/root.go).
 WRITTEN_CANARIES = (*SYNCED_PREFIXES, SERVICE_EXPORTS_PREFIX)
+# The canaries KVStoreMesh writes under cilium/synced/<remote>/ once it has copied a kind.
+CACHED_SYNCED_PREFIXES = tuple(p.replace(f"{PREFIX}/state/", f"{CACHE_PREFIX}/", 1) for p in SYNCED_PREFIXES)
+
+
+def cache_layout(cluster: str) -> dict[str, str]:
+    """Where KVStoreMesh copies each prefix of a remote cluster's etcd: the prefix there ->
+    the prefix in the local etcd (Cilium's pkg/clustermesh/kvstoremesh reflectors)."""
+    return {
+        f"{NODES_PREFIX}/{cluster}/": f"{CACHE_PREFIX}/nodes/v1/{cluster}/",
+        f"{IPCACHE_PREFIX}/": f"{CACHE_PREFIX}/ip/v1/{cluster}/",
+        f"{IDENTITIES_PREFIX}/": f"{CACHE_PREFIX}/identities/v1/{cluster}/id/",
+        f"{SERVICES_PREFIX}/{cluster}/": f"{CACHE_PREFIX}/services/v1/{cluster}/",
+    }

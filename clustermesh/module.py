@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,13 @@ from prometheus_client.registry import Collector
 from clustermesh.config import (
     ClusterMeshConfig,
     EtcdSection,
-    RemoteClusterFile,
-    read_remote_cluster_file,
+)
+from clustermesh.config_dir import (
+    FileRead,
+    file_stamp,
+    follow_directory,
+    list_cluster_files,
+    read_cluster_file,
 )
 from clustermesh.kvstore import KvError, KvStore, Tls
 from clustermesh.models import InvalidValue, Node, NodeAddress, check_cluster_name
@@ -41,6 +43,8 @@ from clustermesh.ownership import IpcacheMerge
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.services import merge
 from clustermesh.tables import (
+    BY_CLUSTER,
+    BY_NAME,
     GLOBAL_SERVICES,
     IDENTITIES,
     IPCACHE,
@@ -53,7 +57,6 @@ from clustermesh.tables import (
     services_table,
 )
 from plexus.core.api import ApiError
-from plexus.core.config import ConfigError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, manifests_table
 from plexus.core.module import Hive, Module
@@ -63,14 +66,13 @@ from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
 
-MAX_CONFIG_FILE_BYTES = 64 * 1024  # a remote's file names endpoints and three paths
-NOT_CLUSTER_FILES = (".crt", ".key", ".pem")  # certificates kept next to the files
 
 
 def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
     return Tls(ca, cert, key) if ca is not None else None
 
 
+MERGE_SLICE = 2000  # ipcache prefixes merged between two turns of the event loop
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -87,47 +89,6 @@ class _Remote:
         self.watcher = watcher
         self.task = task
         self.digest = digest
-
-
-@dataclass(frozen=True)
-class _FileRead:
-    """One cluster file as last read: its config, or why it is refused.
-
-    `stamp` (inode, size, mtime, ctime) unchanged means the file is not read again."""
-
-    stamp: tuple[int, int, int, int]
-    config: RemoteClusterFile | None
-    digest: str
-    error: str
-    ignored: tuple[str, ...] = ()  # keys Cilium accepts that Plexus does not use
-
-
-def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _read_cluster_file(path: Path, st: os.stat_result) -> _FileRead:
-    """Read and validate one file; any problem becomes the refusal's reason, never an error."""
-    stamp = _stamp(st)
-    if st.st_size > MAX_CONFIG_FILE_BYTES:
-        return _FileRead(stamp, None, "", f"{path}: {st.st_size} bytes, over the limit of "
-                                          f"{MAX_CONFIG_FILE_BYTES}")
-    try:
-        raw = path.read_bytes()
-        raw.decode()
-        cfg, ignored = read_remote_cluster_file(path)
-    except UnicodeDecodeError as e:
-        return _FileRead(stamp, None, "", f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except ConfigError as e:
-        return _FileRead(stamp, None, "", str(e))
-    except OSError as e:
-        return _FileRead(stamp, None, "", f"{path}: cannot read: {e.strerror or e}")
-    except Exception as e:  # whatever the YAML parser makes of hostile bytes
-        return _FileRead(stamp, None, "", f"{path}: cannot be read: {type(e).__name__}: {e}"[:300])
-    if ignored:
-        log.warning("clustermesh config %s: ignoring %s (accepted as Cilium does, not used "
-                    "by Plexus)", path, ", ".join(ignored))
-    return _FileRead(stamp, cfg, hashlib.sha256(raw).hexdigest(), "", ignored)
 
 
 class ClusterMesh:
@@ -155,9 +116,10 @@ class ClusterMesh:
                            (self.tables.nodes, self.tables.ipcache, self.tables.identities,
                             self.tables.services, self.tables.manifests)] if self.enabled else []
         self.remotes: dict[str, _Remote] = {}
+        self._relist_turns = asyncio.Semaphore(1)  # one cluster's big list decoded at a time
         self.config_errors: dict[str, str] = {}  # cluster (or file) name -> file and reason
         self.config_files: dict[str, str] = {}  # cluster name -> the file(s) an error is about
-        self._file_reads: dict[Path, _FileRead] = {}
+        self._file_reads: dict[Path, FileRead] = {}
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self.kv: KvStore | None = None
         if self.enabled and config.direct_routes:
@@ -208,9 +170,19 @@ class ClusterMesh:
                 if r.watcher.kv is not self.kv:
                     await r.watcher.kv.close()
 
+    @property
+    def via_kvstoremesh(self) -> bool:
+        return self.config.mode == "kvstoremesh"
+
     def _watcher(self, name: str, kv: KvStore) -> ClusterWatcher:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
-                              local_id=self.local.cluster_id, ids_in_use=self._ids_in_use)
+                              local_id=self.local.cluster_id, ids_in_use=self._ids_in_use,
+                              cached=self.via_kvstoremesh and name != self.local.cluster,
+                              turns=self._relist_turns)
+
+    def _close_remote_kv(self, name: str, kv: KvStore) -> None:
+        if kv is not self.kv:  # with KVStoreMesh every remote shares the own etcd's connection
+            self.hive.spawn("clustermesh", kv.close(), f"close-{name}")
 
     def _cluster_ready(self, name: str) -> bool:
         r = self.remotes.get(name)
@@ -225,10 +197,13 @@ class ClusterMesh:
         """Open the tables to pruning once every cluster known at start is ready."""
         for r in list(self.remotes.values()):
             await r.watcher.ready_event.wait()
-        self.ipcache_merge.rebuild()  # complete before the first prune
+        # complete before the first prune; in slices, so the API keeps answering meanwhile
+        prefixes = self.ipcache_merge.start_rebuild()
+        await self._refresh_claims(prefixes)
+        self.ipcache_merge.finish_rebuild(prefixes)
         for done in self._init_done:
             done()
-        self._routes_from(self.tables.nodes.all())  # complete before the first prune
+        self._routes_from(self.tables.nodes.by(BY_CLUSTER, self.local.cluster))  # before the first prune
         self._routes_ready()
         log.info("clustermesh: initial sync of %d cluster(s) complete", len(self.remotes))
 
@@ -252,22 +227,37 @@ class ClusterMesh:
 
     # ---- derived tables -------------------------------------------------------------
     async def _merge_services(self) -> None:
-        async for _ in self.tables.services.watch():
-            merged = merge(self.tables.services.all(), self.local.cluster)
-            self.global_services.replace_where(lambda _r: True, merged)
+        # Only the names whose copies changed are merged again.
+        async for keys in self.tables.services.watch():
+            for ns_name in {(ns, name) for _cluster, ns, name in keys}:
+                merged = merge(self.tables.services.by(BY_NAME, ns_name), self.local.cluster)
+                if merged:
+                    self.global_services.upsert(merged[0])
+                else:
+                    self.global_services.delete(ns_name)
 
     async def _merge_claims(self) -> None:
         async for keys in self.tables.ip_claims.watch():
-            self.ipcache_merge.claims_changed(keys)
+            batch = list(keys)  # a cluster's first list is one batch: merged in slices
+            for i in range(0, len(batch), MERGE_SLICE):
+                self.ipcache_merge.claims_changed(batch[i:i + MERGE_SLICE])
+                await asyncio.sleep(0)
 
     async def _merge_owners(self) -> None:
         # A remote's claims are judged by its node records: re-judge them when those change.
         async for keys in self.tables.nodes.watch():
-            self.ipcache_merge.nodes_changed(keys)
+            await self._refresh_claims(self.ipcache_merge.owners_changed(keys))
+
+    async def _refresh_claims(self, prefixes: set[str]) -> None:
+        batch = list(prefixes)
+        for i in range(0, len(batch), MERGE_SLICE):
+            self.ipcache_merge.refresh(batch[i:i + MERGE_SLICE])
+            await asyncio.sleep(0)
 
     async def _derive_routes(self) -> None:
-        async for _ in self.tables.nodes.watch():
-            self._routes_from(self.tables.nodes.all())
+        async for keys in self.tables.nodes.watch():
+            if any(cluster == self.local.cluster for cluster, _ in keys):
+                self._routes_from(self.tables.nodes.by(BY_CLUSTER, self.local.cluster))
 
     def _routes_from(self, nodes: list[Node]) -> None:
         rows = []
@@ -280,29 +270,10 @@ class ClusterMesh:
         self.routes.replace_where(lambda _r: True, rows)
 
     # ---- remote clusters ------------------------------------------------------------
-    def _list_config_dir(self, d: Path) -> dict[str, list[tuple[Path, os.stat_result]]]:
-        """Cluster name -> its files with their stat; stat only, nothing is read here."""
-        found: dict[str, list[tuple[Path, os.stat_result]]] = {}
-        try:
-            entries = list(os.scandir(d))
-        except (FileNotFoundError, NotADirectoryError):
-            return found
-        for entry in sorted(entries, key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.name.endswith(NOT_CLUSTER_FILES):
-                continue
-            try:
-                if not entry.is_file():
-                    continue
-                st = entry.stat()
-            except OSError:
-                continue  # vanished meanwhile, or a dangling link: as if absent
-            found.setdefault(entry.name.removesuffix(".yaml"), []).append((Path(entry.path), st))
-        return found
-
     def _scan_config_dir(self) -> None:
         d = self.config.config_dir
         assert d is not None
-        present = self._list_config_dir(d)
+        present = list_cluster_files(d)
         for name in [n for n in self.remotes if n != self.local.cluster and n not in present]:
             self._remove_remote(name)
         errors: dict[str, tuple[str, str]] = {}  # name -> (file, reason)
@@ -322,8 +293,8 @@ class ClusterMesh:
                 errors[name] = (paths, f"{path}: {e}")
                 continue
             read = self._file_reads.get(path)
-            if read is None or read.stamp != _stamp(st):
-                read = self._file_reads[path] = _read_cluster_file(path, st)
+            if read is None or read.stamp != file_stamp(st):
+                read = self._file_reads[path] = read_cluster_file(path, st)
             if read.config is None:
                 errors[name] = (paths, read.error)
                 continue  # a bad file never takes down a working connection
@@ -331,6 +302,10 @@ class ClusterMesh:
             if current is not None and current.digest == read.digest:
                 continue
             cfg = read.config
+            if self.via_kvstoremesh:  # the file names the cluster; its copy is in the own etcd
+                assert self.kv is not None
+                self._connect_remote(name, self.kv, read.digest)
+                continue
             try:
                 kv = KvStore(cfg.endpoints, _tls(cfg.ca, cfg.cert_file, cfg.key_file),
                              timeout=cfg.timeout)
@@ -353,7 +328,7 @@ class ClusterMesh:
         if current is not None:
             log.info("clustermesh config for remote=%s changed: reconnecting", name)
             current.task.cancel()
-            self.hive.spawn("clustermesh", current.watcher.kv.close(), f"close-{name}")
+            self._close_remote_kv(name, current.watcher.kv)
         watcher = self._watcher(name, kv)
         if current is not None:  # keep what was learned; the relist replaces it
             watcher.status.cluster_id = current.watcher.status.cluster_id
@@ -365,13 +340,13 @@ class ClusterMesh:
         r = self.remotes.pop(name)
         r.task.cancel()
         r.watcher.drain()
-        self.hive.spawn("clustermesh", r.watcher.kv.close(), f"close-{name}")
+        self._close_remote_kv(name, r.watcher.kv)
         log.info("clustermesh: remote=%s removed and drained", name)
 
     async def _watch_config_dir(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.config_poll_interval)
-            self._rescan_config_dir()
+        d = self.config.config_dir
+        assert d is not None
+        await follow_directory(d, self._rescan_config_dir, self.config.config_poll_interval)
 
     def _rescan_config_dir(self) -> None:
         try:
@@ -411,7 +386,10 @@ class ClusterMesh:
         tables = self.listable()
         if q["table"] not in tables:
             raise ApiError(404, f"no table {q['table']}; one of {', '.join(tables)}")
-        rows = [dataclasses.asdict(r) for r in tables[q["table"]].all()]
+        table = tables[q["table"]]
+        if "cluster" in q and table is not self.global_services:
+            return [dataclasses.asdict(r) for r in table.by(BY_CLUSTER, q["cluster"])]
+        rows = [dataclasses.asdict(r) for r in table.all()]
         if "cluster" in q:
             rows = [r for r in rows if _contributed_by(r, q["cluster"])]
         return rows

@@ -54,7 +54,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def claims_table() -> Table[ClaimKey, IPIdentity]:
-    return Table("ipcache-claims", key=lambda e: (e.cluster, e.prefix))
+    return Table("ipcache-claims", key=lambda e: (e.cluster, e.prefix),
+                 indexes={"cluster": lambda e: e.cluster, "prefix": lambda e: e.prefix})
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class Owned:
     cidrs: frozenset[Network] = frozenset()
     node_ips: frozenset[str] = frozenset()  # host prefixes: "172.31.2.11/32"
     lengths: frozenset[tuple[int, int]] = frozenset()  # (version, prefix length) of cidrs
+    # (version, network as an integer, length) of each CIDR: a look-up without building networks
+    _keys: frozenset[tuple[int, int, int]] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_keys", frozenset(
+            (c.version, int(c.network_address), c.prefixlen) for c in self.cidrs))
 
     @classmethod
     def of(cls, nodes: Iterable[Node]) -> Owned:
@@ -80,9 +87,12 @@ class Owned:
 
     def covers(self, prefix: str) -> bool:
         """Whether a pod CIDR holds `prefix`: one look-up per CIDR length, not per CIDR."""
+        if not self.lengths:
+            return False
         net = ipaddress.ip_network(prefix, strict=False)
+        address, bits = int(net.network_address), net.max_prefixlen
         return any(version == net.version and length <= net.prefixlen
-                   and net.supernet(new_prefix=length) in self.cidrs
+                   and (version, address >> (bits - length) << (bits - length), length) in self._keys
                    for version, length in self.lengths)
 
     def holds(self, prefix: str) -> bool:
@@ -166,6 +176,7 @@ class IpcacheMerge:
         self.owned: dict[str, Owned] = {}
         self.clusters: set[str] = set()  # every cluster that has claimed anything
         self.refusals: dict[str, Refusals] = {}
+        self.refused_at: dict[str, set[str]] = {}  # prefix -> clusters with a refusal for it
 
     def refusals_of(self, cluster: str) -> Refusals:
         return self.refusals.get(cluster) or Refusals()
@@ -178,28 +189,36 @@ class IpcacheMerge:
         self.refresh(prefixes)
 
     def nodes_changed(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Re-evaluate every claim of the clusters whose nodes changed."""
-        clusters = {cluster for cluster, _ in keys}
-        by_cluster: dict[str, list[Node]] = {c: [] for c in clusters}
-        for n in self.nodes.where(lambda n: n.cluster in clusters):
-            by_cluster[n.cluster].append(n)
+        """Re-evaluate every claim of the clusters whose nodes changed (theirs only)."""
+        self.refresh(self.owners_changed(keys))
+
+    def owners_changed(self, keys: Iterable[tuple[str, str]]) -> set[str]:
+        """Take in the clusters' new node records; returns the prefixes to refresh."""
         changed = set()
-        for c, nodes in by_cluster.items():
-            fresh = Owned.of(nodes)
+        for c in {cluster for cluster, _ in keys}:
+            fresh = Owned.of(self.nodes.by("cluster", c))
             if self.owned.get(c, Owned()) != fresh:  # a new key or label changes nothing here
                 self.owned[c] = fresh
                 changed.add(c)
         if self.local_cluster in changed:  # what the local cluster owns, no remote does
-            changed |= {cluster for (cluster, _), _ in self.claims.items()}
-        prefixes = set()
-        for (cluster, prefix), _ in self.claims.items():
-            if cluster in changed:
+            changed |= {str(c) for c in self.claims.index_values("cluster")}
+        prefixes: set[str] = set()
+        for cluster in changed:
+            found = self.claims.by("cluster", cluster)
+            if found:
                 self.clusters.add(cluster)
-                prefixes.add(prefix)
-        self.refresh(prefixes)
+            prefixes.update(e.prefix for e in found)
+        return prefixes
 
     def rebuild(self) -> None:
         """Everything from scratch (the initial sync opens the table to pruning after it)."""
+        prefixes = self.start_rebuild()
+        self.refresh(prefixes)
+        self.finish_rebuild(prefixes)
+
+    def start_rebuild(self) -> set[str]:
+        """A rebuild in steps, so a caller can refresh the prefixes in slices: the node
+        records taken in afresh; returns every claimed prefix."""
         by_cluster: dict[str, list[Node]] = {}
         for n in self.nodes.all():
             by_cluster.setdefault(n.cluster, []).append(n)
@@ -209,15 +228,20 @@ class IpcacheMerge:
         prefixes = {prefix for _, prefix in keys}
         for r in self.refusals.values():
             r.reasons = {p: why for p, why in r.reasons.items() if p in prefixes}
-        self.refresh(prefixes)
+        self.refused_at = {p: cs for p, cs in self.refused_at.items() if p in prefixes}
+        return prefixes
+
+    def finish_rebuild(self, prefixes: set[str]) -> None:
         for prefix in [p for p, _ in self.merged.items() if p not in prefixes]:
             self.merged.delete(prefix)
 
     def refresh(self, prefixes: Iterable[str]) -> None:
         for prefix in set(prefixes):
-            claims = {c: e for c in self.clusters if (e := self.claims.get((c, prefix))) is not None}
+            # The claims of this prefix and the clusters refused it before: the cost of one
+            # prefix does not grow with the number of clusters in the mesh.
+            claims = {e.cluster: e for e in self.claims.by("prefix", prefix)}
             row, refused = resolve(claims, self.owned, self.local_cluster)
-            for cluster in self.clusters:
+            for cluster in claims.keys() | self.refused_at.get(prefix, set()):
                 self._record(cluster, prefix, refused.get(cluster))
             if row is None:
                 self.merged.delete(prefix)
@@ -229,7 +253,13 @@ class IpcacheMerge:
         if why is None:
             if current is not None and current.reasons.pop(prefix, None) is not None:
                 log.info("remote=%s: claim for %s now applied or gone", cluster, prefix)
+                refused = self.refused_at.get(prefix)
+                if refused is not None:
+                    refused.discard(cluster)
+                    if not refused:
+                        del self.refused_at[prefix]
             return
+        self.refused_at.setdefault(prefix, set()).add(cluster)
         r = self.refusals.setdefault(cluster, Refusals())
         if r.reasons.get(prefix) != why:
             # While a cluster is still listing, its claims may come before its nodes.

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from clustermesh.kvstore import KV, Event, KvError, KvStore
-from clustermesh.manifests import MANIFESTS_PREFIX
+from clustermesh.manifests import MANIFESTS_CACHE_PREFIX, MANIFESTS_PREFIX
 from clustermesh.models import (
+    CACHED_SYNCED_PREFIXES,
     CLUSTER_CONFIG_PREFIX,
     CLUSTER_ID_MAX,
     IDENTITIES_PREFIX,
@@ -32,6 +33,7 @@ from clustermesh.models import (
     InvalidValue,
     IPIdentity,
     Node,
+    cache_layout,
     check_cluster_name,
     decode_json,
     identity_cluster_id,
@@ -39,6 +41,7 @@ from clustermesh.models import (
 )
 from clustermesh.ownership import MIN_ALLOCATED_IDENTITY, claims_table
 from clustermesh.session import run_sessions
+from clustermesh.tables import BY_CLUSTER
 from clustermesh.watch import Changed, ListWatch, Relisted, Synced
 from plexus.core.log import Fields
 from plexus.core.manifests import Manifest
@@ -48,6 +51,7 @@ from plexus.core.tables import Table
 K = TypeVar("K")
 RECONNECT_BACKOFF = Backoff(initial=0.2, maximum=30.0)
 SHOWN_CHARS = 200  # of a hostile key or message in status and logs
+RELIST_SLICE = 500  # listed values decoded between two turns of the event loop
 R = TypeVar("R")
 
 
@@ -80,7 +84,7 @@ class RemoteStatus:
 
     def as_dict(self, tables: MeshTables) -> dict[str, Any]:
         def count(t: Table[Any, Any]) -> int:
-            return len(t.where(lambda r: getattr(r, "cluster", "") == self.name))
+            return t.count(BY_CLUSTER, self.name)  # kept as rows change: no scan
         return {
             "name": self.name, "ready": self.ready, "connected": self.connected,
             "clusterID": self.cluster_id, "configError": self.config_error,
@@ -98,16 +102,28 @@ class ConfigRejected(Exception):
 
 
 class _Prefix(Generic[K, R]):
-    """One watched prefix: decodes etcd keys into rows of one table."""
+    """One watched prefix: decodes etcd keys into rows of one table.
 
-    def __init__(self, kv: KvStore, prefix: str, table: Table[K, R],
-                 decode: Callable[[str, bytes], R], owned: Callable[[R], bool]) -> None:
-        self.prefix = prefix
+    `state` is where the cluster's own etcd keeps the kind and `cache` where KVStoreMesh
+    copies it; `prefix`, the one watched, is one of the two. Keys are decoded as their
+    state key, wherever they were read."""
+
+    def __init__(self, kv: KvStore, state: str, cache: str, table: Table[K, R],
+                 decode: Callable[[str, bytes], R], owned: Callable[[R], bool], cached: bool) -> None:
+        self.state = state
+        self.cache = cache
+        self.prefix = cache if cached else state
         self.table = table
         self.decode = decode
         self.owned = owned
         self.keys: dict[str, K] = {}  # etcd key -> table key, to apply deletes
-        self.watch = ListWatch(kv, prefix)
+        self.watch = ListWatch(kv, self.prefix)
+
+    def state_key(self, key: str) -> str:
+        return self.state + key[len(self.prefix):]
+
+    def cache_key(self, key: str) -> str:
+        return self.cache + key[len(self.prefix):]
 
 
 class ClusterWatcher:
@@ -115,8 +131,11 @@ class ClusterWatcher:
                  local_id: int, ids_in_use: Callable[[str], dict[int, str]],
                  backoff: Backoff = RECONNECT_BACKOFF,
                  on_event: Callable[[], None] | None = None,
-                 max_connected: int = CLUSTER_ID_MAX) -> None:
+                 max_connected: int = CLUSTER_ID_MAX, cached: bool = False,
+                 turns: asyncio.Semaphore | None = None) -> None:
         self.name = name
+        self.turns = turns  # shared by every cluster's watcher: who decodes a big list now
+        self.cached = cached  # read from KVStoreMesh's copy in the local etcd
         self.max_connected = max_connected
         self.kv = kv
         self.tables = tables
@@ -131,14 +150,20 @@ class ClusterWatcher:
         self._canaries_seen = False
         self._listed: set[str] = set()
         self.ready_event = asyncio.Event()
+        cache = {**cache_layout(name), f"{MANIFESTS_PREFIX}/{name}/": f"{MANIFESTS_CACHE_PREFIX}/{name}/"}
+
+        def prefix(state: str, table: Table[Any, Any],
+                   decode: Callable[[str, bytes], Any]) -> _Prefix[Any, Any]:
+            return _Prefix(kv, state, cache[state], table, decode, self._mine, cached)
         self.prefixes: list[_Prefix[Any, Any]] = [
-            _Prefix(kv, f"{NODES_PREFIX}/{name}/", tables.nodes, self._node, self._mine),
-            _Prefix(kv, f"{IPCACHE_PREFIX}/", tables.ip_claims, self._ip, self._mine),
-            _Prefix(kv, f"{IDENTITIES_PREFIX}/", tables.identities, self._identity, self._mine),
-            _Prefix(kv, f"{SERVICES_PREFIX}/{name}/", tables.services, self._service, self._mine),
-            _Prefix(kv, f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest, self._mine),
+            prefix(f"{NODES_PREFIX}/{name}/", tables.nodes, self._node),
+            prefix(f"{IPCACHE_PREFIX}/", tables.ip_claims, self._ip),
+            prefix(f"{IDENTITIES_PREFIX}/", tables.identities, self._identity),
+            prefix(f"{SERVICES_PREFIX}/{name}/", tables.services, self._service),
+            prefix(f"{MANIFESTS_PREFIX}/{name}/", tables.manifests, self._manifest),
         ]
         self.canaries = ListWatch(kv, f"{SYNCED_PREFIX}/{name}/")
+        self.canary_prefixes = CACHED_SYNCED_PREFIXES if cached else SYNCED_PREFIXES
 
     @property
     def is_local(self) -> bool:
@@ -267,10 +292,14 @@ class ClusterWatcher:
         self._session_connected = True
         st.config_error = ""
         self.log.info("connected cluster_id=%d", cfg.id)
+        await self._connected(cfg)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch_canaries())
             for p in self.prefixes:
                 tg.create_task(self._follow(p))
+
+    async def _connected(self, cfg: ClusterConfig) -> None:
+        """Called once the cluster-config is read and accepted, before anything is listed."""
 
     async def _watch_canaries(self) -> None:
         prefix = self.canaries.prefix
@@ -281,7 +310,7 @@ class ClusterWatcher:
             elif isinstance(update, Changed):
                 for ev in update.events:
                     (keys.add if ev.kind == "put" else keys.discard)(ev.key)
-            self.status.synced = {p: f"{prefix}{p}" in keys for p in SYNCED_PREFIXES}
+            self.status.synced = {p: f"{prefix}{p}" in keys for p in self.canary_prefixes}
             self._canaries_seen = all(self.status.synced.values())
             self._update_ready()
 
@@ -310,30 +339,58 @@ class ClusterWatcher:
     async def _follow(self, p: _Prefix[Any, Any]) -> None:
         async for update in p.watch.updates():
             if isinstance(update, Relisted):
-                self._relist(p, update.items)
+                await self._on_relist(p, update.items)
             elif isinstance(update, Synced):
                 self._listed.add(p.prefix)
                 self._update_ready()
                 self._notify()
             else:
-                self._apply(p, update.events)
+                await self._on_changes(p, update.events)
+
+    # What a list and a batch of events do: the agent fills its tables; KVStoreMesh
+    # (a subclass) copies into the local etcd instead.
+    async def _on_relist(self, p: _Prefix[Any, Any], items: tuple[KV, ...]) -> None:
+        if self.turns is None or len(items) <= RELIST_SLICE:
+            self._relist(p, items)
+            return
+        # A big list is decoded in slices, one cluster at a time: between two slices the
+        # event loop answers the API, whatever the number of clusters listing at once.
+        async with self.turns:
+            keys: dict[str, Any] = {}
+            rows: dict[Any, Any] = {}
+            for i in range(0, len(items), RELIST_SLICE):
+                self._decode_into(p, items[i:i + RELIST_SLICE], keys, rows)
+                await asyncio.sleep(0)
+            self._replace(p, keys, rows)
+
+    async def _on_changes(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:
+        self._apply(p, events)
 
     def _relist(self, p: _Prefix[Any, Any], items: tuple[KV, ...]) -> None:
-        rows = {}
-        p.keys.clear()
+        keys: dict[str, Any] = {}
+        rows: dict[Any, Any] = {}
+        self._decode_into(p, items, keys, rows)
+        self._replace(p, keys, rows)
+
+    def _decode_into(self, p: _Prefix[Any, Any], items: tuple[KV, ...], keys: dict[str, Any],
+                     rows: dict[Any, Any]) -> None:
         for item in items:
-            row = self._decode(p, item.key, item.value)
+            row = self._decode(p, p.state_key(item.key), item.value)
             if row is not None:
-                p.keys[item.key] = p.table.key_of(row)
-                rows[p.keys[item.key]] = row
-        # A relist replaces this cluster's rows: what vanished while we were away goes.
-        p.table.replace_where(p.owned, rows.values())
+                keys[item.key] = key = p.table.key_of(row)
+                rows[key] = row
+
+    def _replace(self, p: _Prefix[Any, Any], keys: dict[str, Any], rows: dict[Any, Any]) -> None:
+        # A relist replaces this cluster's rows (and looks at no other cluster's): what
+        # vanished while we were away goes.
+        p.keys = keys
+        p.table.replace_in(BY_CLUSTER, self.name, rows.values())
 
     def _apply(self, p: _Prefix[Any, Any], events: tuple[Event, ...]) -> None:
         for ev in events:
             self.status.events += 1
             old = p.keys.pop(ev.key, None)
-            row = self._decode(p, ev.key, ev.value) if ev.kind == "put" else None
+            row = self._decode(p, p.state_key(ev.key), ev.value) if ev.kind == "put" else None
             if row is not None:
                 new = p.table.key_of(row)
                 if old is not None and old != new and p.owned(p.table.get(old)):
@@ -354,7 +411,7 @@ class ClusterWatcher:
         """Remove every row this cluster contributed."""
         gone = 0
         for p in self.prefixes:
-            gone += len(p.table.delete_where(p.owned))
+            gone += len(p.table.delete_in(BY_CLUSTER, self.name))
             p.keys.clear()
         self.status.ready = False
         self.status.synced = {}

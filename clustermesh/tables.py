@@ -8,6 +8,7 @@ attributes) and the manifests table live in plexus.core.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from clustermesh.models import ClusterService, Identity, IPIdentity, L4Addr, Node
 from plexus.core.module import Key
@@ -17,6 +18,14 @@ NodeKey = tuple[str, str]            # (cluster, node name)
 Prefix = str                         # "10.1.1.5/32"
 ServiceKey = tuple[str, str, str]    # (cluster, namespace, name)
 ServiceName = tuple[str, str]        # (namespace, name)
+
+# Index names: status counts, relists and drains look at one cluster's rows only.
+BY_CLUSTER = "cluster"
+BY_NAME = "name"  # services: the copies that merge into one global service
+
+
+def _cluster(row: Any) -> str:
+    return str(row.cluster)
 
 
 @dataclass(frozen=True)
@@ -42,19 +51,20 @@ class GlobalService:
 
 
 def nodes_table() -> Table[NodeKey, Node]:
-    return Table("nodes", key=lambda n: n.key)
+    return Table("nodes", key=lambda n: n.key, indexes={BY_CLUSTER: _cluster})
 
 
 def ipcache_table() -> Table[Prefix, IPIdentity]:
-    return Table("ipcache", key=lambda e: e.prefix)
+    return Table("ipcache", key=lambda e: e.prefix, indexes={BY_CLUSTER: _cluster})
 
 
 def identities_table() -> Table[int, Identity]:
-    return Table("identities", key=lambda i: i.id)
+    return Table("identities", key=lambda i: i.id, indexes={BY_CLUSTER: _cluster})
 
 
 def services_table() -> Table[ServiceKey, ClusterService]:
-    return Table("services", key=lambda s: s.key)
+    return Table("services", key=lambda s: s.key,
+                 indexes={BY_CLUSTER: _cluster, BY_NAME: lambda s: (s.namespace, s.name)})
 
 
 def global_services_table() -> Table[ServiceName, GlobalService]:

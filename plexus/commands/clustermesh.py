@@ -23,6 +23,7 @@ from plexus.commands.common import (
 from plexus.core.client import Client
 
 APISERVER_SOCKET = "/run/plexus/clustermesh-apiserver.sock"
+KVSTOREMESH_SOCKET = "/run/plexus/kvstoremesh.sock"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -57,6 +58,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.add_argument("--cluster", help="a lab cluster such as east (uses its apiserver's socket)")
     add_output_arg(st)
     st.set_defaults(func=_apiserver_status)
+
+    km = sub.add_parser("kvstoremesh",
+                        help="copy every remote cluster into this cluster's etcd (Cilium's KVStoreMesh)",
+                        allow_abbrev=False,
+                        description="Run KVStoreMesh (with --cluster-name, --cluster-id, --etcd, "
+                                    "--config-dir), or show a running one's status.")
+    km.add_argument("--cluster-name", help="required to run")
+    km.add_argument("--cluster-id", type=int, help="required to run")
+    km.add_argument("--etcd", action="append", help="this cluster's etcd endpoint URL (repeatable)")
+    km.add_argument("--cacert", type=Path)
+    km.add_argument("--cert", type=Path)
+    km.add_argument("--key", type=Path)
+    km.add_argument("--config-dir", type=Path, help="one file per remote cluster, as the agent's")
+    km.add_argument("--api-socket", type=Path, default=Path(KVSTOREMESH_SOCKET),
+                    help="unix socket of its local API (default %(default)s)")
+    km.add_argument("--metrics-address", default="127.0.0.1")
+    km.add_argument("--metrics-port", type=int, default=9964,
+                    help="port of /metrics and /healthz; 0 disables (default %(default)s)")
+    km.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    km.set_defaults(func=_kvstoremesh)
+    kms = km.add_subparsers(dest="kvstoremesh_command", metavar="ACTION")
+    kst = kms.add_parser("status", help="per remote cluster: ready, keys copied, failures")
+    kst.add_argument("--socket", default=KVSTOREMESH_SOCKET,
+                     help="its API socket (default: %(default)s)")
+    add_output_arg(kst)
+    kst.set_defaults(func=_kvstoremesh_status)
 
     cm = sub.add_parser("clustermesh", help="the clusters this node is connected to")
     cms = cm.add_subparsers(dest="cm_command", required=True, metavar="ACTION")
@@ -116,6 +143,42 @@ def _apiserver(args: argparse.Namespace) -> int:
         "vmsigner": {"pki": args.vm_pki},
     }, MODULES)
     return asyncio.run(run(config))
+
+
+def _kvstoremesh(args: argparse.Namespace) -> int:
+    from plexus.kvstoremesh import MODULES, load_config, run
+
+    missing = [flag for flag, v in (("--cluster-name", args.cluster_name), ("--cluster-id", args.cluster_id),
+                                    ("--etcd", args.etcd), ("--config-dir", args.config_dir)) if not v]
+    if missing:
+        print(f"plexus kvstoremesh: {', '.join(missing)} required")
+        return 2
+    config = load_config({
+        "cluster": {"name": args.cluster_name, "id": args.cluster_id},
+        "etcd": {"endpoints": args.etcd, "trustedCaFile": args.cacert, "certFile": args.cert,
+                 "keyFile": args.key},
+        "configDir": args.config_dir,
+        "apiSocket": args.api_socket,
+        "metrics": {"address": args.metrics_address, "port": args.metrics_port or None},
+        "logLevel": args.log_level,
+    }, MODULES)
+    return asyncio.run(run(config))
+
+
+def _render_kvstoremesh(s: dict[str, Any]) -> str:
+    k = dict(s["modules"].get("kvstoremesh", {}))
+    rows = [[name, "yes" if c.get("ready") else "no", "yes" if c.get("connected") else "no",
+             str(sum(c.get("entries", {}).values())), str(c.get("failures", 0)),
+             str(c.get("invalidEntries", 0)), c.get("configError") or c.get("lastFailure", "")]
+            for name, c in k.get("clusters", {}).items()]
+    head = f"kvstoremesh of cluster {s['cluster']} (id {s['clusterID']})  ready {k.get('ready')}"
+    return head + "\n" + table(rows, ["CLUSTER", "READY", "CONNECTED", "KEYS", "FAILURES", "INVALID",
+                                      "LAST ERROR"])
+
+
+def _kvstoremesh_status(args: argparse.Namespace) -> int:
+    emit(args, Client(Path(args.socket)).get("/v1/status"), _render_kvstoremesh)
+    return 0
 
 
 def _render_apiserver(s: dict[str, Any]) -> str:

@@ -76,7 +76,7 @@ class Manifest:
 
 
 def manifests_table() -> Table[ManifestKey, Manifest]:
-    return Table("manifests", key=lambda m: m.key)
+    return Table("manifests", key=lambda m: m.key, indexes={"cluster": lambda m: m.cluster})
 
 
 MANIFESTS: Key[Table[ManifestKey, Manifest]] = Key("manifests")  # every cluster's

@@ -1,7 +1,9 @@
 """Typed in-memory tables of desired state.
 
 Watchers (etcd, the CNI endpoint API, manifests) write rows; reconcilers read them.
-A row is a frozen dataclass; a table is keyed by a function of the row. Readers follow
+A row is a frozen dataclass; a table is keyed by a function of the row, and may keep
+secondary indexes (say, by cluster) so that counting, listing, replacing or deleting the
+rows of one index value touches only those rows. Readers follow
 changes through `watch()`, which coalesces: a burst of writes to one key wakes a reader
 once, and the reader reads the current row (or finds it gone).
 """
@@ -34,10 +36,14 @@ class Table(Generic[K, R]):
     never prunes before that, so a half-synced table can never delete live state.
     """
 
-    def __init__(self, name: str, key: Callable[[R], K]) -> None:
+    def __init__(self, name: str, key: Callable[[R], K],
+                 indexes: dict[str, Callable[[R], Hashable]] | None = None) -> None:
         self.name = name
         self._key = key
         self._rows: dict[K, R] = {}
+        self._index_of: dict[str, Callable[[R], Hashable]] = dict(indexes or {})
+        # index name -> index value -> the rows with that value, by key
+        self._indexes: dict[str, dict[Hashable, dict[K, R]]] = {n: {} for n in self._index_of}
         self._watchers: list[_Watcher[K]] = []
         self._pending_init: set[str] = set()
         self.initialized = asyncio.Event()
@@ -86,21 +92,58 @@ class Table(Generic[K, R]):
     def where(self, predicate: Callable[[R], bool]) -> list[R]:
         return [r for r in self._rows.values() if predicate(r)]
 
+    def _index(self, index: str) -> dict[Hashable, dict[K, R]]:
+        try:
+            return self._indexes[index]
+        except KeyError:
+            raise KeyError(f"table {self.name} has no index {index!r}; "
+                           f"it has {', '.join(self._indexes) or 'none'}") from None
+
+    def by(self, index: str, value: Hashable) -> list[R]:
+        """The rows whose `index` is `value`, without looking at any other row."""
+        return list(self._index(index).get(value, {}).values())
+
+    def keys_by(self, index: str, value: Hashable) -> list[K]:
+        return list(self._index(index).get(value, {}))
+
+    def count(self, index: str, value: Hashable) -> int:
+        return len(self._index(index).get(value, ()))
+
+    def index_values(self, index: str) -> list[Hashable]:
+        return list(self._index(index))
+
     # ---- writes ---------------------------------------------------------------------
     def upsert(self, row: R) -> bool:
         """Insert or replace; returns False (and wakes nobody) when nothing changed."""
         key = self._key(row)
-        if self._rows.get(key) == row:
+        old = self._rows.get(key)
+        if old == row:
             return False
         self._rows[key] = row
+        if self._index_of:
+            if old is not None:
+                self._unindex(key, old)
+            for name, of in self._index_of.items():
+                self._indexes[name].setdefault(of(row), {})[key] = row
         self._changed(key)
         return True
 
     def delete(self, key: K) -> R | None:
         row = self._rows.pop(key, None)
         if row is not None:
+            if self._index_of:
+                self._unindex(key, row)
             self._changed(key)
         return row
+
+    def _unindex(self, key: K, row: R) -> None:
+        for name, of in self._index_of.items():
+            value = of(row)
+            bucket = self._indexes[name].get(value)
+            if bucket is not None:
+                bucket.pop(key, None)
+                if not bucket:
+                    del self._indexes[name][value]
 
     def delete_where(self, predicate: Callable[[R], bool]) -> list[R]:
         gone = [k for k, r in self._rows.items() if predicate(r)]
@@ -111,6 +154,20 @@ class Table(Generic[K, R]):
         fresh = {self._key(r): r for r in rows}
         for key, row in list(self._rows.items()):
             if predicate(row) and key not in fresh:
+                self.delete(key)
+        for row in fresh.values():
+            self.upsert(row)
+
+    def delete_in(self, index: str, value: Hashable) -> list[R]:
+        """Delete the rows whose `index` is `value`; no other row is looked at."""
+        return [r for k in self.keys_by(index, value) if (r := self.delete(k)) is not None]
+
+    def replace_in(self, index: str, value: Hashable, rows: Iterable[R]) -> None:
+        """Make the rows whose `index` is `value` exactly `rows` (a resync of, say, one
+        cluster): the cost grows with that subset, not with the table."""
+        fresh = {self._key(r): r for r in rows}
+        for key in self.keys_by(index, value):
+            if key not in fresh:
                 self.delete(key)
         for row in fresh.values():
             self.upsert(row)
