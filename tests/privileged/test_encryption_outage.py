@@ -286,7 +286,10 @@ async def test_wireguard_go_killed_is_restarted_and_strict_mode_never_leaks(
         await eventually(lambda: any(f"dev {device}" in r for r in table_routes(a.ns)),
                          what=lambda: f"device route restored: {table_routes(a.ns)}")
         assert a.enc.backend is not None
-        assert set(a.enc.backend.info().peers) == {p.public_key for p in a.enc.peers}
+        backend = a.enc.backend
+        # the restarted device gets its peers from the reconciler, just after its route
+        await eventually(lambda: set(backend.info().peers) == {p.public_key for p in a.enc.peers},
+                         what=lambda: f"peers on the restarted device: {backend.info().peers}")
         await send_until_received(pod_a, pod_b, b"MARKER-AFTER")
         health = a.enc.status()["device"]
         assert health["restarts"] == 1 and health["lastOutage"]["until"] is not None
