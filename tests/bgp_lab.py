@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import sh, stop_pid
+from tests.support import add_netns, del_netns, sh, stop_pid, sweep_stale_netns
 
 NODE_IP, ROUTER_IP = "10.255.0.1", "10.255.0.2"
 NODE_ASN, ROUTER_ASN = 65001, 65000
@@ -139,11 +139,11 @@ def bgp_lab(prefix: str = "plx-tb") -> Iterator[Lab]:
     tmp = Path(tempfile.mkdtemp(prefix="plexus-bgp-"))
     created: list[str] = []
     lab = Lab(node_ns, router_ns, tmp)
+    sweep_stale_netns()  # benchmarks use this lab too, outside pytest's session start
     try:
         for ns in (node_ns, router_ns):
-            sh("ip", "netns", "add", ns)
             created.append(ns)
-            sh("ip", "link", "set", "lo", "up", ns=ns)
+            add_netns(ns)
         a, b = f"plxtb{tag}a", f"plxtb{tag}b"
         lab.node_link, lab.router_link = a, b
         sh("ip", "link", "add", a, "netns", node_ns, "type", "veth", "peer", "name", b, "netns", router_ns)
@@ -155,5 +155,5 @@ def bgp_lab(prefix: str = "plx-tb") -> Iterator[Lab]:
     finally:
         lab.close()
         for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            del_netns(ns)
         subprocess.run(["rm", "-rf", str(tmp)], capture_output=True)

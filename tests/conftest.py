@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from plexus.lab.ops import hold_machine_lock
-from tests.support import Etcd, etcd_server
+from tests.support import Etcd, etcd_server, sweep_stale_netns
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -20,6 +20,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if any(item.get_closest_marker(m) for item in items
            for m in ("integration", "privileged", "e2e", "chaos")):
         hold_machine_lock()
+        sweep_stale_netns()  # what a killed earlier run left, now that no other run is here
 
 
 

@@ -136,16 +136,58 @@ def sh(*cmd: str, check: bool = True, ns: str | None = None, **kw: Any) -> subpr
     return r
 
 
+# Every namespace a test makes is recorded here with the PID of the run that made it, so a
+# run killed before its cleanup (a timeout, a stopped CI) is cleaned up by the next one.
+NETNS_RECORDS = Path("/run/plexus-tests/netns")
+
+
+def add_netns(name: str) -> None:
+    """Make a test namespace (loopback up) and record it as this run's."""
+    NETNS_RECORDS.mkdir(parents=True, exist_ok=True)
+    (NETNS_RECORDS / name).write_text(f"{os.getpid()}\n")
+    sh("ip", "netns", "add", name)
+    sh("ip", "link", "set", "lo", "up", ns=name)
+
+
+def del_netns(name: str) -> None:
+    """Delete a test namespace and its record."""
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    (NETNS_RECORDS / name).unlink(missing_ok=True)
+
+
+def _run_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def sweep_stale_netns() -> list[str]:
+    """Remove the namespaces a dead run recorded, and stop what the run left running in
+    them (its own processes, found by PID inside its own namespace). Called with the machine
+    lock held, so no live run is using them."""
+    swept = []
+    for record in sorted(NETNS_RECORDS.glob("*")) if NETNS_RECORDS.is_dir() else []:
+        owner = int(record.read_text().strip() or 0)
+        if owner and _run_alive(owner):
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", record.name], capture_output=True, text=True).stdout
+        for pid in (int(p) for p in pids.split()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        del_netns(record.name)
+        swept.append(record.name)
+    return swept
+
+
 @contextmanager
 def netns(prefix: str = "plx-t") -> Iterator[str]:
     """A fresh network namespace with loopback up, deleted afterwards."""
     name = unique(prefix)
-    sh("ip", "netns", "add", name)
     try:
-        sh("ip", "link", "set", "lo", "up", ns=name)
+        add_netns(name)
         yield name
     finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        del_netns(name)
 
 
 ROOT = Path(__file__).resolve().parents[1]
