@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 IFF_UP = 0x1
 RTPROT_PLEXUS = 190
 FAMILIES = (AF_INET, AF_INET6)
+WG_LOG = "wireguard-go.log"
 PID_FILE = "wireguard-go.pid"
 # Strict mode keeps a blackhole under every remote pod CIDR at this metric, worse than the
 # device route's (0): a device route dies with its device, a blackhole has none and stays,
@@ -127,6 +128,14 @@ class UserspaceBackend:
         except UapiError:
             return False
 
+    def _last_words(self) -> str:
+        """The end of wireguard-go's log, for the status that says why it is not running."""
+        try:
+            lines = (self.state_dir / WG_LOG).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return " | ".join(lines[-3:]) or f"nothing in {self.state_dir / WG_LOG}"
+
     def _start(self) -> None:
         if (self.state_dir / PID_FILE).exists() and self.pid() is None:
             self.found_dead = True
@@ -138,7 +147,7 @@ class UserspaceBackend:
         launch = 'exec </dev/null 2>>"$2"; "$3" -f "$1" >>"$2" 2>&1 & echo $!'
         shell = subprocess.run(
             self.netlink.argv(["sh", "-c", launch, "sh", self.device,
-                               str(self.state_dir / "wireguard-go.log"), self.binary]),
+                               str(self.state_dir / WG_LOG), self.binary]),
             env=env, start_new_session=True, timeout=10, stdin=subprocess.DEVNULL,
             capture_output=True, check=False)
         printed = shell.stdout.strip()
@@ -149,8 +158,9 @@ class UserspaceBackend:
         (self.state_dir / PID_FILE).write_text(f"{pid}\n")
         deadline = time.monotonic() + 10
         while not self._alive():
-            if self.pid() is None:
-                raise BackendUnavailable("wireguard-go exited (its log is in the state dir)")
+            # by the pid itself: its cmdline reads empty while it execs wireguard-go
+            if _exited(pid):
+                raise BackendUnavailable(f"wireguard-go exited: {self._last_words()}")
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)  # no stray wireguard-go holding the device name
                 raise BackendUnavailable("wireguard-go did not open its UAPI socket")
@@ -186,6 +196,15 @@ class UserspaceBackend:
                 os.kill(pid, signal.SIGTERM)
             pid_file.unlink()
         self.uapi.path.unlink(missing_ok=True)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for init to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def _cmdline(pid: int) -> bytes:
