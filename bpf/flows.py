@@ -26,6 +26,8 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from plexus.core.api import ApiError
+
 # ---- the flow ------------------------------------------------------------------------------
 VERDICTS = ("FORWARDED", "DROPPED", "TRANSLATED")
 DIRECTIONS = ("INGRESS", "EGRESS")
@@ -472,6 +474,22 @@ class FlowRing:
     def status(self) -> dict[str, Any]:
         return {"capacity": self.capacity, "flows": len(self.flows), "seen": self.seen,
                 "lostPerfBuffer": self.lost_perf, "lostSlowReaders": self.lost_readers}
+
+
+def observe_request(ring: FlowRing, q: dict[str, str]) -> AsyncGenerator[Any, None]:
+    """Hubble's GetFlows over `ring`: `last` (default 20; with `since`, every one), `since` (a
+    duration or an RFC 3339 time), `follow` ("1"), `filters` (FlowFilter.to_query). A bad
+    request is an API error 400 naming what is wrong."""
+    try:
+        flt = FlowFilter.from_query(q.get("filters"))
+        since = parse_since(q["since"]) if q.get("since") else None
+        last_raw = q.get("last")
+        last = int(last_raw) if last_raw not in (None, "") else (None if since is not None else 20)
+    except (FilterError, ValueError) as e:
+        raise ApiError(400, str(e)) from None
+    if last is not None and last < 0:
+        raise ApiError(400, f"last: {last} is negative")
+    return ring.observe(flt, last, since, follow=q.get("follow") == "1")
 
 
 def parse_since(text: str, now_ns: int | None = None) -> int:

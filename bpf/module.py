@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
-from bpf.flows import PROTOCOLS, FilterError, Flow, FlowFilter, FlowRing, Peer, parse_since, peer_labels
+from bpf.flows import PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
@@ -242,18 +242,7 @@ class BpfDatapath:
                     drop_reason="POLICY_DENIED" if dropped else "", tcp_flags=ev.get("tcp_flags", 0))
 
     def _observe(self, q: dict[str, str]) -> AsyncGenerator[Any, None]:
-        """Hubble's GetFlows: `last` (default 20; with `since` or `all`, every one), `since`
-        (a duration or an RFC 3339 time), `follow` ("1"), `filters` (FlowFilter.to_query)."""
-        try:
-            flt = FlowFilter.from_query(q.get("filters"))
-            since = parse_since(q["since"]) if q.get("since") else None
-            last_raw = q.get("last")
-            last = int(last_raw) if last_raw not in (None, "") else (None if since is not None else 20)
-        except (FilterError, ValueError) as e:
-            raise ApiError(400, str(e)) from None
-        if last is not None and last < 0:
-            raise ApiError(400, f"last: {last} is negative")
-        return self.ring.observe(flt, last, since, follow=q.get("follow") == "1")
+        return observe_request(self.ring, q)
 
     async def _flows_status(self, _q: dict[str, str], _b: Any) -> Any:
         return {"node": self.ring.node, **self.ring.status()}

@@ -31,7 +31,7 @@ from bench.common import machine, percentile
 from bpf.flows import parse_time
 from plexus.lab.lab import Lab
 from plexus.lab.topology import pod_netns
-from tests.e2e.test_lab import apply_in, lab_namespaces, plexus
+from tests.e2e.labs import apply_in, lab_namespaces, plexus
 from tests.e2e.test_visibility import RELAY_URL, browser
 from tests.support import wait_until
 

@@ -23,13 +23,13 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bpf.flows import FilterError, Flow, FlowFilter, FlowRing, parse_since, rfc3339
+from bpf.flows import Flow, FlowRing, observe_request, rfc3339
 from clustermesh.config import RemoteClusterFile
 from clustermesh.kvstore import KvStore, Tls
 from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
 from clustermesh.vms import VM_NODE_LABEL
-from plexus.core.api import ApiError, StreamError, stream_ndjson
+from plexus.core.api import StreamError, stream_ndjson
 from plexus.core.config import ConfigError, load
 from plexus.core.manifests import manifests_table
 from plexus.core.module import Hive, Key, Module
@@ -279,16 +279,7 @@ class Relay:
     # ---- API ------------------------------------------------------------------------
     def observe(self, q: dict[str, str]) -> AsyncGenerator[Any, None]:
         """As a node's `/v1/observe`, over the merged flows of every node."""
-        try:
-            flt = FlowFilter.from_query(q.get("filters"))
-            since = parse_since(q["since"]) if q.get("since") else None
-            last_raw = q.get("last")
-            last = int(last_raw) if last_raw not in (None, "") else (None if since is not None else 20)
-        except (FilterError, ValueError) as e:
-            raise ApiError(400, str(e)) from None
-        if last is not None and last < 0:
-            raise ApiError(400, f"last: {last} is negative")
-        return self.ring.observe(flt, last, since, follow=q.get("follow") == "1")
+        return observe_request(self.ring, q)
 
     def status(self) -> dict[str, Any]:
         nodes = sorted((link.as_dict() for link in self.links.values()), key=lambda d: d["name"])

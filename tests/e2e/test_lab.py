@@ -21,14 +21,8 @@ from plexus.commands.common import LAB_DIR
 from plexus.lab import ops
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
+from tests.e2e.labs import ROOT, apply_in, lab_namespaces, plexus
 from tests.support import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def plexus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "plexus", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
 
 
 def children(pid: int, program: str) -> list[int]:
@@ -36,24 +30,6 @@ def children(pid: int, program: str) -> list[int]:
              for c in (task / "children").read_text().split()]
     return [c for c in found if program.encode() in Path(f"/proc/{c}/cmdline").read_bytes()]
 
-
-def lab_namespaces() -> set[str]:
-    lab = Lab()
-    return {ns for ns in ops.namespaces() if ns.startswith("plx-") and
-            (ns in lab.topo.namespaces() or any(ns.startswith(f"plx-{n.key}-") for n in lab.topo.nodes()))}
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if lab_namespaces():  # a lab left up by an earlier run: take it down first
-        plexus("lab", "down")
-        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
-    r = plexus("lab", "up")
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield Lab(say=lambda _line: None)
-    finally:
-        plexus("lab", "down")
 
 
 def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
@@ -411,12 +387,6 @@ spec:
     - fromEndpoints:
         - matchLabels: {app: pclient, zone: b}
 """
-
-
-def apply_in(cluster: str, text: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    f = tmp / f"{abs(hash(text))}.yaml"
-    f.write_text(text)
-    return plexus("apply", "-f", str(f), "--lab", cluster)
 
 
 def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:

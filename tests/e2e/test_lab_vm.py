@@ -8,17 +8,15 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from plexus.core.client import Client, ClientError
 from plexus.lab.lab import VM_LEASE, Lab, State
 from plexus.lab.topology import pod_netns
-from tests.e2e.test_lab import apply_in, lab_namespaces, plexus
+from tests.e2e.labs import apply_in, plexus
 from tests.support import echo, echo_server, wait_until
 
 VM_NS = "plx-vm1"
@@ -35,18 +33,6 @@ spec:
       toPorts: [{ports: [{port: 5432, protocol: TCP}]}]
 """
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if lab_namespaces():
-        plexus("lab", "down")
-        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
-    r = plexus("lab", "up")
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield Lab(say=lambda _line: None)
-    finally:
-        plexus("lab", "down")
 
 
 def vm(lab: Lab) -> Any:

@@ -17,7 +17,7 @@ from plexus.cni.ops import in_netns
 from plexus.lab import ops
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
-from tests.e2e.test_lab import apply_in, lab_namespaces, plexus
+from tests.e2e.labs import apply_in, plexus
 from tests.support import ECHO_CLIENT, echo, echo_server, wait_until
 
 SERVICE = """
@@ -46,18 +46,6 @@ spec:
         - ports: [{port: 8080, protocol: TCP}]
 """
 
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    if lab_namespaces():
-        plexus("lab", "down")
-        assert not lab_namespaces(), "a lab is up and `plexus lab down` could not remove it"
-    r = plexus("lab", "up")
-    assert r.returncode == 0, r.stdout + r.stderr
-    try:
-        yield Lab(say=lambda _line: None)
-    finally:
-        plexus("lab", "down")
 
 
 @pytest.fixture(scope="module")
