@@ -214,6 +214,20 @@ async def nodes(root: None, tmp_path: Path, request: pytest.FixtureRequest
                 backend = n.enc.backend
                 if isinstance(backend, UserspaceBackend):
                     backend.remove()  # the wireguard-go this test started, by its pid
+            for state_dir in (tmp_path / "a", tmp_path / "b"):
+                if not any(n.state_dir == state_dir for n in started):
+                    stop_recorded_wireguard_go(state_dir)  # a node that failed to start
+
+
+def stop_recorded_wireguard_go(state_dir: Path) -> None:
+    """Stop the wireguard-go a failed start recorded in `state_dir`, by its pid."""
+    try:
+        pid = int((state_dir / PID_FILE).read_text().strip() or 0)
+        running = b"wireguard-go" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if pid and running:
+        os.kill(pid, signal.SIGKILL)
 
 
 def metric(node: NodeUnderTest, name: str) -> float | None:
