@@ -42,7 +42,11 @@ def kill(lab: Lab, name: str) -> int:
 def child(parent: int, program: str) -> int | None:
     """The child of `parent` whose command line holds `program` (the agent's ExaBGP)."""
     for task in Path(f"/proc/{parent}/task").iterdir():
-        for pid in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended while we listed them
+        for pid in children:
             if program in ops.cmdline(int(pid)):
                 return int(pid)
     return None
@@ -157,10 +161,14 @@ class Probe:
             counts: dict[str, Any] = json.loads(out)
             return counts
         finally:
-            stop_pid(self.proc)
-            self.proc.stdout.close()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the probe by its PID and close its pipes (also when a test fails before `stop`)."""
+        stop_pid(self.proc)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
 
 
 @contextmanager
@@ -169,5 +177,4 @@ def probing(ns: str, ip: str, port: int, interval: float = 0.05) -> Iterator[Pro
     try:
         yield p
     finally:
-        if p.proc.poll() is None:
-            stop_pid(p.proc)
+        p.close()
