@@ -43,15 +43,16 @@ async def eventually(cond: Callable[[], Any], timeout: float = 10.0, interval: f
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               what: str = "") -> Any:
-    """The blocking twin of `eventually`."""
+               what: str | Callable[[], str] = "") -> Any:
+    """The blocking twin of `eventually`; a callable `what` explains a timeout (state dumps)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {what or cond}")
+            desc = what() if callable(what) else (what or cond)
+            raise AssertionError(f"condition not met within {timeout}s: {desc}")
         time.sleep(interval)
 
 

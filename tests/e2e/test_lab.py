@@ -280,6 +280,19 @@ def encrypt_status(node: str) -> dict[str, Any]:
     return status
 
 
+def peer_diagnosis(lab: Lab, node: str, remote: str) -> str:
+    """What a node's peers were derived from: its encryption status, its view of the remote
+    cluster, the remote's published node keys, the end of its log."""
+    cluster = lab.topo.cluster(remote)
+    published = lab.etcdctl(cluster.control_plane.netns, cluster, "get", "--keys-only", "--prefix",
+                            f"cilium/state/nodes/v1/{remote}/", url="https://127.0.0.1:2379")
+    return "\n".join([
+        plexus("encrypt", "status", "--node", node, "-o", "json").stdout[-3000:],
+        plexus("clustermesh", "status", "--node", node, "-o", "json").stdout[-3000:],
+        f"published by {remote}: {published.stdout} {published.stderr}",
+        (lab.root / "logs" / f"agent-{node}.log").read_text()[-4000:]])
+
+
 def test_pod_traffic_between_nodes_and_clusters_is_encrypted(lab: Lab) -> None:
     from tests.support import echo, echo_server, wait_until
 
@@ -318,7 +331,7 @@ def test_peers_follow_nodes_keys_and_refuse_bad_keys(lab: Lab) -> None:
     lab.etcdctl(cp, west, "put", "plexus/registrations/v1/west/nodes/n8",
                 fake_node("n8", "bm90LWEta2V5"), url="https://127.0.0.1:2379", check=True)
     wait_until(lambda: "west/n9" in {p["node"] for p in encrypt_status("east-n1")["peers"]}, 15,
-               what="a new node becomes a peer")
+               what=lambda: "a new node becomes a peer\n" + peer_diagnosis(lab, "east-n1", "west"))
     st = encrypt_status("east-n1")
     assert "west/n8" in st["refused"] and "44 base64" in st["refused"]["west/n8"]
     assert {"west/n1", "west/n2", "east/n2"} <= {p["node"] for p in st["peers"]}
