@@ -20,9 +20,12 @@ from aetcd.rpc import auth_pb2, rpc_pb2_grpc
 
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 3000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # etcd answers pings closer than --grpc-keepalive-min-time (5 s by default), or pings with
+    # no call open, with GOAWAY "too_many_pings", which drops every watch of the connection: ping
+    # at twice that, and only while a call (a watch) is open. A dead peer is noticed in ~15 s.
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),

@@ -527,7 +527,12 @@ def test_cross_cluster_policy_in_ebpf(lab: Lab, tmp_path: Path) -> None:
         deadline = time.monotonic() + 10
         while echo(other, "tcp", web["ip"], 8080, "x", timeout=1):
             if time.monotonic() > deadline:
-                diag = [plexus("bpf", "policy", "get", "pweb", "--node", "east-n1", "-o", "json").stdout,
+                veth = json.loads(plexus("bpf", "policy", "get", "pweb", "--node", "east-n1",
+                                         "-o", "json").stdout)["interface"]
+                diag = [ops.run("tc", "filter", "show", "dev", veth, side, ns="plx-east-n1",
+                                check=False).stdout or f"no {side} filter on {veth}"
+                        for side in ("ingress", "egress")]
+                diag += [plexus("bpf", "policy", "get", "pweb", "--node", "east-n1", "-o", "json").stdout,
                         plexus("bpf", "ipcache", "list", "--node", "east-n1", "-o", "json").stdout[-3000:],
                         plexus("observe", "--node", "east-n1", "--last", "10", "--to-pod", "default/pweb",
                                "-o", "json").stdout[-3000:],
