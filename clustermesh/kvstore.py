@@ -8,6 +8,7 @@ compaction and errors are handled here, explicitly.
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -220,19 +221,20 @@ class KvStore:
                     deadline: float | None = None) -> Any:
         await self.connect()
         call = getattr(getattr(self, stub), method)
-        # With several members, a call that found its member gone goes once more, to the next
-        # one the channel picks (as a watch resumes there).
-        attempts = 2 if len(self.endpoints) > 1 else 1
-        for attempt in range(attempts):
+        # With several members, a call that found its member gone, or the leader changing under
+        # it, goes again (to the member the channel picks next, as a watch resumes there) until
+        # its time is up: losing one member of three goes unnoticed, however long the election.
+        retry = len(self.endpoints) > 1
+        end = time.monotonic() + (deadline or self.timeout)
+        while True:
             try:
-                return await call(request, timeout=deadline or self.timeout, wait_for_ready=False,
-                                  metadata=_REQUIRE_LEADER)
+                return await call(request, timeout=max(end - time.monotonic(), 0.1),
+                                  wait_for_ready=False, metadata=_REQUIRE_LEADER)
             except grpc.aio.AioRpcError as e:
                 error = _translate(e)
-                if attempt == attempts - 1 or not isinstance(error, Unavailable):
+                if not (retry and isinstance(error, Unavailable)) or time.monotonic() + 0.2 >= end:
                     raise error from None
             await asyncio.sleep(0.2)
-        raise Unavailable("unreachable")  # the loop above always returns or raises
 
     # ---- reads ----------------------------------------------------------------------
     async def status(self) -> int:

@@ -61,7 +61,7 @@ async def test_one_member_lost_goes_unnoticed_two_lost_is_unavailable_until_one_
                 kill(members[1])
                 await eventually(lambda: failure, 20, what="the watch on a member without quorum ends")
                 assert isinstance(failure[0], Unavailable), failure
-                # Reads are refused at once ("no leader"), never served stale.
+                # Reads are refused ("no leader"), never served stale.
                 with pytest.raises(Unavailable, match="no leader"):
                     await kv.get("f/b")
 

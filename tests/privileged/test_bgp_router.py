@@ -107,9 +107,10 @@ async def test_routes_communities_change_withdraw_restart_and_bad_config(env: tu
     assert r["10.1.1.0/24"] == {"communities": "(65000,100) (65000,200)", "large": "(65001, 1, 2)",
                                 "local_pref": "300"}
     assert r["10.96.0.10/32"]["communities"] == "(65535,65281)"
-    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established", 10, 0.05,
-                     "agent sees the session up")
-    assert agent.bgp.peers()[0]["advertised"] == 3
+    # the routes count as advertised once ExaBGP has taken them for the established session
+    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established"
+                     and agent.bgp.peers()[0]["advertised"] == 3, 10, 0.05,
+                     lambda: f"agent sees the session up with 3 routes sent: {agent.bgp.peers()[0]}")
     adv = {r["prefix"]: r for r in await agent.bgp._advertised({}, None)}
     assert adv["10.1.1.0/24"]["communities"] == ["65000:100", "65000:200"]
     assert adv["10.1.1.0/24"]["localPreference"] == 300
