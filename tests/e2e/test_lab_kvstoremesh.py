@@ -22,17 +22,19 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     direct.test_up_again_is_harmless_and_keeps_the_same_processes(lab)
 
 
-def etcd_connections(lab: Lab, netns: str) -> list[str]:
+def etcd_connections(netns: str) -> list[str]:
     """Peers of the established TCP connections from `netns` to an etcd port."""
     out = ops.run("ss", "-Htn", "state", "established", ns=netns).stdout
     peers = [line.split()[-1] for line in out.splitlines() if line.strip()]
-    return [p for p in peers if p.endswith((":2379", f":{REMOTE_PORT}"))]
+    # an IPv4 peer of a dual-stack socket shows as [::ffff:a.b.c.d]:port
+    return [p.replace("[::ffff:", "").replace("]", "") for p in peers
+            if p.endswith((":2379", f":{REMOTE_PORT}"))]
 
 
 def test_each_agent_reads_every_cluster_over_one_etcd_connection(lab: Lab) -> None:
     for c in lab.topo.clusters:
         for n in c.nodes:
-            assert etcd_connections(lab, n.host.netns) == [f"{c.control_plane.ip}:2379"], n.key
+            assert etcd_connections(n.host.netns) == [f"{c.control_plane.ip}:2379"], n.key
             st = json.loads(plexus("clustermesh", "status", "--node", n.key, "-o", "json").stdout)
             other = next(o for o in lab.topo.clusters if o != c)
             remote = st["clusters"][other.name]
