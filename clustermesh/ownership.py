@@ -196,17 +196,9 @@ class IpcacheMerge:
 
     def claims_changed(self, keys: Iterable[ClaimKey]) -> None:
         prefixes = set()
-        clusters = set()
         for cluster, prefix in keys:
-            clusters.add(cluster)
+            self.clusters.add(cluster)
             prefixes.add(prefix)
-        self.clusters |= clusters
-        for cluster in clusters:
-            # Claims merged before the node records they need (two change feeds, either
-            # may come first): what the nodes table holds now is taken in, once.
-            owned = self.owned.get(cluster)
-            if owned is None or not (owned.cidrs or owned.node_ips):
-                self.owned[cluster] = Owned.of(self.nodes.by("cluster", cluster))
         self.refresh(prefixes)
 
     def nodes_changed(self, keys: Iterable[tuple[str, str]]) -> None:

@@ -162,16 +162,6 @@ def test_a_claim_before_its_node_is_held_then_applied_and_goes_with_the_node() -
     assert m.merge.refusals_of("west").reasons.keys() == {"10.2.1.5/32"}
 
 
-def test_claims_merged_before_the_node_feed_is_read_take_the_nodes_table_as_it_is() -> None:
-    """The nodes and the claims are two change feeds: a cluster's claims may be merged
-    before its listed nodes are taken in, and are not refused for that."""
-    m = Mesh()
-    m.nodes.upsert(WEST_NODE)  # listed; its change not yet passed to the merge
-    m.claim(WEST_E)
-    assert m.holder("10.2.1.5/32") == "west"
-    assert m.merge.refusals_of("west").reasons == {}
-
-
 def test_a_node_whose_cidr_changes_takes_its_claims_along() -> None:
     m = Mesh()
     m.node(WEST_NODE)
