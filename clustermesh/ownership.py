@@ -196,10 +196,22 @@ class IpcacheMerge:
 
     def claims_changed(self, keys: Iterable[ClaimKey]) -> None:
         prefixes = set()
+        clusters = set()
         for cluster, prefix in keys:
-            self.clusters.add(cluster)
+            clusters.add(cluster)
             prefixes.add(prefix)
+        self.clusters |= clusters
+        # The nodes and the claims are two change feeds: a cluster whose claims come before
+        # its node records were taken in has them taken in now, and all its claims judged
+        # again, as the nodes feed would (which then finds nothing changed).
+        unowned = [c for c in clusters if not self._owns_anything(c)]
+        if unowned:
+            prefixes |= self.owners_changed((c, "") for c in unowned)
         self.refresh(prefixes)
+
+    def _owns_anything(self, cluster: str) -> bool:
+        owned = self.owned.get(cluster)
+        return owned is not None and bool(owned.cidrs or owned.node_ips)
 
     def nodes_changed(self, keys: Iterable[tuple[str, str]]) -> None:
         """Re-evaluate every claim of the clusters whose nodes changed (theirs only)."""
