@@ -29,7 +29,8 @@ class ClusterMeshConfig(Strict):
     mode: Literal["direct", "kvstoremesh"] = Field("direct", description=(
         "direct: one etcd connection per remote cluster, from its file in the config dir. "
         "kvstoremesh: every remote named in the config dir is read from this cluster's own "
-        "etcd, where `plexus kvstoremesh` copies it; one connection in all."))
+        "etcd, where `plexus kvstoremesh` copies it (cilium/cache/...); one connection in all. "
+        "A remote's file then only names it: it may be empty, its content is not read."))
     config_poll_interval: float = Field(1.0, gt=0, description=(
         "While the config dir is missing or cannot be watched: how often its stat is checked. "
         "Otherwise it is read when the kernel reports a change."))

@@ -326,6 +326,16 @@ class KvStore:
                    for k, v in items[i:i + 128]]
             await self._call("_kv", "Txn", rpc.TxnRequest(success=ops), deadline=30)
 
+    async def write_many(self, puts: Sequence[tuple[str, bytes | str]], deletes: Sequence[str]) -> None:
+        """Deletes and puts of distinct keys in transactions of up to 128 operations (etcd
+        refuses a key twice in one): one round trip where one per key would queue."""
+        ops = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k.encode()))
+               for k in deletes]
+        ops += [rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=_bytes(v)))
+                for k, v in puts]
+        for i in range(0, len(ops), 128):
+            await self._call("_kv", "Txn", rpc.TxnRequest(success=ops[i:i + 128]), deadline=30)
+
     async def compact(self, revision: int) -> None:
         """Forget every revision before `revision`; watches from before it get Compacted."""
         await self._call("_kv", "Compact", rpc.CompactionRequest(revision=revision, physical=True),

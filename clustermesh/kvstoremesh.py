@@ -95,9 +95,7 @@ class CacheWriter(ClusterWatcher):
         had = {kv.key: kv.value for kv in held}
         stale = [k for k in had if k not in fresh]  # vanished while nobody copied them
         changed = [(k, v) for k, v in fresh.items() if had.get(k) != v]
-        await self.local.put_many(changed)
-        for k in stale:
-            await self.local.delete(k)
+        await self.local.write_many(changed, stale)
         self.puts += len(changed)
         self.deletes += len(stale)
         p.keys = {p.state + k[len(p.cache):]: k for k in fresh}
@@ -116,9 +114,7 @@ class CacheWriter(ClusterWatcher):
             elif p.keys.pop(ev.key, None) is not None:  # gone, or no longer valid
                 puts.pop(target, None)
                 deletes.add(target)
-        for k in deletes:
-            await self.local.delete(k)
-        await self.local.put_many(list(puts.items()))
+        await self.local.write_many(list(puts.items()), list(deletes))
         self.puts += len(puts)
         self.deletes += len(deletes)
         self._notify()

@@ -14,6 +14,7 @@ import itertools
 import json
 import operator
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +181,9 @@ def check_bounds(raw: bytes | str, what: str) -> bytes:
     data = raw.encode(errors="surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) > MAX_VALUE_BYTES:
         raise InvalidValue(f"{what}: value of {len(data)} bytes is over the {MAX_VALUE_BYTES} byte limit")
+    # every opener counted, in strings too: when even that is within the limit, no scan
+    if data.count(b"{") + data.count(b"[") <= MAX_JSON_DEPTH:
+        return data
     depth = json_depth(data)
     if depth > MAX_JSON_DEPTH:
         raise InvalidValue(f"{what}: value nests {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
@@ -214,7 +218,19 @@ def _want(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], what: s
     return value
 
 
+def canonical_ipv4(value: str) -> bool:
+    """Whether `value` is an IPv4 address written as `str(ipaddress.ip_address)` would
+    write it: checked in C, as the ipcache holds one per entry (anything else, IPv6
+    included, takes the ipaddress path)."""
+    try:
+        return socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value)) == value
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _ip(value: str, what: str) -> str:
+    if canonical_ipv4(value):
+        return value
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -448,6 +464,10 @@ class NamedPort:
     protocol: str
 
 
+# the optional string fields of an IPIdentityPair, in IPIdentity's order
+_IP_STRINGS = ("K8sNamespace", "K8sPodName", "K8sServiceAccount", "Metadata", "K8sPodUID")
+
+
 @dataclass(frozen=True)
 class IPIdentity:
     """`cilium/state/ip/v1/default/<ip>`: an endpoint's IP and its security identity."""
@@ -467,6 +487,8 @@ class IPIdentity:
 
     @functools.cached_property  # read many times per entry by the ipcache merge
     def prefix(self) -> str:
+        if self.prefix_len is None and canonical_ipv4(self.ip):
+            return f"{self.ip}/32"
         addr = ipaddress.ip_address(self.ip)
         length = self.prefix_len if self.prefix_len is not None else addr.max_prefixlen
         return f"{addr}/{length}"
@@ -524,15 +546,17 @@ class IPIdentity:
                 raise InvalidValue(f"{what}: NamedPorts entries must be objects")
             ports.append(NamedPort(_want(p, "Name", str, what), _want(p, "Port", int, what),
                                    _want(p, "Protocol", str, what, required=False, default="TCP")))
+        key = obj.get("Key")
+        if key is not None and (type(key) is not int):
+            _want(obj, "Key", int, what)  # the error it names
+        strings = [obj.get(name) for name in _IP_STRINGS]
+        if not all(v is None or type(v) is str for v in strings):  # one check for the usual case
+            strings = [_want(obj, name, str, what, required=False, default="") for name in _IP_STRINGS]
+        namespace, pod_name, service_account, metadata, pod_uid = (v or "" for v in strings)
         return cls(
-            ip=ip, identity=identity, host_ip=host_ip, prefix_len=prefix_len,
-            encrypt_key=_want(obj, "Key", int, what, required=False, default=0),
-            namespace=_want(obj, "K8sNamespace", str, what, required=False, default=""),
-            pod_name=_want(obj, "K8sPodName", str, what, required=False, default=""),
-            named_ports=tuple(ports), cluster=cluster,
-            service_account=_want(obj, "K8sServiceAccount", str, what, required=False, default=""),
-            metadata=_want(obj, "Metadata", str, what, required=False, default=""),
-            pod_uid=_want(obj, "K8sPodUID", str, what, required=False, default=""),
+            ip=ip, identity=identity, host_ip=host_ip, prefix_len=prefix_len, encrypt_key=key or 0,
+            namespace=namespace, pod_name=pod_name, named_ports=tuple(ports), cluster=cluster,
+            service_account=service_account, metadata=metadata, pod_uid=pod_uid,
         )
 
 

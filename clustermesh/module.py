@@ -74,6 +74,7 @@ def _tls(ca: Path | None, cert: Path | None, key: Path | None) -> Tls | None:
 
 MERGE_SLICE = 2000  # ipcache prefixes merged between two turns of the event loop
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+CACHED_DIGEST = "cached"  # kvstoremesh mode: a remote's file is not read, so never changes
 
 
 def _boot_id() -> str:
@@ -292,6 +293,13 @@ class ClusterMesh:
             except InvalidValue as e:
                 errors[name] = (paths, f"{path}: {e}")
                 continue
+            if self.via_kvstoremesh:
+                # The file only names the cluster (it may be empty): its copy is read from the
+                # own etcd, under cilium/cache/, so what the file says is not used.
+                if name not in self.remotes:
+                    assert self.kv is not None
+                    self._connect_remote(name, self.kv, CACHED_DIGEST)
+                continue
             read = self._file_reads.get(path)
             if read is None or read.stamp != file_stamp(st):
                 read = self._file_reads[path] = read_cluster_file(path, st)
@@ -302,10 +310,6 @@ class ClusterMesh:
             if current is not None and current.digest == read.digest:
                 continue
             cfg = read.config
-            if self.via_kvstoremesh:  # the file names the cluster; its copy is in the own etcd
-                assert self.kv is not None
-                self._connect_remote(name, self.kv, read.digest)
-                continue
             try:
                 kv = KvStore(cfg.endpoints, _tls(cfg.ca, cfg.cert_file, cfg.key_file),
                              timeout=cfg.timeout)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,14 +90,26 @@ class Owned:
         """Whether a pod CIDR holds `prefix`: one look-up per CIDR length, not per CIDR."""
         if not self.lengths:
             return False
-        net = ipaddress.ip_network(prefix, strict=False)
-        address, bits = int(net.network_address), net.max_prefixlen
-        return any(version == net.version and length <= net.prefixlen
+        version, address, bits, prefixlen = _parse_prefix(prefix)
+        return any(v == version and length <= prefixlen
                    and (version, address >> (bits - length) << (bits - length), length) in self._keys
-                   for version, length in self.lengths)
+                   for v, length in self.lengths)
 
     def holds(self, prefix: str) -> bool:
         return prefix in self.node_ips or self.covers(prefix)
+
+
+def _parse_prefix(prefix: str) -> tuple[int, int, int, int]:
+    """(version, address as an integer, address bits, length) of `prefix`: an IPv4 prefix
+    in C (one per ipcache entry), any other through ipaddress."""
+    address, _, length = prefix.partition("/")
+    if ":" not in address and length.isdigit() and int(length) <= 32:
+        try:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big"), 32, int(length)
+        except (OSError, ValueError):
+            pass
+    net = ipaddress.ip_network(prefix, strict=False)
+    return net.version, int(net.network_address), net.max_prefixlen, net.prefixlen
 
 
 def refusal(entry: IPIdentity, owned: Owned, local: Owned | None = None,
@@ -183,10 +196,22 @@ class IpcacheMerge:
 
     def claims_changed(self, keys: Iterable[ClaimKey]) -> None:
         prefixes = set()
+        clusters = set()
         for cluster, prefix in keys:
-            self.clusters.add(cluster)
+            clusters.add(cluster)
             prefixes.add(prefix)
+        self.clusters |= clusters
+        # The nodes and the claims are two change feeds: a cluster whose claims come before
+        # its node records were taken in has them taken in now, and all its claims judged
+        # again, as the nodes feed would (which then finds nothing changed).
+        unowned = [c for c in clusters if not self._owns_anything(c)]
+        if unowned:
+            prefixes |= self.owners_changed((c, "") for c in unowned)
         self.refresh(prefixes)
+
+    def _owns_anything(self, cluster: str) -> bool:
+        owned = self.owned.get(cluster)
+        return owned is not None and bool(owned.cidrs or owned.node_ips)
 
     def nodes_changed(self, keys: Iterable[tuple[str, str]]) -> None:
         """Re-evaluate every claim of the clusters whose nodes changed (theirs only)."""

@@ -102,8 +102,10 @@ class EgressGateways:
         for key in self._created.keys() - parsed.keys():
             del self._created[key]
         nodes = list(self.nodes or [])
-        ids = {i.id: i for i in self.identities or []}
-        endpoints = mesh_endpoints(self.ipcache or [], ids, nodes)
+        # Every endpoint of the mesh, only when a policy may select some: with hundreds of
+        # clusters the scan would otherwise run on each batch of ipcache changes for nothing.
+        endpoints = mesh_endpoints(self.ipcache or [], {i.id: i for i in self.identities or []},
+                                   nodes) if parsed else []
         states = [resolve_policy(k, self._created[k], p, endpoints, nodes) for k, p in parsed.items()]
         health = dict(self.health.items())
         active = self.chooser.choose(states, health)

@@ -13,7 +13,8 @@ has one more. The generator fills every remote, then:
 2. one remote's etcd is stopped and started again: time from its restart to ready;
 3. propagation under the same churn (remote etcd write -> merged ipcache row): the agent's
    own watchers and ipcache merge in this process, next to the floor, a plain etcd client
-   watching the same prefixes and decoding only the timestamp.
+   watching the same prefixes and decoding only the timestamp (with `--mode kvstoremesh`,
+   also that client on the copy in east's etcd: the floor of the path through KVStoreMesh).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 from bench.common import ROOT, machine, percentile, rss_mb, seed_cluster, start_agent
 from clustermesh.kvstore import KvStore
 from clustermesh.models import (
+    CACHE_PREFIX,
     IDENTITIES_PREFIX,
     IPCACHE_PREFIX,
     ClusterService,
@@ -306,18 +308,22 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
 # ---- propagation: the agent's watchers and merge in this process, next to the floor ------
 
 async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Namespace,
-                       floor: bool, east: str) -> list[float]:
+                       floor: bool, east: str, via_copy: bool = False) -> list[float]:
+    """Remote write -> merged ipcache row; or, as `floor`, -> a bare client's watch event of
+    the remote's etcd, or (`via_copy`) of KVStoreMesh's copy in east's etcd."""
     latencies: list[float] = []
     cached = args.mode == "kvstoremesh" and not floor
-    kvs = [KvStore([east])] * len(remotes) if cached else [KvStore([r.etcd.endpoint]) for r in remotes]
+    kvs = ([KvStore([east])] * (1 if floor else len(remotes)) if cached or via_copy
+           else [KvStore([r.etcd.endpoint]) for r in remotes])
+    watched = f"{CACHE_PREFIX}/ip/v1/" if via_copy else f"{IPCACHE_PREFIX}/"
     tasks: list[asyncio.Task[Any]] = []
     try:
         if floor:
             for kv in kvs:
-                _, rev = await kv.list_prefix(f"{IPCACHE_PREFIX}/")
+                _, rev = await kv.list_prefix(watched)
 
                 async def follow(kv: KvStore = kv, rev: int = rev) -> None:
-                    async for events, _ in kv.watch(f"{IPCACHE_PREFIX}/", rev + 1):
+                    async for events, _ in kv.watch(watched, rev + 1):
                         now = time.time()
                         for ev in events:
                             body = json.loads(ev.value)
@@ -407,10 +413,12 @@ def main() -> None:
                     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plexus-scale-km-")))
                     km = stack.enter_context(_kvstoremesh(remotes, east.endpoint, work))
                     wait_until(lambda: km.get("/v1/healthz")["ready"], 300, what="kvstoremesh ready")
-                for floor in (True, False):
-                    prop["floor" if floor else "plexus"] = [
-                        x * 1000
-                        for x in asyncio.run(_propagation(remotes, shape, args, floor, east.endpoint))]
+                passes = [("floor", True, False), ("plexus", False, False)]
+                if args.mode == "kvstoremesh":  # the copy's own floor: remote -> kvstoremesh -> east
+                    passes.insert(1, ("copy", True, True))
+                for what, floor, via_copy in passes:
+                    prop[what] = [x * 1000 for x in asyncio.run(
+                        _propagation(remotes, shape, args, floor, east.endpoint, via_copy))]
     total = args.clusters * shape.entries
     print(f"ClusterMesh scale: {args.clusters} remote clusters x {shape.entries} entries "
           f"({shape.nodes} nodes, "
@@ -432,6 +440,7 @@ def main() -> None:
         print(f"  kvstoremesh RSS {agent['kvstoremesh_rss']:.0f} MB")
     for what, ms in prop.items():
         label = ("etcd client watch, timestamp only (floor)" if what == "floor"
+                 else "the same on kvstoremesh's copy in east's etcd" if what == "copy"
                  else "Plexus watchers + ipcache merge"
                  + (" via kvstoremesh" if args.mode == "kvstoremesh" else ""))
         print(f"  propagation {label:<42} n={len(ms):>6} p50 {percentile(ms, 50):7.1f} ms  "

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     u = lab.add_parser("up", help="build the lab (harmless when it is up)")
     u.add_argument("--etcd-members", type=int, choices=ETCD_MEMBER_COUNTS, default=None,
                    help="etcd members per cluster (default: as the running lab has them, else 1)")
+    u.add_argument("--kvstoremesh", action="store_true",
+                   help="run a kvstoremesh next to each cluster's apiserver; agents read every "
+                        "remote from their own etcd (default: as the running lab has it, else direct)")
     u.set_defaults(func=_up)
     s = lab.add_parser("status", help="what runs, what the agents say, the router's routes")
     add_output_arg(s)
@@ -69,7 +72,8 @@ def _guard(fn: Any) -> Any:
 
 @_guard
 def _up(args: argparse.Namespace) -> int:
-    Lab(say=_say).up(etcd_members=args.etcd_members)
+    Lab(say=_say).up(etcd_members=args.etcd_members,
+                     mesh_mode="kvstoremesh" if args.kvstoremesh else None)
     return 0
 
 
@@ -105,6 +109,15 @@ def _render_status(s: dict[str, Any]) -> str:
             health = " ".join(f"{name}={m.get('health', 'ok')}" for name, m in mods.items())
             rows.append((node, "ok", eps, mesh, health))
     out.append(table(rows, ["AGENT", "STATE", "ENDPOINTS", "CLUSTERS", "MODULES"]))
+    out.append(f"clustermesh mode: {s.get('meshMode', 'direct')}")
+    copies = [(cluster, remote, "yes" if r.get("ready") else "no", sum(r.get("entries", {}).values()),
+               r.get("configError") or r.get("lastFailure") or "")
+              for cluster, st in s.get("kvstoremesh", {}).items()
+              for remote, r in st.get("modules", {}).get("kvstoremesh", {}).get("clusters", {}).items()]
+    copies += [(cluster, "", "", "", st["error"]) for cluster, st in s.get("kvstoremesh", {}).items()
+               if "error" in st]
+    if s.get("kvstoremesh"):
+        out.append(table(copies, ["KVSTOREMESH OF", "REMOTE", "READY", "KEYS", "LAST ERROR"]))
     if s["pods"]:
         out.append(table([(p["cluster"], p["node"], p["pod"], p["ip"],
                            ",".join(f"{k}={v}" for k, v in p["labels"].items()))
@@ -120,7 +133,8 @@ def _status(args: argparse.Namespace) -> int:
     emit(args, s, _render_status)
     # Non-zero when something is missing or dead, for scripts.
     healthy = (all(s["namespaces"].values()) and all(p["alive"] for p in s["processes"].values())
-               and not any("error" in a for a in s["agents"].values()))
+               and not any("error" in a for a in s["agents"].values())
+               and not any("error" in k for k in s["kvstoremesh"].values()))
     return 0 if healthy else 1
 
 

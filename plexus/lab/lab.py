@@ -57,6 +57,8 @@ WG_DIR = Path("/var/run/wireguard")
 APISERVER_METRICS_PORT = 9963  # each control plane is its own namespace
 FLOWS_PORT = 4244  # every agent serves its flows to the relays there (mutual TLS)
 RELAY_PORT = 4245  # each relay's web page, on its control plane's loopback
+KVSTOREMESH_METRICS_PORT = 9965  # the relay has 9964 on the control plane's address
+MESH_MODES = ("direct", "kvstoremesh")
 VM_LABELS = "app=db,env=lab"  # what the lab's policies select the VM by
 VM_LEASE = 10  # seconds: the lab's VM is withdrawn this soon after it goes silent
 
@@ -102,6 +104,7 @@ class State:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     repo: str = str(REPO_ROOT)
     etcd_members: dict[str, int] = field(default_factory=dict)  # per cluster, as last brought up
+    mesh_mode: str = "direct"  # how agents read the remote clusters, as last brought up
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -113,14 +116,15 @@ class State:
         return cls({k: Process(**{f: v[f] for f in fields if f in v})
                     for k, v in raw.get("processes", {}).items()},
                    raw.get("pods", {}), raw.get("repo", str(REPO_ROOT)),
-                   raw.get("etcd_members", {}))
+                   raw.get("etcd_members", {}), raw.get("mesh_mode", "direct"))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"repo": self.repo,
                                    "processes": {k: v.__dict__ for k, v in self.processes.items()},
-                                   "pods": self.pods, "etcd_members": self.etcd_members},
+                                   "pods": self.pods, "etcd_members": self.etcd_members,
+                                   "mesh_mode": self.mesh_mode},
                                   indent=1))
         os.replace(tmp, path)
 
@@ -140,6 +144,13 @@ class Lab:
             known = {c.name for c in topo.clusters}
             topo = with_etcd_members(topo, {k: v for k, v in recorded.items() if k in known})
         self.topo = topo
+        # direct: agents connect to every remote's etcd; kvstoremesh: one kvstoremesh per
+        # cluster copies the remotes into its etcd, where its agents read them
+        self.mesh_mode = State.load(self.state_path).mesh_mode
+
+    @property
+    def kvstoremesh(self) -> bool:
+        return self.mesh_mode == "kvstoremesh"
 
     # ---- paths ----------------------------------------------------------------------
     def node_dir(self, node: Node) -> Path:
@@ -149,15 +160,19 @@ class Lab:
         return lab_socket(node.key) if self.root == LAB_DIR else self.node_dir(node) / "agent.sock"
 
     # ---- up -------------------------------------------------------------------------
-    def up(self, etcd_members: int | None = None) -> None:
+    def up(self, etcd_members: int | None = None, mesh_mode: str | None = None) -> None:
         """Build what is missing. `etcd_members` per cluster (default: as the lab has them, or
-        1); a lab whose etcd holds data is not switched to another count: down first."""
+        1); a lab whose etcd holds data is not switched to another count: down first. The
+        same for `mesh_mode` (default: as the lab has it, or direct)."""
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
         state = self._own_state()
         if etcd_members is not None:
             self._set_etcd_members(etcd_members)
+        if mesh_mode is not None:
+            self._set_mesh_mode(state, mesh_mode)
         state.etcd_members = {c.name: c.etcd_members for c in self.topo.clusters}
+        state.mesh_mode = self.mesh_mode
         state.save(self.state_path)
         self.say("==> network: router, segments, hosts")
         self._mount_bpffs()
@@ -230,6 +245,15 @@ class Lab:
                     f"first, then `plexus lab up --etcd-members {want.etcd_members}`")
         self.topo = wanted
 
+    def _set_mesh_mode(self, state: State, mode: str) -> None:
+        if mode not in MESH_MODES:
+            raise LabError(f"mesh mode {mode!r}: one of {', '.join(MESH_MODES)}")
+        if mode != self.mesh_mode and state.alive():
+            flag = " --kvstoremesh" if mode == "kvstoremesh" else ""
+            raise LabError(f"the lab runs its clustermesh in {self.mesh_mode} mode; for {mode}: "
+                           f"`plexus lab down` first, then `plexus lab up{flag}`")
+        self.mesh_mode = mode
+
     @property
     def bpffs(self) -> Path:
         """The lab's bpf filesystem: `ip netns exec` hides /sys/fs/bpf, not this."""
@@ -271,6 +295,9 @@ class Lab:
                    lambda: self._apiserver_synced(c), env=py),
             Daemon(f"remote-endpoint-{c.name}", ns, TIER_CONTROL_PLANE,
                    self._remote_endpoint_argv(c), lambda: self._remote_endpoint_ready(c), env=py),
+            *([Daemon(f"kvstoremesh-{c.name}", ns, TIER_CONTROL_PLANE, self._kvstoremesh_argv(c),
+                      lambda: self.kvstoremesh_status(c) is not None, env=py)]
+              if self.kvstoremesh else []),
         ]
 
     def node_daemons(self, n: Node) -> list[Daemon]:
@@ -584,10 +611,49 @@ protocol kernel {{
                          f"cilium/synced/{c.name}/")
         return r.returncode == 0 and r.stdout.count("cilium/synced/") >= 4
 
+    # ---- kvstoremesh ---------------------------------------------------------------
+    def kvstoremesh_dir(self, c: Cluster) -> Path:
+        return self.root / "clusters" / c.name / "kvstoremesh"
+
+    def kvstoremesh_socket(self, c: Cluster) -> Path:
+        return self.kvstoremesh_dir(c) / "kvstoremesh.sock"
+
+    def _kvstoremesh_argv(self, c: Cluster) -> list[str]:
+        pki = self.pki(c.name)
+        (self.kvstoremesh_dir(c) / "clustermesh").mkdir(parents=True, exist_ok=True)
+        return [sys.executable, "-m", "plexus", "kvstoremesh", "--cluster-name", c.name,
+                "--cluster-id", str(c.id),
+                *(f for url in (["https://127.0.0.1:2379"] if len(c.etcd) == 1 else c.etcd_urls)
+                  for f in ("--etcd", url)),
+                "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "admin.crt"),
+                "--key", str(pki / "admin.key"),
+                "--config-dir", str(self.kvstoremesh_dir(c) / "clustermesh"),
+                "--api-socket", str(self.kvstoremesh_socket(c)),
+                "--metrics-address", c.control_plane.ip,
+                "--metrics-port", str(KVSTOREMESH_METRICS_PORT)]
+
+    def kvstoremesh_status(self, c: Cluster) -> dict[str, Any] | None:
+        """What `plexus kvstoremesh status` shows, or None while it does not answer."""
+        try:
+            return dict(Client(self.kvstoremesh_socket(c), timeout=2).get("/v1/status"))
+        except ClientError:
+            return None
+
     def _connect_clusters(self) -> None:
+        """Each cluster gets the files that reach the others: into its agents' config dirs
+        (direct) or its kvstoremesh's, whose agents then only need each remote's name."""
         clusters = self.topo.clusters
-        dirs = {c.name: [*(self.node_dir(n) / "clustermesh" for n in c.nodes),
-                         self.relay_dir(c) / "clustermesh"] for c in clusters}
+        if self.kvstoremesh:
+            dirs = {c.name: [self.kvstoremesh_dir(c) / "clustermesh", self.relay_dir(c) / "clustermesh"]
+                    for c in clusters}
+            for c in clusters:
+                for n in c.nodes:
+                    for other in clusters:
+                        if other != c:
+                            _write_if_changed(self.node_dir(n) / "clustermesh" / other.name, "")
+        else:
+            dirs = {c.name: [*(self.node_dir(n) / "clustermesh" for n in c.nodes),
+                             self.relay_dir(c) / "clustermesh"] for c in clusters}
         for i, a in enumerate(clusters):
             for b in clusters[i + 1:]:
                 connect(a.name, b.name, self.root / "pki", dirs)
@@ -664,6 +730,7 @@ protocol kernel {{
                 "etcd": {"endpoints": c.etcd_urls, "trustedCaFile": str(pki / "ca.crt"),
                          "certFile": str(pki / "admin.crt"), "keyFile": str(pki / "admin.key")},
                 "configDir": str(d / "clustermesh"),
+                **({"mode": "kvstoremesh"} if self.kvstoremesh else {}),
             },
             "encryption": {"enabled": True, "device": n.wg_device, "strict": True},
             "bpf": {"enabled": True, "pinDir": str(self.bpffs / n.key),
@@ -834,6 +901,9 @@ protocol kernel {{
                      if c.control_plane.netns in present},
             "pods": state.pods,
             "vms": {self.vm_name(vm): self._vm_status(vm) for vm in self.topo.vms},
+            "meshMode": self.mesh_mode,
+            "kvstoremesh": ({c.name: self.kvstoremesh_status(c) or {"error": "not answering"}
+                             for c in self.topo.clusters} if self.kvstoremesh else {}),
             "router_routes": self.birdc("show", "route") if ROUTER in present else "",
             "router_protocols": self.birdc("show", "protocols") if ROUTER in present else "",
         }

@@ -29,7 +29,13 @@ async def test_crud_list_pages_and_create_is_exclusive(etcd: Etcd) -> None:
         assert await kv.get("y") is None
         assert await kv.delete("x") is True
         assert await kv.delete("x") is False
-        assert await kv.delete_prefix("p/") == 12000
+        # deletes and puts together, over several transactions
+        await kv.write_many([(f"p/{i:05d}", "new") for i in range(100, 300)],
+                            [f"p/{i:05d}" for i in range(100)])
+        items, _ = await kv.list_prefix("p/")
+        assert len(items) == 11900 and items[0].key == "p/00100" and items[0].value == b"new"
+        assert items[200].value == b"300"
+        assert await kv.delete_prefix("p/") == 11900
 
 
 async def test_watch_from_revision_sees_puts_and_deletes(etcd: Etcd) -> None:

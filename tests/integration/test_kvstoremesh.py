@@ -63,8 +63,9 @@ async def cached_agent(tmp_path: Path, east: Etcd) -> AsyncIterator[App]:
                         "configDir": str(tmp_path / "mesh"), "directRoutes": False},
     })
     (tmp_path / "mesh").mkdir(exist_ok=True)
-    # Which clusters: the agent reads the names; what it reads comes from its own etcd.
-    (tmp_path / "mesh" / "west").write_text("endpoints: ['http://127.0.0.1:9']\n")
+    # Which clusters: the agent reads the names (an empty file will do); what it reads comes
+    # from its own etcd.
+    (tmp_path / "mesh" / "west").write_text("")
     app = build(cfg, MODULES)
     await app.start()
     try:

@@ -138,3 +138,42 @@ def test_agents_and_the_apiserver_are_given_every_member() -> None:
         single = Lab(root=Path(d) / "one")
         argv = single._apiserver_argv(single.topo.cluster("west"))
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--etcd"] == ["https://127.0.0.1:2379"]
+
+
+def test_kvstoremesh_mode_runs_one_per_cluster_and_agents_only_name_the_remotes(tmp_path: Path) -> None:
+    import pytest
+    import yaml
+
+    from clustermesh.pki import make_cluster_pki
+    from plexus.lab.lab import State
+    from plexus.lab.ops import LabError
+
+    direct = Lab(root=tmp_path / "direct")
+    assert not direct.kvstoremesh
+    assert "mode" not in yaml.safe_load(direct.agent_config(direct.topo.nodes()[0]))["clustermesh"]
+    assert not any(d.name.startswith("kvstoremesh") for d in direct.control_plane(direct.topo.clusters[0]))
+
+    lab = Lab(root=tmp_path / "km")
+    lab._set_mesh_mode(State(), "kvstoremesh")
+    with pytest.raises(LabError, match="one of direct, kvstoremesh"):
+        lab._set_mesh_mode(State(), "both")
+    east = lab.topo.cluster("east")
+    assert [d.name for d in lab.control_plane(east)][-1] == "kvstoremesh-east"
+    argv = lab._kvstoremesh_argv(east)
+    assert argv[argv.index("--config-dir") + 1] == str(lab.kvstoremesh_dir(east) / "clustermesh")
+    for n in lab.topo.nodes():
+        path = tmp_path / f"{n.key}.yaml"
+        path.write_text(lab.agent_config(n))
+        assert load_config(path, MODULES).section(clustermesh).mode == "kvstoremesh"
+    for c in lab.topo.clusters:
+        make_cluster_pki(c.name, lab.pki(c.name), [c.control_plane.ip], advertise=[c.control_plane.ip])
+    lab._connect_clusters()
+    # kvstoremesh has what reaches the other cluster; the agents only its name.
+    remote = yaml.safe_load((lab.kvstoremesh_dir(east) / "clustermesh" / "west").read_text())
+    assert remote["endpoints"]
+    node_dir = lab.node_dir(lab.topo.node("east", "n1")) / "clustermesh"
+    assert sorted(p.name for p in node_dir.iterdir()) == ["west"]
+    assert (node_dir / "west").read_text() == ""
+    # the recorded mode is the lab's until it is down
+    State(mesh_mode="kvstoremesh").save(lab.state_path)
+    assert Lab(root=lab.root).kvstoremesh

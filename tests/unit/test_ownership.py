@@ -162,6 +162,23 @@ def test_a_claim_before_its_node_is_held_then_applied_and_goes_with_the_node() -
     assert m.merge.refusals_of("west").reasons.keys() == {"10.2.1.5/32"}
 
 
+def test_claims_merged_before_the_node_feed_is_read_take_the_nodes_table_as_it_is() -> None:
+    """A cluster's claims may be merged before its listed nodes are passed to the merge:
+    they are judged on the nodes table as it is, and none stays refused once it holds
+    them, whichever feed comes first."""
+    m = Mesh()
+    early = IPIdentity("10.2.1.6", 0x20100, cluster="west")
+    m.claim(early)  # no node record anywhere yet: refused
+    assert m.holder("10.2.1.6/32") is None
+    m.nodes.upsert(WEST_NODE)  # listed; its change not yet passed to the merge
+    m.claim(WEST_E)
+    assert m.holder("10.2.1.5/32") == "west"
+    assert m.holder("10.2.1.6/32") == "west"  # judged again with the nodes now known
+    m.merge.nodes_changed([WEST_NODE.key])  # the nodes feed catches up: nothing changes
+    assert m.merge.refusals_of("west").reasons == {}
+    assert {m.holder("10.2.1.5/32"), m.holder("10.2.1.6/32")} == {"west"}
+
+
 def test_a_node_whose_cidr_changes_takes_its_claims_along() -> None:
     m = Mesh()
     m.node(WEST_NODE)

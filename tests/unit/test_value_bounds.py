@@ -101,3 +101,31 @@ def test_only_utf8_json_is_decoded(encoding: str) -> None:
     assert decode_json(b'{"a": 1}', "v") == {"a": 1}
     with pytest.raises(InvalidValue):
         decode_json('{"a": 1}'.encode(encoding), "v")
+
+
+@pytest.mark.parametrize("ip", [
+    "10.1.2.3", "0.0.0.0", "255.255.255.255", "010.1.2.3", "1.2.3", "1.2.3.4 ", " 1.2.3.4",
+    "1.2.3.04", "256.1.1.1", "1.2.3.4\x00", "0x1.2.3.4", "1.2.3.4.5", "", "fd00::1",
+    "FD00:0:0::1", "::ffff:1.2.3.4", "1.2.3.4/32", "\u0661.2.3.4"])
+def test_the_fast_ipv4_path_reads_addresses_as_ipaddress_does(ip: str) -> None:
+    """IPv4 addresses are checked in C; whatever that path takes must come out as ipaddress
+    would write it, and whatever ipaddress refuses stays refused."""
+    import ipaddress
+
+    from clustermesh.ownership import Owned
+
+    value = json.dumps({"IP": ip, "ID": 70000}).encode()
+    try:
+        expected: str | None = str(ipaddress.ip_address(ip))
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(InvalidValue, match="not an IP address"):
+            IPIdentity.from_json(value)
+        return
+    entry = IPIdentity.from_json(value)
+    addr = ipaddress.ip_address(ip)
+    assert (entry.ip, entry.prefix) == (expected, f"{addr}/{addr.max_prefixlen}")
+    owned = Owned.of([Node("n1", "west", 2, (), "10.1.0.0/16", "fd00::/64")])
+    assert owned.covers(entry.prefix) == any(
+        addr in ipaddress.ip_network(c) for c in ("10.1.0.0/16", "fd00::/64"))
