@@ -138,7 +138,7 @@ def stale_pins(bpf: Any, text: str, pin_dir: Path) -> list[tuple[str, Path, str]
 
 
 class Datapath:
-    """The loaded program: its two tc functions and its pinned maps."""
+    """The loaded program: its tc functions (for link devices and L3 ones) and its pinned maps."""
 
     def __init__(self, pin_dir: Path) -> None:
         from bcc import BPF
@@ -161,6 +161,9 @@ class Datapath:
             self.bpf = BPF(text=text, cflags=cflags)
         self.from_pod = self.bpf.load_func("from_pod", BPF.SCHED_CLS)
         self.to_pod = self.bpf.load_func("to_pod", BPF.SCHED_CLS)
+        # the same on an L3 device, whose packets start at the IP header
+        self.from_pod_l3 = self.bpf.load_func("from_pod_l3", BPF.SCHED_CLS)
+        self.to_pod_l3 = self.bpf.load_func("to_pod_l3", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]
         self.ipcache6: Any = self.bpf["ipcache6"]
         self.policy: Any = self.bpf["policy"]

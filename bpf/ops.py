@@ -130,10 +130,11 @@ class AttachOps:
     with them; prune detaches from a veth that outlived its row (removed while the agent
     was down)."""
 
-    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplink: str = "") -> None:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplinks: Iterable[str] = ()) -> None:
         self.dp = dp
         self.ifindexes = ifindexes
-        self.uplink = uplink  # an enrolled host's own interface: directions turned
+        # an enrolled host's own interfaces (uplink, WireGuard device): directions turned
+        self.uplinks = frozenset(u for u in uplinks if u)
         self.attached: set[str] = set()  # by this run's update; its delete detaches them
 
     @property
@@ -145,7 +146,9 @@ class AttachOps:
             idx = await asyncio.to_thread(attach.attach, a.ifname,
                                           (self.dp.from_pod.fd, self.dp.from_pod.name),
                                           (self.dp.to_pod.fd, self.dp.to_pod.name),
-                                          self.netlink, a.ifname == self.uplink)
+                                          self.netlink, a.ifname in self.uplinks,
+                                          ((self.dp.from_pod_l3.fd, self.dp.from_pod_l3.name),
+                                           (self.dp.to_pod_l3.fd, self.dp.to_pod_l3.name)))
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx

@@ -59,7 +59,8 @@ def test_the_agent_claims_its_numbers_without_clash(tmp_path: Path) -> None:
     assert {(c.kind, c.number, c.owner) for c in claims} == {
         ("route-table", 254, "clustermesh"), ("route-protocol", 190, "clustermesh"),
         ("route-table", 51871, "encryption"), ("rule-priority", 100, "encryption"),
-        ("route-protocol", 190, "encryption"),
+        ("route-protocol", 190, "encryption"), ("fwmark", 0x1E00, "encryption"),
+        ("rule-priority", 99, "encryption"),
         ("tc-priority", 1, "bpf"), ("tc-handle", 1, "bpf")}
     assert all(isinstance(c, Claim) and c.what for c in claims)
 
@@ -79,3 +80,4 @@ def test_disabled_features_claim_nothing(tmp_path: Path) -> None:
         "node": {"name": "n1", "ip": "172.31.1.11", "podCIDR": "10.1.1.0/24"},
         "stateDir": str(tmp_path)})
     assert build(cfg, MODULES).hive.optional(KERNEL_NUMBERS) is None
+
