@@ -25,10 +25,11 @@ def _write_private(path: Path, text: str) -> None:
 
 def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
            encryption: bool, bpf_pin_dir: Path | None = None, uplink: str = "eth0",
-           strict: bool = False) -> Path:
+           strict: bool = False, bgp: bool = False) -> Path:
     """Unpack the bundle into `state` and write the vmagent's config; returns its path.
     `bpf_pin_dir`: where the datapath pins its maps (None: no datapath on this host).
-    `strict`: traffic to a pod whose node has no WireGuard peer is dropped, not sent clear."""
+    `strict`: traffic to a pod whose node has no WireGuard peer is dropped, not sent clear.
+    `bgp`: run the BGP speaker (a metal host peering with its router)."""
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     etcd_dir = state / "etcd"
@@ -65,6 +66,7 @@ def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
         # what the WireGuard device decrypts is the host's traffic: judged there too
         "bpf": ({"enabled": True, "pinDir": str(bpf_pin_dir), "uplink": uplink,
                  "tunnel": tunnel} if bpf_pin_dir is not None else {"enabled": False}),
+        "bgp": {"enabled": bgp},
         "vmagent": {"enabled": True, "etcd": etcd, "lease": bundle.lease,
                     "namespace": bundle.namespace, "uplink": uplink, "tunnel": tunnel},
     }
