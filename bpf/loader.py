@@ -169,6 +169,7 @@ class Datapath:
         self.policy: Any = self.bpf["policy"]
         self.enforce: Any = self.bpf["enforce"]
         self.counters: Any = self.bpf["counters"]
+        self.endpoint_alias: Any = self.bpf["endpoint_alias"]
         log.info("datapath loaded, maps pinned in %s", pin_dir)
 
     # ---- ipcache --------------------------------------------------------------------
@@ -243,6 +244,16 @@ class Datapath:
     def policy_items(self) -> list[tuple[int, int, int, int, int, int]]:
         return [(k.ifindex, k.identity, k.port, k.proto, k.direction, v.action)
                 for k, v in self.policy.items()]
+
+    def alias_set(self, ifindex: int, endpoint: int) -> None:
+        """Judge what passes `ifindex` (an L3 device) as `endpoint`'s interface does."""
+        self.endpoint_alias[ctypes.c_uint32(ifindex)] = ctypes.c_uint32(endpoint)
+
+    def alias_delete(self, ifindex: int) -> None:
+        try:
+            del self.endpoint_alias[ctypes.c_uint32(ifindex)]
+        except KeyError:
+            pass
 
     def enforce_set(self, ifindex: int, direction: int) -> None:
         self.enforce[self.enforce.Key(ifindex, direction)] = self.enforce.Leaf(1)

@@ -149,7 +149,7 @@ class BpfDatapath:
         ifx = self.ifindexes
         self.reconcilers = [
             self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(
-                self.dp, ifx, (self.config.uplink, self.config.tunnel))),
+                self.dp, ifx, self.config.uplink, self.config.tunnel)),
             self.hive.reconcile("bpf", "bpf-ipcache", self.ipcache, IpcacheOps(self.dp)),
             self.hive.reconcile("bpf", "bpf-policy", self.entries, PolicyOps(self.dp, ifx)),
             self.hive.reconcile("bpf", "bpf-enforce", self.enforced, EnforceOps(self.dp, ifx)),

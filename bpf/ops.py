@@ -130,11 +130,15 @@ class AttachOps:
     with them; prune detaches from a veth that outlived its row (removed while the agent
     was down)."""
 
-    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplinks: Iterable[str] = ()) -> None:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplink: str = "",
+                 tunnel: str = "") -> None:
         self.dp = dp
         self.ifindexes = ifindexes
-        # an enrolled host's own interfaces (uplink, WireGuard device): directions turned
-        self.uplinks = frozenset(u for u in uplinks if u)
+        # an enrolled host's own interfaces (uplink, WireGuard device): directions turned;
+        # the tunnel's traffic is judged and tracked as the uplink's
+        self.uplink = uplink
+        self.tunnel = tunnel
+        self.uplinks = frozenset(u for u in (uplink, tunnel) if u)
         self.attached: set[str] = set()  # by this run's update; its delete detaches them
 
     @property
@@ -152,6 +156,8 @@ class AttachOps:
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx
+        if a.ifname == self.tunnel and self.uplink:
+            self.dp.alias_set(idx, await self.ifindexes.get(self.uplink))
         self.attached.add(a.ifname)
 
     async def delete(self, a: Attachment) -> None:

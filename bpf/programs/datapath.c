@@ -57,6 +57,17 @@ BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enfo
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, conntrack, 524288, PIN_DIR "/conntrack");
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
 BPF_PERF_OUTPUT(flows);
+// An enrolled host's WireGuard device (an L3 device) -> its uplink: the host is one endpoint,
+// so what arrives decrypted is judged, and its connections tracked, as the uplink's (a
+// service connection the uplink translated gets its reply translated back here).
+BPF_TABLE_PINNED("hash", u32, u32, endpoint_alias, 64, PIN_DIR "/endpoint_alias");
+
+static __always_inline u32 endpoint_ifindex(struct __sk_buff *skb, u32 l2) {
+    u32 idx = skb->ifindex;
+    if (l2) return idx;  // a link device is its own endpoint's
+    u32 *alias = endpoint_alias.lookup(&idx);
+    return alias ? *alias : idx;
+}
 
 static __always_inline u32 lookup_identity(u32 addr) {
     struct ipcache_key k = { .prefixlen = 32, .addr = addr };
@@ -194,7 +205,7 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir, u32 l2) {
     }
     u8 *saddr = (u8 *)&ip6->saddr;
     u8 *daddr = (u8 *)&ip6->daddr;
-    u32 ifindex = skb->ifindex;
+    u32 ifindex = endpoint_ifindex(skb, l2);
     struct ct6_key fwd = { .ifindex = ifindex, .sport = sport, .dport = dport, .proto = proto,
                            .direction = dir };
     __builtin_memcpy(fwd.saddr, saddr, 16);
@@ -304,7 +315,7 @@ static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct
 // connection; `flags` returns those of the entry that let the packet through, or CT_NEW.
 static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 dir, u32 ct_flags,
                                    u32 *flags) {
-    u32 ifindex = skb->ifindex;
+    u32 ifindex = endpoint_ifindex(skb, f->l3off);
     if (ct4_pass(ifindex, f, dir, ct_flags, flags)) return TC_ACT_OK;
     u32 identity = lookup_identity(dir == DIR_EGRESS ? f->daddr : f->saddr);
     // the port that matters is the destination's: ours on ingress, theirs on egress
@@ -358,7 +369,7 @@ static __always_inline int from_endpoint(struct __sk_buff *skb, u32 l2) {
     // An established connection that is not a service's needs nothing more: conntrack first
     // spares it the service lookup. (A service connection's entries hold the backend, not the
     // frontend this packet is addressed to, so it does not match here.)
-    if (ct4_pass(skb->ifindex, &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
+    if (ct4_pass(endpoint_ifindex(skb, l2), &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
         return TC_ACT_OK;
     int lb = lb4_from_pod(skb, &f, &ct_flags);  // f is the backend's from here on
     return lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;

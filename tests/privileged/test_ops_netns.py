@@ -356,7 +356,9 @@ async def test_an_enrolled_hosts_uplink_and_tunnel_get_their_directions_turned(
     link(ns, "plxup")
     sh("ip", "tuntap", "add", "dev", "plxtun", "mode", "tun", ns=ns)
     sh("ip", "link", "set", "plxtun", "up", ns=ns)
-    ops = AttachOps(programs, Ifindexes(Netlink(ns)), ("plxup", "plxtun"))
+    aliases: dict[int, int] = {}
+    dp = cast(Datapath, SimpleNamespace(**vars(programs), alias_set=aliases.__setitem__))
+    ops = AttachOps(dp, Ifindexes(Netlink(ns)), "plxup", "plxtun")
     link(ns, "plxpod")
     for name in ("plxup", "plxtun", "plxpod"):
         await ops.update(Attachment(name))
@@ -366,6 +368,9 @@ async def test_an_enrolled_hosts_uplink_and_tunnel_get_their_directions_turned(
     assert ["from_pod_l3" in f for f in filters(ns, "plxtun", "egress")] == [True]
     assert ["to_pod_l3" in f for f in filters(ns, "plxtun", "ingress")] == [True]
     assert ["from_pod" in f and "_l3" not in f for f in filters(ns, "plxpod", "ingress")] == [True]
+    # the tunnel's traffic is the uplink's: judged by its policy, tracked in its conntrack
+    ifindex = {n: dump(ns, "ip", "link", "show", "dev", n)[0]["ifindex"] for n in ("plxup", "plxtun")}
+    assert aliases == {ifindex["plxtun"]: ifindex["plxup"]}
 
 
 async def test_ifindexes_look_up_in_their_namespace(ns: str) -> None:

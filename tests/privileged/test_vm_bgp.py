@@ -81,10 +81,11 @@ async def test_a_metal_host_joined_with_bgp_announces_its_address_to_its_router(
             await eventually(lab.established, 30, 0.2, "the host's session with its router")
             await eventually(lambda: set(lab.routes()) == {f"{NODE_IP}/32"}, 20, 0.2,
                              "the router learns the host's address, and nothing else")
-            # a host the cluster's BGP config does not select peers with no one
+            # a host the cluster's BGP config no longer selects peers with no one
             manifests.upsert(doc("BGPClusterConfig", "metal", {
-                "nodeSelector": {"matchLabels": {"role": "other"}},
-                "bgpInstances": [{"name": "i0", "localASN": NODE_ASN, "peers": []}]}))
-            await eventually(lambda: not lab.routes(), 20, 0.2, "the address withdrawn")
+                **MANIFESTS_FOR_METAL[0].body["spec"],
+                "nodeSelector": {"matchLabels": {"role": "other"}}}))
+            await eventually(lambda: not lab.established(), 20, 0.2, "the session closed")
+            assert not speaker.problems, speaker.problems
         finally:
             await speaker.stop()
