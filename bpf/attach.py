@@ -12,6 +12,7 @@ INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
 TC_PRIORITY = 1  # of our filter on each clsact hook of a pod's host veth
 TC_HANDLE = 1
+ARPHRD_NONE = 0xFFFE  # a TUN device's link type: its packets start at the IP header
 
 
 def ifindex(ifname: str, netlink: Netlink = AGENT_NETNS) -> int | None:
@@ -19,17 +20,24 @@ def ifindex(ifname: str, netlink: Netlink = AGENT_NETNS) -> int | None:
     return netlink.ifindex(ifname)
 
 
-def attach(ifname: str, from_pod: tuple[int, str], to_pod: tuple[int, str],
-           netlink: Netlink = AGENT_NETNS, uplink: bool = False) -> int:
+Program = tuple[int, str]  # fd and name
+
+
+def attach(ifname: str, from_pod: Program, to_pod: Program,
+           netlink: Netlink = AGENT_NETNS, uplink: bool = False,
+           l3: tuple[Program, Program] | None = None) -> int:
     """Attach both programs to a host veth; returns its ifindex. Replacing is atomic.
 
     `uplink`: the endpoint's own interface (an enrolled host's), where what leaves the
-    endpoint passes tc egress, not ingress as on a pod's host-side veth."""
+    endpoint passes tc egress, not ingress as on a pod's host-side veth. `l3`: the pair
+    to attach instead when the interface has no link header (a TUN device)."""
     with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             raise LookupError(f"interface {ifname} is gone")
         idx = int(found[0])
+        if l3 is not None and ipr.get_links(idx)[0]["ifi_type"] == ARPHRD_NONE:
+            from_pod, to_pod = l3
         try:
             ipr.tc("add", "clsact", idx)
         except NetlinkError as e:

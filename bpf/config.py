@@ -39,6 +39,10 @@ class BpfConfig(Strict):
                         description="An enrolled host's own interface: its endpoint's programs "
                                     "go on it with the directions turned (tc egress is the "
                                     "host's egress), where a pod's go on its host-side veth.")
+    tunnel: str = Field("", pattern=r"^[a-zA-Z0-9_.-]{0,15}$",
+                        description="An enrolled host's WireGuard device: what it decrypts is "
+                                    "the host's traffic too, judged there as on the uplink "
+                                    "(before encryption on the way out).")
 
     @field_validator("flow_buffer_pages")
     @classmethod

@@ -138,7 +138,7 @@ def stale_pins(bpf: Any, text: str, pin_dir: Path) -> list[tuple[str, Path, str]
 
 
 class Datapath:
-    """The loaded program: its two tc functions and its pinned maps."""
+    """The loaded program: its tc functions (for link devices and L3 ones) and its pinned maps."""
 
     def __init__(self, pin_dir: Path) -> None:
         from bcc import BPF
@@ -161,11 +161,15 @@ class Datapath:
             self.bpf = BPF(text=text, cflags=cflags)
         self.from_pod = self.bpf.load_func("from_pod", BPF.SCHED_CLS)
         self.to_pod = self.bpf.load_func("to_pod", BPF.SCHED_CLS)
+        # the same on an L3 device, whose packets start at the IP header
+        self.from_pod_l3 = self.bpf.load_func("from_pod_l3", BPF.SCHED_CLS)
+        self.to_pod_l3 = self.bpf.load_func("to_pod_l3", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]
         self.ipcache6: Any = self.bpf["ipcache6"]
         self.policy: Any = self.bpf["policy"]
         self.enforce: Any = self.bpf["enforce"]
         self.counters: Any = self.bpf["counters"]
+        self.endpoint_alias: Any = self.bpf["endpoint_alias"]
         log.info("datapath loaded, maps pinned in %s", pin_dir)
 
     # ---- ipcache --------------------------------------------------------------------
@@ -240,6 +244,16 @@ class Datapath:
     def policy_items(self) -> list[tuple[int, int, int, int, int, int]]:
         return [(k.ifindex, k.identity, k.port, k.proto, k.direction, v.action)
                 for k, v in self.policy.items()]
+
+    def alias_set(self, ifindex: int, endpoint: int) -> None:
+        """Judge what passes `ifindex` (an L3 device) as `endpoint`'s interface does."""
+        self.endpoint_alias[ctypes.c_uint32(ifindex)] = ctypes.c_uint32(endpoint)
+
+    def alias_delete(self, ifindex: int) -> None:
+        try:
+            del self.endpoint_alias[ctypes.c_uint32(ifindex)]
+        except KeyError:
+            pass
 
     def enforce_set(self, ifindex: int, direction: int) -> None:
         self.enforce[self.enforce.Key(ifindex, direction)] = self.enforce.Leaf(1)

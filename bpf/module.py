@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily
@@ -46,7 +46,7 @@ from plexus.core.api import ApiError, Routes, TcpServer
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache, ManifestKey
 from plexus.core.module import Hive, Module
-from plexus.core.node import ENDPOINTS, LOCAL_NODE, Endpoint
+from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, Endpoint
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
 from plexus.core.tls import server_context
@@ -122,10 +122,24 @@ class BpfDatapath:
             numbers = kernel_numbers(hive)
             numbers.claim("tc-priority", TC_PRIORITY, "bpf", "policy programs on pod veths' clsact hooks")
             numbers.claim("tc-handle", TC_HANDLE, "bpf", "policy programs on pod veths' clsact hooks")
+        # An enrolled host's record waits for its datapath: the mesh never sees the host
+        # before its programs are on its interfaces and its policy is in the maps.
+        self._host_interfaces = frozenset(i for i in (config.uplink, config.tunnel) if i)
+        self._host_protected = (hive.require(NODE_ATTRIBUTES).register_initializer("bpf")
+                                if config.enabled and self._host_interfaces else None)
 
     async def start(self) -> None:
         if not self.config.enabled:
             return
+        if self._host_protected is not None:
+            # compiling takes seconds: an enrolled host's other modules start meanwhile,
+            # and its registration waits for the gate
+            self.hive.spawn("bpf", self._load(), "load")
+        else:
+            await self._load()
+
+    async def _load(self) -> None:
+        started = time.monotonic()
         try:
             self.dp = await asyncio.to_thread(Datapath, self.config.pin_dir)
         except (LoadError, Exception) as e:
@@ -134,8 +148,8 @@ class BpfDatapath:
             return
         ifx = self.ifindexes
         self.reconcilers = [
-            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(self.dp, ifx,
-                                                                             self.config.uplink)),
+            self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(
+                self.dp, ifx, self.config.uplink, self.config.tunnel)),
             self.hive.reconcile("bpf", "bpf-ipcache", self.ipcache, IpcacheOps(self.dp)),
             self.hive.reconcile("bpf", "bpf-policy", self.entries, PolicyOps(self.dp, ifx)),
             self.hive.reconcile("bpf", "bpf-enforce", self.enforced, EnforceOps(self.dp, ifx)),
@@ -155,6 +169,23 @@ class BpfDatapath:
             self.hive.spawn("bpf", self._follow(table), f"follow-{table.name}")
         self.hive.spawn("bpf", self._derive(), "derive")
         self.hive.spawn("bpf", self._open_gates(), "gates")
+        log.info("datapath loaded in %.2fs", time.monotonic() - started)
+        if self._host_protected is not None:
+            self.hive.spawn("bpf", self._protect_host(self._host_protected), "host-protected")
+
+    async def _protect_host(self, done: Callable[[], None]) -> None:
+        """Open the host's gate once its interfaces carry the programs and every entry
+        derived from the complete sources is applied."""
+        for table in (self.ipcache, self.entries, self.enforced):
+            await table.initialized.wait()
+        while True:  # a reconciler says whether it is settled, not when: asked every 20 ms
+            if (self._host_interfaces <= {a.ifname for a in self.attachments}
+                    and all(r.settled() for r in self.reconcilers)):
+                break
+            await asyncio.sleep(0.02)
+        log.info("host datapath in place on %s: the host may register",
+                 ", ".join(sorted(self._host_interfaces)))
+        done()
 
     async def stop(self) -> None:
         # programs stay attached and maps pinned: traffic keeps its policy

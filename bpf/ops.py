@@ -130,10 +130,15 @@ class AttachOps:
     with them; prune detaches from a veth that outlived its row (removed while the agent
     was down)."""
 
-    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplink: str = "") -> None:
+    def __init__(self, dp: Datapath, ifindexes: Ifindexes, uplink: str = "",
+                 tunnel: str = "") -> None:
         self.dp = dp
         self.ifindexes = ifindexes
-        self.uplink = uplink  # an enrolled host's own interface: directions turned
+        # an enrolled host's own interfaces (uplink, WireGuard device): directions turned;
+        # the tunnel's traffic is judged and tracked as the uplink's
+        self.uplink = uplink
+        self.tunnel = tunnel
+        self.uplinks = frozenset(u for u in (uplink, tunnel) if u)
         self.attached: set[str] = set()  # by this run's update; its delete detaches them
 
     @property
@@ -145,10 +150,14 @@ class AttachOps:
             idx = await asyncio.to_thread(attach.attach, a.ifname,
                                           (self.dp.from_pod.fd, self.dp.from_pod.name),
                                           (self.dp.to_pod.fd, self.dp.to_pod.name),
-                                          self.netlink, a.ifname == self.uplink)
+                                          self.netlink, a.ifname in self.uplinks,
+                                          ((self.dp.from_pod_l3.fd, self.dp.from_pod_l3.name),
+                                           (self.dp.to_pod_l3.fd, self.dp.to_pod_l3.name)))
         except LookupError as e:
             raise TemporaryError(str(e), delay=1.0) from None
         self.ifindexes.cache[a.ifname] = idx
+        if a.ifname == self.tunnel and self.uplink:
+            self.dp.alias_set(idx, await self.ifindexes.get(self.uplink))
         self.attached.add(a.ifname)
 
     async def delete(self, a: Attachment) -> None:

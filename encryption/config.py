@@ -22,5 +22,10 @@ class EncryptionConfig(Strict):
         "auto", description="kernel module, wireguard-go, or whichever is available.")
     strict: bool = Field(False, description="Drop pod traffic to a remote node that has no peer yet.")
     table: int = Field(51871, ge=1, le=0xFFFFFFF0, description="Routing table of the encrypted routes.")
-    rule_priority: int = Field(100, ge=1, le=32000, description="Priority of the ip rule to that table.")
+    rule_priority: int = Field(100, ge=2, le=32000, description="Priority of the ip rule to that table.")
+    fwmark: int = Field(0x1E00, ge=0, le=0xFFFFFFFF,
+                        description="Mark on the device's own UDP packets; a rule at "
+                                    "rulePriority - 1 sends them to the main table, so an enrolled "
+                                    "host's address, its endpoint too, can route through the device. "
+                                    "0: no mark, and hosts' addresses are not encrypted.")
     wireguard_go: str = Field("wireguard-go", description="The userspace implementation to run.")

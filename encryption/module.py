@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from clustermesh.models import Node
 from clustermesh.ownership import Owned
 from clustermesh.tables import NODES
+from clustermesh.vms import VM_NODE_LABEL
 from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
 from encryption.ops import RTPROT_PLEXUS, Backend, PeerOps, RouteOps, detect
@@ -93,6 +94,11 @@ class DeviceHealth:
                 "lastError": self.last_error}
 
 
+def _host_prefix(ip: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
 def _held_by(owned: Owned, node: Node, cidrs: list[str]) -> list[str]:
     """The node's pod CIDRs and addresses that overlap what `owned` holds."""
     taken = [c for c in cidrs
@@ -133,6 +139,10 @@ class Encryption:
             numbers = kernel_numbers(hive)
             numbers.claim("route-table", config.table, "encryption", "routes of remote pod CIDRs")
             numbers.claim("rule-priority", config.rule_priority, "encryption", "ip rule to its table")
+            if config.fwmark:
+                numbers.claim("fwmark", config.fwmark, "encryption", "the device's own packets")
+                numbers.claim("rule-priority", config.rule_priority - 1, "encryption",
+                              "the device's own packets to the main table")
             numbers.claim("route-protocol", RTPROT_PLEXUS, "encryption", "marks its routes",
                           shared=True)
         hive.routes.get("/v1/encryption/status", self._status_api)
@@ -155,7 +165,7 @@ class Encryption:
             self._attributes_done()
         self.backend = await asyncio.to_thread(
             detect, cfg.backend, cfg.device, self.hive.state_dir, cfg.wireguard_go, self.keys,
-            cfg.port, self.device_mtu, self.netlink)
+            cfg.port, self.device_mtu, self.netlink, cfg.fwmark)
         if getattr(self.backend, "found_dead", False):
             # died while the agent was down: in strict mode its fallbacks dropped meanwhile
             self.device_health.went_down("wireguard-go was not running at agent start")
@@ -166,7 +176,7 @@ class Encryption:
         # stop left behind are there, and they are (they have no device to lose); without
         # the rule no route of the table counts, so it is made before any route.
         self.route_ops = RouteOps(cfg.device, cfg.table, cfg.rule_priority, self.netlink,
-                                  strict=cfg.strict)
+                                  strict=cfg.strict, fwmark=cfg.fwmark)
         await asyncio.to_thread(self.route_ops.ensure_rule)
         log.info("encryption on: backend=%s device=%s port=%d public_key=%s strict=%s",
                  self.backend.name, cfg.device, cfg.port, self.keys.public_b64, cfg.strict)
@@ -287,6 +297,9 @@ class Encryption:
                 continue
             name = f"{node.cluster}/{node.name}"
             cidrs = [c for c in (node.ipv4_alloc_cidr, node.ipv6_alloc_cidr) if c]
+            if node.labels.get(VM_NODE_LABEL) and cfg.fwmark:
+                # an enrolled host serves at its own address: pods reach it through the device
+                cidrs += [_host_prefix(a.ip) for a in node.addresses]
             endpoint = node.internal_ip()
             peer = None
             taken = [] if node.cluster == self.local.cluster else _held_by(local, node, cidrs)

@@ -30,6 +30,7 @@ from plexus.core.reconciler import TemporaryError
 log = logging.getLogger(__name__)
 IFF_UP = 0x1
 RTPROT_PLEXUS = 190
+RT_TABLE_MAIN = 254
 FAMILIES = (AF_INET, AF_INET6)
 WG_LOG = "wireguard-go.log"
 PID_FILE = "wireguard-go.pid"
@@ -88,8 +89,9 @@ class UserspaceBackend:
     name = "userspace (wireguard-go)"
 
     def __init__(self, device: str, state_dir: Path, binary: str = "wireguard-go",
-                 netlink: Netlink = AGENT_NETNS) -> None:
+                 netlink: Netlink = AGENT_NETNS, fwmark: int = 0) -> None:
         self.device = device
+        self.fwmark = fwmark  # on its UDP sockets: what it sends bypasses its own routes
         self.state_dir = state_dir
         self.binary = binary
         self.netlink = netlink
@@ -171,8 +173,9 @@ class UserspaceBackend:
         if not self._alive():
             self._start()
         info = self.uapi.get()
-        if info.private_key != keys.private_bytes or info.listen_port != port:
-            self.uapi.set_device(keys.private_bytes, port)
+        if (info.private_key, info.listen_port, info.fwmark) != (keys.private_bytes, port,
+                                                                 self.fwmark):
+            self.uapi.set_device(keys.private_bytes, port, self.fwmark)
         _link_up(self.device, mtu, self.netlink)
 
     def info(self) -> DeviceInfo:
@@ -219,9 +222,10 @@ class KernelBackend:
 
     name = "kernel"
 
-    def __init__(self, device: str, netlink: Netlink = AGENT_NETNS) -> None:
+    def __init__(self, device: str, netlink: Netlink = AGENT_NETNS, fwmark: int = 0) -> None:
         self.device = device
         self.netlink = netlink
+        self.fwmark = fwmark
 
     def ensure(self, keys: KeyPair, port: int, mtu: int) -> None:
         with self.netlink.route() as ipr:
@@ -239,7 +243,7 @@ class KernelBackend:
         try:
             with self.netlink.wireguard() as wg:
                 wg.set(self.device, private_key=base64.b64encode(keys.private_bytes).decode(),
-                       listen_port=port)
+                       listen_port=port, fwmark=self.fwmark)
         except NetlinkError as e:
             # No WireGuard netlink family: the device found is wireguard-go's TUN, kept from
             # before a restart; the userspace backend adopts it.
@@ -290,17 +294,18 @@ class KernelBackend:
 
 
 def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair, port: int,
-           mtu: int, netlink: Netlink = AGENT_NETNS) -> Backend:
+           mtu: int, netlink: Netlink = AGENT_NETNS, fwmark: int = 0) -> Backend:
     """The backend to use: the kernel module when asked or available, else wireguard-go.
 
     A device wireguard-go already serves (an agent restart) is adopted, never probed.
+    `fwmark` marks the device's own UDP packets (0: none).
     """
     if choice == "auto" and UserspaceBackend(device, state_dir, binary, netlink)._alive():
-        backend = UserspaceBackend(device, state_dir, binary, netlink)
+        backend = UserspaceBackend(device, state_dir, binary, netlink, fwmark)
         backend.ensure(keys, port, mtu)
         return backend
     if choice in ("auto", "kernel"):
-        kernel = KernelBackend(device, netlink)
+        kernel = KernelBackend(device, netlink, fwmark)
         try:
             kernel.ensure(keys, port, mtu)
             return kernel
@@ -308,7 +313,7 @@ def detect(choice: str, device: str, state_dir: Path, binary: str, keys: KeyPair
             if choice == "kernel":
                 raise
             log.info("WireGuard kernel module unavailable (%s): using wireguard-go", e)
-    backend = UserspaceBackend(device, state_dir, binary, netlink)
+    backend = UserspaceBackend(device, state_dir, binary, netlink, fwmark)
     backend.ensure(keys, port, mtu)
     return backend
 
@@ -366,28 +371,42 @@ class RouteOps:
     CIDR's traffic is encrypted or dropped."""
 
     def __init__(self, device: str, table: int, priority: int,
-                 netlink: Netlink = AGENT_NETNS, *, strict: bool = False) -> None:
+                 netlink: Netlink = AGENT_NETNS, *, strict: bool = False, fwmark: int = 0) -> None:
         self.device = device
         self.table = table
         self.priority = priority
         self.netlink = netlink
         self.strict = strict
+        # The device's own packets carry `fwmark`; a rule just before the table's sends them
+        # to `main`, so an enrolled host's address (its endpoint too) may route through
+        # the device without the device's packets to it looping back in.
+        self.fwmark = fwmark
+
+    def _rules(self) -> list[dict[str, int]]:
+        rules = [{"table": self.table, "priority": self.priority}]
+        if self.fwmark:
+            rules.append({"table": RT_TABLE_MAIN, "priority": self.priority - 1,
+                          "fwmark": self.fwmark, "fwmask": self.fwmark})
+        return rules
 
     def ensure_rule(self) -> bool:
-        """Add the rule where it is missing; True when one had to be added."""
+        """Add the rules where they are missing; True when one had to be added."""
         added = False
         with self.netlink.route() as ipr:
             for family in FAMILIES:
-                if any((rule.get_attr("FRA_TABLE"), rule.get_attr("FRA_PRIORITY"))
-                       == (self.table, self.priority) for rule in ipr.get_rules(family=family)):
-                    continue
-                try:
-                    ipr.rule("add", family=family, table=self.table, priority=self.priority)
-                    added = True
-                except NetlinkError as e:
-                    if family != AF_INET6 or e.code != EAFNOSUPPORT:
-                        raise
-                    log.info("no IPv6 in this namespace: encryption rule for IPv4 only")
+                present = {(r.get_attr("FRA_TABLE"), r.get_attr("FRA_PRIORITY"),
+                            r.get_attr("FRA_FWMARK") or 0) for r in ipr.get_rules(family=family)}
+                for rule in self._rules():
+                    if (rule["table"], rule["priority"], rule.get("fwmark", 0)) in present:
+                        continue
+                    try:
+                        ipr.rule("add", family=family, **rule)
+                        added = True
+                    except NetlinkError as e:
+                        if family != AF_INET6 or e.code != EAFNOSUPPORT:
+                            raise
+                        log.info("no IPv6 in this namespace: encryption rules for IPv4 only")
+                        break
         return added
 
     def _update(self, r: EncryptedRoute) -> None:

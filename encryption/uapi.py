@@ -32,6 +32,7 @@ class PeerInfo:
 class DeviceInfo:
     private_key: bytes = b""
     listen_port: int = 0
+    fwmark: int = 0
     peers: dict[bytes, PeerInfo] = field(default_factory=dict)
 
 
@@ -82,6 +83,8 @@ class Uapi:
                 info.private_key = bytes.fromhex(value)
             elif key == "listen_port":
                 info.listen_port = int(value)
+            elif key == "fwmark" and peer is None:
+                info.fwmark = int(value)
             elif key == "public_key":
                 peer = PeerInfo(bytes.fromhex(value))
                 info.peers[peer.public_key] = peer
@@ -100,9 +103,10 @@ class Uapi:
                     peer.tx_bytes = int(value)
         return info
 
-    def set_device(self, private_key: bytes, listen_port: int) -> None:
+    def set_device(self, private_key: bytes, listen_port: int, fwmark: int = 0) -> None:
         self._exchange("set=1\n" + _line("private_key", private_key.hex())
-                       + _line("listen_port", str(int(listen_port))) + "\n")
+                       + _line("listen_port", str(int(listen_port)))
+                       + _line("fwmark", str(int(fwmark))) + "\n")
 
     def set_peer(self, public_key: bytes, endpoint: tuple[str, int],
                  allowed_ips: list[str], keepalive: int = 0) -> None:

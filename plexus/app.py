@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
+from bgp.config import BGPConfig
 from bgp.module import module as bgp
 from bpf.module import module as bpf
 from clustermesh.module import module as clustermesh
@@ -22,12 +25,24 @@ MODULES: list[Module[Any]] = [
     egress,
 ]
 
-# An enrolled VM or metal host (`plexus vmagent`): a node's modules but BGP, with the host's
-# own registration (vmagent) in place of clustermesh's node and endpoint registrations.
+# An enrolled VM or metal host (`plexus vmagent`): a node's modules but egress, with the
+# host's own registration (vmagent) in place of clustermesh's node and endpoint
+# registrations. BGP runs on a metal host joined with `--bgp`: it peers with its router as
+# the cluster's BGP manifests that select the host's labels say, announcing its address.
+class HostBGPConfig(BGPConfig):
+    """BGP on an enrolled host: off unless `plexus vm join --bgp` turned it on, so a config
+    written before hosts could speak BGP keeps its host silent."""
+
+    enabled: bool = Field(False, description="Run the BGP speaker (a metal host and its router).")
+
+
+host_bgp = Module(name=bgp.name, doc=bgp.doc, config=HostBGPConfig, build=bgp.build)
+
 VM_MODULES: list[Module[Any]] = [
     node,
     clustermesh,
     bpf,
     encryption,
+    host_bgp,
     vmagent,
 ]

@@ -21,3 +21,6 @@ class VmAgentConfig(Strict):
     uplink: str = Field("eth0", pattern=r"^[a-zA-Z0-9_.-]{1,15}$",
                         description="The host's interface: its endpoint, where the datapath "
                                     "enforces the policies that select the host.")
+    tunnel: str = Field("", pattern=r"^[a-zA-Z0-9_.-]{0,15}$",
+                        description="The host's WireGuard device, an endpoint of the host as "
+                                    "well: pods' traffic arrives there decrypted.")

@@ -24,9 +24,12 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
-           encryption: bool, bpf_pin_dir: Path | None = None, uplink: str = "eth0") -> Path:
+           encryption: bool, bpf_pin_dir: Path | None = None, uplink: str = "eth0",
+           strict: bool = False, bgp: bool = False) -> Path:
     """Unpack the bundle into `state` and write the vmagent's config; returns its path.
-    `bpf_pin_dir`: where the datapath pins its maps (None: no datapath on this host)."""
+    `bpf_pin_dir`: where the datapath pins its maps (None: no datapath on this host).
+    `strict`: traffic to a pod whose node has no WireGuard peer is dropped, not sent clear.
+    `bgp`: run the BGP speaker (a metal host peering with its router)."""
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     etcd_dir = state / "etcd"
@@ -48,6 +51,7 @@ def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
             stale.unlink()
     etcd = {"endpoints": bundle.etcd.endpoints, "trustedCaFile": str(etcd_dir / "ca.crt"),
             "certFile": str(etcd_dir / "client.crt"), "keyFile": str(etcd_dir / "client.key")}
+    tunnel = wg_device if encryption else ""
     config = {
         "cluster": {"name": bundle.cluster, "id": bundle.cluster_id},
         "node": {"name": bundle.name, "ip": str(bundle.ip), "podCIDR": f"{bundle.ip}/32",
@@ -58,11 +62,13 @@ def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
         "endpoints": {"persist": False},
         "clustermesh": {"etcd": etcd, "configDir": str(mesh), "directRoutes": False,
                         "registration": False},
-        "encryption": {"enabled": encryption, "device": wg_device},
-        "bpf": ({"enabled": True, "pinDir": str(bpf_pin_dir), "uplink": uplink}
-                if bpf_pin_dir is not None else {"enabled": False}),
+        "encryption": {"enabled": encryption, "device": wg_device, "strict": strict},
+        # what the WireGuard device decrypts is the host's traffic: judged there too
+        "bpf": ({"enabled": True, "pinDir": str(bpf_pin_dir), "uplink": uplink,
+                 "tunnel": tunnel} if bpf_pin_dir is not None else {"enabled": False}),
+        "bgp": {"enabled": bgp},
         "vmagent": {"enabled": True, "etcd": etcd, "lease": bundle.lease,
-                    "namespace": bundle.namespace, "uplink": uplink},
+                    "namespace": bundle.namespace, "uplink": uplink, "tunnel": tunnel},
     }
     path = state / "vmagent.yaml"
     _write_private(path, f"# Written by `plexus vm join` for VM {bundle.name}.\n"

@@ -23,6 +23,7 @@ from vmagent.renewal import Renewal, cert_serial
 log = logging.getLogger(__name__)
 
 HOST_ENDPOINT = "host"  # the endpoint's key: the host itself
+HOST_TUNNEL_ENDPOINT = "host-wireguard"  # the host again, as its WireGuard device sees it
 
 
 class VmAgent:
@@ -45,12 +46,16 @@ class VmAgent:
             raise ValueError("vmagent.etcd: endpoints, trustedCaFile, certFile and keyFile are "
                              "required when vmagent is enabled")
         self.kv = KvStore(e.endpoints, Tls(e.trusted_ca_file, e.cert_file, e.key_file))
-        # The host is its own one endpoint, on its uplink: the datapath enforces the
-        # policies that select its labels there.
-        self.endpoints.upsert(Endpoint(
-            container_id=HOST_ENDPOINT, ip=self.local.ip, namespace=self.config.namespace,
-            pod_name=self.local.name, labels=dict(self.local.labels),
-            host_ifname=self.config.uplink, ifname=self.config.uplink))
+        # The host is its own endpoint, on its uplink: the datapath enforces the policies
+        # that select its labels there; and on its WireGuard device, where pods' traffic
+        # arrives decrypted (the uplink sees only its encrypted packets).
+        for key, ifname in ((HOST_ENDPOINT, self.config.uplink),
+                            (HOST_TUNNEL_ENDPOINT, self.config.tunnel)):
+            if ifname:
+                self.endpoints.upsert(Endpoint(
+                    container_id=key, ip=self.local.ip, namespace=self.config.namespace,
+                    pod_name=self.local.name, labels=dict(self.local.labels),
+                    host_ifname=ifname, ifname=ifname))
         self.registration = Registration(
             self.kv, self.local.cluster, self.local.name, self.config.lease,
             cert_serial(e.cert_file), lambda: self.attributes.get(WIREGUARD_PUBLIC_KEY) or "")

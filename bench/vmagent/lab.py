@@ -3,7 +3,8 @@ reaches the VM under a policy that selects it (`app=db`, TCP 5432 from west's `a
 
     .venv/bin/python -m bench.vmagent.lab [--runs 3]
 
-Each run stops the VM's agent, takes its programs off its uplink and its pinned maps away (so
+Each run stops the VM's agent, takes its programs off its uplink and its WireGuard device and
+its pinned maps away (so
 nothing of the run before enforces anything), revokes and enrols it again (a new bundle), then
 starts `plexus vm join` in the VM's namespace and probes from two pods of one west node until
 the allowed one gets through and the other is refused. (While revoked, the VM's replies go
@@ -77,8 +78,9 @@ def main() -> int:
             proc = State.load(lab.state_path).processes["vmagent-vm1"]
             ops.stop(proc.pid, proc.marker)
             for _ in range(max(1, min(args.runs, 10))):
-                ops.run("ip", "-n", vm.netns, "tc", "qdisc", "del", "dev", "eth0", "clsact",
-                        check=False)
+                for dev in ("eth0", lab.vm_wg_device(vm)):
+                    ops.run("ip", "-n", vm.netns, "tc", "qdisc", "del", "dev", dev, "clsact",
+                            check=False)
                 shutil.rmtree(lab.bpffs / lab.vm_name(vm), ignore_errors=True)
                 plexus("vm", "delete", "vm1", "--cluster", "east")
                 wait_until(lambda: not echo(client, "tcp", vm.ip, 5432, "x", timeout=0.5), 30,
@@ -91,7 +93,7 @@ def main() -> int:
                     ["ip", "netns", "exec", vm.netns, sys.executable, "-m", "plexus", "vm", "join",
                      str(bundle), "--state-dir", str(lab.vm_dir(vm)), "--api-socket",
                      str(lab.vm_socket(vm)), "--wg-device", lab.vm_wg_device(vm),
-                     "--bpf-pin-dir", str(lab.bpffs / lab.vm_name(vm))], cwd=ROOT,
+                     "--bpf-pin-dir", str(lab.bpffs / lab.vm_name(vm)), "--strict"], cwd=ROOT,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     wait_until(under_policy, 60, interval=0.05,

@@ -6,6 +6,9 @@
 // the verdict; conntrack then lets the rest of it and its replies through with one lookup and
 // no ipcache or policy lookup at all, so an established flow costs the least it can.
 // Maps are pinned under PIN_DIR so a restarted agent adopts them.
+// Every function takes `l2`, the length of the link header: ETH_HLEN on a veth or an uplink,
+// 0 on an L3 device (an enrolled host's WireGuard TUN, where decrypted traffic arrives);
+// each entry point passes a constant, so the offsets stay constants the verifier checks.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
@@ -54,6 +57,17 @@ BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enfo
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, conntrack, 524288, PIN_DIR "/conntrack");
 BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
 BPF_PERF_OUTPUT(flows);
+// An enrolled host's WireGuard device (an L3 device) -> its uplink: the host is one endpoint,
+// so what arrives decrypted is judged, and its connections tracked, as the uplink's (a
+// service connection the uplink translated gets its reply translated back here).
+BPF_TABLE_PINNED("hash", u32, u32, endpoint_alias, 64, PIN_DIR "/endpoint_alias");
+
+static __always_inline u32 endpoint_ifindex(struct __sk_buff *skb, u32 l2) {
+    u32 idx = skb->ifindex;
+    if (l2) return idx;  // a link device is its own endpoint's
+    u32 *alias = endpoint_alias.lookup(&idx);
+    return alias ? *alias : idx;
+}
 
 static __always_inline u32 lookup_identity(u32 addr) {
     struct ipcache_key k = { .prefixlen = 32, .addr = addr };
@@ -152,10 +166,10 @@ static __always_inline int link_plumbing(u8 icmp6_type) {
     return (icmp6_type >= 130 && icmp6_type <= 137) || icmp6_type == 143;
 }
 
-static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
+static __always_inline int handle6(struct __sk_buff *skb, u8 dir, u32 l2) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+    struct ipv6hdr *ip6 = data + l2;
     if ((void *)(ip6 + 1) > data_end) return TC_ACT_OK;
     u8 proto = ip6->nexthdr;
     void *l4 = (void *)(ip6 + 1);
@@ -191,7 +205,7 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
     }
     u8 *saddr = (u8 *)&ip6->saddr;
     u8 *daddr = (u8 *)&ip6->daddr;
-    u32 ifindex = skb->ifindex;
+    u32 ifindex = endpoint_ifindex(skb, l2);
     struct ct6_key fwd = { .ifindex = ifindex, .sport = sport, .dport = dport, .proto = proto,
                            .direction = dir };
     __builtin_memcpy(fwd.saddr, saddr, 16);
@@ -234,15 +248,20 @@ static __always_inline int handle6(struct __sk_buff *skb, u8 dir) {
 // An IPv4 packet's addresses, ports (host order; 0 when it has none) and where they are.
 struct flow4 {
     u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 has_ports; u16 l4off; u8 tcp_flags;
+    u8 l3off;
 };
 
 // 0 when the packet is not IPv4 or is cut short.
-static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
+static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f, u32 l2) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP)) return 0;
-    struct iphdr *ip = (void *)(eth + 1);
+    if (l2) {
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IP)) return 0;
+    } else if (skb->protocol != htons(ETH_P_IP)) {
+        return 0;
+    }
+    struct iphdr *ip = data + l2;
     if ((void *)(ip + 1) > data_end) return 0;
     f->saddr = ip->saddr;
     f->daddr = ip->daddr;
@@ -250,7 +269,8 @@ static __always_inline int parse4(struct __sk_buff *skb, struct flow4 *f) {
     f->sport = f->dport = 0;
     f->has_ports = 0;
     f->tcp_flags = 0;
-    f->l4off = sizeof(struct ethhdr) + ip->ihl * 4;
+    f->l3off = l2;
+    f->l4off = l2 + ip->ihl * 4;
     int later_fragment = ip->frag_off & htons(0x1FFF);  // carries no transport header
     if (!later_fragment && (f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP)) {
         u16 *ports = (void *)ip + ip->ihl * 4;
@@ -295,7 +315,7 @@ static __always_inline int ct4_pass(u32 ifindex, struct flow4 *f, u8 dir, u32 ct
 // connection; `flags` returns those of the entry that let the packet through, or CT_NEW.
 static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 dir, u32 ct_flags,
                                    u32 *flags) {
-    u32 ifindex = skb->ifindex;
+    u32 ifindex = endpoint_ifindex(skb, f->l3off);
     if (ct4_pass(ifindex, f, dir, ct_flags, flags)) return TC_ACT_OK;
     u32 identity = lookup_identity(dir == DIR_EGRESS ? f->daddr : f->saddr);
     // the port that matters is the destination's: ours on ingress, theirs on egress
@@ -323,12 +343,16 @@ static __always_inline int handle4(struct __sk_buff *skb, struct flow4 *f, u8 di
 }
 
 // IPv6 goes its own way; anything neither IPv4 nor IPv6 is not policy's business.
-static __always_inline int handle_other(struct __sk_buff *skb, u8 dir) {
+static __always_inline int handle_other(struct __sk_buff *skb, u8 dir, u32 l2) {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IPV6)) return TC_ACT_OK;
-    return handle6(skb, dir);
+    if (l2) {
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > data_end || eth->h_proto != htons(ETH_P_IPV6)) return TC_ACT_OK;
+    } else if (skb->protocol != htons(ETH_P_IPV6)) {
+        return TC_ACT_OK;
+    }
+    return handle6(skb, dir, l2);
 }
 
 // Global service load-balancing (lb.h, inlined by the loader): the service translation
@@ -338,25 +362,31 @@ static __always_inline int handle_other(struct __sk_buff *skb, u8 dir) {
 // lookup.
 #include "lb.h"
 
-int from_pod(struct __sk_buff *skb) {
+static __always_inline int from_endpoint(struct __sk_buff *skb, u32 l2) {
     struct flow4 f;
     u32 ct_flags = 0, flags = 0;
-    if (!parse4(skb, &f)) return handle_other(skb, DIR_EGRESS);
+    if (!parse4(skb, &f, l2)) return handle_other(skb, DIR_EGRESS, l2);
     // An established connection that is not a service's needs nothing more: conntrack first
     // spares it the service lookup. (A service connection's entries hold the backend, not the
     // frontend this packet is addressed to, so it does not match here.)
-    if (ct4_pass(skb->ifindex, &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
+    if (ct4_pass(endpoint_ifindex(skb, l2), &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
         return TC_ACT_OK;
     int lb = lb4_from_pod(skb, &f, &ct_flags);  // f is the backend's from here on
     return lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
 }
 
-int to_pod(struct __sk_buff *skb) {
+static __always_inline int to_endpoint(struct __sk_buff *skb, u32 l2) {
     struct flow4 f;
     u32 flags = 0;
-    if (!parse4(skb, &f)) return handle_other(skb, DIR_INGRESS);
+    if (!parse4(skb, &f, l2)) return handle_other(skb, DIR_INGRESS, l2);
     int action = handle4(skb, &f, DIR_INGRESS, 0, &flags);
     if (action == TC_ACT_OK && (flags & (CT_REVNAT | CT_NEW)))
         lb4_to_pod(skb, &f);
     return action;
 }
+
+int from_pod(struct __sk_buff *skb) { return from_endpoint(skb, ETH_HLEN); }
+int to_pod(struct __sk_buff *skb) { return to_endpoint(skb, ETH_HLEN); }
+// the same on an L3 device (no link header)
+int from_pod_l3(struct __sk_buff *skb) { return from_endpoint(skb, 0); }
+int to_pod_l3(struct __sk_buff *skb) { return to_endpoint(skb, 0); }

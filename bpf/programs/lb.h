@@ -44,12 +44,12 @@ static __always_inline void lb4_rewrite(struct __sk_buff *skb, struct flow4 *p, 
     u32 csum_off = p->l4off + (p->proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
                                                        : __builtin_offsetof(struct udphdr, check));
     u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;  // UDP: 0 means no sum
-    u32 addr_off = sizeof(struct ethhdr) + (dst ? __builtin_offsetof(struct iphdr, daddr)
-                                                : __builtin_offsetof(struct iphdr, saddr));
+    u32 addr_off = p->l3off + (dst ? __builtin_offsetof(struct iphdr, daddr)
+                              : __builtin_offsetof(struct iphdr, saddr));
     u32 port_off = p->l4off + (dst ? 2 : 0);
     bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | sizeof(u32));
     bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(u16));
-    bpf_l3_csum_replace(skb, sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, check), old_addr,
+    bpf_l3_csum_replace(skb, p->l3off + __builtin_offsetof(struct iphdr, check), old_addr,
                         new_addr, sizeof(u32));
     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(u32), 0);
     bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(u16), 0);

@@ -1,4 +1,4 @@
-"""`plexus lab up | status | down | pod add | pod del | demo`."""
+"""`plexus lab up | status | down | pod add | pod del | vm join | demo`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("cluster", "node", "pod"):
         d.add_argument(name)
     d.set_defaults(func=_pod_del)
+    vm = lab.add_parser("vm", help="the lab's enrolled VM")
+    vms = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    j = vms.add_parser("join", help="enrol the VM (when it is not) and start its agent")
+    j.add_argument("name", nargs="?", help="the VM (default: every lab VM)")
+    j.set_defaults(func=_vm_join)
 
 
 def _say(line: str) -> None:
@@ -237,3 +242,10 @@ def _demo(_args: argparse.Namespace) -> int:
 ==> tear down
   make down        (or: .venv/bin/plexus lab down)""")
     return 0 if ok else 1
+
+
+@_guard
+def _vm_join(args: argparse.Namespace) -> int:
+    took = Lab(say=_say).vm_join(args.name)
+    _say(f"==> VM joined: every node knows it ({took:.1f}s)")
+    return 0

@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--api-socket", type=Path, help="default: STATE_DIR/agent.sock")
     p.add_argument("--wg-device", default="plx_wg0", help="the host's WireGuard device")
     p.add_argument("--no-encryption", action="store_true", help="no WireGuard on this host")
+    p.add_argument("--bgp", action="store_true",
+                   help="a metal host: peer with its router as the cluster's BGP manifests that "
+                        "select this host say, announcing its address")
+    p.add_argument("--strict", action="store_true",
+                   help="drop traffic to a pod whose node has no WireGuard peer yet")
     p.add_argument("--uplink", default="eth0",
                    help="the host's interface, where its policies are enforced")
     p.add_argument("--bpf-pin-dir", type=Path, default=Path("/sys/fs/bpf/plexus"),
@@ -260,7 +265,8 @@ def _join(args: argparse.Namespace) -> int:
     config = unpack(bundle, args.state_dir.resolve(),
                                 (args.api_socket or args.state_dir / "agent.sock").resolve(),
                                 args.wg_device, not args.no_encryption,
-                                None if args.no_bpf else args.bpf_pin_dir, args.uplink)
+                                None if args.no_bpf else args.bpf_pin_dir, args.uplink,
+                                strict=args.strict, bgp=args.bgp)
     if args.config_only:
         print(config)
         return 0

@@ -809,7 +809,28 @@ protocol kernel {{
                 raise LabError(f"enrolling {vm.netns} in {c.name} failed: {r.stderr.strip()}")
             self.say(f"  {r.stdout.strip()}")
         unpack(load_bundle(bundle, name=self.vm_name(vm)), d, self.vm_socket(vm),
-               self.vm_wg_device(vm), encryption=True, bpf_pin_dir=self.bpffs / self.vm_name(vm))
+               self.vm_wg_device(vm), encryption=True, bpf_pin_dir=self.bpffs / self.vm_name(vm),
+               strict=True)
+
+    def vm_join(self, name: str | None = None) -> float:
+        """Enrol the lab's VM (or the one named) where it is not, start its agent where it
+        does not run, and wait until every node of every cluster knows it; returns the seconds
+        that took. The rest of the lab must be up."""
+        started = time.monotonic()
+        vms = [vm for vm in self.topo.vms if name in (None, self.vm_name(vm), vm.netns)]
+        if not vms:
+            raise LabError(f"no lab VM {name!r}: the lab has "
+                           + ", ".join(self.vm_name(vm) for vm in self.topo.vms))
+        if ROUTER not in ops.namespaces():
+            raise LabError("the lab is down: `plexus lab up` first")
+        state = self._own_state()
+        for vm in vms:
+            self.say(f"==> VM {vm.netns} ({vm.ip}) joins {self.vm_cluster(vm).name}")
+            self._enrol_vm(vm)
+        self._ensure_all(state, [self.vm_daemons(vm) for vm in vms])
+        ops.wait_for(self._vms_in_mesh, 60, "every node of every cluster to know the VMs",
+                     interval=0.1)
+        return time.monotonic() - started
 
     def vm_joined(self, vm: Host) -> bool:
         try:

@@ -1,6 +1,7 @@
 """The lab's VM (plx-vm1, 172.31.3.10) enrolled into east: known to every node of both clusters,
-a WireGuard peer of each, policy on its uplink, withdrawn when silent and back on return,
-gone when revoked, and bundles that must be refused refused."""
+a WireGuard peer of each, only WireGuard between it and pods on the wire, policy on its uplink
+and its WireGuard device, withdrawn when silent and back on return, gone when revoked, and
+bundles that must be refused refused."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from plexus.core.client import Client, ClientError
+from plexus.lab import ops
 from plexus.lab.lab import VM_LEASE, Lab, State
 from plexus.lab.topology import pod_netns
 from tests.e2e.labs import apply_in, plexus
@@ -21,6 +26,7 @@ from tests.support import echo, echo_server, wait_until
 
 VM_NS = "plx-vm1"
 VM_IP = "172.31.3.10"
+MARKER = "PLEXUS-VM-SECRET-MARKER"
 
 VM_POLICY = """
 apiVersion: plexus.io/v1
@@ -79,6 +85,34 @@ def test_the_vm_is_enrolled_and_every_node_of_both_clusters_knows_it(lab: Lab) -
         assert os.stat(lab.vm_dir(vm(lab)) / f).st_mode & 0o777 == 0o600, f
 
 
+@contextmanager
+def vm_leg_capture(lab: Lab, name: str) -> Iterator[Callable[[], tuple[str, str]]]:
+    """tcpdump on the router's leg to the VM; yields a reader of (payload text, headers)."""
+    host = vm(lab)
+    path = lab.root / f"{name}-{host.router_link}.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", "plx-router", "tcpdump", "--immediate-mode",
+                             "-Z", "root", "-i", host.router_link, "-n", "-U", "-s", "0", "-w",
+                             str(path)], stderr=subprocess.DEVNULL)
+    try:
+        def capturing() -> bool:
+            ops.run("ping", "-c", "1", "-W", "1", host.segment.gateway, ns=VM_NS, check=False)
+            return path.exists() and path.stat().st_size > 24
+
+        wait_until(capturing, 15, what="tcpdump capturing")
+
+        def read() -> tuple[str, str]:
+            text = subprocess.run(["tcpdump", "-r", str(path), "-n", "-A"], capture_output=True,
+                                  text=True, errors="replace").stdout
+            headers = subprocess.run(["tcpdump", "-r", str(path), "-n"], capture_output=True,
+                                     text=True).stdout
+            return text, headers
+
+        yield read
+    finally:
+        dump.terminate()
+        dump.wait(10)
+
+
 def test_a_policy_selecting_app_db_admits_the_west_client_and_no_other(lab: Lab,
                                                                        tmp_path: Path) -> None:
     lab.pod_add("west", "n1", "vmcl", {"app": "vmclient"})
@@ -92,7 +126,20 @@ def test_a_policy_selecting_app_db_admits_the_west_client_and_no_other(lab: Lab,
         assert r.returncode == 0, r.stderr
         wait_until(lambda: not echo(other, "tcp", VM_IP, 5432, "x", timeout=1), 30,
                    what="the other west pod denied once the VM is selected")
-        assert echo(client, "tcp", VM_IP, 5432, "x")
+        client_ip = lab.pods()[client]["ip"]
+        # both ways between the pod and the VM, only WireGuard on the wire; the VM's policy
+        # judged what its WireGuard device decrypted
+        with vm_leg_capture(lab, "vm-wire") as read:
+            assert echo(client, "tcp", VM_IP, 5432, MARKER)
+            assert not echo(other, "tcp", VM_IP, 5432, MARKER, timeout=1)
+            with echo_server(client, "udp", 7003):
+                assert wait_until(partial(echo, VM_NS, "udp", client_ip, 7003, MARKER), 15,
+                                  what="the VM reaches the west pod")
+        text, headers = read()
+        assert MARKER not in text
+        assert "51871: UDP" in headers, headers.splitlines()[:20]
+        for ip in (client_ip, lab.pods()[other]["ip"]):
+            assert f" {ip}." not in headers and f" {ip} " not in headers, ip
         # the host's datapath shows it: conntrack has the client's connection
         r = plexus("bpf", "ct", "list", "--socket", str(lab.vm_socket(vm(lab))), "-o", "json")
         assert r.returncode == 0, r.stderr
@@ -179,10 +226,15 @@ def test_the_vm_killed_is_withdrawn_from_both_clusters_within_its_lease_and_come
     wait_until(lambda: set(known_by(lab).values()) == {None}, VM_LEASE + 2, interval=0.2,
                what=f"the silent VM withdrawn from every node within {VM_LEASE} + 2 s")
     assert listed()["vm1"]["state"] == "lost"
-    lab.start("vmagent-vm1")
-    wait_until(lambda: None not in known_by(lab).values(), 30, interval=0.2,
-               what="the VM back on every node")
+    # `plexus lab vm join` starts the agent again (the VM is enrolled: no new bundle)
+    bundle = (lab.vm_dir(vm(lab)) / "bundle.yaml").read_bytes()
+    r = plexus("lab", "vm", "join", "vm1")
+    assert r.returncode == 0 and "VM joined" in r.stdout, r.stdout + r.stderr
+    assert (lab.vm_dir(vm(lab)) / "bundle.yaml").read_bytes() == bundle
+    assert None not in known_by(lab).values()
     assert listed()["vm1"]["state"] == "joined"
+    r = plexus("lab", "vm", "join", "vm9")
+    assert r.returncode == 1 and "no lab VM 'vm9'" in r.stderr, r.stderr
 
 
 def test_zz_the_vm_revoked_cannot_write_and_is_gone_from_the_mesh(lab: Lab) -> None:

@@ -9,9 +9,12 @@ identity in the ipcache, so the same peer namespace is an allowed and a denied c
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -324,6 +327,93 @@ def test_two_pods_on_one_node_each_enforce_their_own_policy(dp: Datapath, v6: bo
             for i in idx.values():
                 for d in (INGRESS, EGRESS):
                     dp.enforce_delete(i, d)
+
+
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+UDP = 17
+
+
+def ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4 UDP packet as a TUN device carries it: no link header (UDP checksum 0: none)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, UDP, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    words = sum(struct.unpack("!10H", header))
+    while words >> 16:
+        words = (words & 0xFFFF) + (words >> 16)
+    return header[:10] + struct.pack("!H", ~words & 0xFFFF) + header[12:] + udp
+
+
+def test_an_enrolled_hosts_policy_holds_on_its_l3_wireguard_device(dp: Datapath) -> None:
+    """A TUN device (as wireguard-go's) carries the host's traffic decrypted, with no link
+    header: the L3 programs, attached with the host's directions, judge it by identity."""
+    host_ip, allowed_ip, denied_ip = "10.204.0.1", "10.204.1.5", "10.204.1.6"
+    with netns("plx-tbt") as ns:
+        name = unique("plxtun")
+        with inside(ns):
+            tun = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+            server_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        idx = -1
+        try:
+            sh("ip", "addr", "add", f"{host_ip}/32", "dev", name, ns=ns)
+            sh("ip", "link", "set", name, "up", ns=ns)
+            sh("ip", "route", "add", "10.204.1.0/24", "dev", name, ns=ns)
+            server_sock.bind((host_ip, 9000))
+            server_sock.settimeout(0.3)
+            with inside(ns):
+                idx = attach.attach(name, (dp.from_pod.fd, dp.from_pod.name),
+                                    (dp.to_pod.fd, dp.to_pod.name), uplink=True,
+                                    l3=((dp.from_pod_l3.fd, dp.from_pod_l3.name),
+                                        (dp.to_pod_l3.fd, dp.to_pod_l3.name)))
+            dp.ipcache_set(f"{allowed_ip}/32", ALLOWED, "", 0)
+            dp.ipcache_set(f"{denied_ip}/32", DENIED, "", 0)
+
+            def arrives(src: str, marker: bytes, sport: int = 4000) -> bool:
+                os.write(tun, ipv4_udp(src, host_ip, sport, 9000, marker))
+                try:
+                    return server_sock.recv(64) == marker
+                except TimeoutError:
+                    return False
+
+            def leaves(dst: str, marker: bytes) -> bool:
+                try:
+                    server_sock.sendto(marker, (dst, 4001))
+                except OSError:  # dropped at tc egress: the send may say so
+                    return False
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline:
+                    try:
+                        if marker in os.read(tun, 2048):
+                            return True
+                    except BlockingIOError:
+                        time.sleep(0.01)
+                return False
+
+            assert arrives(denied_ip, b"open", sport=3999)  # nothing selects the host yet
+            dp.policy_set(idx, ALLOWED, 9000, UDP, INGRESS, ALLOW)
+            dp.enforce_set(idx, INGRESS)
+            assert arrives(allowed_ip, b"in-allowed")
+            assert not arrives(denied_ip, b"in-denied")
+            # the host's egress is tc egress here: to the denied peer, dropped before encryption
+            dp.enforce_set(idx, EGRESS)
+            dp.policy_set(idx, ALLOWED, 0, ANY, EGRESS, ALLOW)
+            assert leaves(allowed_ip, b"out-allowed")
+            assert not leaves(denied_ip, b"out-denied")
+            conns = {(i, d, src, sport) for i, d, src, _dst, sport, dport, proto, _seen, _flags
+                     in dp.ct_items() if proto == UDP and dport == 9000}
+            assert (idx, INGRESS, allowed_ip, 4000) in conns
+            assert (idx, INGRESS, denied_ip, 4000) not in conns
+        finally:
+            server_sock.close()
+            os.close(tun)  # the device goes with its last file
+            for prefix in (f"{allowed_ip}/32", f"{denied_ip}/32"):
+                dp.ipcache_delete(prefix)
+            for item in dp.policy_items():
+                if item[0] == idx:
+                    dp.policy_delete(*item[:5])
+            for d in (INGRESS, EGRESS):
+                dp.enforce_delete(idx, d)
 
 
 def test_a_pinned_map_of_another_layout_is_replaced(caplog: pytest.LogCaptureFixture) -> None:

@@ -95,6 +95,26 @@ def test_encryption_rules_for_both_families_once(ns: str) -> None:
     for family in ("-4", "-6"):
         found = rules(ns, family)
         assert [r["priority"] for r in found] == [CFG.rule_priority], (family, found)
+        assert not [r for r in dump(ns, "ip", family, "rule", "show") if "fwmark" in r]
+
+
+async def test_the_devices_own_packets_bypass_its_table_by_their_mark(ns: str) -> None:
+    ops = RouteOps("plxwg", CFG.table, CFG.rule_priority, Netlink(ns), fwmark=CFG.fwmark)
+    assert await asyncio.to_thread(ops.ensure_rule)
+    assert not await asyncio.to_thread(ops.ensure_rule)
+    for family in ("-4", "-6"):
+        marked = [r for r in dump(ns, "ip", family, "rule", "show") if "fwmark" in r]
+        assert [(r["priority"], r["table"], int(r["fwmark"], 16), int(r["fwmask"], 16))
+                for r in marked] == [(CFG.rule_priority - 1, "main", CFG.fwmark, CFG.fwmark)]
+        assert [r["priority"] for r in rules(ns, family)] == [CFG.rule_priority]
+    # an enrolled host's address routes through the device; what the device sends does not
+    link(ns, "plxwg", "172.31.1.11/24")
+    await ops.update(EncryptedRoute("172.31.3.10/32", "device", NODE))
+    sh("ip", "route", "add", "default", "via", "172.31.1.1", ns=ns)
+    plain = sh("ip", "-4", "route", "get", "172.31.3.10", ns=ns).stdout
+    by_mark = sh("ip", "-4", "route", "get", "172.31.3.10", "mark", str(CFG.fwmark), ns=ns).stdout
+    assert "dev plxwg " in plain and "via" not in plain, plain
+    assert "via 172.31.1.1" in by_mark, by_mark
 
 
 async def test_encryption_routes_update_delete_prune_in_both_families(ns: str) -> None:
@@ -172,6 +192,20 @@ async def test_wireguard_device_is_made_in_the_namespace(
 
 
 @pytest.mark.filterwarnings(STILL_RUNNING)
+def test_wireguard_go_marks_its_packets(ns: str, tmp_path: Path) -> None:
+    backend = UserspaceBackend(unique("plxt"), tmp_path, netlink=Netlink(ns), fwmark=CFG.fwmark)
+    try:
+        keys = KeyPair.generate()
+        backend.ensure(keys, 0, 1400)
+        assert backend.info().fwmark == CFG.fwmark
+        backend.uapi.set_device(keys.private_bytes, 0, 0)  # changed behind the agent's back
+        backend.ensure(keys, 0, 1400)
+        assert backend.info().fwmark == CFG.fwmark
+    finally:
+        backend.remove()
+
+
+@pytest.mark.filterwarnings(STILL_RUNNING)
 async def test_wireguard_peers_update_delete_prune(wireguard: UserspaceBackend) -> None:
     ops = PeerOps(wireguard)
     a, b, c = peer(1), peer(2), peer(3)
@@ -244,6 +278,8 @@ async def test_direct_route_to_a_node_off_the_segment_is_retried(ns: str) -> Non
 PROGRAMS = b"""
 int from_pod(struct __sk_buff *skb) { return 0; }
 int to_pod(struct __sk_buff *skb) { return 0; }
+int from_pod_l3(struct __sk_buff *skb) { return 0; }
+int to_pod_l3(struct __sk_buff *skb) { return 0; }
 """
 
 
@@ -253,8 +289,8 @@ def programs() -> Iterator[Datapath]:
     from bcc import BPF
 
     bpf = BPF(text=PROGRAMS)
-    dp = SimpleNamespace(from_pod=bpf.load_func(b"from_pod", BPF.SCHED_CLS),
-                         to_pod=bpf.load_func(b"to_pod", BPF.SCHED_CLS))
+    dp = SimpleNamespace(**{name: bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                            for name in ("from_pod", "to_pod", "from_pod_l3", "to_pod_l3")})
     yield cast(Datapath, dp)
     bpf.cleanup()
 
@@ -313,6 +349,28 @@ async def test_attach_update_delete_prune(ns: str, programs: Datapath) -> None:
     assert has_clsact(ns, "plxforeign") and filters(ns, "plxforeign", "ingress")
     await ops.prune([a, c])
     assert filters(ns, "plxa", "ingress") and filters(ns, "plxc", "ingress")
+
+
+async def test_an_enrolled_hosts_uplink_and_tunnel_get_their_directions_turned(
+        ns: str, programs: Datapath) -> None:
+    link(ns, "plxup")
+    sh("ip", "tuntap", "add", "dev", "plxtun", "mode", "tun", ns=ns)
+    sh("ip", "link", "set", "plxtun", "up", ns=ns)
+    aliases: dict[int, int] = {}
+    dp = cast(Datapath, SimpleNamespace(**vars(programs), alias_set=aliases.__setitem__))
+    ops = AttachOps(dp, Ifindexes(Netlink(ns)), "plxup", "plxtun")
+    link(ns, "plxpod")
+    for name in ("plxup", "plxtun", "plxpod"):
+        await ops.update(Attachment(name))
+    # what leaves the host passes tc egress; the TUN device's packets have no link header
+    assert [("from_pod" in f, "to_pod" in f) for f in filters(ns, "plxup", "egress")] == [(True, False)]
+    assert ["to_pod" in f for f in filters(ns, "plxup", "ingress")] == [True]
+    assert ["from_pod_l3" in f for f in filters(ns, "plxtun", "egress")] == [True]
+    assert ["to_pod_l3" in f for f in filters(ns, "plxtun", "ingress")] == [True]
+    assert ["from_pod" in f and "_l3" not in f for f in filters(ns, "plxpod", "ingress")] == [True]
+    # the tunnel's traffic is the uplink's: judged by its policy, tracked in its conntrack
+    ifindex = {n: dump(ns, "ip", "link", "show", "dev", n)[0]["ifindex"] for n in ("plxup", "plxtun")}
+    assert aliases == {ifindex["plxtun"]: ifindex["plxup"]}
 
 
 async def test_ifindexes_look_up_in_their_namespace(ns: str) -> None:

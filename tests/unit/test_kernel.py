@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from bgp.module import BGPControlPlane
 from plexus.agent import build, config_model
 from plexus.app import MODULES
 from plexus.core.kernel import KERNEL_NUMBERS, Claim, KernelNumberClash, KernelNumbers
@@ -59,7 +61,8 @@ def test_the_agent_claims_its_numbers_without_clash(tmp_path: Path) -> None:
     assert {(c.kind, c.number, c.owner) for c in claims} == {
         ("route-table", 254, "clustermesh"), ("route-protocol", 190, "clustermesh"),
         ("route-table", 51871, "encryption"), ("rule-priority", 100, "encryption"),
-        ("route-protocol", 190, "encryption"),
+        ("route-protocol", 190, "encryption"), ("fwmark", 0x1E00, "encryption"),
+        ("rule-priority", 99, "encryption"),
         ("tc-priority", 1, "bpf"), ("tc-handle", 1, "bpf")}
     assert all(isinstance(c, Claim) and c.what for c in claims)
 
@@ -79,3 +82,30 @@ def test_disabled_features_claim_nothing(tmp_path: Path) -> None:
         "node": {"name": "n1", "ip": "172.31.1.11", "podCIDR": "10.1.1.0/24"},
         "stateDir": str(tmp_path)})
     assert build(cfg, MODULES).hive.optional(KERNEL_NUMBERS) is None
+
+
+@pytest.mark.parametrize("bgp", [False, True], ids=["vm", "metal-host-with-bgp"])
+def test_an_enrolled_hosts_agent_claims_its_numbers_without_clash(tmp_path: Path,
+                                                                   bgp: bool) -> None:
+    from plexus.app import VM_MODULES
+    from vmagent.bundle import Bundle
+    from vmagent.join import unpack
+
+    bundle = Bundle.model_validate({
+        "name": "metal1", "cluster": "east", "clusterID": 1, "ip": "172.31.3.10",
+        "labels": {"role": "metal"}, "expires": "2030-01-01T00:00:00Z",
+        "etcd": {"endpoints": ["https://172.31.1.250:2379"], "ca": "ca", "cert": "c", "key": "k"}})
+    path = unpack(bundle, tmp_path, tmp_path / "agent.sock", "plxwg0", True,
+                  tmp_path / "bpf", strict=True, bgp=bgp)
+    app = build(config_model(VM_MODULES).model_validate(yaml.safe_load(path.read_text())),
+                VM_MODULES)
+    claims = {(c.kind, c.number, c.owner) for c in app.hive.require(KERNEL_NUMBERS).claims()}
+    assert ("fwmark", 0x1E00, "encryption") in claims
+    assert ("tc-priority", 1, "bpf") in claims
+    bare = config_model(VM_MODULES).model_validate({
+        "cluster": {"name": "east", "id": 1},
+        "node": {"name": "metal1", "ip": "172.31.3.10", "podCIDR": "172.31.3.10/32"},
+        "stateDir": str(tmp_path)})
+    assert bare.model_dump()["bgp"]["enabled"] is False  # a config without the section
+    speaker = app.components["bgp"]
+    assert isinstance(speaker, BGPControlPlane) and speaker.config.enabled is bgp  # only with --bgp
