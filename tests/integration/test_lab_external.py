@@ -51,7 +51,10 @@ def test_each_client_is_told_and_recorded_by_its_source_address(ext: External) -
 def test_a_bad_query_is_refused_naming_what_was_wrong(ext: External) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         clients(ext, "?since=-1")
-    assert e.value.code == 400 and "since='-1'" in e.value.read().decode()
+    body = e.value.read().decode()
+    e.value.close()
+    assert e.value.code == 400 and "since='-1'" in body
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{ext.query.server_address[1]}/nothing", timeout=5)
+    e.value.close()
     assert e.value.code == 404
