@@ -52,7 +52,7 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 
 BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, 1048576, PIN_DIR "/policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enforce", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, conntrack, 524288, PIN_DIR "/conntrack");
-BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
+BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 8, PIN_DIR "/counters");
 BPF_PERF_OUTPUT(flows);
 
 static __always_inline u32 lookup_identity(u32 addr) {
@@ -337,6 +337,8 @@ static __always_inline int handle_other(struct __sk_buff *skb, u8 dir) {
 // connection conntrack marks as a service's, or one it does not know, pays for the reverse
 // lookup.
 #include "lb.h"
+// The egress gateway (egress.h): where an allowed packet of a selected pod leaves.
+#include "egress.h"
 
 int from_pod(struct __sk_buff *skb) {
     struct flow4 f;
@@ -346,9 +348,10 @@ int from_pod(struct __sk_buff *skb) {
     // spares it the service lookup. (A service connection's entries hold the backend, not the
     // frontend this packet is addressed to, so it does not match here.)
     if (ct4_pass(skb->ifindex, &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
-        return TC_ACT_OK;
+        return egress4_steer(skb, &f);
     int lb = lb4_from_pod(skb, &f, &ct_flags);  // f is the backend's from here on
-    return lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
+    int action = lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
+    return action == TC_ACT_OK ? egress4_steer(skb, &f) : action;
 }
 
 int to_pod(struct __sk_buff *skb) {

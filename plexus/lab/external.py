@@ -1,9 +1,10 @@
 """The lab's external server (`plx-ext`): what a firewall beyond the egress gateway sees.
 
 Every TCP connection to it on `PORT` is answered with one line of JSON, the source address and
-port it arrived from, and recorded. `GET /clients` on `QUERY_PORT` lists what was recorded
-(`?since=N`: from the N-th on), so a test can ask which addresses reached it, not only what
-one client was told.
+port it arrived from, and recorded; then whatever the client sends is echoed back until it
+closes, so a test can keep one connection open across a change. `GET /clients` on
+`QUERY_PORT` lists what was recorded (`?since=N`: from the N-th on), so a test can ask which
+addresses reached it, not only what one client was told.
 
 Run as `python -m plexus.lab.external --bind ADDR --state-dir DIR` inside `plx-ext`; the
 state dir is in the argv so the lab knows the process it started by its own marker.
@@ -49,6 +50,11 @@ class _Answer(socketserver.BaseRequestHandler):
         ip, port = self.client_address[:2]
         row = self.server.record.add(ip, port)
         self.request.sendall(json.dumps({"ip": ip, "port": port, "seq": row["seq"]}).encode() + b"\n")
+        try:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+        except OSError:
+            return  # the client went; nothing to record
 
 
 class _AnswerServer(socketserver.ThreadingTCPServer):
