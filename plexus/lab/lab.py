@@ -453,7 +453,8 @@ protocol kernel {{
              "spec": {"advertisements": [
                  {"advertisementType": "PodCIDR"},
                  {"advertisementType": "Service", "service": {"addresses": ["ClusterIP"]},
-                  "selector": {"matchLabels": {}}}]}}]
+                  "selector": {"matchLabels": {}}},
+                 {"advertisementType": "EgressGateway"}]}}]
         return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
     def _apply_bgp(self) -> None:
