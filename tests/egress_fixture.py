@@ -99,7 +99,7 @@ def egress_path(pod_mtu: int = 1400, underlay_mtu: int = 1500) -> Iterator[Lab]:
         gateway_dp = Datapath(pin / "gateway")
         steering, snat = EgressMaps(source_dp.bpf), EgressMaps(gateway_dp.bpf)
         steering.tunnel_set(tunnel(source))
-        tunnel(gateway)
+        snat.tunnel_set(tunnel(gateway))  # replies go back through it
         with in_netns(f"/var/run/netns/{gateway}"):
             attach.attach(uplink, (gateway_dp.egress_nat_out.fd, gateway_dp.egress_nat_out.name),
                           (gateway_dp.egress_nat_in.fd, gateway_dp.egress_nat_in.name), uplink=True)
