@@ -179,7 +179,8 @@ class ServiceAddresses(Strict):
 
 
 class Advertisement(Strict):
-    advertisement_type: Literal["PodCIDR", "Service"]
+    # EgressGateway: the egress IPs this node holds while it is a policy's active gateway
+    advertisement_type: Literal["PodCIDR", "Service", "EgressGateway"]
     service: ServiceAddresses | None = None
     selector: LabelSelector | None = None
     attributes: Attributes = Attributes()

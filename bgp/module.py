@@ -36,6 +36,7 @@ from plexus.core.api import ApiError
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE
+from plexus.core.prefixes import host_prefixes
 from plexus.core.reconciler import Backoff, Reconciler
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class BGPControlPlane:
         self.manifests = hive.require(MANIFESTS)
         self.services = hive.optional(SERVICES)  # what the mesh publishes: global services
         self.endpoints = hive.optional(ENDPOINTS)  # this node's pods, for externalTrafficPolicy Local
+        self.host_prefixes = host_prefixes(hive)  # features' host routes (an active egress IP)
         self.table = peer_routes_table()
         self.neighbors = neighbors_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
@@ -85,6 +87,7 @@ class BGPControlPlane:
             self.hive.spawn("bgp", self._follow(self.services), "services")
         if self.endpoints is not None:
             self.hive.spawn("bgp", self._follow(self.endpoints), "endpoints")
+        self.hive.spawn("bgp", self._follow(self.host_prefixes), "host-prefixes")
         self.hive.spawn("bgp", self._recompute_loop(), "recompute")
 
     async def stop(self) -> None:
@@ -110,7 +113,8 @@ class BGPControlPlane:
                                 if m.kind == "Service" and m.cluster == self.local.cluster)
         services = eligible_services(self.services or [], self.service_cache.parsed(Service).values(),
                                      self.local, self.endpoints or [])
-        res = resolve(self.cache, self.local, services, self.config.secrets_dir)
+        res = resolve(self.cache, self.local, services, self.config.secrets_dir,
+                      (p.prefix for p in self.host_prefixes))
         if res.problems != self.problems:
             for where, p in res.problems.items():
                 if self.problems.get(where) != p and p not in self.cache.problems.values():

@@ -242,6 +242,7 @@ class Inputs:
     secrets_dir: Path
     # what each Service advertisement selects, by id() of the advertisement, filled as read
     service_prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
+    host_prefixes: list[IPNetwork] = field(default_factory=list)  # what features want announced
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Identity:
 
 
 def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterService],
-            secrets_dir: Path) -> Resolved:
+            secrets_dir: Path, host_prefixes: Iterable[str] = ()) -> Resolved:
     problems = {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in cache.problems.items() if k[0] == local.cluster}
     mine = [(k, v) for k, v in cache.good.items() if k[0] == local.cluster]
     inputs = Inputs(
@@ -266,7 +267,9 @@ def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterSe
         adverts=[v for _, v in mine if isinstance(v, BGPAdvertisement)],
         overrides=[v for _, v in mine
                    if isinstance(v, BGPNodeConfigOverride) and v.metadata.name == local.name],
-        services=list(services), secrets_dir=secrets_dir)
+        services=list(services), secrets_dir=secrets_dir,
+        host_prefixes=sorted({ipaddress.ip_network(p) for p in host_prefixes},
+                             key=lambda n: (n.version, n)))
     out = Resolved({}, {}, problems)
     for cc in inputs.clusters:
         if cc.spec.node_selector is not None and not cc.spec.node_selector.matches(inputs.labels):
@@ -388,6 +391,8 @@ def advertised_prefixes(item: Advertisement, version: int, inputs: Inputs) -> li
     if item.advertisement_type == "PodCIDR":
         cidr = inputs.local.pod_cidr if version == 4 else inputs.local.pod_cidr_v6
         return [ipaddress.ip_network(cidr)] if cidr else []
+    if item.advertisement_type == "EgressGateway":
+        return inputs.host_prefixes
     # the same for every family and peer: walked once per resolve
     known = inputs.service_prefixes.get(id(item))
     if known is None:

@@ -35,7 +35,8 @@ DIRECTIONS = ("INGRESS", "EGRESS")
 # (an egress gateway's SNAT will be a third)
 KINDS = ("policy-verdict", "translation")
 # Hubble's DropReason numbers for the reasons this datapath drops for
-DROP_REASONS = {"POLICY_DENIED": 133, "SERVICE_BACKEND_NOT_FOUND": 158}
+DROP_REASONS = {"POLICY_DENIED": 133, "SERVICE_BACKEND_NOT_FOUND": 158, "NO_EGRESS_GATEWAY": 194}
+DROP_REASON_OF_EVENT = {1: "NO_EGRESS_GATEWAY"}  # a flow event's reason (datapath.c) when dropped
 PROTOCOLS = {1: "ICMPv4", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
 TCP_FLAG_BITS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("ACK", 0x10),
                  ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))

@@ -164,6 +164,9 @@ class Datapath:
         # the same on an L3 device, whose packets start at the IP header
         self.from_pod_l3 = self.bpf.load_func("from_pod_l3", BPF.SCHED_CLS)
         self.to_pod_l3 = self.bpf.load_func("to_pod_l3", BPF.SCHED_CLS)
+        # the egress gateway's NAT, on a gateway's uplink (programs/egress.h)
+        self.egress_nat_out = self.bpf.load_func("egress_nat_out", BPF.SCHED_CLS)
+        self.egress_nat_in = self.bpf.load_func("egress_nat_in", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]
         self.ipcache6: Any = self.bpf["ipcache6"]
         self.policy: Any = self.bpf["policy"]
@@ -287,7 +290,7 @@ class Datapath:
             callback({"ts": e.ts, "ifindex": e.ifindex, "src": u32_ip(e.saddr), "dst": u32_ip(e.daddr),
                       "identity": e.identity, "sport": e.sport, "dport": e.dport,
                       "proto": e.proto, "direction": e.direction, "verdict": e.verdict,
-                      "tcp_flags": e.tcp_flags})
+                      "tcp_flags": e.tcp_flags, "reason": e.reason})
 
         table.open_perf_buffer(on_event, page_cnt=pages, lost_cb=lost)
         self._open_flows6(callback, lost)
@@ -314,7 +317,8 @@ class Datapath:
 
     def drop_reasons(self) -> dict[str, int]:
         """Dropped packets by why (COUNT_* of datapath.c)."""
-        return {"policy-denied": self._counter(1), "no-service-backend": self._counter(2)}
+        return {"policy-denied": self._counter(1), "no-service-backend": self._counter(2),
+                "no-egress-gateway": self._counter(3), "no-egress-port": self._counter(4)}
 
     def _counter(self, idx: int) -> int:
         return int(sum(self.counters[ctypes.c_uint32(idx)]))

@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
-from bpf.flows import PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
+from bpf.flows import DROP_REASON_OF_EVENT, PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
@@ -45,7 +45,7 @@ from clustermesh.tables import IDENTITIES, IPCACHE, NODES
 from plexus.core.api import ApiError, Routes, TcpServer
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache, ManifestKey
-from plexus.core.module import Hive, Module
+from plexus.core.module import Hive, Key, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, Endpoint
 from plexus.core.reconciler import Reconciler
 from plexus.core.tables import Table
@@ -79,6 +79,8 @@ class BpfDatapath:
     def __init__(self, hive: Hive, config: BpfConfig) -> None:
         self.hive = hive
         self.config = config
+        self.loaded = asyncio.Event()  # set once `dp` holds the loaded program (features wait)
+        hive.provide(DATAPATH, self)
         self.local = hive.require(LOCAL_NODE)
         self.endpoints = hive.require(ENDPOINTS)
         self.ipcache_src = hive.require(IPCACHE)
@@ -146,6 +148,7 @@ class BpfDatapath:
             self.hive.health["bpf"] = f"datapath not loaded: {e}"
             log.error("datapath not loaded: %s", e)
             return
+        self.loaded.set()
         ifx = self.ifindexes
         self.reconcilers = [
             self.hive.reconcile("bpf", "bpf-attach", self.attachments, AttachOps(
@@ -270,7 +273,8 @@ class BpfDatapath:
                     verdict="DROPPED" if dropped else "FORWARDED",
                     direction="EGRESS" if egress else "INGRESS",
                     protocol=PROTOCOLS.get(ev["proto"], str(ev["proto"])), source=src, destination=dst,
-                    drop_reason="POLICY_DENIED" if dropped else "", tcp_flags=ev.get("tcp_flags", 0))
+                    drop_reason=(DROP_REASON_OF_EVENT.get(ev.get("reason", 0), "POLICY_DENIED")
+                                 if dropped else ""), tcp_flags=ev.get("tcp_flags", 0))
 
     def _observe(self, q: dict[str, str]) -> AsyncGenerator[Any, None]:
         return observe_request(self.ring, q)
@@ -448,6 +452,8 @@ class _Counters(Collector):
         yield c
         yield drops
 
+
+DATAPATH: Key[BpfDatapath] = Key("bpf-datapath")  # features write their maps through it
 
 module = Module(name="bpf", doc=__doc__ or "", config=BpfConfig,
                 build=lambda hive, cfg: BpfDatapath(hive, cfg))

@@ -1,11 +1,16 @@
 """Prometheus metrics of the egress gateway, beyond the reconciler's own.
 
-`plexus_egress_snat_connections` is left to the SNAT datapath, which alone can count them.
+`plexus_egress_snat_connections` is read from the gateway's NAT map at each scrape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class EgressMetrics:
@@ -18,3 +23,22 @@ class EgressMetrics:
             "plexus_egress_gateway_failovers_total",
             "Times a source node's traffic of the policy moved away from its active gateway.",
             ["policy", "source_node"], registry=registry)
+
+
+class SnatConnections(Collector):
+    """Connections this gateway translates now, by egress IP (`read`: the egress IP of each
+    entry of the NAT map; empty while the datapath is not loaded)."""
+
+    def __init__(self, read: Callable[[], Iterable[str]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Any]:
+        g = GaugeMetricFamily("plexus_egress_snat_connections",
+                              "Connections translated to the egress IP on this gateway "
+                              "(entries of its NAT map).", labels=["egress_ip"])
+        counts: dict[str, int] = {}
+        for ip in self.read():
+            counts[ip] = counts.get(ip, 0) + 1
+        for ip, n in sorted(counts.items()):
+            g.add_metric([ip], float(n))
+        yield g

@@ -11,20 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from bpf.egress import EgressMaps, SnatEntry, SteeringEntry
+from bpf.module import DATAPATH
 from clustermesh.models import Identity, IPIdentity, Node
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
 from egress.config import EgressConfig
 from egress.failover import GatewayChooser, healthy
-from egress.metrics import EgressMetrics
+from egress.metrics import EgressMetrics, SnatConnections
 from egress.models import MANIFEST_KINDS, EgressGatewayPolicy
+from egress.ops import SnatOps, SteeringOps, Tunnel, TunnelOps, uplink_of
+from egress.probe import GatewayProber
 from egress.tables import (
     EGRESS_ENTRIES,
     GATEWAY_HEALTH,
     ActiveGateway,
     ActiveKey,
+    EgressEntry,
+    MeshEndpoint,
     PolicyKey,
     PolicyState,
     active_table,
@@ -35,11 +42,13 @@ from egress.tables import (
     node_name,
     policies_table,
     policy_name,
+    reporter_of,
     resolve_policy,
 )
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
 from plexus.core.node import LOCAL_NODE
+from plexus.core.prefixes import HostPrefix, host_prefixes
 from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
@@ -60,10 +69,28 @@ class EgressGateways:
         self.active = active_table()
         self.cache = ManifestCache(MANIFEST_KINDS, log)
         self.chooser = GatewayChooser(hive.clock, config.hold_down)
+        self.own_chooser = GatewayChooser(hive.clock, config.hold_down)  # this node as a source
+        self._here = MeshEndpoint("", self.local.cluster, "", "", {}, {},
+                                  (self.local.cluster, self.local.name))
         self.metrics = EgressMetrics(hive.metrics.registry)
+        self.maps: EgressMaps | None = None  # once the datapath is loaded
+        hive.metrics.registry.register(SnatConnections(
+            lambda: [c.egress_ip for c in self.maps.connections()] if self.maps else []))
         self._created: dict[PolicyKey, float] = {}
         self._failovers_counted: dict[ActiveKey, int] = {}
         self._dirty = asyncio.Event()
+        # the datapath's rows: steering of local pods, translation when this node is a gateway
+        self.datapath = hive.optional(DATAPATH)
+        self.announced = host_prefixes(hive)  # the egress IPs this node holds as active gateway
+        self.steering: Table[tuple[str, str], SteeringEntry] = Table("egress-steering",
+                                                                      key=lambda e: e.key)
+        self.snat: Table[tuple[str, str], SnatEntry] = Table("egress-snat", key=lambda e: e.key)
+        self.tunnel: Table[str, Tunnel] = Table("egress-tunnel", key=lambda t: t.key)
+        # pinned entries stay until the sources are synced: a restart must not drop them
+        self._gates = [t.register_initializer("sources") for t in (self.steering, self.snat)]
+        me = (self.local.cluster, self.local.name)
+        self.prober = GatewayProber(reporter_of(me), self.health, hive.clock, self.probe_targets,
+                                    config.probe_interval, config.probe_threshold)
         hive.routes.get("/v1/egress/list", self._list)
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -75,6 +102,39 @@ class EgressGateways:
             if table is not None:
                 self.hive.spawn("egress", self._follow(table), table.name)
         self.hive.spawn("egress", self._recompute_loop(), "recompute")
+        if self.config.datapath and self.datapath is not None and self.datapath.config.enabled:
+            self.hive.spawn("egress", self._datapath(), "datapath")
+            self.hive.spawn("egress", self._open_gates(), "gates")
+            if self.config.probe:  # a node without the datapath steers nothing: no probes
+                self.hive.spawn("egress", self.prober.run(), "probe")
+
+    async def _datapath(self) -> None:
+        """Once the bpf module has loaded the program: the tunnel, the NAT, the maps."""
+        assert self.datapath is not None
+        await self.datapath.loaded.wait()
+        dp = self.datapath.dp
+        assert dp is not None
+        maps = self.maps = EgressMaps(dp.bpf)
+        uplink = self.config.uplink or await asyncio.to_thread(uplink_of, self.local.ip)
+        if uplink is None:
+            self.hive.health["egress"] = (f"no interface holds the node IP {self.local.ip}: "
+                                          "set egress.uplink")
+            log.error("%s", self.hive.health["egress"])
+            return
+        self.tunnel.upsert(Tunnel(self.config.tunnel_device, uplink))
+        self.hive.reconcile("egress", "egress-tunnel", self.tunnel,
+                            TunnelOps(maps, dp.egress_nat_out, dp.egress_nat_in))
+        self.hive.reconcile("egress", "egress-steering", self.steering, SteeringOps(maps))
+        self.hive.reconcile("egress", "egress-snat", self.snat, SnatOps(maps))
+
+    async def _open_gates(self) -> None:
+        for t in (self.manifests, self.nodes, self.ipcache, self.identities):
+            if t is not None:
+                await t.initialized.wait()
+        self.recompute()
+        for done in self._gates:
+            done()
+        self._gates = []
 
     async def stop(self) -> None:
         await self.hive.cancel_tasks("egress")  # stop is not remove: entries stay as they are
@@ -86,9 +146,28 @@ class EgressGateways:
     async def _recompute_loop(self) -> None:
         while True:
             # A gateway in hold-down takes over when it ends, with no other change needed.
-            await self.hive.clock.wait_until(self.chooser.next_deadline(), self._dirty)
+            due = [d for d in (self.chooser.next_deadline(), self.own_chooser.next_deadline()) if d]
+            await self.hive.clock.wait_until(min(due) if due else None, self._dirty)
             self._dirty.clear()
             self.recompute()
+
+    def probe_targets(self) -> dict[tuple[str, str], str]:
+        """The gateway nodes (and their IPs) of every policy selecting a pod on this node, and
+        on a gateway those before it in its policies' lists."""
+        me = (self.local.cluster, self.local.name)
+        ips = {n.key: n.internal_ip() for n in self.nodes or []}
+        out = {}
+        for p in self.policies:
+            nodes = [gw.node for gw in p.gateways]
+            if any(e.node == me for e in p.endpoints):
+                wanted = nodes
+            else:  # a gateway: those before it, to know when it is the active one
+                wanted = nodes[:nodes.index(me)] if me in nodes else []
+            for node in wanted:
+                ip = ips.get(node)
+                if node != me and ip:
+                    out[node] = ip
+        return out
 
     # ---- derivation -----------------------------------------------------------------
     def recompute(self) -> None:
@@ -116,6 +195,17 @@ class EgressGateways:
         self.policies.replace_where(lambda _p: True, states)
         self.active.replace_where(lambda _a: True, active.values())
         self.entries.replace_where(lambda _e: True, derived.entries)
+        me = (self.local.cluster, self.local.name)
+        my_egress = {p.key: gw.egress_ip for p in states for gw in p.gateways if gw.node == me}
+        steering, snat = datapath_rows(derived.entries, me, {n.key: n.internal_ip() for n in nodes},
+                                       my_egress)
+        self.steering.replace_where(lambda _e: True, steering)
+        self.snat.replace_where(lambda _e: True, snat)
+        # as the gateway sees it: active when every gateway before it in the list is down
+        own_view = self.own_chooser.choose(
+            [replace(p, endpoints=(self._here,)) for p in states if p.key in my_egress], health)
+        held = held_egress_ips(own_view.values(), me, self.local.ip)
+        self.announced.replace_where(lambda p: p.owner == "egress", held)
         self._update_metrics(states, health)
 
     def _update_metrics(self, states: list[PolicyState], health: dict[Any, Any]) -> None:
@@ -153,6 +243,10 @@ class EgressGateways:
         return {
             "node": node_name(me), "holdDown": self.config.hold_down, "policies": out,
             "rejected": {"/".join(k): p for k, p in sorted(self.cache.problems.items())},
+            "datapath": {"loaded": self.maps is not None, "steering": len(self.steering),
+                         "snat": len(self.snat),
+                         "announced": sorted(p.prefix for p in self.announced
+                                             if p.owner == "egress")},
             "health": [{"reporter": h.reporter, "gateway": node_name(h.gateway),
                         "healthy": h.healthy, "reason": h.reason}
                        for h in sorted(self.health, key=lambda h: h.key)],
@@ -168,6 +262,54 @@ class EgressGateways:
                 "rejected": {"/".join(k): p for k, p in sorted(self.cache.problems.items())},
                 "problems": {policy_name(s.key): list(s.problems) for s in self.policies
                              if s.problems}}
+
+
+def datapath_rows(entries: list[EgressEntry], me: tuple[str, str],
+                  node_ips: Mapping[tuple[str, str], str | None],
+                  my_egress: Mapping[PolicyKey, str | None]
+                  ) -> tuple[list[SteeringEntry], list[SnatEntry]]:
+    """This node's share of the entries (IPv4): steering of its own pods (a pod whose gateway
+    is this node leaves as before and is translated on the uplink), and translation of every
+    source of the policies this node is a gateway of (`my_egress`: policy -> the egress IP it
+    leaves with here), active or standby, so a failover finds it ready; an excluded
+    destination of those sources stays untranslated."""
+    steering: list[SteeringEntry] = []
+    snat: list[SnatEntry] = []
+    mine = {e.source_ip for e in entries if not e.excluded and e.policy in my_egress}
+    for e in entries:
+        if ":" in e.source_ip:
+            continue  # the egress datapath is IPv4 only
+        if e.source_node == me:
+            if e.excluded or e.gateway == me:
+                steering.append(SteeringEntry(e.source_ip, e.destination, excluded=True))
+            else:
+                gateway = node_ips.get(e.gateway) if e.gateway else None
+                steering.append(SteeringEntry(e.source_ip, e.destination, gateway))
+        if e.source_ip in mine:
+            # replies go back through the tunnel to the pod's node, unless it is this one
+            via = node_ips.get(e.source_node) if e.source_node and e.source_node != me else None
+            if e.excluded:
+                snat.append(SnatEntry(e.source_ip, e.destination, None, excluded=True))
+            elif e.policy in my_egress:
+                # Cilium's interface form: the gateway's own address
+                snat.append(SnatEntry(e.source_ip, e.destination,
+                                      my_egress[e.policy] or node_ips.get(me), source_node=via))
+    return steering, snat
+
+
+def held_egress_ips(active: Iterable[ActiveGateway], me: tuple[str, str],
+                    node_ip: str) -> list[HostPrefix]:
+    """The egress IPs this node is the active gateway for (of any source node): announced as
+    host routes, so the egress IP follows the active gateway; withdrawn when it stops. The
+    node's own address (Cilium's form, no egressIP) is routed already."""
+    out: dict[str, HostPrefix] = {}
+    for a in sorted(active, key=lambda a: (a.policy, a.source or ("", ""))):
+        gw = a.gateway
+        if gw is None or gw.node != me or not gw.egress_ip or gw.egress_ip == node_ip:
+            continue
+        prefix = f"{gw.egress_ip}/{128 if ':' in gw.egress_ip else 32}"
+        out.setdefault(prefix, HostPrefix(prefix, "egress", f"egress IP of {policy_name(a.policy)}"))
+    return list(out.values())
 
 
 def _active(a: ActiveGateway) -> dict[str, Any]:

@@ -55,7 +55,7 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 
 BPF_TABLE_PINNED("hash", struct policy_key, struct policy_value, policy, 1048576, PIN_DIR "/policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct enforce_key, u32, enforce, 65536, PIN_DIR "/enforce", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_value, conntrack, 524288, PIN_DIR "/conntrack");
-BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 4, PIN_DIR "/counters");
+BPF_TABLE_PINNED("percpu_array", u32, u64, counters, 8, PIN_DIR "/counters");
 BPF_PERF_OUTPUT(flows);
 // An enrolled host's WireGuard device (an L3 device) -> its uplink: the host is one endpoint,
 // so what arrives decrypted is judged, and its connections tracked, as the uplink's (a
@@ -361,6 +361,8 @@ static __always_inline int handle_other(struct __sk_buff *skb, u8 dir, u32 l2) {
 // connection conntrack marks as a service's, or one it does not know, pays for the reverse
 // lookup.
 #include "lb.h"
+// The egress gateway (egress.h): where an allowed packet of a selected pod leaves.
+#include "egress.h"
 
 static __always_inline int from_endpoint(struct __sk_buff *skb, u32 l2) {
     struct flow4 f;
@@ -370,9 +372,11 @@ static __always_inline int from_endpoint(struct __sk_buff *skb, u32 l2) {
     // spares it the service lookup. (A service connection's entries hold the backend, not the
     // frontend this packet is addressed to, so it does not match here.)
     if (ct4_pass(endpoint_ifindex(skb, l2), &f, DIR_EGRESS, 0, &flags) && !(flags & CT_REVNAT))
-        return TC_ACT_OK;
+        return l2 ? egress4_steer(skb, &f) : TC_ACT_OK;
     int lb = lb4_from_pod(skb, &f, &ct_flags);  // f is the backend's from here on
-    return lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
+    int action = lb == TC_ACT_OK ? handle4(skb, &f, DIR_EGRESS, ct_flags, &flags) : lb;
+    // an L3 device is an enrolled host's tunnel: never an egress gateway's source
+    return action == TC_ACT_OK && l2 ? egress4_steer(skb, &f) : action;
 }
 
 static __always_inline int to_endpoint(struct __sk_buff *skb, u32 l2) {

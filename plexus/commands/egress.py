@@ -39,6 +39,10 @@ def render(data: dict[str, Any]) -> str:
     if not data["policies"]:
         out.append("no egress gateway policies")
     out += [f"rejected: {why}" for why in data["rejected"].values()]  # each names its manifest
+    dp = data.get("datapath")
+    if dp and dp["loaded"]:
+        out.append(f"datapath: {dp['steering']} steering entries, {dp['snat']} translations; "
+                   f"egress IPs announced here: {', '.join(dp['announced']) or 'none'}")
     if data["health"]:
         out.append(table([(h["reporter"], h["gateway"], "healthy" if h["healthy"] else "UNHEALTHY",
                            h["reason"]) for h in data["health"]],

@@ -34,7 +34,7 @@ from plexus.cni.errors import CniError
 from plexus.cni.runtime import call_plugin
 from plexus.commands.common import LAB_DIR, lab_apiserver_socket, lab_relay_socket, lab_socket
 from plexus.core.client import Client, ClientError
-from plexus.lab import ops
+from plexus.lab import external, ops
 from plexus.lab.ops import LabError
 from plexus.lab.topology import (
     POD_NAME_RE,
@@ -181,6 +181,9 @@ class Lab:
         self._stop_orphans(state, missing)
         self.say("==> router: BIRD 2")
         self._ensure_all(state, [self.router_daemons()])
+        for host in self.topo.external:
+            self.say(f"==> external server {host.netns} ({host.ip}:{external.PORT}) records its clients")
+        self._ensure_all(state, [self.external_daemons(h) for h in self.topo.external])
         for c in self.topo.clusters:
             self.say(f"==> cluster {c.name} (id {c.id}) on {c.control_plane.ip}: "
                      + ", ".join(d.name for d in self.control_plane(c)))
@@ -279,6 +282,30 @@ class Lab:
                        ["bird", "-f", "-c", str(conf), "-s", str(self.bird_socket())],
                        self._bird_ready, files={conf: self.bird_config()}, reload=self._bird_reload)]
 
+    def external_daemons(self, host: Host) -> list[Daemon]:
+        """The server beyond the egress gateway that records the source address of every client."""
+        return [Daemon(f"external-{host.short}", host.netns, TIER_ROUTER,
+                       [sys.executable, "-m", "plexus.lab.external", "--bind", host.ip,
+                        "--state-dir", str(self.root)],
+                       partial(self._external_ready, host), env={"PYTHONPATH": str(REPO_ROOT)})]
+
+    @staticmethod
+    def _external_ready(host: Host) -> bool:
+        listening = ops.run("ss", "-ltnH", ns=host.netns, check=False).stdout
+        return all(f"{host.ip}:{port} " in listening for port in (external.PORT, external.QUERY_PORT))
+
+    def external_clients(self, host: Host | None = None, since: int = 0) -> list[dict[str, Any]]:
+        """What the external server recorded: {seq, ip, port, time} per connection, from `since`."""
+        host = host or self.topo.external[0]
+        url = f"http://{host.ip}:{external.QUERY_PORT}/clients?since={since}"
+        r = ops.run(sys.executable, "-c", "import sys, urllib.request; "
+                    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
+                    url, ns=host.netns, check=False)
+        if r.returncode != 0:
+            raise LabError(f"the external server {host.netns} did not answer {url}: {r.stderr.strip()}")
+        clients: list[dict[str, Any]] = json.loads(r.stdout)["clients"]
+        return clients
+
     def control_plane(self, c: Cluster) -> list[Daemon]:
         """The processes of one cluster's control plane, in start order."""
         ns = c.control_plane.netns
@@ -314,6 +341,7 @@ class Lab:
         else touched (bring back one etcd member of several, for instance)."""
         state = self._own_state()
         daemons = {d.name: d for group in [self.router_daemons(),
+                                           *(self.external_daemons(h) for h in self.topo.external),
                                            *(self.control_plane(c) for c in self.topo.clusters),
                                            *(self.relay_daemons(c) for c in self.topo.clusters),
                                            *(self.node_daemons(n) for n in self.topo.nodes()),
@@ -452,7 +480,8 @@ protocol kernel {{
              "spec": {"advertisements": [
                  {"advertisementType": "PodCIDR"},
                  {"advertisementType": "Service", "service": {"addresses": ["ClusterIP"]},
-                  "selector": {"matchLabels": {}}}]}}]
+                  "selector": {"matchLabels": {}}},
+                 {"advertisementType": "EgressGateway"}]}}]
         return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
 
     def _apply_bgp(self) -> None:

@@ -348,3 +348,16 @@ def test_peers_added_or_removed_change_only_themselves(tmp_path: Path) -> None:
         assert not await sp._change_peers()  # changed settings: only a restart applies them
         assert len(api.sent) == 2 and sp.peer_changes == 2
     asyncio.run(go())
+
+
+def test_egress_gateway_advertisements_announce_the_host_prefixes_features_hold(tmp_path: Path) -> None:
+    cache = ManifestCache(MANIFEST_KINDS)
+    cache.sync([
+        m("BGPClusterConfig", "c", CC),
+        m("BGPPeerConfig", "p", {"families": [
+            {"afi": "ipv4", "safi": "unicast", "advertisements": {"matchLabels": {"a": "b"}}}]}),
+        m("BGPAdvertisement", "a", {"advertisements": [{"advertisementType": "EgressGateway"}]},
+          {"a": "b"})])
+    held = resolve(cache, LOCAL, (), tmp_path, ["10.255.0.10/32", "fd00::10/128"])
+    assert set(held.routes[A("10.0.0.254")]) == {N("10.255.0.10/32")}  # the peer's family only
+    assert resolve(cache, LOCAL, (), tmp_path).routes[A("10.0.0.254")] == {}  # withdrawn

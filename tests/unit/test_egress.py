@@ -339,9 +339,9 @@ def test_no_healthy_gateway_gives_entries_that_drop() -> None:
 
 # ---- the module ------------------------------------------------------------------------------
 
-def make_module(tmp_path: Path) -> tuple[EgressGateways, Any, Hive]:
+def make_module(tmp_path: Path, local: LocalNode | None = None) -> tuple[EgressGateways, Any, Hive]:
     hive = Hive(agent=None, state_dir=tmp_path, clock=ManualClock())
-    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    hive.provide(LOCAL_NODE, local or LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
     mf = hive.provide(MANIFESTS, manifests_table())
     nodes, ipc, ids = nodes_table(), ipcache_table(), identities_table()
     for n in NODES_ALL:
@@ -439,3 +439,143 @@ def _gw(eg: EgressGateways) -> Any:
 
 async def _until(cond: Any) -> None:
     await eventually(cond, timeout=5.0)
+
+
+def test_datapath_rows_are_this_nodes_share_of_the_entries() -> None:
+    from bpf.egress import SnatEntry, SteeringEntry
+    from egress.module import datapath_rows
+    from egress.tables import EgressEntry
+
+    me, other, gw2 = ("east", "n1"), ("east", "n2"), ("west", "n2")
+    ips = {me: "172.31.1.11", other: "172.31.1.12", gw2: "172.31.2.12"}
+    pol, own, elsewhere = ("east", "default", "p"), ("east", "default", "own"), ("east", "default", "x")
+    dest, excl = "198.51.100.0/24", "198.51.100.128/25"
+    rows = [
+        # a local pod whose gateway is another node; its excluded destination
+        EgressEntry("10.1.1.5", dest, elsewhere, me, gateway=gw2, egress_ip="10.255.0.11"),
+        EgressEntry("10.1.1.5", excl, elsewhere, me, excluded=True),
+        # a local pod with no healthy gateway: dropped
+        EgressEntry("10.1.1.6", dest, elsewhere, me),
+        # a remote pod of a policy this node is a gateway of (standby here: gw2 is active)
+        EgressEntry("10.1.2.7", dest, pol, other, gateway=gw2, egress_ip="10.255.0.10"),
+        EgressEntry("10.1.2.7", excl, pol, other, excluded=True),
+        # a local pod whose gateway is this node, in Cilium's form (its own address)
+        EgressEntry("10.1.1.8", dest, own, me, gateway=me, egress_ip=None),
+        # nothing of this node's: not here
+        EgressEntry("10.2.2.9", dest, elsewhere, gw2, gateway=gw2, egress_ip="10.255.0.11"),
+        EgressEntry("fd00::1", "2001:db8::/64", pol, me, gateway=gw2, egress_ip="fd00::ffff"),
+    ]
+    steering, snat = datapath_rows(rows, me, ips, {pol: "10.255.0.10", own: None})
+    assert steering == [
+        SteeringEntry("10.1.1.5", dest, "172.31.2.12"),
+        SteeringEntry("10.1.1.5", excl, excluded=True),
+        SteeringEntry("10.1.1.6", dest, None),
+        SteeringEntry("10.1.1.8", dest, excluded=True),  # leaves here, translated on the uplink
+    ]
+    assert snat == [
+        SnatEntry("10.1.2.7", dest, "10.255.0.10", source_node="172.31.1.12"),  # ready for a failover
+        SnatEntry("10.1.2.7", excl, None, excluded=True),
+        SnatEntry("10.1.1.8", dest, "172.31.1.11"),
+    ]
+
+
+def test_the_active_gateway_holds_the_egress_ip_and_no_other_node_does() -> None:
+    from egress.module import held_egress_ips
+    from egress.tables import ActiveGateway, GatewayCandidate
+    from plexus.core.prefixes import HostPrefix
+
+    me, other = ("east", "n2"), ("west", "n2")
+    pol = ("east", "default", "legacy-db")
+    on_me = GatewayCandidate(me, 0, "10.255.0.10")
+    active = [ActiveGateway(pol, ("east", "n1"), on_me, 0.0),
+              ActiveGateway(pol, ("west", "n1"), on_me, 0.0),
+              ActiveGateway(("east", "default", "own"), ("east", "n1"),
+                            GatewayCandidate(me, 0, "172.31.1.12"), 0.0),  # its own address
+              ActiveGateway(("east", "default", "b"), ("east", "n1"),
+                            GatewayCandidate(other, 1, "10.255.0.11"), 0.0),
+              ActiveGateway(("east", "default", "c"), ("east", "n1"), None, 0.0)]
+    assert held_egress_ips(active, me, "172.31.1.12") == [
+        HostPrefix("10.255.0.10/32", "egress", "egress IP of east/default/legacy-db")]
+    assert held_egress_ips(active[3:], me, "172.31.1.12") == []
+
+
+class FakePinger:
+    """Answers the probes to the addresses in `up` at once."""
+
+    def __init__(self) -> None:
+        self.up: set[str] = set()
+        self.sent: list[tuple[str, int]] = []
+        self.on_reply: Any = None
+
+    def open(self, on_reply: Any) -> None:
+        self.on_reply = on_reply
+
+    def send(self, ip: str, seq: int) -> None:
+        self.sent.append((ip, seq))
+        if ip in self.up:
+            self.on_reply(ip, seq)
+
+    def close(self) -> None:
+        return
+
+
+def test_a_gateway_missing_threshold_probes_is_unhealthy_and_one_answer_heals_it() -> None:
+    from egress.probe import GatewayProber
+    from egress.tables import health_table
+
+    gw, other = ("east", "n2"), ("west", "n2")
+    health = health_table()
+    targets = {gw: "172.31.1.12", other: "172.31.2.12"}
+    pinger = FakePinger()
+    pinger.up = {"172.31.1.12", "172.31.2.12"}
+    def healthy(gateway: tuple[str, str]) -> bool:
+        row = health.get(("east/n1", gateway))
+        assert row is not None
+        return row.healthy
+
+    prober = GatewayProber("east/n1", health, ManualClock(), lambda: targets, 0.1, 3, pinger)
+    pinger.open(prober._on_reply)
+    seq = iter(range(1, 100))
+    prober.round(next(seq))
+    prober.round(next(seq))
+    assert {h.gateway: h.healthy for h in health} == {gw: True, other: True}
+    pinger.up.discard("172.31.1.12")  # dies after answering its last probe
+    prober.round(next(seq))  # that probe answered
+    prober.round(next(seq))
+    prober.round(next(seq))
+    assert healthy(gw)  # two misses: not yet
+    prober.round(next(seq))
+    row = health.get(("east/n1", gw))
+    assert row is not None and not row.healthy
+    assert "3 probes to 172.31.1.12 unanswered" in row.reason
+    assert healthy(other)
+    pinger.up.add("172.31.1.12")
+    prober.round(next(seq))  # the probe sent last round was lost; this one is answered
+    prober.round(next(seq))
+    assert healthy(gw)
+    del targets[other]  # no policy needs it any more: its row goes
+    prober.round(next(seq))
+    assert [h.gateway for h in health] == [gw]
+
+
+def test_the_standby_holds_the_egress_ip_once_it_finds_the_preferred_down(tmp_path: Path) -> None:
+    from plexus.core.prefixes import HOST_PREFIXES
+
+    standby, _mf, _ = make_module(tmp_path / "w", LocalNode("west", 2, "n2", "172.31.2.12",
+                                                            "10.2.2.0/24"))
+    preferred, mf2, _ = make_module(tmp_path / "e", LocalNode("east", 1, "n2", "172.31.1.12",
+                                                              "10.1.2.0/24"))
+    for eg, hive_mf in ((standby, _mf), (preferred, mf2)):
+        hive_mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+        eg.recompute()
+    announced = {name: [p.prefix for p in eg.hive.require(HOST_PREFIXES)]
+                 for name, eg in (("standby", standby), ("preferred", preferred))}
+    assert announced == {"standby": [], "preferred": ["10.255.0.10/32"]}
+    assert standby.probe_targets() == {E_N2: "172.31.1.12"}  # what it must watch
+    assert preferred.probe_targets() == {}
+    # the standby translates the sources already, so a failover finds it ready
+    assert {(r.source, r.egress_ip) for r in standby.snat} >= {("10.1.1.5", "10.255.0.10"),
+                                                              ("10.2.1.5", "10.255.0.10")}
+    standby.health.upsert(down("west/n2", E_N2))
+    standby.recompute()
+    assert [p.prefix for p in standby.hive.require(HOST_PREFIXES)] == ["10.255.0.10/32"]

@@ -1,0 +1,130 @@
+"""The egress gateway in the lab: what the external server `plx-ext` sees of the pods."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plexus.core.client import Client
+from plexus.lab.external import PORT
+from plexus.lab.lab import Lab
+from plexus.lab.topology import pod_netns
+from tests.e2e.labs import apply_in, plexus
+from tests.support import wait_until
+
+EXT_IP, EGRESS_IP = "198.51.100.10", "10.255.0.10"
+ASK = """import json, socket, sys
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
+        print(s.makefile().readline().strip())
+except OSError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+POLICY = """apiVersion: plexus.io/v1
+kind: EgressGatewayPolicy
+metadata: {name: legacy-db}
+spec:
+  selectors:
+  - podSelector: {matchLabels: {app: billing}}
+  destinationCIDRs: [198.51.100.0/24]
+  excludedCIDRs: EXCLUDED
+  egressIP: 10.255.0.10
+  egressGateways:
+  - nodeSelector: {matchLabels: {kubernetes.io/hostname: n2, io.cilium.k8s.policy.cluster: east}}
+  - nodeSelector: {matchLabels: {kubernetes.io/hostname: n2, io.cilium.k8s.policy.cluster: west}}
+"""
+BILLING = {"east": ("n1", "egbille"), "west": ("n1", "egbillw")}
+
+
+def ask_external(lab: Lab, cluster: str, node: str, pod: str, timeout: float = 2.0) -> dict[str, Any]:
+    """From a pod, one connection to the external server: the address it says it saw."""
+    ns = pod_netns(lab.topo.node(cluster, node), pod)
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", ASK, EXT_IP, str(PORT),
+                        str(timeout)], capture_output=True, text=True, timeout=timeout + 20)
+    assert r.returncode == 0, r.stderr
+    answer: dict[str, Any] = json.loads(r.stdout)
+    return answer
+
+
+def seen_as(lab: Lab, cluster: str, node: str, pod: str, want: str, timeout: float = 30) -> None:
+    """Wait until the external server sees the pod's connections come from `want`."""
+    last: list[dict[str, Any]] = []
+
+    def ok() -> bool:
+        last[:] = [ask_external(lab, cluster, node, pod)]
+        return last[0].get("ip") == want
+
+    try:
+        wait_until(ok, timeout, interval=0.3)
+    except AssertionError:
+        listing = Client(lab.socket(lab.topo.node(cluster, node)), timeout=5).get("/v1/egress/list")
+        raise AssertionError(f"{cluster}/{pod}: seen as {last}, not {want}; router: "
+                             f"{lab.birdc('show', 'route')}; egress: {json.dumps(listing)}") from None
+
+
+@pytest.fixture(scope="module")
+def pods(lab: Lab) -> Iterator[dict[str, dict[str, Any]]]:
+    made = {"plain": lab.pod_add("east", "n1", "egplain", {"app": "plain"})}
+    for cluster, (node, name) in BILLING.items():
+        made[cluster] = lab.pod_add(cluster, node, name, {"app": "billing"})
+    try:
+        yield made
+    finally:
+        for p in made.values():
+            lab.pod_del(p["cluster"], p["node"], p["pod"])
+
+
+def test_a_pod_no_policy_selects_reaches_the_external_server_with_its_own_address(
+        lab: Lab, pods: dict[str, dict[str, Any]]) -> None:
+    before = len(lab.external_clients())
+    answer = ask_external(lab, "east", "n1", "egplain")
+    assert answer.get("ip") == pods["plain"]["ip"], answer
+    seen = lab.external_clients(since=before)
+    assert [c["ip"] for c in seen] == [pods["plain"]["ip"]]
+
+
+def selecting(lab: Lab) -> bool:
+    """Every source node's agent selects its billing pod."""
+    return all(any(p["name"] == "east/default/legacy-db" and p["endpoints"]
+                   for p in Client(lab.socket(lab.topo.node(c, n)), timeout=5)
+                   .get("/v1/egress/list")["policies"])
+               for c, (n, _pod) in BILLING.items())
+
+
+def test_selected_pods_of_both_clusters_leave_with_the_egress_ip_and_removal_restores(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    # the destination excluded: the pods keep their own addresses
+    r = apply_in("east", POLICY.replace("EXCLUDED", "[198.51.100.10/32]"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: selecting(lab), 30, interval=0.3,
+               what="every source node to select the billing pods")
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
+    # covered: through east/n2, which announces the egress IP to the router
+    policy = POLICY.replace("EXCLUDED", "[]")
+    r = apply_in("east", policy, tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = len(lab.external_clients())
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, EGRESS_IP)
+    assert ask_external(lab, "east", "n1", "egplain").get("ip") == pods["plain"]["ip"]
+    billing = {pods[c]["ip"] for c in BILLING}
+    seen = {c["ip"] for c in lab.external_clients(since=before)}
+    assert not seen & billing, seen  # once steered, never seen with their own address
+    route = lab.birdc("show", "route", f"{EGRESS_IP}/32", "all")
+    assert lab.topo.node("east", "n2").host.ip in route, route
+    # the policy removed: normal routing, the egress IP withdrawn
+    f = tmp_path / "policy.yaml"
+    f.write_text(policy)
+    r = plexus("delete", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")

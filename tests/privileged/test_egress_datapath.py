@@ -1,0 +1,116 @@
+"""The egress gateway in the datapath, without an agent: a source node with pods, a gateway
+node and an external server in namespaces, the maps filled by hand, real TCP.
+
+    pods -- source node (from_pod: steer) ==VXLAN== gateway (uplink: SNAT) -- external server
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bpf import attach
+from bpf.egress import SnatEntry, SteeringEntry
+from plexus.cni.ops import in_netns
+from tests.egress_fixture import (
+    EGRESS_IP,
+    EXCLUDED_EXT,
+    EXT,
+    GATEWAY_NODE,
+    SOURCE_NODE,
+    Lab,
+    ask,
+    egress_path,
+)
+from tests.support import sh, stop_pid
+
+pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")  # bcc
+COVERED, EXCLUDED = "198.51.100.0/24", "198.51.100.128/25"
+
+
+@pytest.fixture
+def lab(root: None) -> Iterator[Lab]:
+    with egress_path() as path:
+        yield path
+
+
+def select(lab: Lab, pod: str, gateway: str | None = GATEWAY_NODE) -> None:
+    ip = lab.pods[pod][1]
+    lab.steering.steering_set(SteeringEntry(ip, COVERED, gateway))
+    lab.steering.steering_set(SteeringEntry(ip, EXCLUDED, excluded=True))
+    lab.snat.snat_set(SnatEntry(ip, COVERED, EGRESS_IP, source_node=SOURCE_NODE))  # replies: tunnel
+    lab.snat.snat_set(SnatEntry(ip, EXCLUDED, None, excluded=True))  # routed via the gateway
+
+
+def test_selected_pods_leave_through_the_gateway_with_the_egress_ip(lab: Lab) -> None:
+    plain = ask(lab, "plain")
+    assert plain.get("ip") == lab.pods["plain"][1], plain  # before any policy: its own address
+    select(lab, "a")
+    select(lab, "b")
+    # two pods on one source port both get through: the gateway gives each its own port
+    a, b = ask(lab, "a", sport=40000), ask(lab, "b", sport=40000)
+    assert (a.get("ip"), b.get("ip")) == (EGRESS_IP, EGRESS_IP), (a, b)
+    assert a["port"] != b["port"]
+    assert {(c.pod, c.pod_port) for c in lab.snat.connections()} >= {
+        (lab.pods["a"][1], 40000), (lab.pods["b"][1], 40000)}
+    # unselected pod, excluded destination: their own addresses, as before
+    assert ask(lab, "plain").get("ip") == lab.pods["plain"][1]
+    assert ask(lab, "a", ip=EXCLUDED_EXT).get("ip") == lab.pods["a"][1]
+
+
+def test_no_healthy_gateway_drops_and_counts_never_leaks(lab: Lab) -> None:
+    select(lab, "a", gateway=None)
+    before = lab.source_dp.drop_reasons()["no-egress-gateway"]
+    answer = ask(lab, "a", timeout=1.0)
+    assert "error" in answer, answer
+    assert lab.source_dp.drop_reasons()["no-egress-gateway"] > before
+    # the external server saw nothing of the pod nor of its node
+    seen = sh("ip", "netns", "exec", lab.ext, sys.executable, "-c",
+              "import urllib.request; print(urllib.request.urlopen("
+              "'http://127.0.0.1:8081/clients').read().decode())").stdout
+    assert json.loads(seen)["clients"] == []
+    select(lab, "a")  # a gateway again: through it
+    assert ask(lab, "a").get("ip") == EGRESS_IP
+
+
+def test_translations_outlive_the_program_that_made_them(lab: Lab) -> None:
+    """A restarted agent loads the program again on the same pins: an open connection
+    keeps its port of the egress IP and its replies still reach the pod."""
+    from bpf.loader import Datapath
+
+    select(lab, "a")
+    server = subprocess.Popen(["ip", "netns", "exec", lab.pods["a"][0], sys.executable, "-c",
+                               HOLD, EXT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdin is not None and server.stdout is not None
+        first = json.loads(server.stdout.readline())
+        assert first["ip"] == EGRESS_IP, first
+        again = Datapath(lab.pin / "gateway")
+        with in_netns(f"/var/run/netns/{lab.gateway}"):
+            attach.attach(lab.uplink, (again.egress_nat_out.fd, again.egress_nat_out.name),
+                          (again.egress_nat_in.fd, again.egress_nat_in.name), uplink=True)
+        server.stdin.write("more\n")
+        server.stdin.flush()
+        echoed = server.stdout.readline().strip()
+        assert echoed == "more", echoed
+    finally:
+        stop_pid(server)
+        for pipe in (server.stdin, server.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+# One connection to the external server kept open across the gateway's reload: prints what
+# it was told, then what the server echoes of a line sent through the same connection.
+HOLD = """import json, socket, sys
+with socket.create_connection((sys.argv[1], 8080), timeout=5) as s:
+    f = s.makefile("rw")
+    print(f.readline().strip(), flush=True)
+    line = sys.stdin.readline()
+    f.write(line); f.flush()
+    print(f.readline().strip(), flush=True)
+"""
