@@ -92,8 +92,10 @@ class BpfDatapath:
             "bpf-policy", key=lambda e: e.key)
         self.enforced: Table[tuple[str, int], Enforced] = Table("bpf-enforce", key=lambda e: e.key)
         self.attachments: Table[str, Attachment] = Table("bpf-attach", key=lambda a: a.key)
+        # Nothing is pruned before the first derivation from complete sources: a prune of the
+        # attachments meanwhile would take the programs off every pod a restart adopted.
         self._gates = [t.register_initializer("sources") for t in
-                       (self.ipcache, self.entries, self.enforced)]
+                       (self.ipcache, self.entries, self.enforced, self.attachments)]
         self.policy_cache = ManifestCache(MANIFEST_KINDS, log)
         self.rejected: dict[str, str] = {}
         self.policies: dict[str, PlexusNetworkPolicy] = {}

@@ -146,6 +146,8 @@ class AttachOps:
         return self.ifindexes.netlink
 
     async def update(self, a: Attachment) -> None:
+        # claimed before the attach, so a prune running meanwhile never detaches it
+        self.attached.add(a.ifname)
         try:
             idx = await asyncio.to_thread(attach.attach, a.ifname,
                                           (self.dp.from_pod.fd, self.dp.from_pod.name),
@@ -154,11 +156,14 @@ class AttachOps:
                                           ((self.dp.from_pod_l3.fd, self.dp.from_pod_l3.name),
                                            (self.dp.to_pod_l3.fd, self.dp.to_pod_l3.name)))
         except LookupError as e:
+            self.attached.discard(a.ifname)
             raise TemporaryError(str(e), delay=1.0) from None
+        except BaseException:
+            self.attached.discard(a.ifname)
+            raise
         self.ifindexes.cache[a.ifname] = idx
         if a.ifname == self.tunnel and self.uplink:
             self.dp.alias_set(idx, await self.ifindexes.get(self.uplink))
-        self.attached.add(a.ifname)
 
     async def delete(self, a: Attachment) -> None:
         # usually the veth is gone already, and its filters with it
@@ -172,7 +177,8 @@ class AttachOps:
                                         frozenset(self.attached))
         keep = {a.ifname for a in rows}  # read after the dump: a row added meanwhile stays
         for ifname in found:
-            if ifname not in keep:
+            # and one attached while an earlier detach was awaited stays too
+            if ifname not in keep and ifname not in self.attached:
                 await asyncio.to_thread(attach.detach, ifname, self.netlink)
                 self.ifindexes.cache.pop(ifname, None)
 

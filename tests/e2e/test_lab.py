@@ -38,8 +38,9 @@ def test_up_again_is_harmless_and_keeps_the_same_processes(lab: Lab) -> None:
     assert r.returncode == 0, r.stderr
     after = {k: p.pid for k, p in State.load(lab.state_path).processes.items()}
     assert before == after
-    # BIRD, etcds, apiservers, remote endpoints, agents, relays, VM (and kvstoremeshes)
-    assert len(after) == 1 + 2 + 2 + 2 + 4 + 2 + 1 + (2 if lab.kvstoremesh else 0)
+    # BIRD, the external server, etcds, apiservers, remote endpoints, agents, relays, VM (and
+    # kvstoremeshes)
+    assert len(after) == 1 + 1 + 2 + 2 + 2 + 4 + 2 + 1 + (2 if lab.kvstoremesh else 0)
 
 
 def test_up_applies_config_changes_bird_in_place_agents_by_restart(lab: Lab,
