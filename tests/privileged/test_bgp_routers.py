@@ -111,10 +111,15 @@ async def test_dual_stack_over_one_ipv4_session_services_withdraw_and_down(
     assert agent.bgp.problems == {} and agent.bgp.speaker.refused == ""
 
     # what the agent says it sent is what the router holds: no LOCAL_PREF on eBGP
-    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established", 10, 0.05, "agent sees it up")
-    adv = agent.bgp.advertised()
+    # (routes count as advertised once ExaBGP has taken them for the established session)
     held = {**router.routes("ipv4"), **router.routes("ipv6")}
-    assert {r["prefix"]: as_sent(r, kind) for r in adv} == held
+
+    def sent() -> dict[str, Route]:
+        return {r["prefix"]: as_sent(r, kind) for r in agent.bgp.advertised()}
+
+    await eventually(lambda: agent.bgp.peers()[0]["state"] == "established" and sent() == held, 10, 0.05,
+                     lambda: f"agent sees it up and says it sent what {kind} holds: {sent()}")
+    adv = agent.bgp.advertised()
     assert all(r["localPreference"] is None and "local-preference" not in r["attributes"] for r in adv)
 
     # withdrawals: the service goes; the IPv6 family goes (its routes carry an IPv6 next hop)
