@@ -258,7 +258,7 @@ async def test_adding_and_removing_a_peer_leaves_the_other_session_up(env: tuple
     await eventually(lambda: lab.established("node2") and set(lab.routes("node2")) == {"10.1.1.0/24"},
                      30, 0.2, "second session up with the pod CIDR")
     await eventually(lambda: [p["state"] for p in agent.bgp.peers()] == ["established"] * 2, 10, 0.05,
-                     "agent sees both sessions up")
+                     lambda: f"agent sees both sessions up: {agent.bgp.peers()}")
     first_untouched()
     assert speaker.peer_changes == 1
 
