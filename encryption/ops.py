@@ -326,14 +326,20 @@ class PeerOps:
         self.backend = backend
         self._pending: list[tuple[Peer, asyncio.Future[None]]] = []
         self._flushing = False
+        self._flushes: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
 
     async def update(self, peer: Peer) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((peer, fut))
         if not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
+            asyncio.get_running_loop().call_soon(self._start_flush)
         await fut
+
+    def _start_flush(self) -> None:
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -341,11 +347,17 @@ class PeerOps:
         try:
             await asyncio.to_thread(self.backend.set_peers, [p for p, _ in batch])
         except (UapiError, NetlinkError, OSError) as e:
+            failure: Exception = TemporaryError(str(e))
+        except Exception as e:  # every waiting update hears of it, none waits forever
+            failure = e
+        else:
             for _, fut in batch:
-                fut.set_exception(TemporaryError(str(e)))
+                if not fut.done():
+                    fut.set_result(None)
             return
         for _, fut in batch:
-            fut.set_result(None)
+            if not fut.done():
+                fut.set_exception(failure)
 
     async def delete(self, peer: Peer) -> None:
         try:

@@ -148,6 +148,10 @@ class Reconciler(Generic[K, R]):
         self._one_by_one: set[K] = set()  # keys whose batch failed: per row until they succeed
         self._prune_requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # A prune reads the rows, then the target: a row applied in between looks like a
+        # stray to it. Rows applied while a prune runs are applied again once it is over.
+        self._pruning = False
+        self._applied_during_prune: set[K] = set()
 
     # ---- public ---------------------------------------------------------------------
     async def run(self) -> None:
@@ -274,6 +278,8 @@ class Reconciler(Generic[K, R]):
                     self.applied[key] = row
                     st.state, st.error, st.updated = State.DONE, "", self.clock.time()
                     st.permanent = False
+                    if self._pruning:
+                        self._applied_during_prune.add(key)
                 else:
                     self.applied.pop(key, None)
                     self.status.pop(key, None)
@@ -314,6 +320,8 @@ class Reconciler(Generic[K, R]):
                     self.applied[key] = row
                     st.state, st.error, st.updated = State.DONE, "", now
                     st.permanent = False
+                if self._pruning:
+                    self._applied_during_prune.update(k for k, _, _ in present)
                 # deleted since dispatch: the one-row path applies the delete
                 self._dirty.update(k for k, r in rows if r is None)
             finally:
@@ -341,6 +349,7 @@ class Reconciler(Generic[K, R]):
         rounds = 0
         while True:
             started = self.clock.now()
+            self._pruning = True
             try:
                 await self.ops.prune(self._rows_when_read())
                 self.last_prune_error = ""
@@ -349,6 +358,12 @@ class Reconciler(Generic[K, R]):
                 self.last_prune_error = f"{type(e).__name__}: {e}"
                 self.metrics.observe(self.name, "prune", 0.0, ok=False)
                 log.warning("reconciler=%s prune failed: %s", self.name, e)
+            finally:
+                self._pruning = False
+            if self._applied_during_prune:
+                again = [k for k in self._applied_during_prune if self.table.get(k) is not None]
+                self._applied_during_prune = set()
+                self._mark(again)
             self.pruned_once.set()
             rounds += 1
             if self.refresh_every and rounds % self.refresh_every == 0:

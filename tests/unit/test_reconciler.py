@@ -477,3 +477,35 @@ async def test_status_times_come_from_the_clock() -> None:
     await eventually(lambda: rec.settled() and "a" in rec.applied)
     assert rec.status["a"].updated == 2_000_000_005.0
     task.cancel()
+
+
+async def test_a_row_applied_while_a_prune_runs_is_applied_again_after_it() -> None:
+    """A prune that read the rows before a new row was applied sees that row on the target as
+    a stray and removes it; the reconciler applies such rows again once the prune is over."""
+    read_target = asyncio.Event()
+    pruning = asyncio.Event()
+
+    class SlowPrune(FakeTarget):
+        async def prune(self, rows: Iterable[Row]) -> None:
+            keep = {r.name for r in rows}
+            pruning.set()
+            await read_target.wait()  # listing the target takes a while
+            for k in list(self.state):
+                if k not in keep:
+                    del self.state[k]
+            self.prunes += 1
+
+    t: Table[str, Row] = Table("rows", key=lambda r: r.name)
+    t.upsert(Row("a", 1))
+    target = SlowPrune()
+    rec = Reconciler("fake", t, target, backoff=FAST)
+    task = await run(rec)
+    await eventually(lambda: target.state == {"a": 1})
+    await eventually(pruning.is_set)
+    t.upsert(Row("b", 2))
+    await eventually(lambda: target.state == {"a": 1, "b": 2})
+    read_target.set()  # the prune removes "b", which it did not know of
+    await eventually(lambda: target.prunes == 1)
+    await eventually(lambda: target.state == {"a": 1, "b": 2}, what=lambda: str(target.state))
+    assert target.calls.count(("update", "b")) == 2
+    task.cancel()
