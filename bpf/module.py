@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from bpf import attach
 from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
 from bpf.flows import DROP_REASON_OF_EVENT, PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
@@ -52,6 +53,7 @@ from plexus.core.tables import Table
 from plexus.core.tls import server_context
 
 log = logging.getLogger(__name__)
+HOST_LINK_CHECK = 0.5  # seconds between two looks at an enrolled host's interfaces
 
 
 def _ct_rows(dp: Datapath, pods: dict[int, str]) -> list[dict[str, Any]]:
@@ -177,6 +179,7 @@ class BpfDatapath:
         log.info("datapath loaded in %.2fs", time.monotonic() - started)
         if self._host_protected is not None:
             self.hive.spawn("bpf", self._protect_host(self._host_protected), "host-protected")
+            self.hive.spawn("bpf", self._follow_host_links(self.reconcilers[0]), "host-links")
 
     async def _protect_host(self, done: Callable[[], None]) -> None:
         """Open the host's gate once its interfaces carry the programs and every entry
@@ -191,6 +194,20 @@ class BpfDatapath:
         log.info("host datapath in place on %s: the host may register",
                  ", ".join(sorted(self._host_interfaces)))
         done()
+
+    async def _follow_host_links(self, attaching: Reconciler[str, Attachment]) -> None:
+        """An enrolled host's WireGuard device is made anew, with a new index and no programs,
+        whenever its process restarts: attach again as soon as the new one is seen."""
+        netlink = self.ifindexes.netlink
+        while True:
+            await asyncio.sleep(HOST_LINK_CHECK)
+            for name in sorted(self._host_interfaces):
+                known = self.ifindexes.cache.get(name)
+                now = await asyncio.to_thread(attach.ifindex, name, netlink)
+                if known is not None and now is not None and now != known:
+                    log.warning("interface %s is new (index %d, was %d): attaching the datapath "
+                                "again", name, now, known)
+                    attaching.requeue([name])
 
     async def stop(self) -> None:
         # programs stay attached and maps pinned: traffic keeps its policy

@@ -29,3 +29,8 @@ class EncryptionConfig(Strict):
                                     "host's address, its endpoint too, can route through the device. "
                                     "0: no mark, and hosts' addresses are not encrypted.")
     wireguard_go: str = Field("wireguard-go", description="The userspace implementation to run.")
+    service_frontends: bool = Field(
+        False, description="Route every global service's frontend addresses through the device "
+                           "too: an enrolled host's datapath translates them on the device, so "
+                           "its own requests to services leave encrypted (nodes translate on "
+                           "pods' veths and need not).")

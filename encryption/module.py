@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from clustermesh.models import Node
 from clustermesh.ownership import Owned
-from clustermesh.tables import NODES
+from clustermesh.tables import GLOBAL_SERVICES, NODES
 from clustermesh.vms import VM_NODE_LABEL
 from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
@@ -122,6 +122,7 @@ class Encryption:
         self.local = hive.require(LOCAL_NODE)
         self.nodes = hive.require(NODES)
         self.attributes = hive.require(NODE_ATTRIBUTES)
+        self.services = hive.require(GLOBAL_SERVICES) if config.service_frontends else None
         self.peers = peers_table()
         self.routes = routes_table()
         self.underlay_mtu: int = hive.agent.node.mtu
@@ -186,6 +187,8 @@ class Encryption:
             self.hive.reconcile("encryption", "wireguard-routes", self.routes, self.route_ops),
         ]
         self.hive.spawn("encryption", self._derive(), "derive")
+        if self.services is not None:
+            self.hive.spawn("encryption", self._derive_frontends(), "derive-frontends")
         self.hive.spawn("encryption", self._open_prune(), "initial-sync")
         self.hive.spawn("encryption", self._watch_device(), "device-watch")
 
@@ -282,6 +285,11 @@ class Encryption:
         async for _ in self.nodes.watch():
             self._compute()
 
+    async def _derive_frontends(self) -> None:
+        assert self.services is not None
+        async for _ in self.services.watch():
+            self._compute()
+
     def _compute(self) -> None:
         cfg = self.config
         me = (self.local.cluster, self.local.name)
@@ -328,12 +336,29 @@ class Encryption:
                     routes.append(EncryptedRoute(cidr, "device", node.key))
                 elif cfg.strict:
                     routes.append(EncryptedRoute(cidr, "blackhole", node.key))
+        routes += self._frontend_routes({r.dst for r in routes})
         for name, why in refused.items():
             if self.refused.get(name) != why:
                 log.warning("no WireGuard peer for node=%s: %s", name, why)
         self.refused = refused
         self.peers.replace_where(lambda _p: True, peers)
         self.routes.replace_where(lambda _r: True, routes)
+
+    def _frontend_routes(self, taken: set[str]) -> list[EncryptedRoute]:
+        """Every global service's frontend addresses, through the device: the host's datapath
+        translates them there to a backend, whose node's peer then carries the request."""
+        if self.services is None:
+            return []
+        routes: dict[str, EncryptedRoute] = {}
+        for svc in self.services.all():
+            for ip in svc.frontends:
+                try:
+                    dst = _host_prefix(ip)
+                except ValueError:
+                    continue  # not an address: the service's own checks report it
+                if dst not in taken:
+                    routes.setdefault(dst, EncryptedRoute(dst, "device", svc.key))
+        return list(routes.values())
 
     # ---- API ------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -24,11 +24,12 @@ class Peer:
 
 @dataclass(frozen=True)
 class EncryptedRoute:
-    """A remote pod CIDR: through the device, or dropped (strict mode, no peer)."""
+    """A remote pod CIDR, or a service frontend: through the device, or dropped (strict mode,
+    no peer)."""
 
     dst: str
     kind: Literal["device", "blackhole"]
-    node: tuple[str, str]
+    node: tuple[str, str]  # the node (cluster, name); for a frontend, the service (namespace, name)
 
     @property
     def key(self) -> str:

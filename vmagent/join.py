@@ -62,7 +62,9 @@ def unpack(bundle: Bundle, state: Path, api_socket: Path, wg_device: str,
         "endpoints": {"persist": False},
         "clustermesh": {"etcd": etcd, "configDir": str(mesh), "directRoutes": False,
                         "registration": False},
-        "encryption": {"enabled": encryption, "device": wg_device, "strict": strict},
+        # the datapath on the device translates services: their requests leave encrypted
+        "encryption": {"enabled": encryption, "device": wg_device, "strict": strict,
+                       "serviceFrontends": bool(tunnel) and bpf_pin_dir is not None},
         # what the WireGuard device decrypts is the host's traffic: judged there too
         "bpf": ({"enabled": True, "pinDir": str(bpf_pin_dir), "uplink": uplink,
                  "tunnel": tunnel} if bpf_pin_dir is not None else {"enabled": False}),

@@ -170,6 +170,11 @@ class Reconciler(Generic[K, R]):
         self.applied.clear()
         self._mark([k for k, _ in self.table.items()])
 
+    def requeue(self, keys: Iterable[K]) -> None:
+        """Apply these rows again: their target changed behind our back (e.g. a device made
+        anew with a new index)."""
+        self._mark([k for k in keys if self.table.get(k) is not None])
+
     def errors(self) -> dict[K, str]:
         return {k: s.error for k, s in self.status.items() if s.state is State.ERROR}
 

@@ -171,8 +171,7 @@ def test_the_vm_reaches_a_global_service_with_backends_in_both_clusters(lab: Lab
     from tests.support import whoami, whoami_server
 
     backends = {"vmlbe": ("east", "n2"), "vmlbw": ("west", "n1")}
-    for name, (c, n) in backends.items():
-        lab.pod_add(c, n, name, {"app": "vmlb"})
+    ips = {name: lab.pod_add(c, n, name, {"app": "vmlb"})["ip"] for name, (c, n) in backends.items()}
     with ExitStack() as stack:
         for name, (c, n) in backends.items():
             stack.enter_context(whoami_server(pod_netns(lab.topo.node(c, n), name), "tcp", 8080,
@@ -189,6 +188,15 @@ def test_the_vm_reaches_a_global_service_with_backends_in_both_clusters(lab: Lab
 
         wait_until(more, 60, interval=0.5, what="the VM's connections to both clusters' backends")
         assert seen - {None} == set(backends)
+        # translated on the VM's WireGuard device: requests and replies cross the wire encrypted
+        with vm_leg_capture(lab, "vm-service") as read:
+            answered = [c for c in whoami(VM_NS, "tcp", "10.96.1.30", 80, conns=8, timeout=1) if c[0]]
+        text, headers = read()
+        assert answered, "the VM's connections to the service while capturing"
+        assert not [name for name in backends if name in text], "a backend's answer in the clear"
+        assert "51871: UDP" in headers, headers.splitlines()[:20]
+        for ip in ("10.96.1.30", *ips.values()):
+            assert f" {ip}." not in headers and f" {ip} " not in headers, (ip, headers.splitlines()[:20])
 
 
 def test_forged_expired_and_foreign_bundles_are_refused_on_the_host(lab: Lab, tmp_path: Path) -> None:
@@ -216,6 +224,36 @@ def test_forged_expired_and_foreign_bundles_are_refused_on_the_host(lab: Lab, tm
 def _plexus_argv() -> list[str]:
     import sys
     return [sys.executable, "-m", "plexus"]
+
+
+def test_wireguard_restarted_on_the_vm_gets_its_programs_back_and_carries_pod_traffic(
+        lab: Lab) -> None:
+    device = lab.vm_wg_device(vm(lab))
+    pid_file = lab.vm_dir(vm(lab)) / "state" / "wireguard-go.pid"
+
+    def programs() -> str:
+        return "".join(ops.run("tc", "filter", "show", "dev", device, hook, ns=VM_NS,
+                               check=False).stdout for hook in ("ingress", "egress"))
+
+    def index() -> int:
+        out = ops.run("ip", "-o", "link", "show", "dev", device, ns=VM_NS, check=False).stdout
+        return int(out.split(":", 1)[0]) if out[:1].isdigit() else 0
+
+    assert "from_pod_l3" in programs() and "to_pod_l3" in programs()
+    before, old = index(), int(pid_file.read_text())
+    os.kill(old, signal.SIGKILL)  # the lab's VM's wireguard-go, by the pid its agent recorded
+    # its agent starts it again: a new device, with a new index, and its programs on it
+    wait_until(lambda: index() not in (0, before) and "from_pod_l3" in programs()
+               and "to_pod_l3" in programs(), 20, interval=0.2,
+               what=lambda: f"the new device's programs: {programs()!r}, index {index()}")
+    assert int(pid_file.read_text()) != old
+    lab.pod_add("west", "n2", "vmwg", {"app": "vmwg"})
+    pod = pod_netns(lab.topo.node("west", "n2"), "vmwg")
+    with echo_server(VM_NS, "tcp", 5433), vm_leg_capture(lab, "vm-wg-restart") as read:
+        assert wait_until(lambda: echo(pod, "tcp", VM_IP, 5433, MARKER, timeout=1), 20,
+                          what="the west pod reaches the VM after its WireGuard restarted")
+    text, headers = read()
+    assert MARKER not in text and "51871: UDP" in headers
 
 
 def test_the_vm_killed_is_withdrawn_from_both_clusters_within_its_lease_and_comes_back(

@@ -52,3 +52,37 @@ def test_a_remote_node_claiming_local_addresses_is_no_peer_and_gets_no_route(tmp
         assert ("10.1.2.0/24", "device") in routes
         # the liar's own CIDR is not the local cluster's: strict mode still refuses it in clear
         assert (("10.2.9.0/24", "blackhole") in routes) is strict
+
+
+def test_an_enrolled_host_routes_every_global_service_frontend_through_the_device(
+        tmp_path: Path) -> None:
+    from clustermesh.models import L4Addr
+    from clustermesh.tables import GLOBAL_SERVICES, GlobalService, ServiceName
+    from plexus.core.tables import Table
+
+    def service(name: str, *ips: str) -> GlobalService:
+        return GlobalService("default", name, {ip: {"": L4Addr("TCP", 80)} for ip in ips}, ())
+
+    for on in (False, True):
+        hive = Hive(agent=SimpleNamespace(node=SimpleNamespace(mtu=1500)), state_dir=tmp_path / str(on))
+        hive.provide(LOCAL_NODE, LocalNode("east", 1, "vm1", "172.31.3.10", ""))
+        nodes = hive.provide(NODES, nodes_table())
+        hive.provide(NODE_ATTRIBUTES, NodeAttributes())
+        services: Table[ServiceName, GlobalService] = hive.provide(
+            GLOBAL_SERVICES, Table("global-services", key=lambda s: s.key))
+        nodes.upsert(node("west", "n1", "172.31.2.11", "10.2.1.0/24", 3))
+        services.upsert(service("web", "10.96.1.30", "fd00:96::30"))
+        services.upsert(service("db", "10.96.1.31", "not-an-address"))
+        enc = Encryption(hive, EncryptionConfig.model_validate(
+            {"enabled": True, "strict": True, "serviceFrontends": on}))
+        enc._compute()
+        routes = {(r.dst, r.kind) for r in enc.routes}
+        assert ("10.2.1.0/24", "device") in routes
+        frontends = {("10.96.1.30/32", "device"), ("fd00:96::30/128", "device"),
+                     ("10.96.1.31/32", "device")}
+        assert (frontends <= routes) is on
+        if on:
+            assert next(r for r in enc.routes if r.dst == "10.96.1.30/32").node == ("default", "web")
+            services.delete(("default", "web"))
+            enc._compute()
+            assert "10.96.1.30/32" not in {r.dst for r in enc.routes}
