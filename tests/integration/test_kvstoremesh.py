@@ -95,13 +95,20 @@ async def test_remote_copied_in_ciliums_layout_and_read_by_an_agent_over_one_con
         async with kvstoremesh(tmp_path, east) as km, cached_agent(tmp_path, east) as app:
             (tmp_path / "kvsm" / "west").write_text(f"endpoints: ['{west.endpoint}']\n")
             await eventually(lambda: km.ready and "west" in km.remotes, 15, what=lambda: str(km.status()))
-            # the apiserver publishes the registrations in its own time: wait for the copy
-            wanted = ("cilium/cache/nodes/v1/west/w1", "cilium/cache/ip/v1/west/10.2.1.5")
-            for _ in range(300):
-                copied = await local_keys(east, "cilium/")
-                if all(k in copied for k in wanted):
-                    break
-                await asyncio.sleep(0.05)
+            # the apiserver publishes the registrations in its own time: wait for the whole copy
+            wanted = ["cilium/cache/nodes/v1/west/w1", "cilium/cache/ip/v1/west/10.2.1.5",
+                      "cilium/cluster-config/west",
+                      *(f"cilium/synced/west/cilium/cache/{kind}/v1"
+                        for kind in ("nodes", "services", "identities", "ip"))]
+            copied: dict[str, bytes] = {}
+
+            async def copied_all() -> bool:
+                copied.clear()
+                copied.update(await local_keys(east, "cilium/"))
+                return all(k in copied for k in wanted) and any(
+                    k.startswith("cilium/cache/identities/v1/west/id/") for k in copied)
+            await eventually(copied_all, 30, interval=0.05,
+                             what=lambda: f"copied so far: {sorted(copied)}; {km.status()}")
             cfg = ClusterConfig.from_json(copied["cilium/cluster-config/west"])
             assert (cfg.id, cfg.cached, cfg.synced_canaries) == (IDS["west"], True, True)
             assert "cilium/cache/nodes/v1/west/w1" in copied
