@@ -12,7 +12,9 @@ import os
 import re
 import socket
 import struct
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,34 @@ def stale_pins(bpf: Any, text: str, pin_dir: Path) -> list[tuple[str, Path, str]
             why = "type {} key {} value {} entries {}; now {} {} {} {}".format(*have, *want)
             stale.append((name, pin_dir / pin_name, why))
     return stale
+
+
+_early: dict[Path, Future[Datapath]] = {}
+
+
+def compile_early(pin_dir: Path) -> None:
+    """Start building the datapath for `pin_dir` on a thread of its own now: compiling takes
+    seconds, mostly in clang outside the GIL, and a host joining the mesh waits for it. The
+    agent's bpf module then takes this one (`datapath`) instead of compiling again."""
+    key = pin_dir.resolve()
+    if key in _early:
+        return
+    done: Future[Datapath] = Future()
+
+    def build() -> None:
+        try:
+            done.set_result(Datapath(pin_dir))
+        except BaseException as e:  # the module reports it when it takes the result
+            done.set_exception(e)
+
+    _early[key] = done
+    threading.Thread(target=build, name="bpf-compile", daemon=True).start()
+
+
+def datapath(pin_dir: Path) -> Datapath:
+    """The datapath for `pin_dir`: the one `compile_early` started, else compiled now."""
+    early = _early.pop(pin_dir.resolve(), None)
+    return early.result() if early is not None else Datapath(pin_dir)
 
 
 class Datapath:

@@ -28,7 +28,7 @@ from bpf.config import BpfConfig
 from bpf.flows import DROP_REASON_OF_EVENT, PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
-from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime
+from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime, datapath
 from bpf.metrics import FlowMetrics
 from bpf.models import MANIFEST_KINDS, PlexusNetworkPolicy
 from bpf.ops import Attachment, AttachOps, EnforceOps, Ifindexes, IpcacheEntry, IpcacheOps, PolicyOps
@@ -147,7 +147,7 @@ class BpfDatapath:
     async def _load(self) -> None:
         started = time.monotonic()
         try:
-            self.dp = await asyncio.to_thread(Datapath, self.config.pin_dir)
+            self.dp = await asyncio.to_thread(datapath, self.config.pin_dir)
         except (LoadError, Exception) as e:
             self.hive.health["bpf"] = f"datapath not loaded: {e}"
             log.error("datapath not loaded: %s", e)

@@ -270,6 +270,12 @@ def _join(args: argparse.Namespace) -> int:
     if args.config_only:
         print(config)
         return 0
+    if not args.no_bpf and args.bpf_pin_dir is not None:
+        from bpf.loader import compile_early
+
+        # the host registers only once its programs are in place: their compile is the
+        # longest step of a join, so it runs while the agent imports and starts its modules
+        compile_early(args.bpf_pin_dir)
     return _run_vmagent(config)
 
 

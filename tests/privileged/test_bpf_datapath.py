@@ -443,6 +443,28 @@ def test_a_pinned_map_of_another_layout_is_replaced(caplog: pytest.LogCaptureFix
         shutil.rmtree(pin, ignore_errors=True)
 
 
+def test_a_datapath_compiled_early_is_the_one_taken_and_only_once() -> None:
+    """A joining host starts the compile before its agent starts; the bpf module takes that
+    datapath (its maps pinned, its programs loaded) rather than compiling again."""
+    from bpf.loader import compile_early, datapath
+
+    pin = Path(f"/sys/fs/bpf/plexus-test-{secrets.token_hex(3)}")
+    made: list[Datapath] = []
+    try:
+        compile_early(pin)
+        compile_early(pin)  # asked twice: still one compile
+        early = datapath(pin / "sub" / "..")  # the same directory, spelt otherwise
+        made.append(early)
+        assert early.from_pod_l3.fd > 0 and (pin / "conntrack").exists()
+        later = datapath(pin)  # taken once: the next one is compiled anew, on the same pins
+        made.append(later)
+        assert later is not early and later.from_pod.fd > 0
+    finally:
+        for d in made:
+            d.bpf.cleanup()
+        shutil.rmtree(pin, ignore_errors=True)
+
+
 async def test_the_module_reports_its_reconcilers_as_every_module_does(tmp_path: Path) -> None:
     """Loaded, the bpf module's reconcilers (policy and load-balancer) are the hive's: shown
     with their object counts while they run, and ended by the module's stop."""
