@@ -21,7 +21,10 @@ class BGPConfig(Strict):
         "API work steps ExaBGP runs per reactor loop (its default is 50; 0 keeps it)."))
     secrets_dir: Path = Field(Path("/etc/plexus/secrets"),
                               description="Where authSecretRef names a file holding the password.")
-    reactor_speed: float = Field(0.05, gt=0, le=1.0,
-                                 description="ExaBGP reactor loop time (exabgp.reactor.speed).")
+    reactor_speed: float = Field(
+        0.5, ge=0.1, le=1.0,
+        description="ExaBGP reactor loop time (exabgp.reactor.speed). An idle ExaBGP waits "
+                    "speed/100 s for its sockets in each loop; below 0.1 that is 0 ms and it "
+                    "spins a whole core. Work and I/O wake it at once whatever the value.")
     batch: int = Field(2000, ge=1, le=20000, description="Prefixes per bulk API command.")
     restart_backoff_max: float = Field(30.0, ge=0.1, description="Longest wait before restarting ExaBGP.")

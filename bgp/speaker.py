@@ -96,7 +96,7 @@ def explain(st: PeerState, n: Neighbor, now: float) -> str:
 class Speaker:
     """Runs ExaBGP for this node's neighbors and speaks its API through the bridge."""
 
-    def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.05,
+    def __init__(self, run_dir: Path, command: list[str], *, reactor_speed: float = 0.5,
                  batch: int = 2000, backoff_max: float = 30.0, async_limit: int = 100000,
                  bulk: bool = True, validate: bool = True, desired: Callable[[], Routes] = dict,
                  on_ready: Callable[[], None] = lambda: None,

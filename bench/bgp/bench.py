@@ -205,7 +205,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--changes", type=int, default=50)
-    ap.add_argument("--speed", type=float, default=0.05)
+    ap.add_argument("--speed", type=float, default=0.5)
     ap.add_argument("--modes", default="start,api,api-text,bird,gobgp-live,gobgp-preload,gobgp-mrt")
     ap.add_argument("--routers", default="bird", help="routers for the Plexus modes: bird,frr,gobgp")
     ap.add_argument("--limit", type=float, default=240.0)
