@@ -59,6 +59,7 @@ from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
 from plexus.core.client import Client
 from plexus.core.manifests import manifests_table
+from plexus.core.memory import freeze_built_state
 from plexus.lab.ops import hold_machine_lock
 from tests.support import Etcd, etcd_server, free_port, stop_pid, wait_until
 
@@ -396,6 +397,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
             tasks += [asyncio.create_task(claims()), asyncio.create_task(owners())]
             await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in watchers.values())), 300)
             merge.rebuild()
+            freeze_built_state()  # as the agent does once every remote is ready
 
             async def follow_merged() -> None:
                 async for keys in tables.ipcache.watch(replay=False):
@@ -433,6 +435,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
         await asyncio.gather(*tasks, return_exceptions=True)
         for kv in set(kvs):
             await kv.close()
+        gc.unfreeze()  # the next pass starts from the same collector
     return latencies
 
 
