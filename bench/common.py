@@ -49,13 +49,14 @@ async def seed_cluster(endpoint: str, name: str, cluster_id: int) -> None:
 
 
 def start_agent(work: Path, etcd: str, mesh_options: str = "", extra: str = "",
-                timeout: float = 30) -> tuple[subprocess.Popen[bytes], Client]:
+                timeout: float = 30, program: tuple[str, ...] = ("-m", "plexus")
+                ) -> tuple[subprocess.Popen[bytes], Client]:
     """A `plexus agent` for node n1 of cluster east (id 1) on its own `etcd`, remote clusters
     read from `work`/mesh, config in `work`/agent.yaml, log in `work`/agent.log. Returned
     with its API client once the socket is up; stopped again if it does not come up.
 
     `mesh_options` follows the clustermesh options (", key: value"); `extra` is more config
-    (whole lines)."""
+    (whole lines); `program` is what the interpreter runs (`bench.scale.probe` wraps it)."""
     cfg = work / "agent.yaml"
     cfg.write_text("cluster: {name: east, id: 1}\n"
                    "node: {name: n1, ip: 172.31.1.11, podCIDR: 10.1.1.0/24}\n"
@@ -64,7 +65,7 @@ def start_agent(work: Path, etcd: str, mesh_options: str = "", extra: str = "",
                    f"directRoutes: false{mesh_options}}}\n"
                    f"{extra}")
     with open(work / "agent.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plexus", "agent", "--config", str(cfg)],
+        proc = subprocess.Popen([sys.executable, *program, "agent", "--config", str(cfg)],
                                 cwd=ROOT, stderr=log)
     try:
         wait_until(lambda: (work / "agent.sock").exists(), timeout, what="agent socket")

@@ -43,6 +43,7 @@ from clustermesh.models import (
 from clustermesh.remote import ClusterWatcher, MeshTables, _Prefix
 from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
 from plexus.core.manifests import manifests_table
+from plexus.core.memory import freeze_built_state
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ class CacheWriter(ClusterWatcher):
     """One remote cluster copied into the local etcd; the rows it validates are not kept."""
 
     def __init__(self, name: str, kv: KvStore, local: KvStore, *, local_cluster: str, local_id: int,
-                 ids_in_use: Callable[[str], dict[int, str]]) -> None:
+                 ids_in_use: Callable[[str], dict[int, str]],
+                 on_ready: Callable[[], None] | None = None) -> None:
         scratch = MeshTables(nodes_table(), ipcache_table(), identities_table(), services_table(),
                              manifests_table())
         super().__init__(name, kv, scratch, local_cluster=local_cluster, local_id=local_id,
-                         ids_in_use=ids_in_use)
+                         ids_in_use=ids_in_use, on_ready=on_ready)
         self.local = local
         self.puts = 0
         self.deletes = 0
@@ -231,10 +233,14 @@ class KVStoreMesh:
             current.writer.stop()
             self._spawn(current.writer.kv.close())
         writer = CacheWriter(name, kv, self.local, local_cluster=self.cluster, local_id=self.cluster_id,
-                             ids_in_use=self._ids_in_use)
+                             ids_in_use=self._ids_in_use, on_ready=self._remote_became_ready)
         self.remotes[name] = _Remote(writer, asyncio.create_task(writer.run(), name=f"kvstoremesh-{name}"),
                                      digest)
         log.info("kvstoremesh: following remote=%s", name)
+
+    def _remote_became_ready(self) -> None:
+        if self.ready:
+            freeze_built_state()  # what the watchers hold stays out of full garbage collections
 
     async def _remove(self, name: str) -> None:
         r = self.remotes.pop(name)

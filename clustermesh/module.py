@@ -59,6 +59,7 @@ from clustermesh.tables import (
 from plexus.core.api import ApiError
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, manifests_table
+from plexus.core.memory import freeze_built_state
 from plexus.core.module import Hive, Module
 from plexus.core.node import ENDPOINTS, LOCAL_NODE, NODE_ATTRIBUTES, WIREGUARD_PUBLIC_KEY
 from plexus.core.reconciler import Reconciler
@@ -179,7 +180,11 @@ class ClusterMesh:
         return ClusterWatcher(name, kv, self.tables, local_cluster=self.local.cluster,
                               local_id=self.local.cluster_id, ids_in_use=self._ids_in_use,
                               cached=self.via_kvstoremesh and name != self.local.cluster,
-                              turns=self._relist_turns)
+                              turns=self._relist_turns, on_ready=self._cluster_became_ready)
+
+    def _cluster_became_ready(self) -> None:
+        if all(r.watcher.status.ready for r in self.remotes.values()):
+            freeze_built_state()  # the synced rows stay out of full garbage collections
 
     def _close_remote_kv(self, name: str, kv: KvStore) -> None:
         if kv is not self.kv:  # with KVStoreMesh every remote shares the own etcd's connection

@@ -131,6 +131,7 @@ class ClusterWatcher:
                  local_id: int, ids_in_use: Callable[[str], dict[int, str]],
                  backoff: Backoff = RECONNECT_BACKOFF,
                  on_event: Callable[[], None] | None = None,
+                 on_ready: Callable[[], None] | None = None,
                  max_connected: int = CLUSTER_ID_MAX, cached: bool = False,
                  turns: asyncio.Semaphore | None = None) -> None:
         self.name = name
@@ -144,6 +145,7 @@ class ClusterWatcher:
         self.ids_in_use = ids_in_use
         self.backoff = backoff
         self.on_event = on_event
+        self.on_ready = on_ready  # called each time the cluster becomes ready
         self.status = RemoteStatus(name)
         self.log = Fields(logging.getLogger(__name__), {"remote": name})
         self._session_connected = False
@@ -316,10 +318,13 @@ class ClusterWatcher:
 
     def _update_ready(self) -> None:
         ready = self._canaries_seen and len(self._listed) == len(self.prefixes)
-        if ready and not self.status.ready:
+        became = ready and not self.status.ready
+        self.status.ready = ready
+        if became:
             self.log.info("ready: cluster-config read, every prefix listed and synced")
             self.ready_event.set()
-        self.status.ready = ready
+            if self.on_ready is not None:
+                self.on_ready()
 
     def _decode(self, p: _Prefix[Any, Any], key: str, value: bytes) -> Any:
         try:

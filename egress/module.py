@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -151,6 +151,10 @@ class EgressGateways:
             self._dirty.clear()
             self.recompute()
 
+    def _node_ip(self, key: tuple[str, str]) -> str | None:
+        node = self.nodes.get(key) if self.nodes is not None else None
+        return node.internal_ip() if node is not None else None
+
     def probe_targets(self) -> dict[tuple[str, str], str]:
         """The gateway nodes (and their IPs) of every policy selecting a pod on this node, and
         on a gateway those before it in its policies' lists."""
@@ -180,9 +184,9 @@ class EgressGateways:
             self._created[key] = created.timestamp() if created else self._created.get(key, now)
         for key in self._created.keys() - parsed.keys():
             del self._created[key]
-        nodes = list(self.nodes or [])
-        # Every endpoint of the mesh, only when a policy may select some: with hundreds of
-        # clusters the scan would otherwise run on each batch of ipcache changes for nothing.
+        # Every node and endpoint of the mesh, only when a policy may select some: with
+        # hundreds of clusters the scans would otherwise run on each batch of changes for nothing.
+        nodes = list(self.nodes or []) if parsed else []
         endpoints = mesh_endpoints(self.ipcache or [], {i.id: i for i in self.identities or []},
                                    nodes) if parsed else []
         states = [resolve_policy(k, self._created[k], p, endpoints, nodes) for k, p in parsed.items()]
@@ -197,8 +201,7 @@ class EgressGateways:
         self.entries.replace_where(lambda _e: True, derived.entries)
         me = (self.local.cluster, self.local.name)
         my_egress = {p.key: gw.egress_ip for p in states for gw in p.gateways if gw.node == me}
-        steering, snat = datapath_rows(derived.entries, me, {n.key: n.internal_ip() for n in nodes},
-                                       my_egress)
+        steering, snat = datapath_rows(derived.entries, me, self._node_ip, my_egress)
         self.steering.replace_where(lambda _e: True, steering)
         self.snat.replace_where(lambda _e: True, snat)
         # as the gateway sees it: active when every gateway before it in the list is down
@@ -265,7 +268,7 @@ class EgressGateways:
 
 
 def datapath_rows(entries: list[EgressEntry], me: tuple[str, str],
-                  node_ips: Mapping[tuple[str, str], str | None],
+                  node_ip: Callable[[tuple[str, str]], str | None],
                   my_egress: Mapping[PolicyKey, str | None]
                   ) -> tuple[list[SteeringEntry], list[SnatEntry]]:
     """This node's share of the entries (IPv4): steering of its own pods (a pod whose gateway
@@ -283,17 +286,17 @@ def datapath_rows(entries: list[EgressEntry], me: tuple[str, str],
             if e.excluded or e.gateway == me:
                 steering.append(SteeringEntry(e.source_ip, e.destination, excluded=True))
             else:
-                gateway = node_ips.get(e.gateway) if e.gateway else None
+                gateway = node_ip(e.gateway) if e.gateway else None
                 steering.append(SteeringEntry(e.source_ip, e.destination, gateway))
         if e.source_ip in mine:
             # replies go back through the tunnel to the pod's node, unless it is this one
-            via = node_ips.get(e.source_node) if e.source_node and e.source_node != me else None
+            via = node_ip(e.source_node) if e.source_node and e.source_node != me else None
             if e.excluded:
                 snat.append(SnatEntry(e.source_ip, e.destination, None, excluded=True))
             elif e.policy in my_egress:
                 # Cilium's interface form: the gateway's own address
                 snat.append(SnatEntry(e.source_ip, e.destination,
-                                      my_egress[e.policy] or node_ips.get(me), source_node=via))
+                                      my_egress[e.policy] or node_ip(me), source_node=via))
     return steering, snat
 
 

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
+import pstats
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, machine, percentile, rss_mb, seed_cluster, start_agent
+from bench.scale.probe import Probe
 from clustermesh.kvstore import KvStore
 from clustermesh.models import (
     CACHE_PREFIX,
@@ -55,6 +59,7 @@ from clustermesh.remote import ClusterWatcher, MeshTables
 from clustermesh.tables import identities_table, ipcache_table, nodes_table, services_table
 from plexus.core.client import Client
 from plexus.core.manifests import manifests_table
+from plexus.core.memory import freeze_built_state
 from plexus.lab.ops import hold_machine_lock
 from tests.support import Etcd, etcd_server, free_port, stop_pid, wait_until
 
@@ -221,22 +226,48 @@ def _sockets(pid: int) -> int:
 
 
 @contextmanager
-def _kvstoremesh(remotes: list[Remote], east: str, work: Path) -> Iterator[Client]:
-    """A `plexus kvstoremesh` for east, every remote in its config dir, stopped afterwards."""
+def _kvstoremesh(remotes: list[Remote], east: str, work: Path,
+                 program: tuple[str, ...] = ()) -> Iterator[tuple[Client, int]]:
+    """A `plexus kvstoremesh` for east, every remote in its config dir, stopped afterwards:
+    its API client and its pid."""
     d = work / "kvstoremesh"
     d.mkdir()
     for r in remotes:
         (d / r.name).write_text(f"endpoints: ['{r.etcd.endpoint}']\n")
     sock = work / "kvstoremesh.sock"
     with open(work / "kvstoremesh.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "plexus", "kvstoremesh", "--cluster-name", "east",
+        proc = subprocess.Popen([sys.executable, *(program or ("-m", "plexus")), "kvstoremesh",
+                                 "--cluster-name", "east",
                                  "--cluster-id", str(LOCAL_ID), "--etcd", east, "--config-dir", str(d),
                                  "--api-socket", str(sock), "--metrics-port", "0"], cwd=ROOT, stderr=log)
     try:
         wait_until(sock.exists, 30, what="kvstoremesh socket")
-        yield Client(sock, timeout=30)
+        yield Client(sock, timeout=30), proc.pid
     finally:
         stop_pid(proc)
+
+
+def _probe_args(args: argparse.Namespace, program: str) -> tuple[str, ...]:
+    """The interpreter's arguments that run `plexus` under bench.scale.probe, or none."""
+    if not args.probe:
+        return ()
+    out = Path(args.probe) / program
+    out.mkdir(parents=True, exist_ok=True)
+    return ("-m", "bench.scale.probe", str(out), *(["--profile"] if args.profile else []), "--")
+
+
+def _probe_report(pid: int, out: Path) -> dict[str, Any]:
+    """Close the probe's window and read what it saw."""
+    (out / "probe.json").unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR2)
+    wait_until(lambda: (out / "probe.json").exists(), 60, what="the probe's report")
+    report: dict[str, Any] = json.loads((out / "probe.json").read_text())
+    if (out / "profile.pstats").exists():
+        with open(out / "profile.txt", "w") as f:
+            st = pstats.Stats(str(out / "profile.pstats"), stream=f)
+            st.sort_stats("tottime").print_stats(40)
+            st.sort_stats("cumulative").print_stats(60)
+    return report
 
 
 def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
@@ -245,7 +276,9 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
     with tempfile.TemporaryDirectory(prefix="plexus-scale-agent-") as d, ExitStack() as stack:
         work = Path(d)
         (work / "mesh").mkdir()
-        proc, api = start_agent(work, east, mesh_options=", mode: kvstoremesh" if cached else "")
+        probe = _probe_args(args, "agent")
+        proc, api = start_agent(work, east, mesh_options=", mode: kvstoremesh" if cached else "",
+                                program=probe or ("-m", "plexus"))
         stack.callback(stop_pid, proc)
         try:
             wait_until(lambda: api.get("/v1/clustermesh/status")["clusters"]["east"]["ready"], 30)
@@ -261,7 +294,7 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
 
             t0 = time.monotonic()
             if cached:
-                km = stack.enter_context(_kvstoremesh(remotes, east, work))
+                km, _ = stack.enter_context(_kvstoremesh(remotes, east, work))
             for r in remotes:
                 (work / "mesh" / r.name).write_text(f"endpoints: ['{r.etcd.endpoint}']\n")
             wait_until(synced, 600, interval=0.1, what="every remote ready with every entry")
@@ -273,12 +306,17 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
             out["rss"] = rss_mb(proc.pid)
             out["sockets"] = _sockets(proc.pid)
             churn = _start_churn(remotes, shape, args.rate, args.seconds, delay=0.5)
+            if probe:
+                time.sleep(0.5)
+                os.kill(proc.pid, signal.SIGUSR1)
             cpu0, w0 = _cpu_seconds(proc.pid), time.monotonic()
             churn_calls = []
             while churn.is_alive():
                 churn_calls.append(_timed_status(api)[0])
                 churn.join(1.0)
             out["cpu"] = (_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - w0) * 100
+            if probe:
+                out["probe"] = _probe_report(proc.pid, Path(args.probe) / "agent")
             out["status_churn"] = statistics.median(churn_calls) if churn_calls else float("nan")
             out["rss_churn"] = rss_mb(proc.pid)
             # Recovery: the first remote's etcd restarts.
@@ -308,10 +346,18 @@ def _agent_phase(remotes: list[Remote], east: str, shape: Shape, args: argparse.
 # ---- propagation: the agent's watchers and merge in this process, next to the floor ------
 
 async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Namespace,
-                       floor: bool, east: str, via_copy: bool = False) -> list[float]:
+                       floor: bool, east: str, via_copy: bool = False, what: str = "",
+                       probes: dict[str, dict[str, Any]] | None = None,
+                       km_pid: int | None = None) -> list[float]:
     """Remote write -> merged ipcache row; or, as `floor`, -> a bare client's watch event of
-    the remote's etcd, or (`via_copy`) of KVStoreMesh's copy in east's etcd."""
+    the remote's etcd, or (`via_copy`) of KVStoreMesh's copy in east's etcd. With --probe,
+    what this process's event loop and kvstoremesh's (`km_pid`) went through goes in `probes`."""
     latencies: list[float] = []
+    probe = None
+    if args.probe and probes is not None:
+        probe = Probe(Path(args.probe) / f"bench-{what}", profile=False)
+        probe.out.mkdir(parents=True, exist_ok=True)
+        gc.callbacks.append(probe.on_gc)
     cached = args.mode == "kvstoremesh" and not floor
     kvs = ([KvStore([east])] * (1 if floor else len(remotes)) if cached or via_copy
            else [KvStore([r.etcd.endpoint]) for r in remotes])
@@ -351,6 +397,7 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
             tasks += [asyncio.create_task(claims()), asyncio.create_task(owners())]
             await asyncio.wait_for(asyncio.gather(*(w.ready_event.wait() for w in watchers.values())), 300)
             merge.rebuild()
+            freeze_built_state()  # as the agent does once every remote is ready
 
             async def follow_merged() -> None:
                 async for keys in tables.ipcache.watch(replay=False):
@@ -362,6 +409,12 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
             tasks.append(asyncio.create_task(follow_merged()))
         await asyncio.sleep(0)
         churn = _start_churn(remotes, shape, args.rate, args.seconds)
+        if probe is not None:
+            tasks.append(asyncio.create_task(probe.ticks()))
+            await asyncio.sleep(1.0)  # the churn's start
+            probe.start()
+            if km_pid is not None:
+                os.kill(km_pid, signal.SIGUSR1)
         expected = int(args.rate * args.seconds)
         deadline = time.monotonic() + args.seconds + 60
         while churn.is_alive() or (len(latencies) < expected and time.monotonic() < deadline):
@@ -369,13 +422,29 @@ async def _propagation(remotes: list[Remote], shape: Shape, args: argparse.Names
             if not churn.is_alive() and time.monotonic() > deadline:
                 break
         churn.join(10)
+        if probe is not None and probes is not None:
+            probe.stop()
+            probes[f"bench ({what} pass)"] = json.loads((probe.out / "probe.json").read_text())
+            if km_pid is not None:
+                probes["kvstoremesh"] = _probe_report(km_pid, Path(args.probe) / "kvstoremesh")
     finally:
+        if probe is not None:
+            gc.callbacks.remove(probe.on_gc)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for kv in set(kvs):
             await kv.close()
+        gc.unfreeze()  # the next pass starts from the same collector
     return latencies
+
+
+def _describe_probe(r: dict[str, Any]) -> str:
+    lag, gcs = r["loop_lag_ms"], r["gc_ms"]
+    return (f"event loop late p50 {lag['p50']:.1f} / p99 {lag['p99']:.1f} / max {lag['max']:.1f} ms, "
+            f"{lag['over_20ms']} stalls > 20 ms ({lag['total_over_20ms']:.0f} ms) in {r['seconds']:.0f} s; "
+            + ", ".join(f"gc gen{g} n={v['n']} total {v['total']:.0f} ms max {v['max']:.1f} ms"
+                        for g, v in gcs.items()))
 
 
 def main() -> None:
@@ -391,6 +460,10 @@ def main() -> None:
                    help="direct: the agent connects to every remote; kvstoremesh: a `plexus "
                         "kvstoremesh` copies them into east's etcd, the agent reads only that")
     p.add_argument("--skip-propagation", action="store_true")
+    p.add_argument("--probe", metavar="DIR", help="run the agent (and kvstoremesh) under bench.scale.probe "
+                   "and print its event-loop stalls and garbage collections under churn; reports in DIR")
+    p.add_argument("--profile", action="store_true",
+                   help="with --probe: also cProfile them (DIR/*/profile.txt)")
     args = p.parse_args()
     if not 1 <= args.clusters <= 250:
         p.error("--clusters: 1 to 250 (cluster ids 2..251 next to the local cluster's 1)")
@@ -407,18 +480,22 @@ def main() -> None:
         filled = time.monotonic() - t0
         agent = _agent_phase(remotes, east.endpoint, shape, args)
         prop: dict[str, list[float]] = {}
+        probes: dict[str, dict[str, Any]] = {}
         if not args.skip_propagation:
             with ExitStack() as stack:
+                pid = 0
                 if args.mode == "kvstoremesh":  # the copy in east's etcd, kept current meanwhile
                     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="plexus-scale-km-")))
-                    km = stack.enter_context(_kvstoremesh(remotes, east.endpoint, work))
+                    km, pid = stack.enter_context(_kvstoremesh(remotes, east.endpoint, work,
+                                                                  _probe_args(args, "kvstoremesh")))
                     wait_until(lambda: km.get("/v1/healthz")["ready"], 300, what="kvstoremesh ready")
                 passes = [("floor", True, False), ("plexus", False, False)]
                 if args.mode == "kvstoremesh":  # the copy's own floor: remote -> kvstoremesh -> east
                     passes.insert(1, ("copy", True, True))
                 for what, floor, via_copy in passes:
                     prop[what] = [x * 1000 for x in asyncio.run(
-                        _propagation(remotes, shape, args, floor, east.endpoint, via_copy))]
+                        _propagation(remotes, shape, args, floor, east.endpoint, via_copy, what, probes,
+                                     pid if what == "plexus" and args.mode == "kvstoremesh" else None))]
     total = args.clusters * shape.entries
     print(f"ClusterMesh scale: {args.clusters} remote clusters x {shape.entries} entries "
           f"({shape.nodes} nodes, "
@@ -436,6 +513,10 @@ def main() -> None:
           f"sockets {agent['sockets']}")
     print(f"  remote restart: {agent['kept_while_down']} entries kept while down (agent says ready: "
           f"{agent['agent_ready_while_down']}), ready {agent['recovery']:.2f} s after its etcd started again")
+    if "probe" in agent:
+        print(f"  agent under churn (probe): {_describe_probe(agent['probe'])}")
+    for who, report in probes.items():
+        print(f"  {who} under churn (probe): {_describe_probe(report)}")
     if "kvstoremesh_rss" in agent:
         print(f"  kvstoremesh RSS {agent['kvstoremesh_rss']:.0f} MB")
     for what, ms in prop.items():

@@ -697,7 +697,7 @@ spec:
 def write_as_cilium(lab: Lab, backend_ip: str) -> None:
     """West's state as Cilium's clustermesh-apiserver writes it, in place of what west's
     Plexus apiserver wrote: every key rewritten from tests/cilium_wire.py's templates, then
-    whatever else was there removed."""
+    whatever else the apiserver had written removed."""
     from tests import cilium_wire as cw
 
     west = lab.topo.cluster("west")
@@ -732,7 +732,20 @@ def write_as_cilium(lab: Lab, backend_ip: str) -> None:
     for key, value in want.items():
         etcdctl("put", key, value)
     for key in sorted(before - want.keys() - {"cilium/.heartbeat"}):
-        etcdctl("del", key)
+        if _written_by_apiserver(key, "west"):
+            etcdctl("del", key)
+
+
+def _written_by_apiserver(key: str, cluster: str) -> bool:
+    """Whether `cluster`'s clustermesh-apiserver wrote `key` in its etcd: not the copies of
+    other clusters that a kvstoremesh keeps there (`cilium/cache/`, their cluster-config and
+    canaries), which Cilium's apiserver would leave alone too."""
+    if key.startswith("cilium/cache/"):
+        return False
+    for prefix in ("cilium/cluster-config/", "cilium/synced/"):
+        if key.startswith(prefix):
+            return key[len(prefix):].split("/", 1)[0] == cluster
+    return True
 
 
 def test_a_cilium_cluster_and_a_plexus_cluster_share_a_global_service(lab: Lab, tmp_path: Path) -> None:

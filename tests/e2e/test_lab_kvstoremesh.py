@@ -103,5 +103,13 @@ def test_global_service_load_balancing_in_ebpf(lab: Lab, tmp_path: Path) -> None
     direct.test_global_service_load_balancing_in_ebpf(lab, tmp_path)
 
 
+def test_a_cilium_cluster_and_a_plexus_cluster_share_a_global_service(lab: Lab, tmp_path: Path) -> None:
+    """West's apiserver replaced by a writer of Cilium's values: they reach east through
+    east's kvstoremesh, and kvstoremesh's copy of east in west's etcd, which the writer leaves
+    alone as Cilium's apiserver would, keeps west's agents ready (the lab up at its end waits
+    for every node to be ready)."""
+    direct.test_a_cilium_cluster_and_a_plexus_cluster_share_a_global_service(lab, tmp_path)
+
+
 def test_zz_down_leaves_nothing(lab: Lab) -> None:
     direct.test_zz_down_leaves_nothing(lab)

@@ -376,6 +376,36 @@ def test_a_malformed_new_version_loses_nothing(tmp_path: Path) -> None:
     assert eg.entries.all() == [] and eg.listing()["rejected"] == {}
 
 
+def test_without_a_policy_a_recompute_reads_no_node_endpoint_or_identity(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs on each batch of mesh changes: with hundreds of clusters a scan of the mesh's
+    nodes there held the event loop for tens of ms each time."""
+    from plexus.core.tables import Table
+
+    eg, mf, hive = make_module(tmp_path)
+    mf.upsert(Manifest("west", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    assert eg.entries.all()
+    mf.delete(("west", "EgressGatewayPolicy", "default", "legacy-db"))
+    mesh = (hive.require(NODES), hive.require(IPCACHE), hive.require(IDENTITIES))
+    read: list[str] = []
+    real_iter, real_get = Table.__iter__, Table.get
+
+    def iterate(t: Table[Any, Any]) -> Any:
+        if t in mesh:
+            read.append(f"{t.name}: scan")
+        return real_iter(t)
+
+    def get(t: Table[Any, Any], key: Any) -> Any:
+        if t in mesh:
+            read.append(f"{t.name}: {key}")
+        return real_get(t, key)
+    monkeypatch.setattr(Table, "__iter__", iterate)
+    monkeypatch.setattr(Table, "get", get)
+    eg.recompute()
+    assert read == [] and eg.entries.all() == [] and eg.steering.all() == []
+
+
 def test_the_policy_stored_first_wins_whatever_this_agent_saw_first(tmp_path: Path) -> None:
     eg, mf, _ = make_module(tmp_path)
     young = body(egressIP="10.255.0.20")
@@ -465,7 +495,7 @@ def test_datapath_rows_are_this_nodes_share_of_the_entries() -> None:
         EgressEntry("10.2.2.9", dest, elsewhere, gw2, gateway=gw2, egress_ip="10.255.0.11"),
         EgressEntry("fd00::1", "2001:db8::/64", pol, me, gateway=gw2, egress_ip="fd00::ffff"),
     ]
-    steering, snat = datapath_rows(rows, me, ips, {pol: "10.255.0.10", own: None})
+    steering, snat = datapath_rows(rows, me, ips.get, {pol: "10.255.0.10", own: None})
     assert steering == [
         SteeringEntry("10.1.1.5", dest, "172.31.2.12"),
         SteeringEntry("10.1.1.5", excl, excluded=True),

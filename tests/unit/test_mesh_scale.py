@@ -193,3 +193,41 @@ async def test_a_big_list_decoded_in_slices_gives_the_same_rows() -> None:
     # the second list, applied last, is what the table holds; north's rows are untouched
     assert m.tables.ip_claims.count(BY_CLUSTER, "west") == RELIST_SLICE + 1 == len(claims.keys)
     assert m.tables.ip_claims.count(BY_CLUSTER, "north") == 3
+
+
+def test_a_cluster_becoming_ready_is_told_once_per_time() -> None:
+    m = _Mesh()
+    w = m.watchers["west"]
+    told: list[bool] = []
+    w.on_ready = lambda: told.append(w.status.ready)
+    w._canaries_seen = True
+    for p in w.prefixes[:-1]:
+        w._listed.add(p.prefix)
+        w._update_ready()
+    assert told == [] and not w.status.ready
+    w._listed.add(w.prefixes[-1].prefix)
+    w._update_ready()
+    w._update_ready()
+    assert told == [True]  # ready already when told
+    w._canaries_seen = False
+    w._update_ready()
+    w._canaries_seen = True
+    w._update_ready()
+    assert told == [True, True]
+
+
+def test_what_a_synced_mesh_built_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from plexus.core.memory import freeze_built_state
+    m = _Mesh()
+    m.relist("west", _items("west", nodes=50, ips=500))
+    rows = {id(r) for r in m.tables.ip_claims.by(BY_CLUSTER, "west")}
+    assert len(rows) == 500 and rows <= {id(o) for o in gc.get_objects()}  # what a collection visits
+    before = gc.get_freeze_count()
+    try:
+        freeze_built_state()
+        assert gc.get_freeze_count() >= before + 500
+        assert not rows & {id(o) for o in gc.get_objects()}
+    finally:
+        gc.unfreeze()
