@@ -78,13 +78,13 @@ class Announced(Mapping[IPAddress, Mapping[IPNetwork, RouteAttrs]]):
 
 def on_the_wire(n: Neighbor, a: RouteAttrs) -> dict[str, object]:
     """The path attributes ExaBGP sends this peer for a route with these attributes:
-    ORIGIN IGP; AS_PATH empty on iBGP and our AS on eBGP; NEXT_HOP the session's local
-    address unless the route carries one; LOCAL_PREF only on iBGP (100 unless set), since
-    it never crosses an AS boundary; communities as they are."""
+    ORIGIN IGP; AS_PATH as the route carries it, else empty on iBGP and our AS on eBGP;
+    NEXT_HOP the session's local address unless the route carries one; LOCAL_PREF only on
+    iBGP (100 unless set), since it never crosses an AS boundary; communities as they are."""
     ebgp = n.peer_asn != n.local_asn
     return {
         "origin": "igp",
-        "asPath": [n.local_asn] if ebgp else [],
+        "asPath": list(a.as_path) if a.as_path else [n.local_asn] if ebgp else [],
         "nextHop": str(a.next_hop or n.local_address),
         "localPreference": None if ebgp else (DEFAULT_LOCAL_PREF if a.local_pref is None else a.local_pref),
         "communities": [f"{x}:{y}" for x, y in a.communities],

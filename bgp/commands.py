@@ -30,6 +30,8 @@ def attrs_text(a: RouteAttrs) -> str:
     parts = [f"next-hop {address_text(a.next_hop)}" if a.next_hop is not None else "next-hop self"]
     if a.local_pref is not None:
         parts.append(f"local-preference {int(a.local_pref)}")
+    if a.as_path:
+        parts.append("as-path [" + " ".join(str(int(x)) for x in a.as_path) + "]")
     if a.communities:
         parts.append("community [" + " ".join(f"{int(x)}:{int(y)}" for x, y in a.communities) + "]")
     if a.large_communities:
@@ -62,7 +64,8 @@ def grouped(routes: Iterable[tuple[IPNetwork, RouteAttrs]], batch: int
     out = []
     def order(kv: tuple[tuple[int, RouteAttrs], list[IPNetwork]]) -> tuple[object, ...]:
         (v, a), _ = kv
-        return (v, -1 if a.local_pref is None else a.local_pref, a.communities, a.large_communities)
+        return (v, -1 if a.local_pref is None else a.local_pref, a.communities, a.large_communities,
+                a.as_path)
 
     for (_, attrs), nets in sorted(groups.items(), key=order):
         nets.sort()

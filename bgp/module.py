@@ -114,7 +114,8 @@ class BGPControlPlane:
         services = eligible_services(self.services or [], self.service_cache.parsed(Service).values(),
                                      self.local, self.endpoints or [])
         res = resolve(self.cache, self.local, services, self.config.secrets_dir,
-                      (p.prefix for p in self.host_prefixes))
+                      (p.prefix for p in self.host_prefixes),
+                      {p.prefix: p.as_path_prepend for p in self.host_prefixes})
         if res.problems != self.problems:
             for where, p in res.problems.items():
                 if self.problems.get(where) != p and p not in self.cache.problems.values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,14 +55,17 @@ class RouteAttrs:
     large_communities: tuple[tuple[int, int, int], ...] = ()
     local_pref: int | None = None
     next_hop: IPAddress | None = None
+    as_path: tuple[int, ...] = ()  # sent as it is; empty: the default (our AS once on eBGP)
 
     def merge(self, other: RouteAttrs) -> RouteAttrs:
-        """Overlapping advertisements: union communities, highest local preference."""
+        """Overlapping advertisements: union communities, highest local preference, the
+        longer AS path."""
         prefs = [p for p in (self.local_pref, other.local_pref) if p is not None]
         return RouteAttrs(
             tuple(sorted(set(self.communities) | set(other.communities))),
             tuple(sorted(set(self.large_communities) | set(other.large_communities))),
-            max(prefs) if prefs else None, self.next_hop or other.next_hop)
+            max(prefs) if prefs else None, self.next_hop or other.next_hop,
+            max(self.as_path, other.as_path, key=len))
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ class Inputs:
     # what each Service advertisement selects, by id() of the advertisement, filled as read
     service_prefixes: dict[int, list[IPNetwork]] = field(default_factory=dict)
     host_prefixes: list[IPNetwork] = field(default_factory=list)  # what features want announced
+    # how many extra times our AS goes into the path of a host prefix, on eBGP
+    prepends: dict[IPNetwork, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,8 @@ class Identity:
 
 
 def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterService],
-            secrets_dir: Path, host_prefixes: Iterable[str] = ()) -> Resolved:
+            secrets_dir: Path, host_prefixes: Iterable[str] = (),
+            prepends: Mapping[str, int] | None = None) -> Resolved:
     problems = {f"{k[1]}/{k[2]}/{k[3]}": v for k, v in cache.problems.items() if k[0] == local.cluster}
     mine = [(k, v) for k, v in cache.good.items() if k[0] == local.cluster]
     inputs = Inputs(
@@ -269,7 +275,8 @@ def resolve(cache: ManifestCache, local: LocalNode, services: Iterable[ClusterSe
                    if isinstance(v, BGPNodeConfigOverride) and v.metadata.name == local.name],
         services=list(services), secrets_dir=secrets_dir,
         host_prefixes=sorted({ipaddress.ip_network(p) for p in host_prefixes},
-                             key=lambda n: (n.version, n)))
+                             key=lambda n: (n.version, n)),
+        prepends={ipaddress.ip_network(p): n for p, n in (prepends or {}).items() if n > 0})
     out = Resolved({}, {}, problems)
     for cc in inputs.clusters:
         if cc.spec.node_selector is not None and not cc.spec.node_selector.matches(inputs.labels):
@@ -346,7 +353,12 @@ def add_peer(out: Resolved, inputs: Inputs, instance: str, identity: Identity, p
         multihop=spec.ebgp_multihop, password=password,
         graceful_restart=gr.restart_time_seconds if gr.enabled else None,
         families=tuple(sorted({f.afi for f in spec.families})))
-    out.routes[peer.peer_address] = wanted_routes(spec, inputs, src.version, identity.next_hops)
+    routes = wanted_routes(spec, inputs, src.version, identity.next_hops)
+    if peer.peer_asn != identity.local_asn:  # on iBGP our own AS in the path would be a loop
+        for net, times in inputs.prepends.items():
+            if net in routes:
+                routes[net] = replace(routes[net], as_path=(identity.local_asn,) * (1 + times))
+    out.routes[peer.peer_address] = routes
     left_out = {v for f in spec.families if f.advertisements is not None
                 and (v := 4 if f.afi == "ipv4" else 6) != src.version and v not in identity.next_hops}
     missing = sorted({n.version for n in wanted_routes(spec, inputs) if n.version in left_out}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -52,6 +52,8 @@ from plexus.core.prefixes import HostPrefix, host_prefixes
 from plexus.core.tables import Table
 
 log = logging.getLogger(__name__)
+# AS paths longer than this are filtered by some routers; gateways past it tie
+MAX_PREPEND = 8
 
 
 class EgressGateways:
@@ -207,7 +209,8 @@ class EgressGateways:
         # as the gateway sees it: active when every gateway before it in the list is down
         own_view = self.own_chooser.choose(
             [replace(p, endpoints=(self._here,)) for p in states if p.key in my_egress], health)
-        held = held_egress_ips(own_view.values(), me, self.local.ip)
+        held = held_egress_ips(own_view.values(), me, self.local.ip,
+                               {p.key: [gw.node for gw in p.gateways] for p in states})
         self.announced.replace_where(lambda p: p.owner == "egress", held)
         self._update_metrics(states, health)
 
@@ -300,18 +303,31 @@ def datapath_rows(entries: list[EgressEntry], me: tuple[str, str],
     return steering, snat
 
 
-def held_egress_ips(active: Iterable[ActiveGateway], me: tuple[str, str],
-                    node_ip: str) -> list[HostPrefix]:
+def held_egress_ips(active: Iterable[ActiveGateway], me: tuple[str, str], node_ip: str,
+                    order: Mapping[PolicyKey, Sequence[tuple[str, str]]] | None = None
+                    ) -> list[HostPrefix]:
     """The egress IPs this node is the active gateway for (of any source node): announced as
     host routes, so the egress IP follows the active gateway; withdrawn when it stops. The
-    node's own address (Cilium's form, no egressIP) is routed already."""
+    node's own address (Cilium's form, no egressIP) is routed already.
+
+    Each gateway puts our AS once more into the path for every gateway after it in the
+    policy's `order`, so the later a gateway comes, the shorter its path: a router that
+    still keeps a dead, more preferred gateway's route (until its hold timer, or its
+    graceful-restart time when the session closed) prefers the standby's at once, and
+    during a hold-down, when both announce, it prefers the one sources still use."""
     out: dict[str, HostPrefix] = {}
     for a in sorted(active, key=lambda a: (a.policy, a.source or ("", ""))):
         gw = a.gateway
         if gw is None or gw.node != me or not gw.egress_ip or gw.egress_ip == node_ip:
             continue
         prefix = f"{gw.egress_ip}/{128 if ':' in gw.egress_ip else 32}"
-        out.setdefault(prefix, HostPrefix(prefix, "egress", f"egress IP of {policy_name(a.policy)}"))
+        nodes = list((order or {}).get(a.policy, ()))
+        after = len(nodes) - 1 - nodes.index(me) if me in nodes else 0
+        prepend = min(MAX_PREPEND, after)
+        held = out.get(prefix)
+        if held is None or held.as_path_prepend < prepend:
+            out[prefix] = HostPrefix(prefix, "egress", held.what if held else
+                                     f"egress IP of {policy_name(a.policy)}", prepend)
     return list(out.values())
 
 

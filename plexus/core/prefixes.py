@@ -19,6 +19,9 @@ class HostPrefix:
     prefix: str  # "a.b.c.d/32" or "x::y/128"
     owner: str   # the module that wants it announced
     what: str    # why, for status pages ("egress IP of east/default/legacy-db")
+    # extra copies of our AS in the path on eBGP: a longer path loses to a shorter one, so a
+    # standby's route can win over one the router still keeps from a dead gateway
+    as_path_prepend: int = 0
 
     @property
     def key(self) -> str:

@@ -448,6 +448,9 @@ class Lab:
             f"  local {n.host.segment.gateway} as {ROUTER_ASN};\n"
             f"  neighbor {n.host.ip} as {n.asn};\n"
             f"  hold time 9; keepalive time 3; connect retry time 1;\n"
+            # a node back after its session failed is peered again within seconds (BIRD's
+            # default waits 60 s after a failure, doubling up to 300 s)
+            f"  error wait time 1, 5;\n"
             f"  graceful restart on;\n"
             f"  ipv4 {{ import all; export none; }};\n}}"
             for n in self.topo.nodes())

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from plexus.core.client import Client
+from plexus.lab import ops
 from plexus.lab.external import PORT
-from plexus.lab.lab import Lab
+from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
 from tests.e2e.labs import apply_in, plexus
 from tests.support import wait_until
@@ -126,5 +129,121 @@ def test_selected_pods_of_both_clusters_leave_with_the_egress_ip_and_removal_res
     assert r.returncode == 0, r.stderr
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")
+
+
+def best_route_via(lab: Lab, prefix: str) -> str:
+    """The next hop of the router's best route to `prefix` ('' when it has none)."""
+    lines = lab.birdc("show", "route", prefix, "primary").splitlines()
+    via = [line.split("via", 1)[1].split()[0] for line in lines if "via" in line]
+    return via[0] if via else ""
+
+
+def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_same_ip(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    active, standby = lab.topo.node("east", "n2"), lab.topo.node("west", "n2")
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, EGRESS_IP)
+    assert best_route_via(lab, f"{EGRESS_IP}/32") == active.host.ip
+    agent = State.load(lab.state_path).processes[f"agent-{active.key}"]
+    try:
+        # the node gone: no probe answered, no TCP segment reaches the router (its BGP
+        # session ends only when the router's hold timer, 9 s, runs out)
+        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "down")
+        ops.stop(agent.pid, agent.marker, timeout=5)
+        # well before that hold timer: the standby's route wins at once
+        for cluster, (node, pod) in BILLING.items():
+            seen_as(lab, cluster, node, pod, EGRESS_IP, timeout=6)
+        assert best_route_via(lab, f"{EGRESS_IP}/32") == standby.host.ip
+        listing = Client(lab.socket(lab.topo.node("east", "n1")), timeout=5).get("/v1/egress/list")
+        [policy] = [p for p in listing["policies"] if p["name"] == "east/default/legacy-db"]
+        assert {a["sourceNode"]: a["gateway"] for a in policy["active"]}["east/n1"] == "west/n2"
+    finally:
+        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "up")
+        r = plexus("lab", "up")  # starts the agent again
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")
+
+
+def drops(lab: Lab, cluster: str, node: str, reason: str) -> float:
+    n = lab.topo.node(cluster, node)
+    text = ops.run(sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
+                   f"'http://{n.host.ip}:9962/metrics').read().decode())", ns=n.host.netns).stdout
+    found = re.search(rf'^plexus_datapath_drops_total\{{reason="{reason}"\}} (\S+)$', text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+@contextmanager
+def router_capture(lab: Lab) -> Iterator[Callable[[], list[tuple[str, str]]]]:
+    """tcpdump on every interface of the router toward the external network; yields a reader
+    of the (source, destination) addresses of what it saw."""
+    path = lab.root / "egress-leak.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", "plx-router", "tcpdump", "--immediate-mode",
+                             "-Z", "root", "-i", "any", "-n", "-U", "-w", str(path),
+                             "dst net 198.51.100.0/24"], stderr=subprocess.DEVNULL)
+
+    def read() -> list[tuple[str, str]]:
+        out = subprocess.run(["tcpdump", "-r", str(path), "-n"], capture_output=True, text=True).stdout
+        pairs = re.findall(r" IP (\d+\.\d+\.\d+\.\d+)\.\d+ > (\d+\.\d+\.\d+\.\d+)\.\d+", out)
+        return [(a, b) for a, b in pairs]
+
+    try:
+        # a packet of the unselected pod shows that it captures
+        wait_until(lambda: ask_external(lab, "east", "n1", "egplain", 1.0).get("ip") is not None
+                   and any(a != EGRESS_IP for a, _ in read()), 15, interval=0.3,
+                   what="tcpdump capturing on the router")
+        yield read
+    finally:
+        dump.terminate()
+        dump.wait(10)
+        path.unlink(missing_ok=True)
+
+
+def test_with_every_gateway_down_selected_traffic_is_dropped_and_never_leaks(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    gateways = [lab.topo.node("east", "n2"), lab.topo.node("west", "n2")]
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, EGRESS_IP)
+    agents = State.load(lab.state_path).processes
+    before = {c: drops(lab, c, n, "no-egress-gateway") for c, (n, _pod) in BILLING.items()}
+    try:
+        for gw in gateways:
+            ops.run("ip", "-n", gw.host.netns, "link", "set", "eth0", "down")
+            agent = agents[f"agent-{gw.key}"]
+            ops.stop(agent.pid, agent.marker, timeout=5)
+        with router_capture(lab) as seen:
+            for cluster, (node, pod) in BILLING.items():
+                def dropped(c: str = cluster, n: str = node, p: str = pod) -> bool:
+                    return ("error" in ask_external(lab, c, n, p, 1.0)
+                            and drops(lab, c, n, "no-egress-gateway") > before[c])
+
+                wait_until(dropped, 30, interval=0.3,
+                           what=f"{cluster}/{pod}'s connections dropped on its node")
+            plain = ask_external(lab, "east", "n1", "egplain", 1.0)
+            assert plain.get("ip") == pods["plain"]["ip"], plain  # not selected: leaves as before
+            captured = seen()
+        own = {pods[c]["ip"] for c in BILLING} | {n.host.ip for n in lab.topo.nodes()}
+        assert pods["plain"]["ip"] in {a for a, _ in captured}, captured  # the capture works
+        leaked = [(a, b) for a, b in captured if a in own or a == EGRESS_IP]
+        assert not leaked, leaked
+    finally:
+        for gw in gateways:
+            ops.run("ip", "-n", gw.host.netns, "link", "set", "eth0", "up")
+        r = plexus("lab", "up")  # starts the agents again
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")

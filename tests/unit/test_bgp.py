@@ -361,3 +361,23 @@ def test_egress_gateway_advertisements_announce_the_host_prefixes_features_hold(
     held = resolve(cache, LOCAL, (), tmp_path, ["10.255.0.10/32", "fd00::10/128"])
     assert set(held.routes[A("10.0.0.254")]) == {N("10.255.0.10/32")}  # the peer's family only
     assert resolve(cache, LOCAL, (), tmp_path).routes[A("10.0.0.254")] == {}  # withdrawn
+
+
+def test_a_host_prefix_carries_its_prepends_on_ebgp_only(tmp_path: Path) -> None:
+    cache = ManifestCache(MANIFEST_KINDS)
+    peer = {"families": [{"afi": "ipv4", "safi": "unicast", "advertisements": {"matchLabels": {"a": "b"}}}]}
+    ads = m("BGPAdvertisement", "a", {"advertisements": [{"advertisementType": "EgressGateway"},
+                                                         {"advertisementType": "PodCIDR"}]}, {"a": "b"})
+    cache.sync([m("BGPClusterConfig", "c", CC), m("BGPPeerConfig", "p", peer), ads])
+    held = resolve(cache, LOCAL, (), tmp_path, ["10.255.0.10/32"], {"10.255.0.10/32": 2})
+    routes = held.routes[A("10.0.0.254")]
+    assert routes[N("10.255.0.10/32")].as_path == (65001, 65001, 65001)
+    assert routes[N("10.1.1.0/24")].as_path == ()  # the pod CIDR keeps the default path
+    text = announce_commands(A("10.0.0.254"), [(N("10.255.0.10/32"), routes[N("10.255.0.10/32")])], 10)
+    assert text == ["neighbor 10.0.0.254 announce attributes next-hop self as-path [65001 65001 65001] "
+                    "nlri 10.255.0.10/32"]
+    ibgp = {"bgpInstances": [{"name": "i0", "localASN": 65001, "peers": [
+        {"name": "r", "peerAddress": "10.0.0.254", "peerASN": 65001, "peerConfigRef": {"name": "p"}}]}]}
+    cache.sync([m("BGPClusterConfig", "c", ibgp), m("BGPPeerConfig", "p", peer), ads])
+    held = resolve(cache, LOCAL, (), tmp_path, ["10.255.0.10/32"], {"10.255.0.10/32": 2})
+    assert held.routes[A("10.0.0.254")][N("10.255.0.10/32")].as_path == ()  # our AS twice: a loop

@@ -224,3 +224,13 @@ def test_end_of_rib_goes_for_the_negotiated_families_only(tmp_path: Path) -> Non
     assert end_of_rib_commands(V6, ("ipv4", "ipv6"), extended=True) == ["neighbor fd00::2 plexus-eor"]
     assert end_of_rib_commands(V6, ("ipv4", "ipv6")) == ["neighbor fd00::2 announce eor ipv4 unicast",
                                                          "neighbor fd00::2 announce eor ipv6 unicast"]
+
+
+def test_a_prepended_path_leaves_exabgp_as_given(tmp_path: Path) -> None:
+    sp = Speaker(tmp_path)
+    net = [(N("10.255.0.10/32"), RouteAttrs(as_path=(65001, 65001, 65001)))]
+    assert sp.run(bulk_commands(V4, [], net, 10)) == ["done"]
+    assert sp.flush()["10.0.0.2"]
+    held = {p: a for p, _, a in sp.advertised()["10.0.0.2"]}
+    # ExaBGP prints an AS_SEQUENCE in parentheses (a set, which counts once, in brackets)
+    assert held["10.255.0.10/32"] == " as-path ( 65001 65001 65001 )", held

@@ -152,3 +152,10 @@ def test_every_local_service_is_eligible_not_only_global_ones() -> None:
     # db asks for local backends and has none on this node; the others are announced
     assert set(res.routes[PEER]) == {N(x) for x in ("10.96.0.10/32", "192.0.2.10/32", "10.96.0.11/32",
                                                     "192.0.2.11/32", "10.96.0.13/32")}
+
+
+def test_the_wire_view_shows_a_prepended_path_as_it_is() -> None:
+    ebgp = Neighbor(PEER, 65000, 65001, V4("10.0.0.1"), A("10.0.0.1"))
+    wire = on_the_wire(ebgp, RouteAttrs(as_path=(65001, 65001)))
+    assert wire["asPath"] == [65001, 65001]
+    assert wire_text(wire) == "next-hop 10.0.0.1 as-path [65001 65001]"

@@ -529,6 +529,31 @@ def test_the_active_gateway_holds_the_egress_ip_and_no_other_node_does() -> None
     assert held_egress_ips(active[3:], me, "172.31.1.12") == []
 
 
+def test_the_later_a_gateway_comes_in_the_list_the_shorter_the_path_it_announces() -> None:
+    from egress.module import MAX_PREPEND, held_egress_ips
+    from egress.tables import ActiveGateway, GatewayCandidate
+
+    a, b, c = ("east", "n2"), ("west", "n2"), ("west", "n3")
+    pol = ("east", "default", "legacy-db")
+    order = {pol: [a, b, c]}
+
+    def prepend(me: tuple[str, str]) -> int:
+        active = [ActiveGateway(pol, ("east", "n1"), GatewayCandidate(me, 0, "10.255.0.10"), 0.0)]
+        [held] = held_egress_ips(active, me, "172.31.9.9", order)
+        return held.as_path_prepend
+
+    assert [prepend(a), prepend(b), prepend(c)] == [2, 1, 0]
+    many = [("east", f"n{i}") for i in range(20)]
+    active = [ActiveGateway(pol, ("east", "n1"), GatewayCandidate(many[0], 0, "10.255.0.10"), 0.0)]
+    assert held_egress_ips(active, many[0], "172.31.9.9", {pol: many})[0].as_path_prepend == MAX_PREPEND
+    # two policies on one egress IP: the longer path, so neither wins over a gateway it should not
+    other = ("east", "default", "other")
+    both = [ActiveGateway(k, ("east", "n1"), GatewayCandidate(a, 0, "10.255.0.10"), 0.0)
+            for k in (other, pol)]
+    held = held_egress_ips(both, a, "172.31.9.9", {pol: [a, b, c], other: [b, a]})
+    assert [(h.prefix, h.as_path_prepend) for h in held] == [("10.255.0.10/32", 2)]
+
+
 class FakePinger:
     """Answers the probes to the addresses in `up` at once."""
 
