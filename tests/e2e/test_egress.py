@@ -90,8 +90,9 @@ class KeptConnection:
         return self.proc.stdout.readline().strip()
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self.proc.wait(30)
 
 

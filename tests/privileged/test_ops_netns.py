@@ -122,6 +122,7 @@ async def test_tunnels_udp_ports_route_to_other_nodes_through_the_device(ns: str
     ops = RouteOps("plxwg", CFG.tunnel_table, CFG.tunnel_rule_priority, Netlink(ns),
                    strict=True, udp_ports=lambda: ports)
     link(ns, "eth0", "172.31.1.11/24")
+    sh("ip", "route", "add", "default", "via", "172.31.1.1", ns=ns)
     link(ns, "plxwg")
     assert await asyncio.to_thread(ops.ensure_rule)
     assert not await asyncio.to_thread(ops.ensure_rule)
