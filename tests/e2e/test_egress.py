@@ -363,6 +363,9 @@ def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
                 assert kept.greeting.get("ip") == EGRESS_IP, kept.greeting
                 for i in range(5):
                     assert kept.echo(f"{MARKER}-{i}") == f"{MARKER}-{i}"
+                # full-sized segments get through too (VXLAN 50 bytes inside WireGuard 80)
+                big = f"{MARKER}-big-" + "x" * 20000
+                assert kept.echo(big) == big
             finally:
                 kept.close()
         text, headers = read()
