@@ -23,7 +23,7 @@ from egress.config import EgressConfig
 from egress.failover import GatewayChooser, healthy
 from egress.metrics import EgressMetrics, SnatConnections
 from egress.models import MANIFEST_KINDS, EgressGatewayPolicy
-from egress.ops import SnatOps, SteeringOps, Tunnel, TunnelOps, uplink_of
+from egress.ops import VXLAN_PORT, SnatOps, SteeringOps, Tunnel, TunnelOps, uplink_of
 from egress.probe import GatewayProber
 from egress.tables import (
     EGRESS_ENTRIES,
@@ -50,6 +50,7 @@ from plexus.core.module import Hive, Module
 from plexus.core.node import LOCAL_NODE
 from plexus.core.prefixes import HostPrefix, host_prefixes
 from plexus.core.tables import Table
+from plexus.core.tunnels import NodeTunnel, node_tunnels
 
 log = logging.getLogger(__name__)
 # AS paths longer than this are filtered by some routers; gateways past it tie
@@ -84,6 +85,7 @@ class EgressGateways:
         # the datapath's rows: steering of local pods, translation when this node is a gateway
         self.datapath = hive.optional(DATAPATH)
         self.announced = host_prefixes(hive)  # the egress IPs this node holds as active gateway
+        self.node_tunnels = node_tunnels(hive)  # encryption, when on, carries the VXLAN inside
         self.steering: Table[tuple[str, str], SteeringEntry] = Table("egress-steering",
                                                                       key=lambda e: e.key)
         self.snat: Table[tuple[str, str], SnatEntry] = Table("egress-snat", key=lambda e: e.key)
@@ -105,6 +107,7 @@ class EgressGateways:
                 self.hive.spawn("egress", self._follow(table), table.name)
         self.hive.spawn("egress", self._recompute_loop(), "recompute")
         if self.config.datapath and self.datapath is not None and self.datapath.config.enabled:
+            self.node_tunnels.upsert(NodeTunnel(VXLAN_PORT, "egress", "VXLAN to egress gateways"))
             self.hive.spawn("egress", self._datapath(), "datapath")
             self.hive.spawn("egress", self._open_gates(), "gates")
             if self.config.probe:  # a node without the datapath steers nothing: no probes

@@ -28,6 +28,12 @@ class EncryptionConfig(Strict):
                                     "rulePriority - 1 sends them to the main table, so an enrolled "
                                     "host's address, its endpoint too, can route through the device. "
                                     "0: no mark, and hosts' addresses are not encrypted.")
+    tunnel_table: int = Field(51872, ge=1, le=0xFFFFFFF0,
+                              description="Routing table of the routes to other nodes' addresses "
+                                          "that tunnels between nodes (egress VXLAN) take.")
+    tunnel_rule_priority: int = Field(
+        98, ge=1, le=32000, description="Priority of the ip rules that send a tunnel's packets "
+                                        "(by UDP destination port) to that table.")
     wireguard_go: str = Field("wireguard-go", description="The userspace implementation to run.")
     service_frontends: bool = Field(
         False, description="Route every global service's frontend addresses through the device "

@@ -34,7 +34,13 @@ from clustermesh.vms import VM_NODE_LABEL
 from encryption.config import WG_OVERHEAD, EncryptionConfig
 from encryption.keys import InvalidKey, KeyPair, parse_public_key
 from encryption.ops import RTPROT_PLEXUS, Backend, PeerOps, RouteOps, detect
-from encryption.tables import EncryptedRoute, Peer, peers_table, routes_table
+from encryption.tables import (
+    EncryptedRoute,
+    Peer,
+    peers_table,
+    routes_table,
+    tunnel_routes_table,
+)
 from encryption.uapi import DeviceInfo
 from plexus.core.api import ApiError
 from plexus.core.kernel import kernel_numbers
@@ -42,6 +48,7 @@ from plexus.core.module import Hive, Module
 from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, POD_MTU, WIREGUARD_PUBLIC_KEY
 from plexus.core.reconciler import Reconciler
+from plexus.core.tunnels import node_tunnels
 
 log = logging.getLogger(__name__)
 CHECK_INTERVAL = 1.0  # the backstop: a device gone without its process exiting is seen this late
@@ -125,13 +132,17 @@ class Encryption:
         self.services = hive.require(GLOBAL_SERVICES) if config.service_frontends else None
         self.peers = peers_table()
         self.routes = routes_table()
+        # other nodes' addresses, for the tunnels features run between nodes (by UDP port)
+        self.tunnels = node_tunnels(hive)
+        self.tunnel_routes = tunnel_routes_table()
         self.underlay_mtu: int = hive.agent.node.mtu
         self.keys: KeyPair | None = None
         self.backend: Backend | None = None
         self.refused: dict[str, str] = {}
         self.reconcilers: list[Reconciler[Any, Any]] = []
         self._synced_done = [self.peers.register_initializer("nodes"),
-                             self.routes.register_initializer("nodes")]
+                             self.routes.register_initializer("nodes"),
+                             self.tunnel_routes.register_initializer("nodes")]
         # The node record waits for the key: a restarted agent that registered without it
         # would make every peer drop this node until the key came back.
         self._attributes_done = (self.attributes.register_initializer("encryption")
@@ -144,6 +155,10 @@ class Encryption:
                 numbers.claim("fwmark", config.fwmark, "encryption", "the device's own packets")
                 numbers.claim("rule-priority", config.rule_priority - 1, "encryption",
                               "the device's own packets to the main table")
+            numbers.claim("route-table", config.tunnel_table, "encryption",
+                          "routes of other nodes' addresses for tunnels between nodes")
+            numbers.claim("rule-priority", config.tunnel_rule_priority, "encryption",
+                          "ip rules sending tunnels' UDP ports to that table")
             numbers.claim("route-protocol", RTPROT_PLEXUS, "encryption", "marks its routes",
                           shared=True)
         hive.routes.get("/v1/encryption/status", self._status_api)
@@ -179,13 +194,20 @@ class Encryption:
         self.route_ops = RouteOps(cfg.device, cfg.table, cfg.rule_priority, self.netlink,
                                   strict=cfg.strict, fwmark=cfg.fwmark)
         await asyncio.to_thread(self.route_ops.ensure_rule)
+        self.tunnel_ops = RouteOps(cfg.device, cfg.tunnel_table, cfg.tunnel_rule_priority,
+                                   self.netlink, strict=cfg.strict,
+                                   udp_ports=lambda: [t.port for t in self.tunnels])
+        await asyncio.to_thread(self.tunnel_ops.ensure_rule)
         log.info("encryption on: backend=%s device=%s port=%d public_key=%s strict=%s",
                  self.backend.name, cfg.device, cfg.port, self.keys.public_b64, cfg.strict)
         self.reconcilers = [
             self.hive.reconcile("encryption", "wireguard-peers", self.peers, PeerOps(self.backend),
                                 concurrency=512),
             self.hive.reconcile("encryption", "wireguard-routes", self.routes, self.route_ops),
+            self.hive.reconcile("encryption", "wireguard-tunnel-routes", self.tunnel_routes,
+                                self.tunnel_ops),
         ]
+        self.hive.spawn("encryption", self._follow_tunnels(), "tunnels")
         self.hive.spawn("encryption", self._derive(), "derive")
         if self.services is not None:
             self.hive.spawn("encryption", self._derive_frontends(), "derive-frontends")
@@ -206,6 +228,7 @@ class Encryption:
                     await self._restore("device gone")
                 if await asyncio.to_thread(self.route_ops.ensure_rule):
                     log.warning("ip rule to table %d was missing: added again", self.config.table)
+                await asyncio.to_thread(self.tunnel_ops.ensure_rule)
             except Exception as e:  # a failed check (netlink, UAPI) is tried again, never fatal
                 log.warning("checking WireGuard device=%s failed: %s", self.config.device, e)
 
@@ -281,6 +304,11 @@ class Encryption:
         for done in self._synced_done:
             done()
 
+    async def _follow_tunnels(self) -> None:
+        """A tunnel's UDP port added or gone: its rule follows."""
+        async for _ in self.tunnels.watch():
+            await asyncio.to_thread(self.tunnel_ops.ensure_rule)
+
     async def _derive(self) -> None:
         async for _ in self.nodes.watch():
             self._compute()
@@ -296,6 +324,7 @@ class Encryption:
         own_key = self.keys.public_bytes if self.keys else b""
         peers: list[Peer] = []
         routes: list[EncryptedRoute] = []
+        tunnel_routes: list[EncryptedRoute] = []
         refused: dict[str, str] = {}
         owners: dict[bytes, tuple[str, str]] = {}
         # What this cluster's nodes hold, no other cluster's node record may route elsewhere.
@@ -331,6 +360,13 @@ class Encryption:
                     refused[name] = str(e)
             if peer is not None:
                 peers.append(peer)
+            for a in [] if taken else node.addresses:
+                # the node's own address as the source: the peer accepts only that one
+                src = self.local.ip if ":" not in a.ip and ":" not in self.local.ip else None
+                if peer is not None:
+                    tunnel_routes.append(EncryptedRoute(_host_prefix(a.ip), "device", node.key, src))
+                elif cfg.strict:
+                    tunnel_routes.append(EncryptedRoute(_host_prefix(a.ip), "blackhole", node.key))
             for cidr in cidrs:
                 if peer is not None:
                     routes.append(EncryptedRoute(cidr, "device", node.key))
@@ -343,6 +379,7 @@ class Encryption:
         self.refused = refused
         self.peers.replace_where(lambda _p: True, peers)
         self.routes.replace_where(lambda _r: True, routes)
+        self.tunnel_routes.replace_where(lambda _r: True, tunnel_routes)
 
     def _frontend_routes(self, taken: set[str]) -> list[EncryptedRoute]:
         """Every global service's frontend addresses, through the device: the host's datapath

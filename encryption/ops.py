@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from errno import EAFNOSUPPORT
 from pathlib import Path
 from socket import AF_INET, AF_INET6
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -39,6 +39,7 @@ PID_FILE = "wireguard-go.pid"
 # so a lookup finds "drop" whenever the device is gone, never the main table's clear path.
 FALLBACK_METRIC = 4096
 ESRCH = 3
+IPPROTO_UDP = 17
 
 
 class BackendUnavailable(Exception):
@@ -380,10 +381,14 @@ class RouteOps:
 
     In strict mode every remote pod CIDR also gets a blackhole at `FALLBACK_METRIC`, put in
     before its device route and left in place by stop: whatever happens to the device, the
-    CIDR's traffic is encrypted or dropped."""
+    CIDR's traffic is encrypted or dropped.
+
+    With `udp_ports` the rules send only UDP packets to those destination ports to the table
+    (one rule per port; a rule of a port no longer listed goes): tunnels between nodes."""
 
     def __init__(self, device: str, table: int, priority: int,
-                 netlink: Netlink = AGENT_NETNS, *, strict: bool = False, fwmark: int = 0) -> None:
+                 netlink: Netlink = AGENT_NETNS, *, strict: bool = False, fwmark: int = 0,
+                 udp_ports: Callable[[], Iterable[int]] | None = None) -> None:
         self.device = device
         self.table = table
         self.priority = priority
@@ -393,9 +398,13 @@ class RouteOps:
         # to `main`, so an enrolled host's address (its endpoint too) may route through
         # the device without the device's packets to it looping back in.
         self.fwmark = fwmark
+        self.udp_ports = udp_ports
 
-    def _rules(self) -> list[dict[str, int]]:
-        rules = [{"table": self.table, "priority": self.priority}]
+    def _rules(self) -> list[dict[str, Any]]:
+        if self.udp_ports is not None:
+            return [{"table": self.table, "priority": self.priority, "FRA_IP_PROTO": IPPROTO_UDP,
+                     "FRA_DPORT_RANGE": f"{port}:{port}"} for port in sorted(set(self.udp_ports()))]
+        rules: list[dict[str, Any]] = [{"table": self.table, "priority": self.priority}]
         if self.fwmark:
             rules.append({"table": RT_TABLE_MAIN, "priority": self.priority - 1,
                           "fwmark": self.fwmark, "fwmask": self.fwmark})
@@ -404,12 +413,20 @@ class RouteOps:
     def ensure_rule(self) -> bool:
         """Add the rules where they are missing; True when one had to be added."""
         added = False
+        wanted = self._rules()
         with self.netlink.route() as ipr:
             for family in FAMILIES:
-                present = {(r.get_attr("FRA_TABLE"), r.get_attr("FRA_PRIORITY"),
-                            r.get_attr("FRA_FWMARK") or 0) for r in ipr.get_rules(family=family)}
-                for rule in self._rules():
-                    if (rule["table"], rule["priority"], rule.get("fwmark", 0)) in present:
+                present = {_rule_key(r) for r in ipr.get_rules(family=family)}
+                if self.udp_ports is not None:  # a port no longer listed: its rule goes
+                    keep = {(r["table"], r["priority"], 0, r["FRA_DPORT_RANGE"]) for r in wanted}
+                    for key in present:
+                        if key[:2] == (self.table, self.priority) and key not in keep:
+                            ipr.rule("del", family=family, table=self.table,
+                                     priority=self.priority, FRA_IP_PROTO=IPPROTO_UDP,
+                                     FRA_DPORT_RANGE=key[3])
+                for rule in wanted:
+                    if (rule["table"], rule["priority"], rule.get("fwmark", 0),
+                            rule.get("FRA_DPORT_RANGE")) in present:
                         continue
                     try:
                         ipr.rule("add", family=family, **rule)
@@ -434,7 +451,7 @@ class RouteOps:
             if not found:
                 raise TemporaryError(f"device {self.device} is missing")
             ipr.route("replace", dst=r.dst, family=_family(r.dst), table=self.table,
-                      oif=found[0], proto=RTPROT_PLEXUS)
+                      oif=found[0], proto=RTPROT_PLEXUS, **({"prefsrc": r.src} if r.src else {}))
 
     def _delete(self, r: EncryptedRoute) -> None:
         with self.netlink.route() as ipr:
@@ -476,6 +493,12 @@ class RouteOps:
 
     async def prune(self, rows: Iterable[EncryptedRoute]) -> None:
         await asyncio.to_thread(self._prune, list(rows))
+
+
+def _rule_key(r: Any) -> tuple[Any, Any, int, str | None]:
+    """(table, priority, fwmark, destination port range) of a rule read back."""
+    return (r.get_attr("FRA_TABLE"), r.get_attr("FRA_PRIORITY"), r.get_attr("FRA_FWMARK") or 0,
+            r.get_attr("FRA_DPORT_RANGE"))
 
 
 def _family(cidr: str) -> int:

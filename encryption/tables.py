@@ -24,12 +24,13 @@ class Peer:
 
 @dataclass(frozen=True)
 class EncryptedRoute:
-    """A remote pod CIDR, or a service frontend: through the device, or dropped (strict mode,
-    no peer)."""
+    """A remote pod CIDR, a service frontend, or a node's address for its tunnels: through the
+    device, or dropped (strict mode, no peer)."""
 
     dst: str
     kind: Literal["device", "blackhole"]
     node: tuple[str, str]  # the node (cluster, name); for a frontend, the service (namespace, name)
+    src: str | None = None  # the source address packets take (a node's own, for its tunnels)
 
     @property
     def key(self) -> str:
@@ -42,3 +43,7 @@ def peers_table() -> Table[str, Peer]:
 
 def routes_table() -> Table[str, EncryptedRoute]:
     return Table("wireguard-routes", key=lambda r: r.key)
+
+
+def tunnel_routes_table() -> Table[str, EncryptedRoute]:
+    return Table("wireguard-tunnel-routes", key=lambda r: r.key)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,10 +20,12 @@ from plexus.lab import ops
 from plexus.lab.external import PORT
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
-from tests.e2e.labs import apply_in, plexus
+from tests.e2e.labs import apply_in, plexus, underlay_capture
 from tests.support import wait_until
 
 EXT_IP, EGRESS_IP = "198.51.100.10", "10.255.0.10"
+VXLAN_PORT = 8472
+MARKER = "PLEXUS-EGRESS-MARKER"
 ASK = """import json, socket, sys
 try:
     with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])) as s:
@@ -43,6 +47,19 @@ spec:
   - nodeSelector: {matchLabels: {kubernetes.io/hostname: n2, io.cilium.k8s.policy.cluster: west}}
 """
 BILLING = {"east": ("n1", "egbille"), "west": ("n1", "egbillw")}
+# One connection kept open: the first line is what the server saw, then each line read from
+# stdin is sent and its echo printed (an error instead when the connection broke).
+KEEP = """import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+f = s.makefile("rb")
+print(f.readline().decode().strip(), flush=True)
+for line in sys.stdin:
+    try:
+        s.sendall(line.encode())
+        print(f.readline().decode().strip() or json.dumps({"error": "closed"}), flush=True)
+    except OSError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+"""
 
 
 def ask_external(lab: Lab, cluster: str, node: str, pod: str, timeout: float = 2.0) -> dict[str, Any]:
@@ -53,6 +70,30 @@ def ask_external(lab: Lab, cluster: str, node: str, pod: str, timeout: float = 2
     assert r.returncode == 0, r.stderr
     answer: dict[str, Any] = json.loads(r.stdout)
     return answer
+
+
+class KeptConnection:
+    """A TCP connection from a pod to the external server, open until `close`."""
+
+    def __init__(self, lab: Lab, cluster: str, node: str, pod: str, timeout: float) -> None:
+        ns = pod_netns(lab.topo.node(cluster, node), pod)
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", KEEP, EXT_IP,
+                                      str(PORT), str(timeout)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.greeting: dict[str, Any] = json.loads(self.proc.stdout.readline() or "{}")
+
+    def echo(self, text: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self.proc.wait(30)
 
 
 def seen_as(lab: Lab, cluster: str, node: str, pod: str, want: str, timeout: float = 30) -> None:
@@ -245,5 +286,97 @@ def test_with_every_gateway_down_selected_traffic_is_dropped_and_never_leaks(
         assert r.returncode == 0, r.stdout + r.stderr
         r = plexus("delete", "-f", str(f), "--lab", "east")
         assert r.returncode == 0, r.stderr
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")
+
+
+def test_a_gateway_agent_restarted_under_traffic_keeps_established_connections(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    gateway = lab.topo.node("east", "n2")
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    node, pod = BILLING["east"]
+    seen_as(lab, "east", node, pod, EGRESS_IP)
+    before = len(lab.external_clients())
+    # retransmissions must carry the connection over the restart: a long read timeout
+    kept = KeptConnection(lab, "east", node, pod, timeout=30)
+    try:
+        assert kept.greeting.get("ip") == EGRESS_IP, kept.greeting
+        assert kept.echo("before the restart") == "before the restart"
+        agent = State.load(lab.state_path).processes[f"agent-{gateway.key}"]
+        os.kill(agent.pid, signal.SIGKILL)  # a PID the lab recorded: ours
+        wait_until(lambda: not ops.alive(agent.pid, agent.marker), 10, what="the agent gone")
+        assert kept.echo("while the agent is gone") == "while the agent is gone"
+        r = plexus("lab", "up")  # starts the agent again
+        assert r.returncode == 0, r.stdout + r.stderr
+        restarted = State.load(lab.state_path).processes[f"agent-{gateway.key}"]
+        assert restarted.pid != agent.pid
+
+        def translating() -> bool:
+            listing = Client(lab.socket(gateway), timeout=5).get("/v1/egress/list")
+            return bool(listing["datapath"]["loaded"] and listing["datapath"]["snat"]
+                        and f"{EGRESS_IP}/32" in listing["datapath"]["announced"])
+
+        wait_until(translating, 30, interval=0.3, what="the restarted agent's egress datapath")
+        assert kept.echo("after the restart") == "after the restart"
+        seen_as(lab, "east", node, pod, EGRESS_IP)  # and new connections too
+    finally:
+        kept.close()
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
+    # one connection of the kept ones, and every address the server saw is the egress IP
+    seen = lab.external_clients(since=before)
+    assert seen and {c["ip"] for c in seen} == {EGRESS_IP}, seen
+    assert kept.greeting.get("seq") in {c["seq"] for c in seen}
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")
+
+
+def packets_with(text: str, marker: str) -> list[str]:
+    """The header lines of the captured packets (tcpdump -A) whose bytes hold `marker`."""
+    found: list[str] = []
+    header, body = "", list[str]()
+    for line in [*text.splitlines(), "00:00:00.000000 end"]:
+        if re.match(r"\d\d:\d\d:\d\d\.\d+ ", line):
+            if marker in "".join(body):
+                found.append(header)
+            header, body = line, []
+        else:
+            body.append(line.strip())
+    return found
+
+
+def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    node, pod = BILLING["east"]
+    try:
+        seen_as(lab, "east", node, pod, EGRESS_IP)
+        with underlay_capture(lab, "egress-tunnel") as read:
+            kept = KeptConnection(lab, "east", node, pod, timeout=10)
+            try:
+                assert kept.greeting.get("ip") == EGRESS_IP, kept.greeting
+                for i in range(5):
+                    assert kept.echo(f"{MARKER}-{i}") == f"{MARKER}-{i}"
+                # full-sized segments get through too (VXLAN 50 bytes inside WireGuard 80)
+                big = f"{MARKER}-big-" + "x" * 20000
+                assert kept.echo(big) == big
+            finally:
+                kept.close()
+        text, headers = read()
+    finally:
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
+    assert f".{VXLAN_PORT}: " not in headers, [h for h in headers.splitlines()
+                                                 if f".{VXLAN_PORT}: " in h][:5]
+    # in the clear only beyond the gateway: from the egress IP to the server and back
+    clear = packets_with(text, MARKER)
+    assert clear, "the capture saw the server's leg"
+    assert all(f" IP {EGRESS_IP}." in h or f" IP {EXT_IP}." in h for h in clear), clear[:5]
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")

@@ -9,8 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from plexus.commands.common import LAB_DIR
 from plexus.lab import ops
 from plexus.lab.lab import Lab, State
 from plexus.lab.topology import pod_netns
-from tests.e2e.labs import ROOT, apply_in, lab_namespaces, plexus
+from tests.e2e.labs import ROOT, apply_in, lab_namespaces, plexus, underlay_capture
 from tests.support import wait_until
 
 
@@ -233,45 +232,6 @@ def fake_node(name: str, pubkey: str) -> str:
     return Node(name=name, cluster="west", cluster_id=2,
                 addresses=(NodeAddress("InternalIP", "172.31.2.99"),),
                 ipv4_alloc_cidr="10.2.99.0/24", wireguard_pubkey=pubkey).to_json()
-
-
-@contextmanager
-def underlay_capture(lab: Lab, name: str) -> Iterator[Callable[[], tuple[str, str]]]:
-    """tcpdump on the router's leg to every node; yields a reader of (payload text, headers)."""
-    from tests.support import wait_until
-
-    legs = [n.host.router_link for n in lab.topo.nodes()]
-    paths = [lab.root / f"{name}-{leg}.pcap" for leg in legs]
-    # --immediate-mode: without it the last second of packets is lost when tcpdump stops
-    dumps = [subprocess.Popen(["ip", "netns", "exec", "plx-router", "tcpdump", "--immediate-mode",
-                               "-Z", "root", "-i", leg, "-n", "-U", "-s", "0", "-w", str(path)],
-                              stderr=subprocess.DEVNULL)
-             for leg, path in zip(legs, paths, strict=True)]
-    try:
-        def capturing() -> bool:
-            # tcpdump says "listening" before it captures: probe every leg until packets land.
-            for n in lab.topo.nodes():
-                ops.run("ping", "-c", "1", "-W", "1", n.host.segment.gateway, ns=n.host.netns,
-                        check=False)
-            return all(p.exists() and p.stat().st_size > 24 for p in paths)
-
-        wait_until(capturing, 15, what="tcpdump capturing")
-
-        def read() -> tuple[str, str]:
-            text = headers = ""
-            for path in paths:
-                text += subprocess.run(["tcpdump", "-r", str(path), "-n", "-A"], capture_output=True,
-                                       text=True, errors="replace").stdout
-                headers += subprocess.run(["tcpdump", "-r", str(path), "-n"], capture_output=True,
-                                          text=True).stdout
-            return text, headers
-
-        yield read
-    finally:
-        for d in dumps:
-            d.terminate()
-        for d in dumps:
-            d.wait(10)
 
 
 def encrypt_status(node: str) -> dict[str, Any]:

@@ -117,6 +117,38 @@ async def test_the_devices_own_packets_bypass_its_table_by_their_mark(ns: str) -
     assert "via 172.31.1.1" in by_mark, by_mark
 
 
+async def test_tunnels_udp_ports_route_to_other_nodes_through_the_device(ns: str) -> None:
+    ports = [8472]
+    ops = RouteOps("plxwg", CFG.tunnel_table, CFG.tunnel_rule_priority, Netlink(ns),
+                   strict=True, udp_ports=lambda: ports)
+    link(ns, "eth0", "172.31.1.11/24")
+    sh("ip", "route", "add", "default", "via", "172.31.1.1", ns=ns)
+    link(ns, "plxwg")
+    assert await asyncio.to_thread(ops.ensure_rule)
+    assert not await asyncio.to_thread(ops.ensure_rule)
+    await ops.update(EncryptedRoute("172.31.2.11/32", "device", NODE, "172.31.1.11"))
+
+    def route(port: int) -> str:
+        return sh("ip", "-4", "route", "get", "172.31.2.11", "ipproto", "udp", "dport", str(port),
+                  ns=ns).stdout
+
+    assert "dev plxwg " in route(8472) and "src 172.31.1.11" in route(8472), route(8472)
+    assert "dev eth0 " in route(51871), route(51871)  # WireGuard's own packets: the underlay
+    # the port no longer listed: its rule goes, the new one comes
+    ports[:] = [4789]
+    assert await asyncio.to_thread(ops.ensure_rule)
+    assert "dev eth0 " in route(8472) and "dev plxwg " in route(4789)
+    tunnel_rules = [r for r in dump(ns, "ip", "-4", "rule", "show")
+                    if str(r.get("table")) == str(CFG.tunnel_table)]
+    assert [(r["priority"], r.get("dport")) for r in tunnel_rules] == [
+        (CFG.tunnel_rule_priority, 4789)], tunnel_rules
+    # the device gone: strict mode's fallback drops the tunnel rather than sending it clear
+    sh("ip", "link", "del", "plxwg", ns=ns)
+    r = sh("ip", "-4", "route", "get", "172.31.2.11", "ipproto", "udp", "dport", "4789", ns=ns,
+           check=False)
+    assert "eth0" not in r.stdout and (r.returncode != 0 or "blackhole" in r.stdout), r
+
+
 async def test_encryption_routes_update_delete_prune_in_both_families(ns: str) -> None:
     link(ns, "plxwg")
     ops = RouteOps("plxwg", CFG.table, CFG.rule_priority, Netlink(ns))

@@ -86,3 +86,21 @@ def test_an_enrolled_host_routes_every_global_service_frontend_through_the_devic
             services.delete(("default", "web"))
             enc._compute()
             assert "10.96.1.30/32" not in {r.dst for r in enc.routes}
+
+
+def test_tunnels_between_nodes_route_to_each_peers_address_from_this_nodes_own(
+        tmp_path: Path) -> None:
+    for strict in (False, True):
+        enc = encryption(tmp_path / str(strict), strict)
+        enc.nodes.upsert(Node("n3", "west", 2, (NodeAddress("InternalIP", "172.31.2.13"),),
+                              "10.2.3.0/24"))  # no key published yet: no peer
+        enc._compute()
+        routes = {r.dst: (r.kind, r.src) for r in enc.tunnel_routes}
+        assert routes["172.31.1.12/32"] == ("device", "172.31.1.11")
+        assert routes["172.31.2.11/32"] == ("device", "172.31.1.11")
+        # a record claiming a local node's address never takes that node's tunnel
+        assert "172.31.2.66/32" not in routes
+        assert [r.node for r in enc.tunnel_routes if r.dst == "172.31.1.12/32"] == [("east", "n2")]
+        # no peer: strict mode drops what would go in the clear
+        assert routes.get("172.31.2.13/32") == (("blackhole", None) if strict else None)
+        assert "172.31.1.11/32" not in routes  # not to itself

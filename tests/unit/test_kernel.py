@@ -62,7 +62,8 @@ def test_the_agent_claims_its_numbers_without_clash(tmp_path: Path) -> None:
         ("route-table", 254, "clustermesh"), ("route-protocol", 190, "clustermesh"),
         ("route-table", 51871, "encryption"), ("rule-priority", 100, "encryption"),
         ("route-protocol", 190, "encryption"), ("fwmark", 0x1E00, "encryption"),
-        ("rule-priority", 99, "encryption"),
+        ("rule-priority", 99, "encryption"), ("route-table", 51872, "encryption"),
+        ("rule-priority", 98, "encryption"),
         ("tc-priority", 1, "bpf"), ("tc-handle", 1, "bpf")}
     assert all(isinstance(c, Claim) and c.what for c in claims)
 
