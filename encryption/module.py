@@ -355,7 +355,7 @@ class Encryption:
                         raise InvalidKey(f"public key already used by {other}")
                     owners[pub] = node.key
                     peer = Peer(node.key, pub, endpoint, cfg.port,
-                                tuple(sorted({*cidrs, *(f"{a.ip}/32" for a in node.addresses)})))
+                                tuple(sorted({*cidrs, *(_host_prefix(a.ip) for a in node.addresses)})))
                 except InvalidKey as e:
                     refused[name] = str(e)
             if peer is not None:

@@ -104,3 +104,16 @@ def test_tunnels_between_nodes_route_to_each_peers_address_from_this_nodes_own(
         # no peer: strict mode drops what would go in the clear
         assert routes.get("172.31.2.13/32") == (("blackhole", None) if strict else None)
         assert "172.31.1.11/32" not in routes  # not to itself
+
+
+def test_a_peer_allows_each_node_address_as_a_host_prefix_of_its_family(tmp_path: Path) -> None:
+    enc = encryption(tmp_path, strict=False)
+    nodes = enc.hive.require(NODES)
+    dual = node("west", "n2", "172.31.2.12", "10.2.2.0/24", 6)
+    nodes.upsert(Node(dual.name, dual.cluster, dual.cluster_id,
+                      (*dual.addresses, NodeAddress("InternalIP", "fd00:31:2::12")),
+                      dual.ipv4_alloc_cidr, wireguard_pubkey=dual.wireguard_pubkey))
+    enc._compute()
+    allowed = next(p for p in enc.peers if p.node == ("west", "n2")).allowed_ips
+    assert "172.31.2.12/32" in allowed and "fd00:31:2::12/128" in allowed
+    assert not any(a.startswith("fd00:31:2::12/") and not a.endswith("/128") for a in allowed)
