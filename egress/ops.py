@@ -123,3 +123,20 @@ def uplink_of(ip: str, netlink: Netlink = AGENT_NETNS) -> str | None:
             if links:
                 return str(links[0].get_attr("IFLA_IFNAME"))
     return None
+
+
+def interface_addresses(names: Iterable[str], netlink: Netlink = AGENT_NETNS) -> dict[str, str | None]:
+    """The first IPv4 address of each named interface here (None: it has none, or is gone)."""
+    out: dict[str, str | None] = {}
+    with netlink.route() as ipr:
+        for name in names:
+            out[name] = None
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                continue
+            for a in ipr.get_addr(family=2, index=found[0]):
+                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                if ip:
+                    out[name] = str(ip)
+                    break
+    return out
