@@ -152,7 +152,8 @@ class EgressGateways:
         self._annotate(ANNOTATION_UNAVAILABLE, None)
         self.tunnel.upsert(Tunnel(self.config.tunnel_device, uplink))
         self.hive.reconcile("egress", "egress-tunnel", self.tunnel,
-                            TunnelOps(maps, dp.egress_nat_out, dp.egress_nat_in))
+                            TunnelOps(maps, dp.egress_nat_out, dp.egress_nat_in,
+                                      dp.egress_tunnel_in))
         self.hive.reconcile("egress", "egress-steering", self.steering, SteeringOps(maps))
         self.hive.reconcile("egress", "egress-snat", self.snat, SnatOps(maps))
 

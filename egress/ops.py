@@ -73,15 +73,19 @@ class TunnelOps:
     """The VXLAN device (collect-metadata: the program names each packet's remote node),
     the tunnel map entry, and the NAT programs on the uplink."""
 
-    def __init__(self, maps: EgressMaps, nat_out: Any, nat_in: Any,
+    def __init__(self, maps: EgressMaps, nat_out: Any, nat_in: Any, tunnel_in: Any,
                  netlink: Netlink = AGENT_NETNS) -> None:
         self.maps = maps
         self.nat_out = nat_out
         self.nat_in = nat_in
+        self.tunnel_in = tunnel_in
         self.netlink = netlink
 
     async def update(self, row: Tunnel) -> None:
         idx = await asyncio.to_thread(self._device, row.device)
+        # what arrives through it is checked before this node steers anything into it
+        await asyncio.to_thread(attach.attach_ingress, row.device,
+                                (self.tunnel_in.fd, self.tunnel_in.name), self.netlink)
         self.maps.tunnel_set(idx)
         try:
             await asyncio.to_thread(attach.attach, row.uplink, (self.nat_out.fd, self.nat_out.name),
