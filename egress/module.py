@@ -23,7 +23,16 @@ from egress.config import EgressConfig
 from egress.failover import GatewayChooser, healthy
 from egress.metrics import EgressMetrics, SnatConnections
 from egress.models import MANIFEST_KINDS, EgressGatewayPolicy
-from egress.ops import VXLAN_PORT, SnatOps, SteeringOps, Tunnel, TunnelOps, interface_addresses, uplink_of
+from egress.ops import (
+    VXLAN_OVERHEAD,
+    VXLAN_PORT,
+    SnatOps,
+    SteeringOps,
+    Tunnel,
+    TunnelOps,
+    interface_addresses,
+    uplink_of,
+)
 from egress.probe import GatewayProber
 from egress.tables import (
     ANNOTATION_INTERFACES,
@@ -126,7 +135,8 @@ class EgressGateways:
                 self.hive.spawn("egress", self._follow(table), table.name)
         self.hive.spawn("egress", self._recompute_loop(), "recompute")
         if self.config.datapath and self.datapath is not None and self.datapath.config.enabled:
-            self.node_tunnels.upsert(NodeTunnel(VXLAN_PORT, "egress", "VXLAN to egress gateways"))
+            self.node_tunnels.upsert(NodeTunnel(VXLAN_PORT, "egress", "VXLAN to egress gateways",
+                                                VXLAN_OVERHEAD))
             self.hive.spawn("egress", self._datapath(), "datapath")
             self.hive.spawn("egress", self._open_gates(), "gates")
             if self.config.probe:  # a node without the datapath steers nothing: no probes

@@ -14,6 +14,7 @@ from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.reconciler import TemporaryError
 
 VXLAN_PORT = 8472
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 EEXIST, ENOENT, ENODEV = 17, 2, 19
 
 

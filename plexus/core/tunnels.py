@@ -3,7 +3,9 @@ address), which encryption, when on, carries inside WireGuard.
 
 A feature (the egress gateway, for its VXLAN device) writes a row naming the UDP port its
 tunnel's packets go to; the encryption module sends packets to that port of another node
-through its device. Neither feature imports the other: this table is all they share.
+through its device. Neither feature imports the other: this table is all they share. The
+node module lowers the pods' MTU by the largest overhead listed, so a pod's packet fits the
+tunnel (and WireGuard around it) without being fragmented.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class NodeTunnel:
     port: int   # the UDP destination port of the tunnel's packets
     owner: str  # the module that runs the tunnel
     what: str   # for status pages ("VXLAN to egress gateways")
+    overhead: int = 0  # bytes its encapsulation adds to a pod's packet (pods' MTU leaves room)
 
     @property
     def key(self) -> int:

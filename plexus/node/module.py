@@ -24,6 +24,7 @@ from plexus.core.node import (
     endpoints_table,
 )
 from plexus.core.tables import Table
+from plexus.core.tunnels import node_tunnels
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class EndpointManager:
             labels=dict(agent.node.labels)))
         self.table: Table[str, Endpoint] = hive.provide(ENDPOINTS, endpoints_table())
         self.attributes = hive.provide(NODE_ATTRIBUTES, NodeAttributes())
+        self.tunnels = node_tunnels(hive)
         self.path: Path = hive.state_dir / "endpoints.json"
         self.config = config
         self.hive = hive
@@ -78,9 +80,11 @@ class EndpointManager:
         os.replace(tmp, self.path)
 
     async def _node(self, _q: dict[str, str], _b: Any) -> Any:
-        # A feature that wraps pod traffic (WireGuard) lowers the pod MTU so it never fragments.
+        # A feature that wraps pod traffic (WireGuard) lowers the pod MTU so it never fragments;
+        # a tunnel between nodes (inside it, when on) takes its overhead off that.
         pod_mtu = self.attributes.get(POD_MTU)
         mtu = min(self.mtu, pod_mtu) if pod_mtu is not None else self.mtu
+        mtu -= max((t.overhead for t in self.tunnels), default=0)
         return {**self.local.__dict__, "mtu": mtu, "stateDir": str(self.state_dir)}
 
     async def _list(self, _q: dict[str, str], _b: Any) -> Any:

@@ -384,6 +384,13 @@ def packets_with(text: str, marker: str) -> list[str]:
     return found
 
 
+def frag_creates(lab: Lab, cluster: str, node: str) -> int:
+    """IP fragments the node's namespace made (a tunnel packet too big for WireGuard's MTU)."""
+    text = ops.run("cat", "/proc/net/snmp", ns=lab.topo.node(cluster, node).host.netns).stdout
+    names, values = [line.split()[1:] for line in text.splitlines() if line.startswith("Ip:")][:2]
+    return int(values[names.index("FragCreates")])
+
+
 def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     f = tmp_path / "policy.yaml"
@@ -393,17 +400,23 @@ def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
     node, pod = BILLING["east"]
     try:
         seen_as(lab, "east", node, pod, EGRESS_IP)
+        # the pod's MTU leaves room for VXLAN (50 bytes) inside WireGuard (80)
+        link = json.loads(ops.run("ip", "-j", "-n", pod_netns(lab.topo.node("east", node), pod),
+                                  "link", "show", "eth0").stdout)
+        assert link[0]["mtu"] == 1500 - 80 - 50, link
+        fragments = frag_creates(lab, "east", node)
         with underlay_capture(lab, "egress-tunnel") as read:
             kept = KeptConnection(lab, "east", node, pod, timeout=10)
             try:
                 assert kept.greeting.get("ip") == EGRESS_IP, kept.greeting
                 for i in range(5):
                     assert kept.echo(f"{MARKER}-{i}") == f"{MARKER}-{i}"
-                # full-sized segments get through too (VXLAN 50 bytes inside WireGuard 80)
+                # full-sized segments get through, none of them fragmented on the way
                 big = f"{MARKER}-big-" + "x" * 20000
                 assert kept.echo(big) == big
             finally:
                 kept.close()
+        assert frag_creates(lab, "east", node) == fragments
         text, headers = read()
     finally:
         r = plexus("delete", "-f", str(f), "--lab", "east")

@@ -11,6 +11,7 @@ import pytest
 from plexus.agent import build, config_model
 from plexus.app import MODULES
 from plexus.core.node import NODE_ATTRIBUTES, POD_MTU, WIREGUARD_PUBLIC_KEY, NodeAttr, NodeAttributes
+from plexus.core.tunnels import NodeTunnel, node_tunnels
 from plexus.node.module import EndpointManager
 
 
@@ -59,6 +60,9 @@ async def test_the_pod_mtu_a_module_sets_is_the_mtu_pods_get(tmp_path: Path) -> 
     assert (await manager._node({}, None))["mtu"] == 1500
     app.hive.require(NODE_ATTRIBUTES).set(POD_MTU, 1420)  # what encryption sets
     assert (await manager._node({}, None))["mtu"] == 1420
+    # the egress gateway's VXLAN between nodes, inside WireGuard: 50 bytes more
+    node_tunnels(app.hive).upsert(NodeTunnel(8472, "egress", "VXLAN", overhead=50))
+    assert (await manager._node({}, None))["mtu"] == 1370
 
 
 def test_annotations_are_strings_kept_apart_from_typed_attributes() -> None:
