@@ -4,7 +4,8 @@
   to tunnel to, or excluded, or no gateway (dropped);
 - `egress_snat` (on a gateway): (source pod IP, destination CIDR) -> the egress IP;
 - `egress_tunnel`: this node's tunnel device and the MAC all tunnel devices carry;
-- `egress_nat` / `egress_revnat`: the gateway's translations, made by the datapath itself.
+- `egress_nat` / `egress_revnat`: the gateway's translations, made by the datapath itself;
+  they live as conntrack entries do (`bpf.loader.ct_lifetime`) and `expire` sweeps them.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from bpf.loader import ip_u32, u32_ip
+from bpf.loader import CT_CLOSING, ct_lifetime, ip_u32, u32_ip
 
 EXCLUDED, NO_GATEWAY = 1, 2           # EGRESS_* flags of programs/egress.h
+NAT_CLOSING = 1                       # EGRESS_NAT_CLOSING
 VNI = 0xE6E6                          # EGRESS_VNI
 TUNNEL_MAC = "02:70:6c:78:65:67"      # every egress tunnel device's address ("plxeg")
 PORT_MIN, PORT_MAX = 32768, 60999     # what the gateway translates source ports to
@@ -66,6 +69,7 @@ class NatConnection:
     peer_port: int
     egress_ip: str
     egress_port: int
+    closing: bool = False
 
 
 def _net(destination: str) -> tuple[int, int]:
@@ -137,7 +141,42 @@ class EgressMaps:
                           u32_ip(v.gateway) if v.gateway else None)
                 for k, v in self.snat.items()]
 
-    def connections(self) -> list[NatConnection]:
+    def connections(self, now_ns: int | None = None) -> list[NatConnection]:
+        """The live translations (`now_ns`: CLOCK_MONOTONIC, as the datapath's clock)."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
         return [NatConnection(k.proto, u32_ip(k.saddr), _port(k.sport), u32_ip(k.daddr),
-                              _port(k.dport), u32_ip(v.addr), _port(v.port))
-                for k, v in self.nat.items()]
+                              _port(k.dport), u32_ip(v.addr), _port(v.port),
+                              bool(v.flags & NAT_CLOSING))
+                for k, v in self.nat.items() if _live(k.proto, v, now_ns)]
+
+    def expire(self, now_ns: int | None = None) -> int:
+        """Remove the translations whose lifetime has run out (both directions, and a reverse
+        entry left alone); returns how many connections went."""
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
+        gone = 0
+        for k, v in list(self.nat.items()):
+            if _live(k.proto, v, now_ns) or (v := self.nat.get(k)) is None or _live(k.proto, v, now_ns):
+                continue  # read again: the datapath may have just used it
+            rev = self.revnat.Key(k.daddr, v.addr, k.dport, v.port, k.proto)
+            back = self.revnat.get(rev)
+            if back is not None and back.addr == k.saddr and back.port == k.sport \
+                    and not _live(k.proto, back, now_ns):
+                _drop(self.revnat, rev)
+            gone += _drop(self.nat, k)
+        for k, v in list(self.revnat.items()):
+            if not _live(k.proto, v, now_ns):
+                _drop(self.revnat, k)
+        return gone
+
+
+def _live(proto: int, v: Any, now_ns: int) -> bool:
+    flags = CT_CLOSING if v.flags & NAT_CLOSING else 0
+    return bool(now_ns - v.seen < ct_lifetime(proto, flags) * 1_000_000_000)
+
+
+def _drop(table: Any, key: Any) -> int:
+    try:
+        del table[key]
+        return 1
+    except KeyError:  # the datapath replaced or evicted it meanwhile
+        return 0

@@ -32,3 +32,8 @@ class EgressConfig(Strict):
     probe_threshold: int = Field(
         3, ge=1, le=100, description="Probes in a row without an answer that make a gateway "
                                      "unhealthy (detection within interval x (threshold + 1)).")
+    nat_sweep_interval: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description="Seconds between two sweeps of a gateway's translations whose lifetime ran "
+                    "out (TCP 6 h idle, 10 s after a FIN or RST, 60 s otherwise; the datapath "
+                    "already ignores them and reuses their ports).")

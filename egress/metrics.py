@@ -23,6 +23,9 @@ class EgressMetrics:
             "plexus_egress_gateway_failovers_total",
             "Times a source node's traffic of the policy moved away from its active gateway.",
             ["policy", "source_node"], registry=registry)
+        self.snat_expired = Counter(
+            "plexus_egress_snat_expired_total",
+            "Translations this gateway swept away once their lifetime ran out.", registry=registry)
 
 
 class SnatConnections(Collector):
@@ -35,7 +38,7 @@ class SnatConnections(Collector):
     def collect(self) -> Iterator[Any]:
         g = GaugeMetricFamily("plexus_egress_snat_connections",
                               "Connections translated to the egress IP on this gateway "
-                              "(entries of its NAT map).", labels=["egress_ip"])
+                              "(live entries of its NAT map).", labels=["egress_ip"])
         counts: dict[str, int] = {}
         for ip in self.read():
             counts[ip] = counts.get(ip, 0) + 1

@@ -166,6 +166,15 @@ class EgressGateways:
                                       dp.egress_tunnel_in))
         self.hive.reconcile("egress", "egress-steering", self.steering, SteeringOps(maps))
         self.hive.reconcile("egress", "egress-snat", self.snat, SnatOps(maps))
+        self.hive.spawn("egress", self._sweep(maps), "nat-sweep")
+
+    async def _sweep(self, maps: EgressMaps) -> None:
+        while True:
+            await asyncio.sleep(self.config.nat_sweep_interval)
+            gone = await asyncio.to_thread(maps.expire)
+            if gone:
+                self.metrics.snat_expired.inc(gone)
+                log.debug("egress: %d expired translations swept", gone)
 
     async def _open_gates(self) -> None:
         for t in (self.manifests, self.nodes, self.ipcache, self.identities):

@@ -10,7 +10,10 @@
 //   egress IP, kept in egress_nat (forward) and egress_revnat (replies); egress_nat_in (tc
 //   ingress) puts the pod back as the reply's destination and sends the reply back through
 //   the tunnel to the pod's node (the way the request came: WireGuard would refuse a packet
-//   from an outside source between nodes).
+//   from an outside source between nodes). A translation lives as long as a conntrack entry
+//   of datapath.c after its last packet (TCP 6 h, 10 s after a FIN or RST, 60 s otherwise):
+//   an expired one is made anew and its port may go to another connection; the agent sweeps
+//   expired ones away.
 // Every map is pinned under PIN_DIR: a restarted agent keeps established connections.
 
 #define EGRESS_EXCLUDED 1       // leaves as before
@@ -29,8 +32,12 @@ struct egress_value { u32 gateway; u32 egress_ip; u32 flags; };
 struct egress_tunnel { u32 ifindex; u8 mac[6]; u8 pad[2]; };
 struct egress_nat_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 pad[3]; };
 // forward: the egress IP and port; reverse: the pod's address and port, and `via`, the
-// pod's node to tunnel the reply back to (0: a pod of this node, routed)
-struct egress_nat_value { u32 addr; u32 via; u16 port; u16 pad[3]; u64 created; };
+// pod's node to tunnel the reply back to (0: a pod of this node, routed); `seen`: the last
+// packet (written at most once a second), `flags`: EGRESS_NAT_CLOSING
+struct egress_nat_value { u32 addr; u32 via; u16 port; u16 flags; u16 pad[2]; u64 seen; };
+#define EGRESS_NAT_CLOSING 1    // a FIN or RST went by
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
 
 BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_value, egress_policy, 262144, PIN_DIR "/egress_policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_value, egress_snat, 262144, PIN_DIR "/egress_snat", BPF_F_NO_PREALLOC);
@@ -47,6 +54,28 @@ static __always_inline struct egress_value *egress_steering(u32 source, u32 dest
 static __always_inline struct egress_value *egress_translation(u32 source, u32 destination) {
     struct egress_key k = { .prefixlen = 64, .source = source, .destination = destination };
     return egress_snat.lookup(&k);
+}
+
+static __always_inline int egress_nat_live(struct egress_nat_value *v, u64 now, u8 proto) {
+    u64 life = (v->flags & EGRESS_NAT_CLOSING) ? CT_CLOSE_NS
+             : proto == IPPROTO_TCP ? CT_LIFETIME_TCP_NS : CT_LIFETIME_NS;
+    return now - v->seen < life;
+}
+
+// What a packet of a live translation tells its entries: a FIN or RST closes it, a new SYN
+// opens it again (the pod reused the tuple); 1 when they are due to be written.
+static __always_inline u16 egress_nat_flags(u16 flags, u8 tcp_flags) {
+    if ((tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN) return 0;
+    return flags | (tcp_flags & (TCP_FIN | TCP_RST) ? EGRESS_NAT_CLOSING : 0);
+}
+
+static __always_inline void egress_nat_touch(struct egress_nat_value *v, struct egress_nat_value *pair,
+                                             u64 now, u8 tcp_flags) {
+    u16 flags = egress_nat_flags(v->flags, tcp_flags);
+    if (now - v->seen < CT_REFRESH_NS && flags == v->flags) return;
+    v->seen = now;
+    v->flags = flags;
+    if (pair) { pair->seen = now; pair->flags = flags; }
 }
 
 // Into the node's tunnel device, to the node `remote` (network order); dropped, never
@@ -129,7 +158,7 @@ int egress_nat_out(struct __sk_buff *skb) {
                                   .dport = dport, .proto = f.proto };
     struct egress_nat_value *nat = egress_nat.lookup(&fwd);
     u64 now = bpf_ktime_get_coarse_ns();
-    if (!nat || nat->addr != v->egress_ip) {
+    if (!nat || nat->addr != v->egress_ip || !egress_nat_live(nat, now, f.proto)) {
         // a port of the egress IP no other connection to this peer holds: the pod's own
         // first, then random ones, so two pods using one source port both get through
         struct egress_nat_key rev = { .saddr = f.daddr, .daddr = v->egress_ip, .sport = dport,
@@ -140,16 +169,23 @@ int egress_nat_out(struct __sk_buff *skb) {
         for (int i = 0; i < EGRESS_PORT_PROBES; i++) {
             rev.dport = port;
             struct egress_nat_value *held = egress_revnat.lookup(&rev);
-            if (!held || (held->addr == f.saddr && held->port == sport)) { found = 1; break; }
+            if (!held || (held->addr == f.saddr && held->port == sport)
+                || !egress_nat_live(held, now, f.proto)) { found = 1; break; }
             port = htons(EGRESS_PORT_MIN + bpf_get_prandom_u32() % EGRESS_PORT_SPAN);
         }
         if (!found) { count_as(COUNT_EGRESS_NO_PORT); return TC_ACT_SHOT; }
-        struct egress_nat_value out = { .addr = v->egress_ip, .port = port, .created = now };
+        u16 flags = egress_nat_flags(0, f.tcp_flags);
+        struct egress_nat_value out = { .addr = v->egress_ip, .port = port, .flags = flags,
+                                        .seen = now };
         struct egress_nat_value back = { .addr = f.saddr, .via = v->gateway, .port = sport,
-                                         .created = now };
+                                         .flags = flags, .seen = now };
         if (egress_revnat.update(&rev, &back) || egress_nat.update(&fwd, &out)) return TC_ACT_SHOT;
         nat = egress_nat.lookup(&fwd);
         if (!nat) return TC_ACT_SHOT;
+    } else {
+        struct egress_nat_key rev = { .saddr = f.daddr, .daddr = nat->addr, .sport = dport,
+                                      .dport = nat->port, .proto = f.proto };
+        egress_nat_touch(nat, egress_revnat.lookup(&rev), now, f.tcp_flags);
     }
     egress_rewrite(skb, &f, 0, f.saddr, nat->addr, sport, nat->port);
     return TC_ACT_OK;
@@ -162,7 +198,11 @@ int egress_nat_in(struct __sk_buff *skb) {
     struct egress_nat_key rev = { .saddr = f.saddr, .daddr = f.daddr, .sport = htons(f.sport),
                                   .dport = htons(f.dport), .proto = f.proto };
     struct egress_nat_value *back = egress_revnat.lookup(&rev);
-    if (!back) return TC_ACT_OK;
+    u64 now = bpf_ktime_get_coarse_ns();
+    if (!back || !egress_nat_live(back, now, f.proto)) return TC_ACT_OK;
+    struct egress_nat_key fwd = { .saddr = back->addr, .daddr = f.saddr, .sport = back->port,
+                                  .dport = rev.sport, .proto = f.proto };
+    egress_nat_touch(back, egress_nat.lookup(&fwd), now, f.tcp_flags);
     u32 via = back->via;
     egress_rewrite(skb, &f, 1, f.daddr, back->addr, htons(f.dport), back->port);
     if (!via) return TC_ACT_OK;

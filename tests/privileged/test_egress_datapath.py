@@ -27,7 +27,7 @@ from tests.egress_fixture import (
     ask,
     egress_path,
 )
-from tests.support import sh, stop_pid
+from tests.support import sh, stop_pid, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")  # bcc
 COVERED, EXCLUDED = "198.51.100.0/24", "198.51.100.128/25"
@@ -120,6 +120,45 @@ def test_translations_outlive_the_program_that_made_them(lab: Lab) -> None:
         server.stdin.flush()
         echoed = server.stdout.readline().strip()
         assert echoed == "more", echoed
+    finally:
+        stop_pid(server)
+        for pipe in (server.stdin, server.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_translations_age_like_conntrack_entries_and_are_swept(lab: Lab) -> None:
+    """A closed connection's translation lives 10 s after its FIN, an open TCP one 6 hours
+    idle: the sweep removes each when its time is up, both directions."""
+    import time
+
+    select(lab, "a")
+    closed = ask(lab, "a", sport=41000)  # connects, reads its line, closes
+    assert closed.get("ip") == EGRESS_IP, closed
+    server = subprocess.Popen(["ip", "netns", "exec", lab.pods["a"][0], sys.executable, "-c",
+                               HOLD, EXT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdin is not None and server.stdout is not None
+        assert json.loads(server.stdout.readline())["ip"] == EGRESS_IP
+        pod = lab.pods["a"][1]
+
+        def mine(now: int) -> dict[int, bool]:
+            return {c.pod_port: c.closing for c in lab.snat.connections(now) if c.pod == pod}
+
+        now = time.monotonic_ns()
+        wait_until(lambda: mine(time.monotonic_ns()).get(41000), 5,
+                   what="the closed connection's FIN marks its translation")
+        held = [p for p in mine(now) if p != 41000]
+        assert len(held) == 1 and mine(now)[held[0]] is False, mine(now)
+        revnat = len(lab.snat.revnat)
+        assert lab.snat.expire(now + 5 * 10**9) == 0            # nothing is due yet
+        assert lab.snat.expire(now + 11 * 10**9) == 1           # the closed one, 10 s after
+        assert mine(now) == {held[0]: False} and len(lab.snat.revnat) == revnat - 1
+        server.stdin.write("still here\n")
+        server.stdin.flush()
+        assert server.stdout.readline().strip() == "still here"  # the open one is untouched
+        assert lab.snat.expire(now + (6 * 3600 + 1) * 10**9) == 1  # idle past 6 hours
+        assert mine(now) == {} and len(lab.snat.revnat) == revnat - 2
     finally:
         stop_pid(server)
         for pipe in (server.stdin, server.stdout):
