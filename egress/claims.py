@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from plexus.core.clock import Clock
 from plexus.core.prefixes import HostPrefix
 from plexus.core.tables import Table
 
+log = logging.getLogger(__name__)
 ClaimKey = tuple[str, str]  # (egress IP, interface)
 # Interface addresses change rarely and a read is one netlink dump: a read every few seconds
 # finds a new segment address in time, without a netlink subscription to keep alive.
@@ -116,12 +118,17 @@ class SegmentClaims:
         """Read the addresses now and every `interval`; set `changed` when they differ."""
         never = asyncio.Event()
         while True:
-            # our own claims change nothing the derivation reads: no recompute for them
-            found = tuple(sorted((a for a in await asyncio.to_thread(self.read) if not a.ours),
-                                 key=lambda a: (a.interface, a.address)))
-            if found != self.addresses:
-                self.addresses = found
-                changed.set()
+            try:
+                read = await asyncio.to_thread(self.read)
+            except Exception as e:  # netlink: the next read may succeed; the last one stands
+                log.warning("egress: reading the interface addresses failed: %s", e)
+            else:
+                # our own claims change nothing the derivation reads: no recompute for them
+                found = tuple(sorted((a for a in read if not a.ours),
+                                     key=lambda a: (a.interface, a.address)))
+                if found != self.addresses:
+                    self.addresses = found
+                    changed.set()
             await clock.wait_until(clock.now() + self.interval, never)
 
     def listing(self) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from egress.claims import ArpClaim, InterfaceAddress, SegmentClaims, arp_claims
 from egress.ops import gratuitous_arp
+from plexus.commands.egress import render
 from plexus.core.clock import ManualClock
 from plexus.core.manifests import Manifest
 from plexus.core.node import LocalNode
@@ -112,7 +113,10 @@ def test_the_active_gateway_claims_an_egress_ip_of_its_segment(tmp_path: Path) -
     eg.recompute()
     assert [p.prefix for p in eg.hive.require(HOST_PREFIXES)] == ["172.31.1.200/32"]  # as before
     assert eg.segment.table.all() == [ArpClaim("172.31.1.200", "eth0")]
-    assert eg.listing()["datapath"]["arp"]["claimed"] == ["172.31.1.200 on eth0"]
+    listing = eg.listing()
+    assert listing["datapath"]["arp"] == {"claimed": ["172.31.1.200 on eth0"], "leftAlone": []}
+    listing["datapath"]["loaded"] = True  # as on a node whose datapath runs
+    assert "claimed on this node's segment (gratuitous ARP): 172.31.1.200 on eth0" in render(listing)
     # the standby claims nothing while the preferred gateway is up
     standby, mf2, _ = make_module(tmp_path / "w", LocalNode("west", 2, "n2", "172.31.2.12",
                                                             "10.2.2.0/24"))
@@ -121,6 +125,15 @@ def test_the_active_gateway_claims_an_egress_ip_of_its_segment(tmp_path: Path) -
                         body(egressIP="172.31.1.200")))
     standby.recompute()
     assert standby.segment.table.all() == []
+    # an address someone put on the interface is shown, not claimed
+    eg.segment.addresses = (UPLINK, InterfaceAddress("eth0", "172.31.1.200", 32))
+    eg.recompute()
+    assert eg.segment.table.all() == []
+    listing = eg.listing()
+    listing["datapath"]["loaded"] = True
+    assert ("not claimed: 172.31.1.200 is an address of eth0 that this agent did not add"
+            in render(listing))
+    eg.segment.addresses = (UPLINK,)
     mf.delete(("east", "EgressGatewayPolicy", "default", "legacy-db"))
     eg.recompute()
     assert eg.segment.table.all() == []  # policy removed: the address is released
