@@ -134,6 +134,8 @@ def test_the_active_gateway_claims_an_egress_ip_of_its_segment(tmp_path: Path) -
     assert ("not claimed: 172.31.1.200 is an address of eth0 that this agent did not add"
             in render(listing))
     eg.segment.addresses = (UPLINK,)
+    eg.recompute()
+    assert eg.segment.table.all() == [ArpClaim("172.31.1.200", "eth0")]
     mf.delete(("east", "EgressGatewayPolicy", "default", "legacy-db"))
     eg.recompute()
     assert eg.segment.table.all() == []  # policy removed: the address is released
