@@ -8,7 +8,7 @@ it with gratuitous ARP: the segment's hosts and its router send to this node's M
 and to the next gateway's after a failover. The BGP /32 stays as it is.
 
 Pure derivation here (`arp_claims`); the kernel side is `egress.ops.ClaimOps`, the addresses
-it derives from are read by `egress.ops.interface_addresses`.
+it derives from are read by `egress.ops.ethernet_addresses`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from egress.ops import (
     SteeringOps,
     Tunnel,
     TunnelOps,
-    interface_addresses,
+    ethernet_addresses,
     uplink_of,
 )
 from egress.probe import GatewayProber
@@ -102,7 +102,7 @@ class EgressGateways:
                                                                       key=lambda e: e.key)
         self.snat: Table[tuple[str, str], SnatEntry] = Table("egress-snat", key=lambda e: e.key)
         self.tunnel: Table[str, Tunnel] = Table("egress-tunnel", key=lambda t: t.key)
-        self.segment = SegmentClaims(interface_addresses)  # egress IPs on this node's segments
+        self.segment = SegmentClaims(ethernet_addresses)  # egress IPs on this node's segments
         if config.enabled and config.datapath and self.datapath and self.datapath.config.enabled:
             kernel_numbers(hive).claim("address-protocol", ADDRESS_PROTOCOL, "egress",
                                        "marks the egress IPs it claims on a segment")

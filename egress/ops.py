@@ -214,7 +214,7 @@ class ClaimOps:
         await asyncio.to_thread(self._remove, [c for c in ours if c.key not in keep])
 
     def _ours(self) -> list[ArpClaim]:
-        return [ArpClaim(a.address, a.interface) for a in interface_addresses(self.netlink)
+        return [ArpClaim(a.address, a.interface) for a in ethernet_addresses(self.netlink)
                 if a.ours and a.prefixlen == 32]
 
     def _remove(self, rows: list[ArpClaim]) -> None:
@@ -237,7 +237,7 @@ class ClaimOps:
                                 raise
 
 
-def interface_addresses(netlink: Netlink = AGENT_NETNS) -> list[InterfaceAddress]:
+def ethernet_addresses(netlink: Netlink = AGENT_NETNS) -> list[InterfaceAddress]:
     """The IPv4 addresses of the namespace's Ethernet interfaces (those ARP runs on)."""
     with netlink.route() as ipr:
         addrs = list(ipr.get_addr(family=socket.AF_INET))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from egress.claims import ArpClaim, InterfaceAddress
-from egress.ops import ADDRESS_PROTOCOL, ClaimOps, interface_addresses
+from egress.ops import ADDRESS_PROTOCOL, ClaimOps, ethernet_addresses
 from plexus.core.netlink import Netlink
 from plexus.core.reconciler import TemporaryError
 from tests.support import add_netns, del_netns, sh, unique, wait_until
@@ -74,7 +74,7 @@ def pings(seg: Segment) -> bool:
 
 
 def addresses(seg: Segment, g: str) -> set[InterfaceAddress]:
-    return set(interface_addresses(Netlink(seg.gateways[g])))
+    return set(ethernet_addresses(Netlink(seg.gateways[g])))
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
