@@ -51,6 +51,24 @@ def attach(ifname: str, from_pod: Program, to_pod: Program,
         return idx
 
 
+def attach_ingress(ifname: str, program: Program, netlink: Netlink = AGENT_NETNS) -> int:
+    """Attach one program to tc ingress of `ifname` (a tunnel device); returns its ifindex."""
+    with netlink.route() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise LookupError(f"interface {ifname} is gone")
+        idx = int(found[0])
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as e:
+            if e.code != 17:  # EEXIST: adopted from a previous run
+                raise
+        fd, name = program
+        ipr.tc("replace-filter", "bpf", idx, f":{TC_HANDLE:x}", fd=fd, name=name, parent=INGRESS,
+               classid=1, direct_action=True, prio=TC_PRIORITY)
+        return idx
+
+
 def detach(ifname: str, netlink: Netlink = AGENT_NETNS) -> None:
     with netlink.route() as ipr:
         found = ipr.link_lookup(ifname=ifname)

@@ -197,6 +197,8 @@ class Datapath:
         # the egress gateway's NAT, on a gateway's uplink (programs/egress.h)
         self.egress_nat_out = self.bpf.load_func("egress_nat_out", BPF.SCHED_CLS)
         self.egress_nat_in = self.bpf.load_func("egress_nat_in", BPF.SCHED_CLS)
+        # ... and on every node's egress tunnel device: only what it may forward
+        self.egress_tunnel_in = self.bpf.load_func("egress_tunnel_in", BPF.SCHED_CLS)
         self.ipcache: Any = self.bpf["ipcache"]
         self.ipcache6: Any = self.bpf["ipcache6"]
         self.policy: Any = self.bpf["policy"]

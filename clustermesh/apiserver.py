@@ -100,6 +100,9 @@ class ApiServer:
         self.svc_prefix = f"{MANIFESTS_PREFIX}/{cluster}/Service/"
         self.vm_prefix = f"{VMS_PREFIX}/{cluster}/"
         self.counters = Counters()
+        # What other modules of the control plane add to a node's record (its egress health),
+        # by node name: kept apart from the registrations so the agent's own values stay its own.
+        self.node_annotations: dict[str, dict[str, str]] = {}
         # The sources, followed across sessions so a relist drops what vanished meanwhile.
         self.watches = {"registrations": ListWatch(kv, self.reg_prefix),
                         "services": ListWatch(kv, self.svc_prefix),
@@ -110,6 +113,8 @@ class ApiServer:
         out: dict[str, bytes] = {}
         # Snapshots: watch events change the sources while identities are being allocated.
         for node in list(self.sources.nodes.values()):
+            if added := self.node_annotations.get(node.name):
+                node = dataclasses.replace(node, annotations={**node.annotations, **added})
             out[f"{NODES_PREFIX}/{self.cluster}/{node.name}"] = node.to_json().encode()
         by_ns: dict[str, list[EndpointRegistration]] = {}
         for ep in list(self.sources.endpoints.values()):
@@ -131,6 +136,21 @@ class ApiServer:
             cs = self._cluster_service(svc, by_ns.get(svc.metadata.namespace, []))
             out[cs.kv_key] = cs.to_json().encode()
         return out
+
+    def annotate_node(self, name: str, key: str, value: str | None) -> None:
+        """Add (None: take back) an annotation to the published record of node `name`."""
+        added = self.node_annotations.setdefault(name, {})
+        if value is None:
+            added.pop(key, None)
+        else:
+            added[key] = value
+        if not added:
+            del self.node_annotations[name]
+        self._dirty.set()
+
+    def registered_nodes(self) -> list[Node]:
+        """The nodes of this cluster whose agents registered them."""
+        return list(self.sources.nodes.values())
 
     async def _vm_desired(self, spec: VmSpec, host: VmHost, out: dict[str, bytes]) -> None:
         """Address and labels come from the operator's spec alone, the key from the VM."""

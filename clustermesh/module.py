@@ -221,7 +221,7 @@ class ClusterMesh:
                     ipv4_alloc_cidr=self.local.pod_cidr, ipv6_alloc_cidr=self.local.pod_cidr_v6,
                     labels=dict(self.local.labels),
                     wireguard_pubkey=self.node_attributes.get(WIREGUARD_PUBLIC_KEY) or "",
-                    boot_id=_boot_id())
+                    annotations=self.node_attributes.annotations(), boot_id=_boot_id())
 
     async def _publish_own_node(self) -> None:
         # Modules that add attributes (the WireGuard key) hold the table until they have:

@@ -3,9 +3,10 @@ policy's order, with a hold-down before a recovered, more preferred gateway take
 again, so a gateway that flaps does not drag traffic back and forth.
 
 Health comes from the gateway health table: a source node's own prober (reporter
-`<cluster>/<node>`) and the control plane (reporter `control-plane`) each write rows; a
-gateway is healthy for a source unless either says it is not. With no report at all a
-gateway counts as healthy (nothing has said otherwise yet).
+`<cluster>/<node>`) and the control plane (reporter `control-plane`). What a source's probes
+say decides for that source: traffic goes from it to the gateway, and its probes take that
+path. Where a source has no verdict yet (it just started, or the gateway is new to it) the
+control plane's does; with no report at all a gateway counts as healthy.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ SourceGateway = tuple[NodeKey | None, NodeKey]
 
 def healthy(health: Mapping[HealthKey, GatewayHealth], source: NodeKey | None,
             gateway: NodeKey) -> bool:
-    reporters = [CONTROL_PLANE] if source is None else [reporter_of(source), CONTROL_PLANE]
-    return all(h.healthy for r in reporters if (h := health.get((r, gateway))) is not None)
+    if source is not None and (own := health.get((reporter_of(source), gateway))) is not None:
+        return own.healthy
+    control = health.get((CONTROL_PLANE, gateway))
+    return control is None or control.healthy
 
 
 class GatewayChooser:

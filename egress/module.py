@@ -17,7 +17,7 @@ from typing import Any
 
 from bpf.egress import EgressMaps, SnatEntry, SteeringEntry
 from bpf.module import DATAPATH
-from clustermesh.models import Identity, IPIdentity, Node
+from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
 from egress.claims import SegmentClaims
 from egress.config import EgressConfig
@@ -33,23 +33,32 @@ from egress.ops import (
     Tunnel,
     TunnelOps,
     ethernet_addresses,
+    interface_addresses,
     uplink_of,
 )
 from egress.probe import GatewayProber
 from egress.tables import (
+    ANNOTATION_INTERFACES,
+    ANNOTATION_PROBES,
+    ANNOTATION_UNAVAILABLE,
     EGRESS_ENTRIES,
     GATEWAY_HEALTH,
     ActiveGateway,
     ActiveKey,
     EgressEntry,
+    GatewayHealth,
     MeshEndpoint,
     PolicyKey,
     PolicyState,
     active_table,
     entries,
     entries_table,
+    format_interfaces,
+    format_verdicts,
     health_table,
     mesh_endpoints,
+    mesh_health,
+    node_labels,
     node_name,
     policies_table,
     policy_name,
@@ -59,7 +68,7 @@ from egress.tables import (
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
-from plexus.core.node import LOCAL_NODE
+from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES
 from plexus.core.prefixes import HostPrefix, host_prefixes
 from plexus.core.tables import Table
 from plexus.core.tunnels import NodeTunnel, node_tunnels
@@ -79,6 +88,12 @@ class EgressGateways:
         self.ipcache: Table[Any, IPIdentity] | None = hive.optional(IPCACHE)
         self.identities: Table[int, Identity] | None = hive.optional(IDENTITIES)
         self.health = hive.provide(GATEWAY_HEALTH, health_table())
+        self.attributes = hive.optional(NODE_ATTRIBUTES)  # what this node tells the mesh
+        self.mesh_health: list[GatewayHealth] = []  # what other nodes' records say
+        # interfaces policies name for this node as a gateway, and their IPv4 address here
+        self.named_interfaces: frozenset[str] = frozenset()
+        self.interface_ips: dict[str, str | None] = {}
+        self._interfaces_wanted = asyncio.Event()
         self.entries = hive.provide(EGRESS_ENTRIES, entries_table())
         self.policies = policies_table()
         self.active = active_table()
@@ -115,8 +130,13 @@ class EgressGateways:
         hive.routes.get("/v1/egress/list", self._list)
 
     # ---- lifecycle ------------------------------------------------------------------
+    def _annotate(self, name: str, value: str | None) -> None:
+        if self.attributes is not None:
+            self.attributes.annotate(name, value)
+
     async def start(self) -> None:
         if not self.config.enabled:
+            self._annotate(ANNOTATION_UNAVAILABLE, "the egress module is off on this node")
             return
         self.recompute()
         for table in (self.manifests, self.nodes, self.ipcache, self.identities, self.health):
@@ -129,6 +149,9 @@ class EgressGateways:
             self.hive.spawn("egress", self._open_gates(), "gates")
             if self.config.probe:  # a node without the datapath steers nothing: no probes
                 self.hive.spawn("egress", self.prober.run(), "probe")
+            self.hive.spawn("egress", self._follow_interfaces(), "interfaces")
+        else:
+            self._annotate(ANNOTATION_UNAVAILABLE, "the egress datapath is off on this node")
 
     async def _datapath(self) -> None:
         """Once the bpf module has loaded the program: the tunnel, the NAT, the maps."""
@@ -142,10 +165,13 @@ class EgressGateways:
             self.hive.health["egress"] = (f"no interface holds the node IP {self.local.ip}: "
                                           "set egress.uplink")
             log.error("%s", self.hive.health["egress"])
+            self._annotate(ANNOTATION_UNAVAILABLE, self.hive.health["egress"])
             return
+        self._annotate(ANNOTATION_UNAVAILABLE, None)
         self.tunnel.upsert(Tunnel(self.config.tunnel_device, uplink))
         self.hive.reconcile("egress", "egress-tunnel", self.tunnel,
-                            TunnelOps(maps, dp.egress_nat_out, dp.egress_nat_in))
+                            TunnelOps(maps, dp.egress_nat_out, dp.egress_nat_in,
+                                      dp.egress_tunnel_in))
         self.hive.reconcile("egress", "egress-steering", self.steering, SteeringOps(maps))
         self.hive.reconcile("egress", "egress-snat", self.snat, SnatOps(maps))
         self.hive.reconcile("egress", "egress-arp-claims", self.segment.table, ClaimOps())
@@ -163,6 +189,21 @@ class EgressGateways:
 
     async def stop(self) -> None:
         await self.hive.cancel_tasks("egress")  # stop is not remove: entries stay as they are
+
+    async def _follow_interfaces(self, every: float = 2.0) -> None:
+        """The address of each interface policies name for this node (Cilium's `interface`
+        form), looked up again every `every` seconds and when the names change."""
+        while True:
+            names = self.named_interfaces
+            found = await asyncio.to_thread(interface_addresses, names) if names else {}
+            if found != self.interface_ips:
+                self.interface_ips = found
+                self._dirty.set()
+            self._interfaces_wanted.clear()
+            try:
+                await asyncio.wait_for(self._interfaces_wanted.wait(), every)
+            except TimeoutError:
+                pass
 
     async def _follow(self, table: Table[Any, Any]) -> None:
         async for _ in table.watch():  # the first batch (replay) closes the gap since start
@@ -215,7 +256,11 @@ class EgressGateways:
         endpoints = mesh_endpoints(self.ipcache or [], {i.id: i for i in self.identities or []},
                                    nodes) if parsed else []
         states = [resolve_policy(k, self._created[k], p, endpoints, nodes) for k, p in parsed.items()]
-        health = dict(self.health.items())
+        me = (self.local.cluster, self.local.name)
+        self.mesh_health = mesh_health(nodes, {gw.node for s in states for gw in s.gateways}, me)
+        own = dict(self.health.items())
+        health = {**{h.key: h for h in self.mesh_health}, **own}  # this node's probes are fresher
+        self._tell_mesh(own, parsed.values(), nodes)
         active = self.chooser.choose(states, health)
         self.chooser.forget((src, gw.node) for p in states for src in {e.node for e in p.endpoints}
                             for gw in p.gateways)
@@ -224,8 +269,9 @@ class EgressGateways:
         self.policies.replace_where(lambda _p: True, states)
         self.active.replace_where(lambda _a: True, active.values())
         self.entries.replace_where(lambda _e: True, derived.entries)
-        me = (self.local.cluster, self.local.name)
-        my_egress = {p.key: gw.egress_ip for p in states for gw in p.gateways if gw.node == me}
+        # an interface's address as found here; none: the gateway drops, never leaks
+        my_egress = {p.key: (self.interface_ips.get(gw.interface) if gw.interface else gw.egress_ip)
+                     for p in states for gw in p.gateways if gw.node == me}
         steering, snat = datapath_rows(derived.entries, me, self._node_ip, my_egress)
         self.steering.replace_where(lambda _e: True, steering)
         self.snat.replace_where(lambda _e: True, snat)
@@ -237,6 +283,26 @@ class EgressGateways:
         self.announced.replace_where(lambda p: p.owner == "egress", held)
         self.segment.derive(held, self.local.ip)  # and on its own segment: gratuitous ARP
         self._update_metrics(states, health)
+
+    def _tell_mesh(self, own: Mapping[Any, GatewayHealth], policies: Iterable[EgressGatewayPolicy],
+                   nodes: list[Node]) -> None:
+        """Onto this node's record: what its probes find (so every node shows which gateway
+        each source uses), and the addresses of the interfaces policies name for it."""
+        me = (self.local.cluster, self.local.name)
+        mine = reporter_of(me)
+        verdicts = {gw: h.healthy for (r, gw), h in own.items() if r == mine}
+        self._annotate(ANNOTATION_PROBES, format_verdicts(verdicts) or None)
+        record = next((n for n in nodes if n.key == me), None) or Node(
+            self.local.name, self.local.cluster, self.local.cluster_id,
+            (NodeAddress("InternalIP", self.local.ip),), labels=dict(self.local.labels))
+        labels = node_labels(record)
+        names = frozenset(gw.interface for p in policies for gw in p.spec.egress_gateways
+                          if gw.interface and gw.node_selector.matches(labels))
+        if names != self.named_interfaces:
+            self.named_interfaces = names
+            self._interfaces_wanted.set()
+        known = {n: self.interface_ips[n] for n in names if n in self.interface_ips}
+        self._annotate(ANNOTATION_INTERFACES, format_interfaces(known) or None)
 
     def _update_metrics(self, states: list[PolicyState], health: dict[Any, Any]) -> None:
         me = (self.local.cluster, self.local.name)
@@ -254,7 +320,9 @@ class EgressGateways:
     # ---- status and API -------------------------------------------------------------
     def listing(self) -> dict[str, Any]:
         me = (self.local.cluster, self.local.name)
-        health = dict(self.health.items())
+        own = dict(self.health.items())
+        health = {**{h.key: h for h in self.mesh_health}, **own}
+        reporters = {r for r, _gw in health}
         out = []
         for s in sorted(self.policies, key=lambda p: p.key):
             active = sorted((a for a in self.active if a.policy == s.key),
@@ -268,7 +336,9 @@ class EgressGateways:
                              for g in s.gateways],
                 "endpoints": [{"ip": e.ip, "cluster": e.cluster, "namespace": e.namespace,
                                "pod": e.pod, "node": node_name(e.node)} for e in s.endpoints],
-                "active": [_active(a) for a in active],
+                "active": [_active(a, "this node's probes" if a.source == me else
+                                   "its node's probes" if a.source and reporter_of(a.source)
+                                   in reporters else "the control plane") for a in active],
                 "problems": list(s.problems), "conflicts": list(s.conflicts)})
         return {
             "node": node_name(me), "holdDown": self.config.hold_down, "policies": out,
@@ -280,7 +350,7 @@ class EgressGateways:
                          "arp": self.segment.listing()},
             "health": [{"reporter": h.reporter, "gateway": node_name(h.gateway),
                         "healthy": h.healthy, "reason": h.reason}
-                       for h in sorted(self.health, key=lambda h: h.key)],
+                       for h in sorted(health.values(), key=lambda h: h.key)],
         }
 
     async def _list(self, _q: dict[str, str], _b: Any) -> Any:
@@ -322,9 +392,8 @@ def datapath_rows(entries: list[EgressEntry], me: tuple[str, str],
             if e.excluded:
                 snat.append(SnatEntry(e.source_ip, e.destination, None, excluded=True))
             elif e.policy in my_egress:
-                # Cilium's interface form: the gateway's own address
-                snat.append(SnatEntry(e.source_ip, e.destination,
-                                      my_egress[e.policy] or node_ip(me), source_node=via))
+                snat.append(SnatEntry(e.source_ip, e.destination, my_egress[e.policy],
+                                      source_node=via))
     return steering, snat
 
 
@@ -343,8 +412,8 @@ def held_egress_ips(active: Iterable[ActiveGateway], me: tuple[str, str], node_i
     out: dict[str, HostPrefix] = {}
     for a in sorted(active, key=lambda a: (a.policy, a.source or ("", ""))):
         gw = a.gateway
-        if gw is None or gw.node != me or not gw.egress_ip or gw.egress_ip == node_ip:
-            continue
+        if gw is None or gw.node != me or not gw.egress_ip or gw.egress_ip == node_ip or gw.interface:
+            continue  # the node's own addresses are routed already
         prefix = f"{gw.egress_ip}/{128 if ':' in gw.egress_ip else 32}"
         nodes = list((order or {}).get(a.policy, ()))
         after = len(nodes) - 1 - nodes.index(me) if me in nodes else 0
@@ -356,10 +425,11 @@ def held_egress_ips(active: Iterable[ActiveGateway], me: tuple[str, str], node_i
     return list(out.values())
 
 
-def _active(a: ActiveGateway) -> dict[str, Any]:
+def _active(a: ActiveGateway, judged_by: str) -> dict[str, Any]:
     gw = a.gateway
     return {"sourceNode": node_name(a.source), "gateway": node_name(gw.node) if gw else None,
-            "egressIP": gw.egress_ip if gw else None, "interface": gw.interface if gw else None}
+            "egressIP": gw.egress_ip if gw else None, "interface": gw.interface if gw else None,
+            "healthFrom": judged_by}
 
 
 module = Module(name="egress", doc=__doc__ or "", config=EgressConfig,

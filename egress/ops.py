@@ -18,6 +18,9 @@ from plexus.core.netlink import AGENT_NETNS, Netlink
 from plexus.core.reconciler import TemporaryError
 
 VXLAN_PORT = 8472
+# IFA_PROTO of the egress IPs this agent adds to an interface: what prune may remove, and
+# what it never touches (an address without it was put there by someone else)
+ADDRESS_PROTOCOL = 190
 EEXIST, ENOENT, ENODEV, EADDRNOTAVAIL = 17, 2, 19, 99
 
 
@@ -77,15 +80,19 @@ class TunnelOps:
     """The VXLAN device (collect-metadata: the program names each packet's remote node),
     the tunnel map entry, and the NAT programs on the uplink."""
 
-    def __init__(self, maps: EgressMaps, nat_out: Any, nat_in: Any,
+    def __init__(self, maps: EgressMaps, nat_out: Any, nat_in: Any, tunnel_in: Any,
                  netlink: Netlink = AGENT_NETNS) -> None:
         self.maps = maps
         self.nat_out = nat_out
         self.nat_in = nat_in
+        self.tunnel_in = tunnel_in
         self.netlink = netlink
 
     async def update(self, row: Tunnel) -> None:
         idx = await asyncio.to_thread(self._device, row.device)
+        # what arrives through it is checked before this node steers anything into it
+        await asyncio.to_thread(attach.attach_ingress, row.device,
+                                (self.tunnel_in.fd, self.tunnel_in.name), self.netlink)
         self.maps.tunnel_set(idx)
         try:
             await asyncio.to_thread(attach.attach, row.uplink, (self.nat_out.fd, self.nat_out.name),
@@ -129,9 +136,23 @@ def uplink_of(ip: str, netlink: Netlink = AGENT_NETNS) -> str | None:
     return None
 
 
-# IFA_PROTO of the egress IPs this agent adds to an interface: what prune may remove, and
-# what it never touches (an address without it was put there by someone else)
-ADDRESS_PROTOCOL = 190
+def interface_addresses(names: Iterable[str], netlink: Netlink = AGENT_NETNS) -> dict[str, str | None]:
+    """The first IPv4 address of each named interface here (None: it has none, or is gone)."""
+    out: dict[str, str | None] = {}
+    with netlink.route() as ipr:
+        for name in names:
+            out[name] = None
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                continue
+            for a in ipr.get_addr(family=2, index=found[0]):
+                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                if ip and a.get_attr("IFA_PROTO") != ADDRESS_PROTOCOL:  # not an egress IP claimed
+                    out[name] = str(ip)
+                    break
+    return out
+
+
 ARPHRD_ETHER, ETH_P_ARP, ETH_P_IP, ARPOP_REQUEST = 1, 0x0806, 0x0800, 1
 BROADCAST_MAC = b"\xff" * 6
 ETH_MIN_FRAME = 60  # without the FCS; short frames are padded

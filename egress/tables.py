@@ -38,6 +38,12 @@ ActiveKey = tuple[PolicyKey, NodeKey | None]
 HealthKey = tuple[str, NodeKey]            # (reporter, gateway node)
 LABEL_HOSTNAME = "kubernetes.io/hostname"
 CONTROL_PLANE = "control-plane"            # the reporter that speaks for every source node
+# Health crosses the mesh on node records, which every cluster follows already:
+ANNOTATION_PROBES = "egress.plexus.io/gateway-probes"          # a source node's verdicts
+ANNOTATION_CONTROL_PLANE = "egress.plexus.io/control-plane-unreachable"  # why, by its control plane
+ANNOTATION_INTERFACES = "egress.plexus.io/interface-addresses"  # a gateway's named interfaces
+ANNOTATION_UNAVAILABLE = "egress.plexus.io/gateway-unavailable"  # why a node cannot translate
+MAX_REPORTED = 64  # gateways read from one node's annotation: a hostile record stays small
 SHOWN_SOURCES = 3                          # endpoints a conflict line names
 MIN_ENDPOINT_IDENTITY = 256                # below: reserved identities (host, world, ...)
 
@@ -160,6 +166,58 @@ def entries_table() -> Table[EntryKey, EgressEntry]:
 
 GATEWAY_HEALTH: Key[Table[HealthKey, GatewayHealth]] = Key("egress-gateway-health")
 EGRESS_ENTRIES: Key[Table[EntryKey, EgressEntry]] = Key("egress-entries")
+
+
+# ---- health across the mesh ------------------------------------------------------------------
+
+def format_verdicts(verdicts: Mapping[NodeKey, bool]) -> str:
+    """A source node's probe verdicts as its record carries them: `east/n2=up,west/n2=down`."""
+    return ",".join(f"{node_name(gw)}={'up' if up else 'down'}" for gw, up in sorted(verdicts.items()))
+
+
+def parse_verdicts(value: str) -> dict[NodeKey, bool]:
+    """The verdicts of `format_verdicts`; a malformed item is skipped, never fatal."""
+    out: dict[NodeKey, bool] = {}
+    for item in value.split(",")[:MAX_REPORTED]:
+        name, _, verdict = item.partition("=")
+        cluster, _, node = name.partition("/")
+        if cluster and node and verdict in ("up", "down"):
+            out[(cluster, node)] = verdict == "up"
+    return out
+
+
+def format_interfaces(addresses: Mapping[str, str | None]) -> str:
+    """A gateway's named interfaces and their first IPv4 address: `eth1=10.0.0.5,eth9=`."""
+    return ",".join(f"{name}={ip or ''}" for name, ip in sorted(addresses.items()))
+
+
+def parse_interfaces(value: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in value.split(",")[:MAX_REPORTED]:
+        name, sep, ip = item.partition("=")
+        if not sep or not name:
+            continue
+        try:
+            out[name] = str(ipaddress.IPv4Address(ip)) if ip else None
+        except ValueError:
+            continue
+    return out
+
+
+def mesh_health(nodes: Iterable[Node], gateways: set[NodeKey], me: NodeKey) -> list[GatewayHealth]:
+    """What other nodes' records say of `gateways`: each source node's own verdicts (its
+    probes; this node's come from its own prober, fresher than its record) and, from the
+    control plane of the gateway's cluster, why it cannot reach it."""
+    out: list[GatewayHealth] = []
+    for n in nodes:
+        notes = n.annotations
+        if n.key != me and (probes := notes.get(ANNOTATION_PROBES)):
+            reporter = reporter_of(n.key)
+            out.extend(GatewayHealth(reporter, gw, up, reason=f"probes of {node_name(n.key)}")
+                       for gw, up in parse_verdicts(probes).items() if gw in gateways)
+        if n.key in gateways and (why := notes.get(ANNOTATION_CONTROL_PLANE)):
+            out.append(GatewayHealth(CONTROL_PLANE, n.key, False, reason=why[:200]))
+    return out
 
 
 # ---- endpoints and nodes -------------------------------------------------------------------
@@ -290,6 +348,10 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
         for n in matched:
             if n.key in taken:
                 continue
+            if why := n.annotations.get(ANNOTATION_UNAVAILABLE):
+                problems.append(f"spec.egressGateways[{i}]: gateway {node_name(n.key)} cannot "
+                                f"translate: {why[:200]}")
+                continue
             ip: str | None = str(spec.egress_ip or gw.egress_ip or "") or None
             if gw.egress_ip is not None and (why := _held_elsewhere(str(gw.egress_ip), n.key, nodes)):
                 problems.append(f"spec.egressGateways[{i}].egressIP: {why}, so gateway "
@@ -297,6 +359,15 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
                 continue
             if ip is None and gw.interface is None:
                 ip = n.internal_ip()  # Cilium's default: the gateway's own address
+            elif ip is None and gw.interface is not None:
+                # what the gateway says its interface holds; not said yet: it decides alone
+                published = parse_interfaces(n.annotations.get(ANNOTATION_INTERFACES, ""))
+                if gw.interface in published:
+                    ip = published[gw.interface]
+                    if ip is None:
+                        problems.append(f"spec.egressGateways[{i}].interface: {gw.interface} has "
+                                        f"no IPv4 address on gateway {node_name(n.key)}")
+                        continue
             taken.add(n.key)
             gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
     return PolicyState(

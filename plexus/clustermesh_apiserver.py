@@ -14,6 +14,7 @@ from pydantic import Field
 from clustermesh.apiserver_module import APISERVER
 from clustermesh.apiserver_module import module as apiserver
 from clustermesh.vm_signer import module as vmsigner
+from egress.controlplane import module as egress_health
 from plexus import program
 from plexus.agent import MetricsSection
 from plexus.core.module import App, Module
@@ -26,6 +27,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/plexus/clustermesh-apiserver")
 MODULES: list[Module[Any]] = [
     apiserver,
     vmsigner,
+    egress_health,
 ]
 
 

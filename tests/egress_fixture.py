@@ -44,6 +44,7 @@ class Lab:
     steering: EgressMaps
     snat: EgressMaps
     source_dp: Any
+    gateway_dp: Any
     pods: dict[str, tuple[str, str]]  # name -> (netns, ip)
     pin: Path
     uplink: str
@@ -58,13 +59,13 @@ def ask(lab: Lab, pod: str, ip: str = EXT, sport: int = 0, timeout: float = 2.0)
     return answer
 
 
-def tunnel(ns: str) -> int:
+def tunnel(ns: str, dp: Any) -> int:
     name = "plxeg0"
     sh("ip", "link", "add", name, "address", TUNNEL_MAC, "type", "vxlan",
        "external", "dstport", "8472", ns=ns)
     sh("ip", "link", "set", name, "up", ns=ns)
     with in_netns(f"/var/run/netns/{ns}"):
-        idx = attach.ifindex(name)
+        idx = attach.attach_ingress(name, (dp.egress_tunnel_in.fd, dp.egress_tunnel_in.name))
     assert idx is not None
     return idx
 
@@ -98,8 +99,8 @@ def egress_path(pod_mtu: int = 1400, underlay_mtu: int = 1500) -> Iterator[Lab]:
         source_dp = Datapath(pin / "source")
         gateway_dp = Datapath(pin / "gateway")
         steering, snat = EgressMaps(source_dp.bpf), EgressMaps(gateway_dp.bpf)
-        steering.tunnel_set(tunnel(source))
-        snat.tunnel_set(tunnel(gateway))  # replies go back through it
+        steering.tunnel_set(tunnel(source, source_dp))
+        snat.tunnel_set(tunnel(gateway, gateway_dp))  # replies go back through it
         with in_netns(f"/var/run/netns/{gateway}"):
             attach.attach(uplink, (gateway_dp.egress_nat_out.fd, gateway_dp.egress_nat_out.name),
                           (gateway_dp.egress_nat_in.fd, gateway_dp.egress_nat_in.name), uplink=True)
@@ -119,6 +120,6 @@ def egress_path(pod_mtu: int = 1400, underlay_mtu: int = 1500) -> Iterator[Lab]:
         stack.callback(stop_pid, server)
         wait_until(lambda: ":8080 " in sh("ss", "-ltnH", ns=ext).stdout, 10,
                    what="the external server to listen")
-        yield Lab(source, gateway, ext, steering, snat, source_dp, pods, pin, uplink)
+        yield Lab(source, gateway, ext, steering, snat, source_dp, gateway_dp, pods, pin, uplink)
 
 

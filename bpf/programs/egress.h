@@ -68,21 +68,37 @@ static __always_inline int egress4_tunnel(struct __sk_buff *skb, u32 remote) {
     return bpf_redirect(t->ifindex, 0);
 }
 
+static __always_inline int egress4_drop(struct __sk_buff *skb, struct flow4 *f) {
+    count_as(COUNT_NO_EGRESS_GATEWAY);
+    struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = skb->ifindex,
+                             .saddr = f->saddr, .daddr = f->daddr, .identity = ID_WORLD,
+                             .sport = f->sport, .dport = f->dport, .proto = f->proto,
+                             .direction = DIR_EGRESS, .verdict = ACTION_DENY,
+                             .reason = REASON_NO_EGRESS_GATEWAY, .tcp_flags = f->tcp_flags };
+    flows.perf_submit(skb, &ev, sizeof(ev));
+    return TC_ACT_SHOT;
+}
+
 // After policy allowed a pod's packet: TC_ACT_OK to leave as before, else a verdict.
 static __always_inline int egress4_steer(struct __sk_buff *skb, struct flow4 *f) {
     struct egress_value *v = egress_steering(f->saddr, f->daddr);
     if (!v || (v->flags & EGRESS_EXCLUDED)) return TC_ACT_OK;
-    if ((v->flags & EGRESS_NO_GATEWAY) || !v->gateway) {
-        count_as(COUNT_NO_EGRESS_GATEWAY);
-        struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = skb->ifindex,
-                                 .saddr = f->saddr, .daddr = f->daddr, .identity = ID_WORLD,
-                                 .sport = f->sport, .dport = f->dport, .proto = f->proto,
-                                 .direction = DIR_EGRESS, .verdict = ACTION_DENY,
-                                 .reason = REASON_NO_EGRESS_GATEWAY, .tcp_flags = f->tcp_flags };
-        flows.perf_submit(skb, &ev, sizeof(ev));
-        return TC_ACT_SHOT;
-    }
+    if ((v->flags & EGRESS_NO_GATEWAY) || !v->gateway) return egress4_drop(skb, f);
     return egress4_tunnel(skb, v->gateway);
+}
+
+// The tunnel device, tc ingress, on every node. What another node sends through it is a
+// request this gateway translates, or a reply to a pod steered from here. Anything else (a
+// source that steers here before this gateway has the translation, or after it dropped it)
+// is dropped: forwarded, it would leave with the pod's own address.
+int egress_tunnel_in(struct __sk_buff *skb) {
+    struct flow4 f;
+    if (!parse4(skb, &f, ETH_HLEN)) return TC_ACT_OK;  // not IPv4: nothing is steered
+    struct egress_value *t = egress_translation(f.saddr, f.daddr);
+    if (t && !(t->flags & EGRESS_EXCLUDED)) return TC_ACT_OK;
+    struct egress_value *s = egress_steering(f.daddr, f.saddr);
+    if (s && !(s->flags & EGRESS_EXCLUDED)) return TC_ACT_OK;
+    return egress4_drop(skb, &f);
 }
 
 static __always_inline void egress_rewrite(struct __sk_buff *skb, struct flow4 *f, int dst,

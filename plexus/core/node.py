@@ -69,6 +69,9 @@ WIREGUARD_PUBLIC_KEY: NodeAttr[str] = NodeAttr("wireguard-public-key", str)  # b
 POD_MTU: NodeAttr[int] = NodeAttr("pod-mtu", int)  # the most a pod may send without fragmenting
 
 
+ANNOTATION_PREFIX = "annotation:"  # rows of the attributes table that are record annotations
+
+
 @dataclass(frozen=True)
 class NodeAttribute:
     """A row of the attributes table; set and read through `NodeAttributes`."""
@@ -104,6 +107,20 @@ class NodeAttributes:
 
     def delete(self, attr: NodeAttr[T]) -> None:
         self.table.delete(attr.name)
+
+    def annotate(self, name: str, value: str | None) -> None:
+        """Set (None: remove) an annotation of this node's record, seen by every cluster."""
+        key = ANNOTATION_PREFIX + name
+        if value is None:
+            self.table.delete(key)
+        elif not isinstance(value, str):
+            raise TypeError(f"node annotation {name} is a str, not {type(value).__name__}")
+        else:
+            self.table.upsert(NodeAttribute(key, value))
+
+    def annotations(self) -> dict[str, str]:
+        n = len(ANNOTATION_PREFIX)
+        return {a.name[n:]: str(a.value) for a in self.table if a.name.startswith(ANNOTATION_PREFIX)}
 
     def register_initializer(self, name: str) -> Callable[[], None]:
         return self.table.register_initializer(name)

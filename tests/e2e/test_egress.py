@@ -201,9 +201,23 @@ def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_
         for cluster, (node, pod) in BILLING.items():
             seen_as(lab, cluster, node, pod, EGRESS_IP, timeout=6)
         assert best_route_via(lab, f"{EGRESS_IP}/32") == standby.host.ip
-        listing = Client(lab.socket(lab.topo.node("east", "n1")), timeout=5).get("/v1/egress/list")
-        [policy] = [p for p in listing["policies"] if p["name"] == "east/default/legacy-db"]
-        assert {a["sourceNode"]: a["gateway"] for a in policy["active"]}["east/n1"] == "west/n2"
+        # Seen from east/n1: west/n1's own probes (from its record) and east's control plane
+        # (the apiserver probes its nodes) both say so.
+        client = Client(lab.socket(lab.topo.node("east", "n1")), timeout=5)
+        last: list[Any] = []
+
+        def known_everywhere() -> bool:
+            listing = last[:] = [client.get("/v1/egress/list")]
+            [policy] = [p for p in listing[0]["policies"] if p["name"] == "east/default/legacy-db"]
+            active = {a["sourceNode"]: (a["gateway"], a["healthFrom"]) for a in policy["active"]}
+            control = [h for h in listing[0]["health"]
+                       if h["reporter"] == "control-plane" and h["gateway"] == "east/n2"]
+            return (active == {"east/n1": ("west/n2", "this node's probes"),
+                               "west/n1": ("west/n2", "its node's probes")}
+                    and bool(control) and not control[0]["healthy"])
+
+        wait_until(known_everywhere, 15, interval=0.3,
+                   what=lambda: f"the failover known on east/n1: {json.dumps(last)}")
     finally:
         ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "up")
         r = plexus("lab", "up")  # starts the agent again
@@ -212,6 +226,28 @@ def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_
         assert r.returncode == 0, r.stderr
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")
+
+
+def test_cilium_interface_form_leaves_with_the_gateways_interface_address(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    gateway = lab.topo.node("east", "n2")
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]").replace("  egressIP: 10.255.0.10\n", "").replace(
+        "io.cilium.k8s.policy.cluster: east}}", "io.cilium.k8s.policy.cluster: east}}\n    interface: eth0"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    try:
+        for cluster, (node, pod) in BILLING.items():
+            seen_as(lab, cluster, node, pod, gateway.host.ip)
+        client = Client(lab.socket(lab.topo.node("west", "n1")), timeout=5)
+        wait_until(lambda: [(g["node"], g["egressIP"]) for p in client.get("/v1/egress/list")["policies"]
+                            for g in p["gateways"]][:1] == [("east/n2", gateway.host.ip)], 15,
+                   interval=0.3, what="west/n1 to learn east/n2's eth0 address from its record")
+    finally:
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
+    for cluster, (node, pod) in BILLING.items():
+        seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
 
 
 def drops(lab: Lab, cluster: str, node: str, reason: str) -> float:

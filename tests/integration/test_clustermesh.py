@@ -179,6 +179,32 @@ async def test_node_record_waits_for_the_attributes_modules_publish(tmp_path: Pa
         assert node.wireguard_pubkey == "k" * 43 + "="
 
 
+async def test_annotations_of_the_agent_and_of_its_control_plane_reach_the_node_record(
+        tmp_path: Path, etcd: Etcd) -> None:
+    """How egress health crosses the mesh: a module annotates its node, the apiserver adds
+    its own; either is taken back without touching the other."""
+    async with apiserver("east", etcd) as server, agent(tmp_path, etcd) as app:
+        nodes = app.hive.require(NODES)
+        attrs = app.hive.require(NODE_ATTRIBUTES)
+        attrs.annotate("test.plexus.io/note", "from the agent")
+        server.annotate_node("n1", "egress.plexus.io/control-plane-unreachable", "3 probes")
+        # this agent runs the egress module without its datapath: it says so
+        off = {"egress.plexus.io/gateway-unavailable": "the egress datapath is off on this node"}
+
+        def annotated(want: dict[str, str]) -> Any:
+            n = nodes.get(("east", "n1"))
+            return n if n is not None and n.annotations == {**off, **want} else None
+
+        await eventually(lambda: annotated({"test.plexus.io/note": "from the agent",
+                                            "egress.plexus.io/control-plane-unreachable": "3 probes"}),
+                         10, what=lambda: f"both annotations on the record: {nodes.get(('east', 'n1'))}")
+        server.annotate_node("n1", "egress.plexus.io/control-plane-unreachable", None)
+        await eventually(lambda: annotated({"test.plexus.io/note": "from the agent"}), 10,
+                         what="the control plane's annotation taken back")
+        attrs.annotate("test.plexus.io/note", None)
+        await eventually(lambda: annotated({}), 10, what="the agent's annotation taken back")
+
+
 async def test_global_service_merges_backends_per_affinity(tmp_path: Path, etcds: dict[str, Etcd]) -> None:
     async with apiserver("east", etcds["east"]), apiserver("west", etcds["west"]), \
             agent(tmp_path, etcds["east"]) as app:

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,28 @@ def test_no_healthy_gateway_drops_and_counts_never_leaks(lab: Lab) -> None:
     assert json.loads(seen)["clients"] == []
     select(lab, "a")  # a gateway again: through it
     assert ask(lab, "a").get("ip") == EGRESS_IP
+
+
+def test_a_gateway_without_the_translation_drops_what_is_steered_to_it(lab: Lab) -> None:
+    """A source may steer before the gateway knows the pod (another cluster's agent was
+    faster) or after the gateway dropped it: forwarded, the packet would leave with the
+    pod's own address."""
+    ip = lab.pods["a"][1]
+    lab.steering.steering_set(SteeringEntry(ip, COVERED, GATEWAY_NODE))
+    before = lab.gateway_dp.drop_reasons()["no-egress-gateway"]
+    answer = ask(lab, "a", timeout=1.0)
+    assert "error" in answer, answer
+    assert lab.gateway_dp.drop_reasons()["no-egress-gateway"] > before
+    assert clients(lab) == []
+    lab.snat.snat_set(SnatEntry(ip, COVERED, EGRESS_IP, source_node=SOURCE_NODE))
+    assert ask(lab, "a").get("ip") == EGRESS_IP  # the translation there: through, replies back
+
+
+def clients(lab: Lab) -> list[Any]:
+    seen = sh("ip", "netns", "exec", lab.ext, sys.executable, "-c",
+              "import urllib.request; print(urllib.request.urlopen("
+              "'http://127.0.0.1:8081/clients').read().decode())").stdout
+    return list(json.loads(seen)["clients"])
 
 
 def test_translations_outlive_the_program_that_made_them(lab: Lab) -> None:

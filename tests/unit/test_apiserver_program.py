@@ -22,7 +22,7 @@ async def test_graph_builds_without_starting_and_is_not_healthy_yet(tmp_path: Pa
     cfg = load_config(config(tmp_path), MODULES)
     assert cfg.metrics.port == 9963
     app = build(cfg, MODULES)
-    assert list(app.components) == ["apiserver", "vmsigner"]
+    assert list(app.components) == ["apiserver", "vmsigner", "egress"]
     assert not any(app.hive._tasks.values()), "building must not start work"
     server = app.hive.require(APISERVER)
     assert server.cluster == "east" and server.gc.grace == 300.0

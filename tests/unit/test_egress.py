@@ -14,16 +14,26 @@ import yaml
 from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES, identities_table, ipcache_table, nodes_table
 from egress.config import EgressConfig
-from egress.failover import GatewayChooser
+from egress.failover import GatewayChooser, healthy
 from egress.models import EgressGatewayPolicy
 from egress.module import EgressGateways
+from egress.ops import interface_addresses
 from egress.tables import (
+    ANNOTATION_CONTROL_PLANE,
+    ANNOTATION_INTERFACES,
+    ANNOTATION_PROBES,
+    ANNOTATION_UNAVAILABLE,
     CONTROL_PLANE,
+    MAX_REPORTED,
     GatewayHealth,
     MeshEndpoint,
     PolicyState,
     entries,
+    format_interfaces,
+    format_verdicts,
     mesh_endpoints,
+    parse_interfaces,
+    parse_verdicts,
     resolve_policy,
 )
 from plexus.apply import load_documents
@@ -31,7 +41,7 @@ from plexus.core.clock import ManualClock
 from plexus.core.config import ConfigError, parse
 from plexus.core.manifests import MANIFESTS, Manifest, manifests_table
 from plexus.core.module import Hive
-from plexus.core.node import LOCAL_NODE, LocalNode
+from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES, LocalNode, NodeAttributes
 from tests.support import eventually
 
 POLICY = """
@@ -342,6 +352,7 @@ def test_no_healthy_gateway_gives_entries_that_drop() -> None:
 def make_module(tmp_path: Path, local: LocalNode | None = None) -> tuple[EgressGateways, Any, Hive]:
     hive = Hive(agent=None, state_dir=tmp_path, clock=ManualClock())
     hive.provide(LOCAL_NODE, local or LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    hive.provide(NODE_ATTRIBUTES, NodeAttributes())
     mf = hive.provide(MANIFESTS, manifests_table())
     nodes, ipc, ids = nodes_table(), ipcache_table(), identities_table()
     for n in NODES_ALL:
@@ -495,7 +506,7 @@ def test_datapath_rows_are_this_nodes_share_of_the_entries() -> None:
         EgressEntry("10.2.2.9", dest, elsewhere, gw2, gateway=gw2, egress_ip="10.255.0.11"),
         EgressEntry("fd00::1", "2001:db8::/64", pol, me, gateway=gw2, egress_ip="fd00::ffff"),
     ]
-    steering, snat = datapath_rows(rows, me, ips.get, {pol: "10.255.0.10", own: None})
+    steering, snat = datapath_rows(rows, me, ips.get, {pol: "10.255.0.10", own: "172.31.1.11"})
     assert steering == [
         SteeringEntry("10.1.1.5", dest, "172.31.2.12"),
         SteeringEntry("10.1.1.5", excl, excluded=True),
@@ -634,3 +645,134 @@ def test_the_standby_holds_the_egress_ip_once_it_finds_the_preferred_down(tmp_pa
     standby.health.upsert(down("west/n2", E_N2))
     standby.recompute()
     assert [p.prefix for p in standby.hive.require(HOST_PREFIXES)] == ["10.255.0.10/32"]
+
+
+# ---- health across the mesh, and what a gateway says of itself ---------------------------------
+
+def test_a_sources_own_probes_decide_before_the_control_plane() -> None:
+    up = GatewayHealth("east/n1", E_N2, healthy=True)
+    cp = down(CONTROL_PLANE, E_N2)
+    assert healthy({}, E_N1, E_N2)                                   # nothing said: healthy
+    assert not healthy({cp.key: cp}, E_N1, E_N2)                      # no probe yet: the control plane
+    assert healthy({cp.key: cp, up.key: up}, E_N1, E_N2)              # it reaches the gateway itself
+    mine = down("east/n1", E_N2)
+    assert not healthy({mine.key: mine}, E_N1, E_N2)
+    assert healthy({mine.key: mine}, W_N1, E_N2)                      # another source's view
+
+
+def test_verdicts_and_interfaces_read_from_a_record_skip_what_is_malformed() -> None:
+    assert format_verdicts({W_N2: False, E_N2: True}) == "east/n2=up,west/n2=down"
+    assert parse_verdicts("east/n2=up,west/n2=down") == {E_N2: True, W_N2: False}
+    assert parse_verdicts("junk,=up,east/=down,east/n2=maybe,/n1=up,west/n2=down") == {W_N2: False}
+    assert len(parse_verdicts(",".join(f"c/n{i}=up" for i in range(10_000)))) == MAX_REPORTED
+    assert format_interfaces({"eth1": "10.9.9.9", "eth9": None}) == "eth1=10.9.9.9,eth9="
+    assert parse_interfaces("eth1=10.9.9.9,eth9=,eth2=not-an-ip,eth3,=1.2.3.4,eth4=fd00::1") == {
+        "eth1": "10.9.9.9", "eth9": None}
+
+
+def annotated(key: tuple[str, str], **notes: str) -> Node:
+    return replace(node(*key), annotations=notes)
+
+
+def test_health_crosses_the_mesh_on_node_records(tmp_path: Path) -> None:
+    eg, mf, hive = make_module(tmp_path)
+    attrs = hive.require(NODE_ATTRIBUTES)
+    nodes = hive.require(NODES)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.health.upsert(down("east/n1", E_N2))
+    eg.recompute()
+    # this node tells the mesh what its probes find
+    assert attrs.annotations() == {ANNOTATION_PROBES: "east/n2=down"}
+    # and reads what west/n1's probes found from west/n1's record: the gateway it really uses
+    nodes.upsert(annotated(W_N1, **{ANNOTATION_PROBES: "east/n2=down,west/n2=up,junk"}))
+    # its own record as read back from etcd never overrides its fresher prober
+    nodes.upsert(annotated(E_N1, **{ANNOTATION_PROBES: "east/n2=up"}))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert [(a["sourceNode"], a["gateway"], a["healthFrom"]) for a in p["active"]] == [
+        ("east/n1", "west/n2", "this node's probes"), ("west/n1", "west/n2", "its node's probes")]
+    # the control plane of east cannot reach east/n2: a source with no verdict follows it
+    nodes.upsert(annotated(W_N1))
+    nodes.upsert(annotated(E_N2, **{ANNOTATION_CONTROL_PLANE: "3 probes to 172.31.1.12 unanswered"}))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert {a["sourceNode"]: (a["gateway"], a["healthFrom"]) for a in p["active"]}["west/n1"] == (
+        "west/n2", "the control plane")
+    assert ("control-plane", "east/n2", False, "3 probes to 172.31.1.12 unanswered") in [
+        (h["reporter"], h["gateway"], h["healthy"], h["reason"]) for h in eg.listing()["health"]]
+    eg.health.upsert(GatewayHealth("east/n1", E_N2, healthy=True))
+    eg.recompute()
+    assert attrs.annotations() == {ANNOTATION_PROBES: "east/n2=up"}
+    # recovered: the hold-down keeps the standby a while
+    assert eg.entries.get(("10.1.1.5", "198.51.100.0/24")).gateway == W_N2  # type: ignore[union-attr]
+
+
+def test_a_gateway_that_cannot_translate_is_left_out_and_named(tmp_path: Path) -> None:
+    eg, mf, hive = make_module(tmp_path)
+    hive.require(NODES).upsert(annotated(E_N2, **{
+        ANNOTATION_UNAVAILABLE: "the egress datapath is off on this node"}))
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert [g["node"] for g in p["gateways"]] == ["west/n2"]
+    assert p["problems"] == ["spec.egressGateways[0]: gateway east/n2 cannot translate: "
+                             "the egress datapath is off on this node"]
+    assert eg.entries.get(("10.1.1.5", "198.51.100.0/24")).gateway == W_N2  # type: ignore[union-attr]
+
+
+INTERFACE_POLICY = POLICY.replace("  egressIP: 10.255.0.10\n", "").replace(
+    "io.cilium.k8s.policy.cluster: east}}", "io.cilium.k8s.policy.cluster: east}}\n    interface: eth1")
+
+
+def test_the_interface_form_leaves_with_the_address_the_gateway_finds(tmp_path: Path) -> None:
+    """Cilium's `interface`: the gateway looks its address up and tells the mesh; without one
+    it is left out (and drops, never leaks, what still reaches it)."""
+    eg, mf, hive = make_module(tmp_path, LocalNode("east", 1, "n2", "172.31.1.12", "10.1.2.0/24"))
+    attrs, nodes = hive.require(NODE_ATTRIBUTES), hive.require(NODES)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body(INTERFACE_POLICY)))
+    eg.recompute()
+    assert eg.named_interfaces == {"eth1"}
+    [p] = eg.listing()["policies"]
+    assert [(g["node"], g["egressIP"], g["interface"]) for g in p["gateways"]] == [
+        ("east/n2", None, "eth1"), ("west/n2", "172.31.2.12", None)]
+    # not looked up yet: nothing said, and nothing leaves untranslated here
+    assert ANNOTATION_INTERFACES not in attrs.annotations()
+    assert {s.egress_ip for s in eg.snat if not s.excluded} == {None}
+    eg.interface_ips = {"eth1": "192.0.2.7"}
+    eg.recompute()
+    assert attrs.annotations()[ANNOTATION_INTERFACES] == "eth1=192.0.2.7"
+    assert {s.egress_ip for s in eg.snat if not s.excluded} == {"192.0.2.7"}
+    assert not [h for h in eg.announced if h.owner == "egress"]  # its own address: routed already
+    # what the others see once the record carries it
+    nodes.upsert(annotated(E_N2, **attrs.annotations()))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert p["gateways"][0]["egressIP"] == "192.0.2.7"
+    eg.interface_ips = {"eth1": None}
+    nodes.upsert(annotated(E_N2, **{ANNOTATION_INTERFACES: "eth1="}))
+    eg.recompute()
+    [p] = eg.listing()["policies"]
+    assert [g["node"] for g in p["gateways"]] == ["west/n2"]
+    assert p["problems"] == ["spec.egressGateways[0].interface: eth1 has no IPv4 address on "
+                             "gateway east/n2"]
+
+
+async def test_the_egress_module_off_tells_the_mesh_this_node_cannot_translate(tmp_path: Path) -> None:
+    hive = Hive(agent=None, state_dir=tmp_path, clock=ManualClock())
+    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n2", "172.31.1.12", "10.1.2.0/24"))
+    hive.provide(MANIFESTS, manifests_table())
+    attrs = hive.provide(NODE_ATTRIBUTES, NodeAttributes())
+    await EgressGateways(hive, EgressConfig(enabled=False)).start()
+    assert attrs.annotations() == {ANNOTATION_UNAVAILABLE: "the egress module is off on this node"}
+    eg, _mf, hive = make_module(tmp_path)
+    eg.config = EgressConfig(datapath=False)
+    await eg.start()
+    try:
+        assert hive.require(NODE_ATTRIBUTES).annotations() == {
+            ANNOTATION_UNAVAILABLE: "the egress datapath is off on this node"}
+    finally:
+        await eg.stop()
+
+
+def test_interface_addresses_are_looked_up_by_name() -> None:
+    assert interface_addresses(["lo", "plxnosuch0"]) == {"lo": "127.0.0.1", "plxnosuch0": None}

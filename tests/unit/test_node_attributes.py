@@ -59,3 +59,14 @@ async def test_the_pod_mtu_a_module_sets_is_the_mtu_pods_get(tmp_path: Path) -> 
     assert (await manager._node({}, None))["mtu"] == 1500
     app.hive.require(NODE_ATTRIBUTES).set(POD_MTU, 1420)  # what encryption sets
     assert (await manager._node({}, None))["mtu"] == 1420
+
+
+def test_annotations_are_strings_kept_apart_from_typed_attributes() -> None:
+    attrs = NodeAttributes()
+    attrs.set(POD_MTU, 1420)
+    attrs.annotate("egress.plexus.io/gateway-probes", "east/n2=up")
+    assert attrs.annotations() == {"egress.plexus.io/gateway-probes": "east/n2=up"}
+    with pytest.raises(TypeError, match="is a str, not int"):
+        attrs.annotate("x", 1)  # type: ignore[arg-type]
+    attrs.annotate("egress.plexus.io/gateway-probes", None)
+    assert attrs.annotations() == {} and attrs.get(POD_MTU) == 1420
