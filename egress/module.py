@@ -19,17 +19,21 @@ from bpf.egress import EgressMaps, SnatEntry, SteeringEntry
 from bpf.module import DATAPATH
 from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
+from egress.claims import SegmentClaims
 from egress.config import EgressConfig
 from egress.failover import GatewayChooser, healthy
 from egress.metrics import EgressMetrics, SnatConnections
 from egress.models import MANIFEST_KINDS, EgressGatewayPolicy
 from egress.ops import (
+    ADDRESS_PROTOCOL,
     VXLAN_OVERHEAD,
     VXLAN_PORT,
+    ClaimOps,
     SnatOps,
     SteeringOps,
     Tunnel,
     TunnelOps,
+    ethernet_addresses,
     interface_addresses,
     uplink_of,
 )
@@ -62,6 +66,7 @@ from egress.tables import (
     reporter_of,
     resolve_policy,
 )
+from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache
 from plexus.core.module import Hive, Module
 from plexus.core.node import LOCAL_NODE, NODE_ATTRIBUTES
@@ -113,8 +118,13 @@ class EgressGateways:
                                                                       key=lambda e: e.key)
         self.snat: Table[tuple[str, str], SnatEntry] = Table("egress-snat", key=lambda e: e.key)
         self.tunnel: Table[str, Tunnel] = Table("egress-tunnel", key=lambda t: t.key)
+        self.segment = SegmentClaims(ethernet_addresses)  # egress IPs on this node's segments
+        if config.enabled and config.datapath and self.datapath and self.datapath.config.enabled:
+            kernel_numbers(hive).claim("address-protocol", ADDRESS_PROTOCOL, "egress",
+                                       "marks the egress IPs it claims on a segment")
         # pinned entries stay until the sources are synced: a restart must not drop them
-        self._gates = [t.register_initializer("sources") for t in (self.steering, self.snat)]
+        self._gates = [t.register_initializer("sources")
+                       for t in (self.steering, self.snat, self.segment.table)]
         me = (self.local.cluster, self.local.name)
         self.prober = GatewayProber(reporter_of(me), self.health, hive.clock, self.probe_targets,
                                     config.probe_interval, config.probe_threshold)
@@ -166,6 +176,9 @@ class EgressGateways:
                                       dp.egress_tunnel_in))
         self.hive.reconcile("egress", "egress-steering", self.steering, SteeringOps(maps))
         self.hive.reconcile("egress", "egress-snat", self.snat, SnatOps(maps))
+        self.hive.reconcile("egress", "egress-arp-claims", self.segment.table, ClaimOps())
+        self.hive.spawn("egress", self.segment.follow(self.hive.clock, self._dirty),
+                        "interface-addresses")
         self.hive.spawn("egress", self._sweep(maps), "nat-sweep")
 
     async def _sweep(self, maps: EgressMaps) -> None:
@@ -279,6 +292,7 @@ class EgressGateways:
         held = held_egress_ips(own_view.values(), me, self.local.ip,
                                {p.key: [gw.node for gw in p.gateways] for p in states})
         self.announced.replace_where(lambda p: p.owner == "egress", held)
+        self.segment.derive(held, self.local.ip)  # and on its own segment: gratuitous ARP
         self._update_metrics(states, health)
 
     def _tell_mesh(self, own: Mapping[Any, GatewayHealth], policies: Iterable[EgressGatewayPolicy],
@@ -343,7 +357,8 @@ class EgressGateways:
             "datapath": {"loaded": self.maps is not None, "steering": len(self.steering),
                          "snat": len(self.snat),
                          "announced": sorted(p.prefix for p in self.announced
-                                             if p.owner == "egress")},
+                                             if p.owner == "egress"),
+                         "arp": self.segment.listing()},
             "health": [{"reporter": h.reporter, "gateway": node_name(h.gateway),
                         "healthy": h.healthy, "reason": h.reason}
                        for h in sorted(health.values(), key=lambda h: h.key)],

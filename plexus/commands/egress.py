@@ -43,6 +43,10 @@ def render(data: dict[str, Any]) -> str:
     if dp and dp["loaded"]:
         out.append(f"datapath: {dp['steering']} steering entries, {dp['snat']} translations; "
                    f"egress IPs announced here: {', '.join(dp['announced']) or 'none'}")
+        arp = dp.get("arp", {})
+        if arp.get("claimed"):
+            out.append(f"claimed on this node's segment (gratuitous ARP): {', '.join(arp['claimed'])}")
+        out += [f"not claimed: {why}" for why in arp.get("leftAlone", [])]
     if data["health"]:
         out.append(table([(h["reporter"], h["gateway"], "healthy" if h["healthy"] else "UNHEALTHY",
                            h["reason"]) for h in data["health"]],

@@ -1,5 +1,5 @@
 """The kernel numbers features use: route tables, rule priorities, route protocols, fwmarks,
-tc priorities and handles.
+tc priorities and handles, address protocols (IFA_PROTO).
 
 Each feature claims the numbers it writes with when its module is built, so two features
 that would fight over one table or one rule priority fail at start, with a message naming
@@ -16,7 +16,7 @@ from typing import Literal
 from plexus.core.module import Hive, Key
 
 KernelNumberKind = Literal["route-table", "rule-priority", "route-protocol", "fwmark",
-                           "tc-priority", "tc-handle"]
+                           "tc-priority", "tc-handle", "address-protocol"]
 
 
 @dataclass(frozen=True)

@@ -429,3 +429,68 @@ def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
     assert all(f" IP {EGRESS_IP}." in h or f" IP {EXT_IP}." in h for h in clear), clear[:5]
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")
+
+
+SEGMENT_EGRESS_IP = "172.31.1.200"  # on east's segment: its hosts ARP for it
+
+
+def segment_neighbour(lab: Lab, host: str) -> str:
+    """The MAC `host` (a namespace on east's segment) has for the segment's egress IP."""
+    out = ops.run("ip", "-j", "neigh", "show", SEGMENT_EGRESS_IP, ns=host).stdout
+    found = json.loads(out) if out.strip() else []
+    return str(found[0].get("lladdr", "")) if found else ""
+
+
+def claimed_on(lab: Lab, node: str) -> bool:
+    host = lab.topo.node("east", node).host
+    out = json.loads(ops.run("ip", "-j", "-4", "addr", "show", "dev", "eth0", ns=host.netns).stdout)
+    return any(a["local"] == SEGMENT_EGRESS_IP for link in out for a in link["addr_info"])
+
+
+def mac_of(lab: Lab, node: str) -> str:
+    host = lab.topo.node("east", node).host
+    return str(json.loads(ops.run("ip", "-j", "link", "show", "eth0", ns=host.netns).stdout)[0]
+               ["address"])
+
+
+def test_an_egress_ip_of_the_gateways_segment_is_claimed_by_arp_and_follows_a_failover(
+        lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    # The router learns the /32 over BGP and routes it to the gateway's node address; the
+    # segment's other hosts (the control plane here) ask for it with ARP.
+    segment_host = lab.topo.clusters[0].control_plane.netns
+    active, standby = lab.topo.node("east", "n2"), lab.topo.node("east", "n1")
+    f = tmp_path / "policy.yaml"
+    f.write_text(POLICY.replace("EXCLUDED", "[]").replace(EGRESS_IP, SEGMENT_EGRESS_IP)
+                 .replace("hostname: n2, io.cilium.k8s.policy.cluster: west",
+                          "hostname: n1, io.cilium.k8s.policy.cluster: east"))
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    agent = State.load(lab.state_path).processes[f"agent-{active.key}"]
+    try:
+        for cluster, (node, pod) in BILLING.items():
+            seen_as(lab, cluster, node, pod, SEGMENT_EGRESS_IP)
+        wait_until(lambda: claimed_on(lab, "n2"), 10, interval=0.2, what="n2 claims the address")
+        assert not claimed_on(lab, "n1")
+        listing = Client(lab.socket(active), timeout=5).get("/v1/egress/list")
+        assert listing["datapath"]["arp"]["claimed"] == [f"{SEGMENT_EGRESS_IP} on eth0"], listing
+        ops.run("ping", "-c1", "-W2", SEGMENT_EGRESS_IP, ns=segment_host)
+        assert segment_neighbour(lab, segment_host) == mac_of(lab, "n2")
+        # n2 gone: n1 claims the address, and its announcement alone moves the host's entry
+        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "down")
+        ops.stop(agent.pid, agent.marker, timeout=5)
+        wait_until(lambda: segment_neighbour(lab, segment_host) == mac_of(lab, "n1"), 6,
+                   interval=0.1, what=lambda: f"the segment host's entry follows n1's "
+                   f"announcement: {segment_neighbour(lab, segment_host)}")
+        assert claimed_on(lab, "n1")
+        ops.run("ping", "-c1", "-W2", SEGMENT_EGRESS_IP, ns=segment_host)
+        seen_as(lab, "east", *BILLING["east"], SEGMENT_EGRESS_IP, timeout=6)
+        assert best_route_via(lab, f"{SEGMENT_EGRESS_IP}/32") == standby.host.ip
+    finally:
+        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "up")
+        r = plexus("lab", "up")  # starts the agent again
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = plexus("delete", "-f", str(f), "--lab", "east")
+        assert r.returncode == 0, r.stderr
+    # the policy removed: every gateway releases the address
+    wait_until(lambda: not claimed_on(lab, "n1") and not claimed_on(lab, "n2"), 30,
+               interval=0.3, what="the gateways to release the segment's egress IP")

@@ -119,7 +119,8 @@ def test_apply_reaches_the_agent_and_a_bad_version_keeps_the_good_one(tmp_path: 
         assert [g["node"] for g in p["gateways"]] == ["east/n2", "east/n1"]
         assert [(e["ip"], e["node"]) for e in p["endpoints"]] == [("10.1.1.5", "east/n1")]
         assert p["active"] == [{"sourceNode": "east/n1", "gateway": "east/n2",
-                                "egressIP": "10.255.0.10", "interface": None}]
+                                "egressIP": "10.255.0.10", "interface": None,
+                                "healthFrom": "this node's probes"}]
         r = plexus("egress", "list", "--socket", str(agent.socket), "-o", "json")
         assert r.returncode == 0 and json.loads(r.stdout) == listing(), r.stderr
         r = plexus("egress", "list", "--socket", str(agent.socket))

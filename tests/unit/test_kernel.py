@@ -64,7 +64,8 @@ def test_the_agent_claims_its_numbers_without_clash(tmp_path: Path) -> None:
         ("route-protocol", 190, "encryption"), ("fwmark", 0x1E00, "encryption"),
         ("rule-priority", 99, "encryption"), ("route-table", 51872, "encryption"),
         ("rule-priority", 98, "encryption"),
-        ("tc-priority", 1, "bpf"), ("tc-handle", 1, "bpf")}
+        ("tc-priority", 1, "bpf"), ("tc-handle", 1, "bpf"),
+        ("address-protocol", 190, "egress")}
     assert all(isinstance(c, Claim) and c.what for c in claims)
 
 
