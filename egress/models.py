@@ -93,6 +93,14 @@ class EgressGatewayPolicySpec(Strict):
     def _addresses_fit(self) -> EgressGatewayPolicySpec:
         # Errors are phrased with their path below `spec`: each names the field to fix.
         problems: list[str] = []
+        # IPv4 only: an IPv6 CIDR accepted would be a promise the datapath does not keep
+        # (the pods' IPv6 traffic would leave with their own addresses)
+        for name, nets in (("destinationCIDRs", self.destination_cidrs),
+                           ("excludedCIDRs", self.excluded_cidrs)):
+            problems.extend(f"{name}[{j}]: {net} is IPv6; the egress gateway steers IPv4 only"
+                            for j, net in enumerate(nets) if net.version == 6)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.egress_ip is not None:
             for i, gw in enumerate(self.egress_gateways):
                 if gw.egress_ip is not None or gw.interface is not None:
