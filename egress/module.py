@@ -49,6 +49,7 @@ from egress.tables import (
     EgressEntry,
     GatewayHealth,
     MeshEndpoint,
+    MeshIndex,
     PolicyKey,
     PolicyState,
     active_table,
@@ -57,7 +58,6 @@ from egress.tables import (
     format_interfaces,
     format_verdicts,
     health_table,
-    mesh_endpoints,
     mesh_health,
     node_labels,
     node_name,
@@ -89,6 +89,7 @@ class EgressGateways:
         self.ipcache: Table[Any, IPIdentity] | None = hive.optional(IPCACHE)
         self.identities: Table[int, Identity] | None = hive.optional(IDENTITIES)
         self.health = hive.provide(GATEWAY_HEALTH, health_table())
+        self.mesh = MeshIndex(self.ipcache, self.identities, self.nodes)
         self.attributes = hive.optional(NODE_ATTRIBUTES)  # what this node tells the mesh
         self.mesh_health: list[GatewayHealth] = []  # what other nodes' records say
         # interfaces policies name for this node as a gateway, and their IPv4 address here
@@ -264,9 +265,11 @@ class EgressGateways:
         # Every node and endpoint of the mesh, only when a policy may select some: with
         # hundreds of clusters the scans would otherwise run on each batch of changes for nothing.
         nodes = list(self.nodes or []) if parsed else []
-        endpoints = mesh_endpoints(self.ipcache or [], {i.id: i for i in self.identities or []},
-                                   nodes) if parsed else []
-        states = [resolve_policy(k, self._created[k], p, endpoints, nodes) for k, p in parsed.items()]
+        if parsed:
+            self.mesh.refresh()  # only the endpoints that changed are read again
+        else:
+            self.mesh.forget()
+        states = [resolve_policy(k, self._created[k], p, self.mesh, nodes) for k, p in parsed.items()]
         me = (self.local.cluster, self.local.name)
         self.mesh_health = mesh_health(nodes, {gw.node for s in states for gw in s.gateways}, me)
         own = dict(self.health.items())

@@ -13,10 +13,12 @@ gateway health table, which a per-source-node prober and the control plane fill.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from clustermesh.models import (
     LABEL_CLUSTER,
@@ -235,19 +237,22 @@ def _node_by_address(nodes: Iterable[Node]) -> dict[str, NodeKey]:
     return out
 
 
-def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Identity],
-                   nodes: Iterable[Node]) -> list[MeshEndpoint]:
-    """Every pod of every cluster whose identity is known, in address order."""
-    where = _node_by_address(nodes)
-    prefix = LABEL_NAMESPACE_LABELS + "."
-    shared: dict[tuple[int, str, str], tuple[dict[str, str], dict[str, str]]] = {}
-    out = []
-    for e in ipcache:
-        ident = identities.get(e.identity)
+class EndpointReader:
+    """Reads ipcache rows as the endpoints selectors see, with the labels of each identity
+    (and namespace, cluster) built once and shared."""
+
+    def __init__(self, identities: Mapping[int, Identity], nodes: Iterable[Node]) -> None:
+        self.identities = identities
+        self.where = _node_by_address(nodes)
+        self.shared: dict[tuple[int, str, str], tuple[dict[str, str], dict[str, str]]] = {}
+
+    def read(self, e: IPIdentity) -> MeshEndpoint | None:
+        ident = self.identities.get(e.identity)
         if e.identity < MIN_ENDPOINT_IDENTITY or ident is None or e.prefix_len is not None:
-            continue  # hosts, world, CIDRs; or labels not known yet
+            return None  # hosts, world, CIDRs; or labels not known yet
         once = (e.identity, e.namespace, e.cluster)
-        if once not in shared:
+        if once not in self.shared:
+            prefix = LABEL_NAMESPACE_LABELS + "."
             labels = ident.label_map()
             ns_labels = {k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix)}
             namespace = e.namespace or labels.get(LABEL_NAMESPACE, "")
@@ -255,15 +260,90 @@ def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Ident
                 ns_labels.setdefault(LABEL_NAMESPACE_NAME, namespace)
             pod = {k: v for k, v in labels.items() if not k.startswith(prefix)}
             pod.setdefault(LABEL_CLUSTER, e.cluster or ident.cluster)
-            shared[once] = (pod, ns_labels)
-        pod, ns_labels = shared[once]
-        out.append(MeshEndpoint(ip=e.ip, cluster=pod[LABEL_CLUSTER],
-                                namespace=ns_labels.get(LABEL_NAMESPACE_NAME, ""),
-                                pod=e.pod_name, labels=pod, namespace_labels=ns_labels,
-                                node=where.get(e.host_ip), identity=e.identity))
+            self.shared[once] = (pod, ns_labels)
+        pod, ns_labels = self.shared[once]
+        return MeshEndpoint(ip=e.ip, cluster=pod[LABEL_CLUSTER],
+                            namespace=ns_labels.get(LABEL_NAMESPACE_NAME, ""),
+                            pod=e.pod_name, labels=pod, namespace_labels=ns_labels,
+                            node=self.where.get(e.host_ip), identity=e.identity)
+
+
+def mesh_endpoints(ipcache: Iterable[IPIdentity], identities: Mapping[int, Identity],
+                   nodes: Iterable[Node]) -> list[MeshEndpoint]:
+    """Every pod of every cluster whose identity is known, in address order."""
+    reader = EndpointReader(identities, nodes)
+    out = [m for e in ipcache if (m := reader.read(e)) is not None]
     return sorted(out, key=lambda m: _address_order(m.ip))
 
 
+GroupKey = tuple[int, str, str]  # (identity, namespace, cluster): endpoints selectors see alike
+
+
+def group_key(e: MeshEndpoint) -> GroupKey:
+    # an endpoint without an identity is a group of its own
+    return (e.identity, e.namespace, e.cluster) if e.identity else (0, e.ip, "")
+
+
+def group_endpoints(endpoints: Iterable[MeshEndpoint]) -> dict[GroupKey, list[MeshEndpoint]]:
+    out: dict[GroupKey, list[MeshEndpoint]] = {}
+    for e in endpoints:
+        out.setdefault(group_key(e), []).append(e)
+    return out
+
+
+class MeshIndex:
+    """Every endpoint of the mesh by group, kept from one recompute to the next: a changed
+    ipcache row is read again alone; a change of nodes or identities reads every row."""
+
+    def __init__(self, ipcache: Table[Any, IPIdentity] | None,
+                 identities: Table[int, Identity] | None, nodes: Table[Any, Node] | None) -> None:
+        self.ipcache, self.identities, self.nodes = ipcache, identities, nodes
+        self._rows_changed = ipcache.track() if ipcache is not None else None
+        self._all_changed = [t.track() for t in (identities, nodes) if t is not None]
+        self._reader: EndpointReader | None = None
+        self.rows: dict[Any, MeshEndpoint] = {}
+        self.groups: dict[GroupKey, dict[Any, MeshEndpoint]] = {}
+
+    def forget(self) -> None:
+        """Drop everything (nothing needs it now): the next refresh reads every row."""
+        for t in (self._rows_changed, *self._all_changed):
+            if t is not None:
+                t.take()
+        self._reader = None
+        self.rows, self.groups = {}, {}
+
+    def refresh(self) -> None:
+        rows = self._rows_changed.take() if self._rows_changed is not None else set()
+        if any([t.take() for t in self._all_changed]) or self._reader is None:
+            self._rebuild()
+            return
+        for key in rows:
+            self._remove(key)
+            row = self.ipcache.get(key) if self.ipcache is not None else None
+            if row is not None and (e := self._reader.read(row)) is not None:
+                self._add(key, e)
+
+    def _rebuild(self) -> None:
+        self._reader = EndpointReader({i.id: i for i in self.identities or []}, self.nodes or [])
+        self.rows, self.groups = {}, {}
+        for key, row in (self.ipcache.items() if self.ipcache is not None else []):
+            if (e := self._reader.read(row)) is not None:
+                self._add(key, e)
+
+    def _add(self, key: Any, e: MeshEndpoint) -> None:
+        self.rows[key] = e
+        self.groups.setdefault(group_key(e), {})[key] = e
+
+    def _remove(self, key: Any) -> None:
+        old = self.rows.pop(key, None)
+        if old is not None:
+            group = self.groups[group_key(old)]
+            del group[key]
+            if not group:
+                del self.groups[group_key(old)]
+
+
+@functools.lru_cache(maxsize=1 << 18)
 def _address_order(ip: str) -> tuple[int, bytes]:
     """IPv4 before IPv6, then numerically (inet_pton: ipaddress is ten times slower)."""
     if ":" in ip:
@@ -284,31 +364,31 @@ def selects(policy: EgressGatewayPolicy, ep: MeshEndpoint) -> bool:
     return False
 
 
-def selected(policy: EgressGatewayPolicy, endpoints: Iterable[MeshEndpoint]) -> tuple[MeshEndpoint, ...]:
-    """The endpoints `policy` selects; tested once per identity, namespace and cluster."""
-    verdicts: dict[tuple[int, str, str], bool] = {}
-    out = []
-    for e in endpoints:
-        once = (e.identity, e.namespace, e.cluster)
-        ok = verdicts.get(once) if e.identity else None  # no identity: test this one alone
-        if ok is None:
-            ok = selects(policy, e)
-            if e.identity:
-                verdicts[once] = ok
-        if ok:
-            out.append(e)
-    return tuple(out)
+Groups = Mapping[GroupKey, Mapping[Any, MeshEndpoint]] | Mapping[GroupKey, list[MeshEndpoint]]
+
+
+def selected(policy: EgressGatewayPolicy, groups: Groups) -> tuple[MeshEndpoint, ...]:
+    """The endpoints `policy` selects, in address order; tested once per group."""
+    out: list[MeshEndpoint] = []
+    for members in groups.values():
+        found = members.values() if isinstance(members, Mapping) else members
+        first = next(iter(found), None)
+        if first is not None and selects(policy, first):
+            out.extend(found)
+    return tuple(sorted(out, key=lambda m: _address_order(m.ip)))
 
 
 def _pod_cidrs(n: Node) -> list[IPNetwork]:
-    out: list[IPNetwork] = []
-    for c in (n.ipv4_alloc_cidr, n.ipv6_alloc_cidr, *n.secondary_alloc_cidrs):
-        if c:
-            try:
-                out.append(ipaddress.ip_network(c, strict=False))
-            except ValueError:
-                continue
-    return out
+    return [net for c in (n.ipv4_alloc_cidr, n.ipv6_alloc_cidr, *n.secondary_alloc_cidrs)
+            if c and (net := _network(c)) is not None]
+
+
+@functools.lru_cache(maxsize=4096)
+def _network(cidr: str) -> IPNetwork | None:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        return None
 
 
 def _held_elsewhere(ip: str, gateway: NodeKey | None, nodes: list[Node]) -> str | None:
@@ -327,7 +407,7 @@ def _held_elsewhere(ip: str, gateway: NodeKey | None, nodes: list[Node]) -> str 
 
 
 def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
-                   endpoints: Iterable[MeshEndpoint], nodes: Iterable[Node]) -> PolicyState:
+                   endpoints: Iterable[MeshEndpoint] | MeshIndex, nodes: Iterable[Node]) -> PolicyState:
     """What one policy selects and where its traffic may leave, in preference order.
 
     A node that several gateway entries select keeps its first place; an entry's nodes
@@ -371,7 +451,9 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
             taken.add(n.key)
             gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
     return PolicyState(
-        key=key, created=created, endpoints=selected(policy, endpoints),
+        key=key, created=created,
+        endpoints=selected(policy, endpoints.groups if isinstance(endpoints, MeshIndex)
+                           else group_endpoints(endpoints)),
         gateways=tuple(gateways), destinations=tuple(str(c) for c in spec.destination_cidrs),
         excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=tuple(problems))
 

@@ -29,6 +29,21 @@ class _Watcher(Generic[K]):
         self.wake.set()
 
 
+class Tracker(Generic[K]):
+    """The keys written since the last `take()`, for a reader that recomputes on its own
+    schedule (synchronously) and wants to read again only what changed."""
+
+    def __init__(self) -> None:
+        self.keys: set[K] = set()
+
+    def notify(self, key: K) -> None:
+        self.keys.add(key)
+
+    def take(self) -> set[K]:
+        keys, self.keys = self.keys, set()
+        return keys
+
+
 class Table(Generic[K, R]):
     """A keyed set of rows with change notification and an "initialized" gate.
 
@@ -44,7 +59,7 @@ class Table(Generic[K, R]):
         self._index_of: dict[str, Callable[[R], Hashable]] = dict(indexes or {})
         # index name -> index value -> the rows with that value, by key
         self._indexes: dict[str, dict[Hashable, dict[K, R]]] = {n: {} for n in self._index_of}
-        self._watchers: list[_Watcher[K]] = []
+        self._watchers: list[_Watcher[K] | Tracker[K]] = []
         self._pending_init: set[str] = set()
         self.initialized = asyncio.Event()
         self.initialized.set()
@@ -178,6 +193,12 @@ class Table(Generic[K, R]):
             w.notify(key)
 
     # ---- change feed ----------------------------------------------------------------
+    def track(self) -> Tracker[K]:
+        """A tracker of the keys written from now on (it starts empty)."""
+        t: Tracker[K] = Tracker()
+        self._watchers.append(t)
+        return t
+
     async def watch(self, *, replay: bool = True) -> AsyncGenerator[set[K], None]:
         """Yield sets of changed keys; the first batch holds every key when `replay`."""
         w: _Watcher[K] = _Watcher()

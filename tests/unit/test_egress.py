@@ -27,14 +27,18 @@ from egress.tables import (
     MAX_REPORTED,
     GatewayHealth,
     MeshEndpoint,
+    MeshIndex,
     PolicyState,
     entries,
     format_interfaces,
     format_verdicts,
+    group_endpoints,
     mesh_endpoints,
     parse_interfaces,
     parse_verdicts,
     resolve_policy,
+    selected,
+    selects,
 )
 from plexus.apply import load_documents
 from plexus.core.clock import ManualClock
@@ -780,3 +784,52 @@ async def test_the_egress_module_off_tells_the_mesh_this_node_cannot_translate(t
 
 def test_interface_addresses_are_looked_up_by_name() -> None:
     assert interface_addresses(["lo", "plxnosuch0"]) == {"lo": "127.0.0.1", "plxnosuch0": None}
+
+
+def test_the_mesh_index_reads_again_only_what_changed_and_stays_equal_to_a_full_read() -> None:
+    ipc, ids, nodes = ipcache_table(), identities_table(), nodes_table()
+    for t, rows in ((ipc, IPCACHE_ALL), (ids, IDS.values()), (nodes, NODES_ALL)):
+        for r in rows:
+            t.upsert(r)  # type: ignore[arg-type]
+    index = MeshIndex(ipc, ids, nodes)
+
+    def same() -> None:
+        index.refresh()
+        full = mesh_endpoints(ipc.all(), {i.id: i for i in ids}, nodes.all())
+        assert sorted(index.rows.values(), key=lambda m: m.ip) == sorted(full, key=lambda m: m.ip)
+        assert sum(len(g) for g in index.groups.values()) == len(full)
+        assert all(g for g in index.groups.values())  # no empty group is kept
+
+    same()
+    reads: list[str] = []
+    reader = index._reader
+    assert reader is not None
+    real = reader.read
+
+    def counting(e: IPIdentity) -> MeshEndpoint | None:
+        reads.append(e.ip)
+        return real(e)
+    reader.read = counting  # type: ignore[method-assign]
+    ipc.upsert(pod("10.1.1.9", 65537, "172.31.1.12", "default", "bill-e2", "east"))
+    ipc.delete("10.1.1.6/32")
+    ipc.upsert(pod("10.1.1.5", 65538, "172.31.1.11", "default", "now-web", "east"))  # relabelled
+    same()
+    assert sorted(reads) == ["10.1.1.5", "10.1.1.9"]  # one read each, nothing else
+    # a node or an identity changed: every row is read again (their labels or nodes may move)
+    nodes.upsert(replace(node("east", "n2"), addresses=(NodeAddress("InternalIP", "172.31.1.99"),)))
+    same()
+    assert index.rows["10.1.1.9/32"].node is None
+    ids.upsert(identity(65537, "payments", "east", "default"))
+    same()
+    assert index.rows["10.1.1.9/32"].labels["app"] == "payments"
+    index.forget()
+    assert index.rows == {} and index.groups == {}
+    same()
+
+
+def test_selection_by_group_matches_selection_one_by_one() -> None:
+    eps = endpoints()
+    p = policy(selectors=[{"podSelector": {"matchLabels": {"app": "billing"}}}])
+    assert selected(p, group_endpoints(eps)) == tuple(e for e in eps if selects(p, e))
+    lone = MeshEndpoint("10.9.9.9", "east", "default", "x", {"app": "billing"}, {}, None)
+    assert [e.ip for e in selected(p, group_endpoints([*eps, lone]))][-1] == "10.9.9.9"

@@ -56,3 +56,16 @@ async def test_initialized_waits_for_every_initializer() -> None:
     assert t.pending_initializers == {"b"}
     done_b()
     await asyncio.wait_for(t.initialized.wait(), 1)
+
+
+def test_a_tracker_collects_the_keys_written_since_it_was_last_taken() -> None:
+    t: Table[str, tuple[str, int]] = Table("t", key=lambda r: r[0])
+    t.upsert(("before", 1))
+    tracker = t.track()
+    assert tracker.take() == set()  # starts empty: what was there is not a change
+    t.upsert(("a", 1))
+    t.upsert(("a", 2))
+    t.upsert(("before", 1))  # no change: not noted
+    t.delete("before")
+    assert tracker.take() == {"a", "before"}
+    assert tracker.take() == set()
