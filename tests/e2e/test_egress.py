@@ -219,11 +219,7 @@ def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_
         wait_until(known_everywhere, 15, interval=0.3,
                    what=lambda: f"the failover known on east/n1: {json.dumps(last)}")
     finally:
-        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "up")
-        r = plexus("lab", "up")  # starts the agent again
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = plexus("delete", "-f", str(f), "--lab", "east")
-        assert r.returncode == 0, r.stderr
+        restore(lab, f, active)
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")
 
@@ -248,6 +244,17 @@ def test_cilium_interface_form_leaves_with_the_gateways_interface_address(
         assert r.returncode == 0, r.stderr
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
+
+
+def restore(lab: Lab, policy: Path, *downed: Any) -> None:
+    """After a test took gateways down: their links up, their agents started again (`lab
+    up`), the policy deleted."""
+    for gw in downed:
+        ops.run("ip", "-n", gw.host.netns, "link", "set", "eth0", "up")
+    r = plexus("lab", "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = plexus("delete", "-f", str(policy), "--lab", "east")
+    assert r.returncode == 0, r.stderr
 
 
 def drops(lab: Lab, cluster: str, node: str, reason: str) -> float:
@@ -316,12 +323,7 @@ def test_with_every_gateway_down_selected_traffic_is_dropped_and_never_leaks(
         leaked = [(a, b) for a, b in captured if a in own or a == EGRESS_IP]
         assert not leaked, leaked
     finally:
-        for gw in gateways:
-            ops.run("ip", "-n", gw.host.netns, "link", "set", "eth0", "up")
-        r = plexus("lab", "up")  # starts the agents again
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = plexus("delete", "-f", str(f), "--lab", "east")
-        assert r.returncode == 0, r.stderr
+        restore(lab, f, *gateways)
     wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
                what="the router to forget the egress IP")
 
@@ -486,11 +488,7 @@ def test_an_egress_ip_of_the_gateways_segment_is_claimed_by_arp_and_follows_a_fa
         seen_as(lab, "east", *BILLING["east"], SEGMENT_EGRESS_IP, timeout=6)
         assert best_route_via(lab, f"{SEGMENT_EGRESS_IP}/32") == standby.host.ip
     finally:
-        ops.run("ip", "-n", active.host.netns, "link", "set", "eth0", "up")
-        r = plexus("lab", "up")  # starts the agent again
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = plexus("delete", "-f", str(f), "--lab", "east")
-        assert r.returncode == 0, r.stderr
+        restore(lab, f, active)
     # the policy removed: every gateway releases the address
     wait_until(lambda: not claimed_on(lab, "n1") and not claimed_on(lab, "n2"), 30,
                interval=0.3, what="the gateways to release the segment's egress IP")
