@@ -48,6 +48,7 @@ from egress.tables import (
     ActiveKey,
     EgressEntry,
     GatewayHealth,
+    Gateways,
     MeshEndpoint,
     MeshIndex,
     PolicyKey,
@@ -64,6 +65,7 @@ from egress.tables import (
     policies_table,
     policy_name,
     reporter_of,
+    resolve_gateways,
     resolve_policy,
 )
 from plexus.core.kernel import kernel_numbers
@@ -90,6 +92,10 @@ class EgressGateways:
         self.identities: Table[int, Identity] | None = hive.optional(IDENTITIES)
         self.health = hive.provide(GATEWAY_HEALTH, health_table())
         self.mesh = MeshIndex(self.ipcache, self.identities, self.nodes)
+        # what the nodes decide, kept while they are unchanged (Table.revision)
+        self._nodes_seen = -1
+        self._gateways: dict[PolicyKey, tuple[EgressGatewayPolicy, Gateways]] = {}
+        self._mesh_health_of: frozenset[tuple[str, str]] | None = None
         self.attributes = hive.optional(NODE_ATTRIBUTES)  # what this node tells the mesh
         self.mesh_health: list[GatewayHealth] = []  # what other nodes' records say
         # interfaces policies name for this node as a gateway, and their IPv4 address here
@@ -264,17 +270,24 @@ class EgressGateways:
             del self._created[key]
         # Every node and endpoint of the mesh, only when a policy may select some: with
         # hundreds of clusters the scans would otherwise run on each batch of changes for nothing.
-        nodes = list(self.nodes or []) if parsed else []
         if parsed:
             self.mesh.refresh()  # only the endpoints that changed are read again
         else:
             self.mesh.forget()
-        states = [resolve_policy(k, self._created[k], p, self.mesh, nodes) for k, p in parsed.items()]
+        nodes_seen = self.nodes.revision if self.nodes is not None else 0
+        if nodes_seen != self._nodes_seen:  # nodes change rarely: what they decide is kept
+            self._nodes_seen, self._gateways, self._mesh_health_of = nodes_seen, {}, None
+        states = [resolve_policy(k, self._created[k], p, self.mesh, (),
+                                 self._gateways_of(k, p)) for k, p in parsed.items()]
         me = (self.local.cluster, self.local.name)
-        self.mesh_health = mesh_health(nodes, {gw.node for s in states for gw in s.gateways}, me)
+        gateway_nodes = frozenset(gw.node for s in states for gw in s.gateways)
+        if self._mesh_health_of != gateway_nodes:
+            self.mesh_health = mesh_health(self.nodes or [], set(gateway_nodes), me) \
+                if gateway_nodes else []
+            self._mesh_health_of = gateway_nodes
         own = dict(self.health.items())
         health = {**{h.key: h for h in self.mesh_health}, **own}  # this node's probes are fresher
-        self._tell_mesh(own, parsed.values(), nodes)
+        self._tell_mesh(own, parsed.values())
         active = self.chooser.choose(states, health)
         self.chooser.forget((src, gw.node) for p in states for src in {e.node for e in p.endpoints}
                             for gw in p.gateways)
@@ -298,20 +311,30 @@ class EgressGateways:
         self.segment.derive(held, self.local.ip)  # and on its own segment: gratuitous ARP
         self._update_metrics(states, health)
 
-    def _tell_mesh(self, own: Mapping[Any, GatewayHealth], policies: Iterable[EgressGatewayPolicy],
-                   nodes: list[Node]) -> None:
+    def _gateways_of(self, key: PolicyKey, policy: EgressGatewayPolicy) -> Gateways:
+        """A policy's gateways, derived again only when it or the nodes changed."""
+        known = self._gateways.get(key)
+        if known is None or known[0] is not policy:
+            known = self._gateways[key] = (policy, resolve_gateways(policy, self.nodes or []))
+        return known[1]
+
+    def _tell_mesh(self, own: Mapping[Any, GatewayHealth],
+                   policies: Iterable[EgressGatewayPolicy]) -> None:
         """Onto this node's record: what its probes find (so every node shows which gateway
         each source uses), and the addresses of the interfaces policies name for it."""
         me = (self.local.cluster, self.local.name)
         mine = reporter_of(me)
         verdicts = {gw: h.healthy for (r, gw), h in own.items() if r == mine}
         self._annotate(ANNOTATION_PROBES, format_verdicts(verdicts) or None)
-        record = next((n for n in nodes if n.key == me), None) or Node(
-            self.local.name, self.local.cluster, self.local.cluster_id,
-            (NodeAddress("InternalIP", self.local.ip),), labels=dict(self.local.labels))
-        labels = node_labels(record)
-        names = frozenset(gw.interface for p in policies for gw in p.spec.egress_gateways
-                          if gw.interface and gw.node_selector.matches(labels))
+        named = [gw for p in policies for gw in p.spec.egress_gateways if gw.interface]
+        names: frozenset[str] = frozenset()
+        if named:
+            record = (self.nodes.get(me) if self.nodes is not None else None) or Node(
+                self.local.name, self.local.cluster, self.local.cluster_id,
+                (NodeAddress("InternalIP", self.local.ip),), labels=dict(self.local.labels))
+            labels = node_labels(record)
+            names = frozenset(gw.interface for gw in named
+                              if gw.interface and gw.node_selector.matches(labels))
         if names != self.named_interfaces:
             self.named_interfaces = names
             self._interfaces_wanted.set()

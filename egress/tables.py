@@ -383,7 +383,7 @@ def _pod_cidrs(n: Node) -> list[IPNetwork]:
             if c and (net := _network(c)) is not None]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 17)
 def _network(cidr: str) -> IPNetwork | None:
     try:
         return ipaddress.ip_network(cidr, strict=False)
@@ -406,15 +406,33 @@ def _held_elsewhere(ip: str, gateway: NodeKey | None, nodes: list[Node]) -> str 
     return None
 
 
-def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
-                   endpoints: Iterable[MeshEndpoint] | MeshIndex, nodes: Iterable[Node]) -> PolicyState:
-    """What one policy selects and where its traffic may leave, in preference order.
+Gateways = tuple[tuple[GatewayCandidate, ...], tuple[str, ...]]  # candidates, problems
 
-    A node that several gateway entries select keeps its first place; an entry's nodes
+
+def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
+                   endpoints: Iterable[MeshEndpoint] | MeshIndex, nodes: Iterable[Node],
+                   gateways: Gateways | None = None) -> PolicyState:
+    """What one policy selects and where its traffic may leave, in preference order
+    (`gateways`: what `resolve_gateways` gave for these nodes, when already known)."""
+    candidates, problems = gateways if gateways is not None else resolve_gateways(policy, nodes)
+    spec = policy.spec
+    return PolicyState(
+        key=key, created=created,
+        endpoints=selected(policy, endpoints.groups if isinstance(endpoints, MeshIndex)
+                           else group_endpoints(endpoints)),
+        gateways=candidates, destinations=tuple(str(c) for c in spec.destination_cidrs),
+        excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=problems)
+
+
+def resolve_gateways(policy: EgressGatewayPolicy, nodes: Iterable[Node]) -> Gateways:
+    """Where one policy's traffic may leave, in preference order, and what keeps a gateway
+    out. A node that several gateway entries select keeps its first place; an entry's nodes
     are taken in (cluster, name) order. A gateway that cannot hold its egress IP is left
-    out and reported on that entry.
-    """
+    out and reported on that entry. Depends on the policy and the nodes only."""
     nodes = sorted(nodes, key=lambda n: n.key)
+    by_name: dict[str, list[Node]] = {}
+    for n in nodes:
+        by_name.setdefault(node_labels(n)[LABEL_HOSTNAME], []).append(n)
     spec = policy.spec
     problems: list[str] = []
     if spec.egress_ip is not None and (why := _held_elsewhere(str(spec.egress_ip), None, nodes)):
@@ -422,7 +440,10 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
     gateways: list[GatewayCandidate] = []
     taken: set[NodeKey] = set()
     for i, gw in enumerate(spec.egress_gateways):
-        matched = [n for n in nodes if gw.node_selector.matches(node_labels(n))]
+        # a hostname in matchLabels (the usual form) narrows the nodes to look at
+        name = (gw.node_selector.match_labels or {}).get(LABEL_HOSTNAME)
+        matched = [n for n in (by_name.get(name, []) if name is not None else nodes)
+                   if gw.node_selector.matches(node_labels(n))]
         if not matched:
             problems.append(f"spec.egressGateways[{i}].nodeSelector: selects no node")
         for n in matched:
@@ -450,12 +471,7 @@ def resolve_policy(key: PolicyKey, created: float, policy: EgressGatewayPolicy,
                         continue
             taken.add(n.key)
             gateways.append(GatewayCandidate(n.key, i, ip, gw.interface))
-    return PolicyState(
-        key=key, created=created,
-        endpoints=selected(policy, endpoints.groups if isinstance(endpoints, MeshIndex)
-                           else group_endpoints(endpoints)),
-        gateways=tuple(gateways), destinations=tuple(str(c) for c in spec.destination_cidrs),
-        excluded=tuple(str(c) for c in spec.excluded_cidrs), problems=tuple(problems))
+    return tuple(gateways), tuple(problems)
 
 
 # ---- entries across policies -----------------------------------------------------------------

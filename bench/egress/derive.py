@@ -44,16 +44,25 @@ def policy(i: int) -> dict[str, Any]:
                          {"nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "n2"}}}]}}
 
 
+def node_ip(cid: int, n: int) -> str:
+    """Node n (from 1) of cluster `cid`: up to 64,000 nodes per cluster."""
+    return f"172.{16 + cid}.{(n - 1) // 250}.{(n - 1) % 250 + 1}"
+
+
+def pod_cidr(cid: int, n: int) -> str:
+    return f"10.{cid * 64 + (n - 1) // 256}.{(n - 1) % 256}.0/24"
+
+
 def build(args: argparse.Namespace, state_dir: Path) -> tuple[EgressGateways, Any]:
     hive = Hive(agent=None, state_dir=state_dir)  # nothing is written there
-    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", "172.31.1.11", "10.1.1.0/24"))
+    hive.provide(LOCAL_NODE, LocalNode("east", 1, "n1", node_ip(1, 1), pod_cidr(1, 1)))
     mf = hive.provide(MANIFESTS, manifests_table())
     nodes, ipc, ids = nodes_table(), ipcache_table(), identities_table()
     for cluster, cid in CLUSTERS:
         for n in range(1, args.nodes + 1):
             nodes.upsert(Node(name=f"n{n}", cluster=cluster, cluster_id=cid,
-                              addresses=(NodeAddress("InternalIP", f"172.31.{cid}.{n + 10}"),),
-                              ipv4_alloc_cidr=f"10.{cid}.{n}.0/24"))
+                              addresses=(NodeAddress("InternalIP", node_ip(cid, n)),),
+                              ipv4_alloc_cidr=pod_cidr(cid, n)))
         for app in range(args.policies * 10):  # apps 0..policies-1 are selected
             ident = (cid << 16) + 256 + app
             ids.upsert(Identity(ident, (f"k8s:app=app{app}", f"k8s:io.cilium.k8s.policy.cluster={cluster}",
@@ -73,8 +82,10 @@ def pod(i: int, args: argparse.Namespace) -> IPIdentity:
     n = (i // 2) % args.nodes + 1
     app = i % (args.policies * 10)
     host = i // (2 * args.nodes)
-    return IPIdentity(f"10.{cid}.{n}.{host % 250 + 2}" if host < 250 else f"10.{cid + 100}.{n}.{host % 250}",
-                      (cid << 16) + 256 + app, host_ip=f"172.31.{cid}.{n + 10}", namespace="default",
+    net = pod_cidr(cid, n).split(".")
+    ip = f"{net[0]}.{net[1]}.{net[2]}.{host % 250 + 2}" if host < 250 else \
+        f"11.{cid * 64 + (n - 1) // 256}.{(n - 1) % 256}.{host % 250}"
+    return IPIdentity(ip, (cid << 16) + 256 + app, host_ip=node_ip(cid, n), namespace="default",
                       pod_name=f"pod{i}", cluster=cluster)
 
 

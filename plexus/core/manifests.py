@@ -96,6 +96,10 @@ class ManifestCache:
         self.log = logger
         self.good: dict[ManifestKey, Strict] = {}
         self.problems: dict[ManifestKey, str] = {}
+        # the version each key was last parsed from: an unchanged manifest is not parsed
+        # again, and its parsed object stays the same one (readers may keep what they
+        # derived from it)
+        self._read: dict[ManifestKey, Manifest] = {}
 
     def sync(self, manifests: Iterable[Manifest]) -> None:
         present: set[ManifestKey] = set()
@@ -105,12 +109,19 @@ class ManifestCache:
             if model is None:
                 continue  # another feature's kind
             present.add(m.key)
+            if self._read.get(m.key) == m:
+                if m.key in self.problems:
+                    problems[m.key] = self.problems[m.key]
+                continue
+            self._read[m.key] = m
             try:
                 self.good[m.key] = parse(model, m.body, m.source)
             except ConfigError as e:
                 problems[m.key] = str(e) + (KEEPING if m.key in self.good else "")
         for key in self.good.keys() - present:
             del self.good[key]
+        for key in self._read.keys() - present:
+            del self._read[key]
         for key, problem in problems.items():
             if self.problems.get(key) != problem:
                 self.log.warning("manifest rejected: %s", problem)

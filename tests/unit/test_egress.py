@@ -833,3 +833,30 @@ def test_selection_by_group_matches_selection_one_by_one() -> None:
     assert selected(p, group_endpoints(eps)) == tuple(e for e in eps if selects(p, e))
     lone = MeshEndpoint("10.9.9.9", "east", "default", "x", {"app": "billing"}, {}, None)
     assert [e.ip for e in selected(p, group_endpoints([*eps, lone]))][-1] == "10.9.9.9"
+
+
+def test_gateways_are_derived_again_only_when_the_policy_or_the_nodes_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import egress.module
+
+    calls: list[str] = []
+    real = egress.module.resolve_gateways  # type: ignore[attr-defined]
+
+    def counting(p: EgressGatewayPolicy, nodes: Any) -> Any:
+        calls.append(p.metadata.name)
+        return real(p, nodes)
+    monkeypatch.setattr(egress.module, "resolve_gateways", counting)
+    eg, mf, hive = make_module(tmp_path)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    hive.require(IPCACHE).upsert(pod("10.1.1.9", 65537, "172.31.1.11", "default", "b2", "east"))
+    eg.recompute()
+    assert calls == ["legacy-db"]  # a pod changed: the gateways stay as derived
+    assert eg.entries.get(("10.1.1.9", "198.51.100.0/24")) is not None
+    hive.require(NODES).upsert(replace(node("east", "n2"), labels={"zone": "a"}))
+    eg.recompute()
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db",
+                       body(egressIP="10.255.0.11")))
+    eg.recompute()
+    assert calls == ["legacy-db"] * 3
+    assert eg.entries.get(("10.1.1.9", "198.51.100.0/24")).egress_ip == "10.255.0.11"  # type: ignore[union-attr]
