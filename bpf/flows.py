@@ -22,18 +22,19 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from plexus.core.api import ApiError
+from plexus.core.module import Key
 
 # ---- the flow ------------------------------------------------------------------------------
 VERDICTS = ("FORWARDED", "DROPPED", "TRANSLATED")
 DIRECTIONS = ("INGRESS", "EGRESS")
-# what kind of event a flow came from: an L3/L4 policy verdict or a service translation
-# (an egress gateway's SNAT will be a third)
-KINDS = ("policy-verdict", "translation")
+# what kind of event a flow came from: an L3/L4 policy verdict, a service translation, or an
+# egress gateway's translation of a pod's connection to its egress IP
+KINDS = ("policy-verdict", "translation", "egress-gateway")
 # Hubble's DropReason numbers for the reasons this datapath drops for
 DROP_REASONS = {"POLICY_DENIED": 133, "SERVICE_BACKEND_NOT_FOUND": 158, "NO_EGRESS_GATEWAY": 194}
 DROP_REASON_OF_EVENT = {1: "NO_EGRESS_GATEWAY"}  # a flow event's reason (datapath.c) when dropped
@@ -42,6 +43,9 @@ TCP_FLAG_BITS = (("FIN", 0x01), ("SYN", 0x02), ("RST", 0x04), ("PSH", 0x08), ("A
                  ("URG", 0x20), ("ECE", 0x40), ("CWR", 0x80))
 # Cilium's monitor message types, which Hubble's event_type.type carries
 _EVENT_TYPE = {"drop": 1, "trace": 4, "policy-verdict": 5}
+# The egress gateway names the policy behind a translation it made: (pod IP, destination IP)
+# -> "cluster/namespace/name", "" when none does (any more)
+EGRESS_POLICY_OF: Key[Callable[[str, str], str]] = Key("egress-policy-of")
 _LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
 _LABEL_CLUSTER = "io.cilium.k8s.policy.cluster"
 
@@ -85,6 +89,9 @@ class Flow:
     tcp_flags: int = 0
     is_reply: bool | None = False  # verdicts are taken on a connection's first packet
     service: str = ""              # "namespace/name" of the service the destination was reached by
+    egress_policy: str = ""        # egress-gateway: the policy ("cluster/namespace/name")
+    egress_ip: str = ""            # ... and the address and port the connection left with
+    egress_port: int = 0
     # its JSON once made (or as read): a flow sent to many readers, or passed on by the relay,
     # is written once
     _json: dict[str, Any] | None = field(default=None, init=False, compare=False, repr=False)
@@ -112,7 +119,7 @@ class Flow:
         f["destination"] = _endpoint_json(self.destination)
         f["Type"] = "L3_L4"
         f["node_name"] = self.node
-        if self.kind == "translation":
+        if self.kind in ("translation", "egress-gateway"):
             event = {"type": _EVENT_TYPE["trace"]}
         elif self.verdict == "DROPPED":
             event = {"type": _EVENT_TYPE["drop"], "sub_type": DROP_REASONS.get(self.drop_reason, 0)}
@@ -123,6 +130,9 @@ class Flow:
             ns, _, name = self.service.rpartition("/")
             f["destination_service"] = {"name": name, **({"namespace": ns} if ns else {})}
         f["traffic_direction"] = self.direction
+        if self.kind == "egress-gateway":  # not Hubble's: readers of Hubble's JSON skip it
+            f["egress_gateway"] = {"policy": self.egress_policy, "gateway": self.node,
+                                   "egress_ip": self.egress_ip, "egress_port": self.egress_port}
         if self.drop_reason:
             f["drop_reason_desc"] = self.drop_reason
         if self.is_reply is not None:
@@ -161,9 +171,11 @@ class Flow:
         body: dict[str, Any] = l4.get(protocol) or {}
         event = f.get("event_type") or {}
         svc = f.get("destination_service")
+        egress = f.get("egress_gateway") or {}
         flow = cls(
             time_ns=parse_time(f["time"]), node=f.get("node_name", doc.get("node_name", "")),
-            kind="translation" if event.get("type") == _EVENT_TYPE["trace"] else "policy-verdict",
+            kind="egress-gateway" if egress else
+            "translation" if event.get("type") == _EVENT_TYPE["trace"] else "policy-verdict",
             verdict=f["verdict"], direction=f.get("traffic_direction", ""),
             protocol=protocol or "",
             source=_endpoint_from(f.get("source") or {}, ip["source"], body.get("source_port", 0)),
@@ -172,7 +184,9 @@ class Flow:
             drop_reason=f.get("drop_reason_desc", ""),
             tcp_flags=sum(bit for name, bit in TCP_FLAG_BITS if (body.get("flags") or {}).get(name)),
             is_reply=f.get("is_reply"),
-            service=(f"{svc.get('namespace', '')}/{svc['name']}" if svc else ""))
+            service=(f"{svc.get('namespace', '')}/{svc['name']}" if svc else ""),
+            egress_policy=str(egress.get("policy", "")), egress_ip=str(egress.get("egress_ip", "")),
+            egress_port=int(egress.get("egress_port", 0)))
         object.__setattr__(flow, "_json", doc)
         return flow
 
@@ -192,6 +206,9 @@ class Flow:
         if self.drop_reason:
             how += f" ({self.drop_reason})"
         via = f" via {self.service}" if self.service else ""
+        if self.kind == "egress-gateway":
+            via = (f" by {self.egress_policy or '(policy gone)'} through {self.node} as "
+                   f"{self.egress_ip}:{self.egress_port}")
         flags = f" {','.join(self.flag_names())}" if self.tcp_flags else ""
         arrow = "<>" if self.kind == "translation" else ("->" if self.direction == "EGRESS" else "<-")
         if self.direction == "INGRESS":

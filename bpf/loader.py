@@ -322,7 +322,9 @@ class Datapath:
             callback({"ts": e.ts, "ifindex": e.ifindex, "src": u32_ip(e.saddr), "dst": u32_ip(e.daddr),
                       "identity": e.identity, "sport": e.sport, "dport": e.dport,
                       "proto": e.proto, "direction": e.direction, "verdict": e.verdict,
-                      "tcp_flags": e.tcp_flags, "reason": e.reason})
+                      "tcp_flags": e.tcp_flags, "reason": e.reason,
+                      **({"nat": (u32_ip(e.nat_addr), socket.ntohs(e.nat_port))}
+                         if e.nat_addr else {})})
 
         table.open_perf_buffer(on_event, page_cnt=pages, lost_cb=lost)
         self._open_flows6(callback, lost)

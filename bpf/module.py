@@ -25,7 +25,16 @@ from prometheus_client.registry import Collector
 from bpf import attach
 from bpf.attach import TC_HANDLE, TC_PRIORITY
 from bpf.config import BpfConfig
-from bpf.flows import DROP_REASON_OF_EVENT, PROTOCOLS, Flow, FlowRing, Peer, observe_request, peer_labels
+from bpf.flows import (
+    DROP_REASON_OF_EVENT,
+    EGRESS_POLICY_OF,
+    PROTOCOLS,
+    Flow,
+    FlowRing,
+    Peer,
+    observe_request,
+    peer_labels,
+)
 from bpf.ipcache import IpcacheRows, prefix_order
 from bpf.lb_service import ServiceLoadBalancer
 from bpf.loader import CT_CLOSING, CT_REVNAT, Datapath, LoadError, ct_lifetime, datapath
@@ -273,6 +282,8 @@ class BpfDatapath:
     def _enrich(self, ev: dict[str, Any]) -> Flow:
         """A datapath event as a flow: the local pod (by the veth it came through) and the peer
         (by the identity the datapath looked up) with all the mesh knows of them."""
+        if "nat" in ev:
+            return self._egress_flow(ev)
         by_ifindex = {v: k for k, v in self.ifindexes.cache.items()}
         ep = next((e for e in self.endpoints if e.host_ifname == by_ifindex.get(ev["ifindex"])), None)
         egress = ev["direction"] == 0
@@ -294,6 +305,21 @@ class BpfDatapath:
                     protocol=PROTOCOLS.get(ev["proto"], str(ev["proto"])), source=src, destination=dst,
                     drop_reason=(DROP_REASON_OF_EVENT.get(ev.get("reason", 0), "POLICY_DENIED")
                                  if dropped else ""), tcp_flags=ev.get("tcp_flags", 0))
+
+    def _egress_flow(self, ev: dict[str, Any]) -> Flow:
+        """A translation this egress gateway made: the pod (of any cluster), its peer, the
+        egress IP and port, and the policy behind it (named by the egress module)."""
+        ip, port = ev["nat"]
+        policy_of = self.hive.optional(EGRESS_POLICY_OF)
+        ts = ev.get("ts")
+        return Flow(time_ns=ts + self._wall_offset_ns if ts else time.time_ns(),
+                    node=self.ring.node, kind="egress-gateway", verdict="TRANSLATED",
+                    direction="EGRESS", protocol=PROTOCOLS.get(ev["proto"], str(ev["proto"])),
+                    source=self._peer(ev["src"], ev["sport"]),
+                    destination=self._peer(ev["dst"], ev["dport"], ev["identity"]),
+                    tcp_flags=ev.get("tcp_flags", 0),
+                    egress_policy=policy_of(ev["src"], ev["dst"]) if policy_of else "",
+                    egress_ip=ip, egress_port=port)
 
     def _observe(self, q: dict[str, str]) -> AsyncGenerator[Any, None]:
         return observe_request(self.ring, q)

@@ -10,12 +10,14 @@ control plane write. Outputs: the policies, active gateways and datapath entries
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from bpf.egress import EgressMaps, SnatEntry, SteeringEntry
+from bpf.flows import EGRESS_POLICY_OF
 from bpf.module import DATAPATH
 from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES
@@ -42,6 +44,7 @@ from egress.tables import (
     ANNOTATION_INTERFACES,
     ANNOTATION_PROBES,
     ANNOTATION_UNAVAILABLE,
+    BY_SOURCE,
     EGRESS_ENTRIES,
     GATEWAY_HEALTH,
     ActiveGateway,
@@ -136,6 +139,7 @@ class EgressGateways:
         self.prober = GatewayProber(reporter_of(me), self.health, hive.clock, self.probe_targets,
                                     config.probe_interval, config.probe_threshold)
         hive.routes.get("/v1/egress/list", self._list)
+        hive.provide(EGRESS_POLICY_OF, self.policy_of)
 
     # ---- lifecycle ------------------------------------------------------------------
     def _annotate(self, name: str, value: str | None) -> None:
@@ -355,6 +359,21 @@ class EgressGateways:
             self._failovers_counted[key] = total
 
     # ---- status and API -------------------------------------------------------------
+    def policy_of(self, source: str, destination: str) -> str:
+        """The policy whose entry a packet from `source` to `destination` meets (the most
+        specific destination, as the datapath's LPM), for flows; "" when none."""
+        try:
+            dst = ipaddress.ip_address(destination)
+        except ValueError:
+            return ""
+        best: EgressEntry | None = None
+        best_len = -1
+        for e in self.entries.by(BY_SOURCE, source):
+            net = ipaddress.ip_network(e.destination)
+            if dst.version == net.version and dst in net and net.prefixlen > best_len:
+                best, best_len = e, net.prefixlen
+        return policy_name(best.policy) if best is not None and not best.excluded else ""
+
     def listing(self) -> dict[str, Any]:
         me = (self.local.cluster, self.local.name)
         own = dict(self.health.items())

@@ -162,8 +162,11 @@ def active_table() -> Table[ActiveKey, ActiveGateway]:
     return Table("egress-active-gateways", key=lambda a: a.key)
 
 
+BY_SOURCE = "source"
+
+
 def entries_table() -> Table[EntryKey, EgressEntry]:
-    return Table("egress-entries", key=lambda e: e.key)
+    return Table("egress-entries", key=lambda e: e.key, indexes={BY_SOURCE: lambda e: e.source_ip})
 
 
 GATEWAY_HEALTH: Key[Table[HealthKey, GatewayHealth]] = Key("egress-gateway-health")

@@ -46,9 +46,11 @@ struct enforce_key { u32 ifindex; u32 direction; };
 // packet into the other past that one's ingress policy.
 struct ct_key { u32 ifindex; u32 saddr; u32 daddr; u16 sport; u16 dport; u8 proto; u8 direction; u8 pad[2]; };
 struct ct_value { u64 seen; u32 flags; u32 pad; };
+// nat_addr, nat_port (network order): what an egress gateway translated the source to
 struct flow_event {
     u64 ts; u32 ifindex; u32 saddr; u32 daddr; u32 identity;
-    u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason; u8 tcp_flags; u8 pad[7];
+    u16 sport; u16 dport; u8 proto; u8 direction; u8 verdict; u8 reason; u8 tcp_flags; u8 pad;
+    u16 nat_port; u32 nat_addr;
 };
 
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 262144, PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);

@@ -23,6 +23,7 @@
 #define EGRESS_PORT_PROBES 8
 #define EGRESS_VNI 0xE6E6       // the tunnel's VXLAN network id
 #define REASON_NO_EGRESS_GATEWAY 1
+#define ACTION_EGRESS_SNAT 3    // a flow event's verdict: a new connection translated here
 #define COUNT_NO_EGRESS_GATEWAY 3
 #define COUNT_EGRESS_NO_PORT 4  // the gateway found no free port for a new connection
 
@@ -182,6 +183,14 @@ int egress_nat_out(struct __sk_buff *skb) {
         if (egress_revnat.update(&rev, &back) || egress_nat.update(&fwd, &out)) return TC_ACT_SHOT;
         nat = egress_nat.lookup(&fwd);
         if (!nat) return TC_ACT_SHOT;
+        // one flow per translation made: the pod, its peer and the egress IP and port
+        struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = skb->ifindex,
+                                 .saddr = f.saddr, .daddr = f.daddr, .identity = ID_WORLD,
+                                 .sport = f.sport, .dport = f.dport, .proto = f.proto,
+                                 .direction = DIR_EGRESS, .verdict = ACTION_EGRESS_SNAT,
+                                 .tcp_flags = f.tcp_flags, .nat_port = port,
+                                 .nat_addr = v->egress_ip };
+        flows.perf_submit(skb, &ev, sizeof(ev));
     } else {
         struct egress_nat_key rev = { .saddr = f.daddr, .daddr = nat->addr, .sport = dport,
                                       .dport = nat->port, .proto = f.proto };

@@ -43,8 +43,9 @@ def add_filter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--not", action=_NotAction, nargs=0, help="negate the next filter")
     helps = {"pod": "[namespace/]pod-name-prefix, or namespace/", "label": "key or key=value",
              "ip": "an address or CIDR", "verdict": "FORWARDED, DROPPED or TRANSLATED",
-             "drop-reason": "POLICY_DENIED or SERVICE_BACKEND_NOT_FOUND",
-             "type": "policy-verdict or translation", "protocol": "tcp, udp, icmp, icmpv4, icmpv6",
+             "drop-reason": "POLICY_DENIED, SERVICE_BACKEND_NOT_FOUND or NO_EGRESS_GATEWAY",
+             "type": "policy-verdict, translation or egress-gateway",
+             "protocol": "tcp, udp, icmp, icmpv4, icmpv6",
              "node-name": "cluster/node or node", "service": "[namespace/]name"}
     for flag, field in _FLAG_FIELDS.items():
         base = flag.partition("-")[2] if flag.startswith(("from-", "to-")) else flag

@@ -163,6 +163,15 @@ def test_selected_pods_of_both_clusters_leave_with_the_egress_ip_and_removal_res
     assert not seen & billing, seen  # once steered, never seen with their own address
     route = lab.birdc("show", "route", f"{EGRESS_IP}/32", "all")
     assert lab.topo.node("east", "n2").host.ip in route, route
+    # the gateway shows each translation as a flow: the pod, the policy, the egress IP
+    r = plexus("observe", "--node", "east-n2", "--type", "egress-gateway", "--from-ip",
+               pods["west"]["ip"], "--last", "50", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    flows = [json.loads(line)["flow"] for line in r.stdout.splitlines() if line.strip()]
+    assert flows, r.stdout
+    assert {(f["source"].get("pod_name"), f["egress_gateway"]["policy"],
+             f["egress_gateway"]["egress_ip"], f["egress_gateway"]["gateway"]) for f in flows} == {
+        ("egbillw", "east/default/legacy-db", EGRESS_IP, "east/n2")}
     # the policy removed: normal routing, the egress IP withdrawn
     f = tmp_path / "policy.yaml"
     f.write_text(policy)

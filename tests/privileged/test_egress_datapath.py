@@ -63,6 +63,21 @@ def test_selected_pods_leave_through_the_gateway_with_the_egress_ip(lab: Lab) ->
     assert ask(lab, "a", ip=EXCLUDED_EXT).get("ip") == lab.pods["a"][1]
 
 
+def test_the_gateway_reports_each_translation_it_makes_as_a_flow(lab: Lab) -> None:
+    events: list[dict[str, Any]] = []
+    lab.gateway_dp.open_flows(events.append)
+    select(lab, "a")
+    answer = ask(lab, "a", sport=42000)
+    assert answer.get("ip") == EGRESS_IP, answer
+    wait_until(lambda: lab.gateway_dp.poll_flows(50) or any("nat" in e for e in events), 5,
+               what="the translation's flow event")
+    [made] = [e for e in events if "nat" in e]
+    assert (made["src"], made["sport"], made["dst"], made["dport"]) == (
+        lab.pods["a"][1], 42000, EXT, 8080)
+    assert made["nat"] == (EGRESS_IP, answer["port"])  # what the server saw
+    assert made["direction"] == 0 and made["verdict"] == 3
+
+
 def test_no_healthy_gateway_drops_and_counts_never_leaks(lab: Lab) -> None:
     select(lab, "a", gateway=None)
     before = lab.source_dp.drop_reasons()["no-egress-gateway"]

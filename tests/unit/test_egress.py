@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bpf.flows import EGRESS_POLICY_OF
 from clustermesh.models import Identity, IPIdentity, Node, NodeAddress
 from clustermesh.tables import IDENTITIES, IPCACHE, NODES, identities_table, ipcache_table, nodes_table
 from egress.config import EgressConfig
@@ -860,3 +861,14 @@ def test_gateways_are_derived_again_only_when_the_policy_or_the_nodes_change(
     eg.recompute()
     assert calls == ["legacy-db"] * 3
     assert eg.entries.get(("10.1.1.9", "198.51.100.0/24")).egress_ip == "10.255.0.11"  # type: ignore[union-attr]
+
+
+def test_a_translation_is_named_after_the_policy_whose_entry_it_meets(tmp_path: Path) -> None:
+    eg, mf, hive = make_module(tmp_path)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    assert hive.require(EGRESS_POLICY_OF) == eg.policy_of
+    assert eg.policy_of("10.2.1.5", "198.51.100.10") == "east/default/legacy-db"
+    assert eg.policy_of("10.2.1.5", "198.51.100.200") == ""  # excluded (198.51.100.128/25)
+    assert eg.policy_of("10.1.1.6", "198.51.100.10") == ""   # not selected
+    assert eg.policy_of("10.2.1.5", "not-an-ip") == ""

@@ -68,6 +68,9 @@ def test_hubble_json_shape() -> None:
     flow(kind="translation", verdict="TRANSLATED", drop_reason="", service="default/lbweb",
          direction="EGRESS"),
     flow(protocol="ICMPv4", tcp_flags=0, source=Peer("10.0.0.1"), destination=Peer("10.0.0.2")),
+    flow(kind="egress-gateway", verdict="TRANSLATED", drop_reason="", direction="EGRESS",
+         node="east/n2", egress_policy="east/default/legacy-db", egress_ip="10.255.0.10",
+         egress_port=43210),
 ])
 def test_json_round_trip(f: Flow) -> None:
     assert Flow.from_json(json.loads(json.dumps(f.to_json()))) == f
@@ -235,3 +238,19 @@ def test_a_changed_copy_is_written_anew() -> None:
     assert f.to_json()["flow"]["verdict"] == "DROPPED"  # now cached
     g = dataclasses.replace(f, verdict="FORWARDED", drop_reason="")
     assert g.to_json()["flow"]["verdict"] == "FORWARDED" and "drop_reason_desc" not in g.to_json()["flow"]
+
+
+def test_an_egress_gateway_flow_names_policy_gateway_and_egress_ip() -> None:
+    f = flow(kind="egress-gateway", verdict="TRANSLATED", drop_reason="", direction="EGRESS",
+             node="east/n2", destination=Peer("198.51.100.10", 8080, 2, ("reserved:world",)),
+             egress_policy="east/default/legacy-db", egress_ip="10.255.0.10", egress_port=40001)
+    doc = f.to_json()["flow"]
+    assert doc["egress_gateway"] == {"policy": "east/default/legacy-db", "gateway": "east/n2",
+                                     "egress_ip": "10.255.0.10", "egress_port": 40001}
+    assert doc["event_type"] == {"type": 4} and doc["traffic_direction"] == "EGRESS"
+    line = f.compact()
+    assert "west/default/pcl (10.2.1.5):43210 -> 198.51.100.10 (ID:2):8080 by " \
+           "east/default/legacy-db through east/n2 as 10.255.0.10:40001 egress-gateway " \
+           "TRANSLATED" in line, line
+    assert FlowFilter.of(("type", ["egress-gateway"])).matches(f)
+    assert not FlowFilter.of(("type", ["egress-gateway"])).matches(flow())
