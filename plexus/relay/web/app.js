@@ -177,11 +177,13 @@ function flush() {
     tr.dataset.node = f.node_name;
     tr.dataset.time = f.time;
     tr.dataset.source = describe(f.source || {}, f.IP.source, 0);
-    const kind = (f.event_type || {}).type === 4 ? "translation" : "policy-verdict";
+    const eg = f.egress_gateway;
+    const kind = eg ? "egress-gateway" : (f.event_type || {}).type === 4 ? "translation" : "policy-verdict";
     const cells = [f.time.slice(11, 23), f.node_name,
       describe(f.source || {}, f.IP.source, ports.source_port),
       describe(f.destination || {}, f.IP.destination, ports.destination_port) +
-        (f.destination_service ? ` (svc ${f.destination_service.namespace}/${f.destination_service.name})` : ""),
+        (f.destination_service ? ` (svc ${f.destination_service.namespace}/${f.destination_service.name})` : "") +
+        (eg ? ` (as ${eg.egress_ip}:${eg.egress_port} by ${eg.policy || "?"})` : ""),
       `${ports.destination_port || ""}/${proto}`,
       f.verdict + (f.drop_reason_desc ? ` ${f.drop_reason_desc}` : ""), kind];
     cells.forEach((text, i) => {
