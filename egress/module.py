@@ -70,6 +70,7 @@ from egress.tables import (
     reporter_of,
     resolve_gateways,
     resolve_policy,
+    selects,
 )
 from plexus.core.kernel import kernel_numbers
 from plexus.core.manifests import MANIFESTS, ManifestCache
@@ -99,6 +100,7 @@ class EgressGateways:
         self._nodes_seen = -1
         self._gateways: dict[PolicyKey, tuple[EgressGatewayPolicy, Gateways]] = {}
         self._mesh_health_of: frozenset[tuple[str, str]] | None = None
+        self._last_inputs: tuple[Any, ...] | None = None
         self.attributes = hive.optional(NODE_ATTRIBUTES)  # what this node tells the mesh
         self.mesh_health: list[GatewayHealth] = []  # what other nodes' records say
         # interfaces policies name for this node as a gateway, and their IPv4 address here
@@ -275,9 +277,13 @@ class EgressGateways:
         # Every node and endpoint of the mesh, only when a policy may select some: with
         # hundreds of clusters the scans would otherwise run on each batch of changes for nothing.
         if parsed:
-            self.mesh.refresh()  # only the endpoints that changed are read again
+            touched = self.mesh.refresh()  # only the endpoints that changed are read again
+            if touched is not None and self._inputs() == self._last_inputs and not any(
+                    selects(p, e) for e in touched for p in parsed.values()):
+                return  # only pods no policy selects changed: nothing derived can change
         else:
             self.mesh.forget()
+            self._last_inputs = None
         nodes_seen = self.nodes.revision if self.nodes is not None else 0
         if nodes_seen != self._nodes_seen:  # nodes change rarely: what they decide is kept
             self._nodes_seen, self._gateways, self._mesh_health_of = nodes_seen, {}, None
@@ -314,6 +320,17 @@ class EgressGateways:
         self.announced.replace_where(lambda p: p.owner == "egress", held)
         self.segment.derive(held, self.local.ip)  # and on its own segment: gratuitous ARP
         self._update_metrics(states, health)
+        if parsed:  # as the choice leaves them: a hold-down running now makes the next differ
+            self._last_inputs = self._inputs()
+
+    def _inputs(self) -> tuple[Any, ...]:
+        """All a recompute reads but the endpoints, as cheap to compare: the same tuple twice
+        (and no hold-down running, whose end changes the choice) means the same inputs."""
+        rev = [t.revision if t is not None else 0 for t in (self.nodes, self.identities)]
+        pending = self.chooser.next_deadline() or self.own_chooser.next_deadline()
+        return (self.cache.generation, *rev, self.health.revision,
+                tuple(sorted(self.interface_ips.items())), self.segment.addresses,
+                pending if pending is None else self.hive.clock.now())
 
     def _gateways_of(self, key: PolicyKey, policy: EgressGatewayPolicy) -> Gateways:
         """A policy's gateways, derived again only when it or the nodes changed."""

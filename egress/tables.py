@@ -315,16 +315,22 @@ class MeshIndex:
         self._reader = None
         self.rows, self.groups = {}, {}
 
-    def refresh(self) -> None:
+    def refresh(self) -> list[MeshEndpoint] | None:
+        """Bring the index up to date; returns the endpoints that changed, as they were and
+        as they are (None: every row was read again)."""
         rows = self._rows_changed.take() if self._rows_changed is not None else set()
         if any([t.take() for t in self._all_changed]) or self._reader is None:
             self._rebuild()
-            return
+            return None
+        touched: list[MeshEndpoint] = []
         for key in rows:
-            self._remove(key)
+            if (old := self._remove(key)) is not None:
+                touched.append(old)
             row = self.ipcache.get(key) if self.ipcache is not None else None
             if row is not None and (e := self._reader.read(row)) is not None:
                 self._add(key, e)
+                touched.append(e)
+        return touched
 
     def _rebuild(self) -> None:
         self._reader = EndpointReader({i.id: i for i in self.identities or []}, self.nodes or [])
@@ -337,13 +343,14 @@ class MeshIndex:
         self.rows[key] = e
         self.groups.setdefault(group_key(e), {})[key] = e
 
-    def _remove(self, key: Any) -> None:
+    def _remove(self, key: Any) -> MeshEndpoint | None:
         old = self.rows.pop(key, None)
         if old is not None:
             group = self.groups[group_key(old)]
             del group[key]
             if not group:
                 del self.groups[group_key(old)]
+        return old
 
 
 @functools.lru_cache(maxsize=1 << 18)

@@ -6,7 +6,8 @@
 Two clusters of `--nodes` nodes each, `--endpoints` pods spread over them (a tenth carry the
 label a policy selects, one app label per policy), `--policies` policies of two
 destinations, one excluded CIDR and two gateways each. One change is a pod added with a
-selected label (an ipcache row; its identity exists). Timed: the egress module's
+selected label (an ipcache row; its identity exists), then as many with a label no policy
+selects. Timed: the egress module's
 `recompute()` (policies parsed, endpoints of every cluster selected, gateways chosen,
 entries derived and tables replaced) after each change, and how many entries it holds.
 The package takes the machine lock itself (bench/__init__.py).
@@ -115,6 +116,16 @@ def run(args: argparse.Namespace, state_dir: Path) -> int:
         times.append(time.perf_counter() - t)
         assert eg.entries.get((f"10.200.{c // 250}.{c % 250 + 1}", "198.51.0.0/24")) is not None
     times.sort()
+    # pods no policy selects (most of a mesh's churn): nothing derived can change
+    other = []
+    for c in range(args.changes):
+        new = pod(args.endpoints + c * args.policies * 10 + args.policies, args)  # not selected
+        ipc.upsert(IPIdentity(f"10.201.{c // 250}.{c % 250 + 1}", new.identity, host_ip=new.host_ip,
+                              namespace="default", pod_name=f"other{c}", cluster=new.cluster))
+        t = time.perf_counter()
+        eg.recompute()
+        other.append(time.perf_counter() - t)
+    other.sort()
     selected = sum(len(p.endpoints) for p in eg.policies)
     print(f"endpoints {args.endpoints}, policies {args.policies}, nodes {2 * args.nodes}: "
           f"{selected} selected, {len(eg.entries)} entries")
@@ -122,6 +133,8 @@ def run(args: argparse.Namespace, state_dir: Path) -> int:
     print(f"recompute after one selected pod added: p50 {statistics.median(times) * 1000:.0f} ms, "
           f"p99 {times[min(len(times) - 1, int(len(times) * 0.99))] * 1000:.0f} ms "
           f"over {len(times)} changes")
+    print(f"recompute after one unselected pod added: p50 {statistics.median(other) * 1000:.1f} ms, "
+          f"p99 {other[min(len(other) - 1, int(len(other) * 0.99))] * 1000:.1f} ms")
     print("rerun: .venv/bin/python -m bench.egress.derive " + " ".join(sys.argv[1:]))
     return 0
 

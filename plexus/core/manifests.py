@@ -100,6 +100,7 @@ class ManifestCache:
         # again, and its parsed object stays the same one (readers may keep what they
         # derived from it)
         self._read: dict[ManifestKey, Manifest] = {}
+        self.generation = 0  # counts the syncs that changed what is parsed or rejected
 
     def sync(self, manifests: Iterable[Manifest]) -> None:
         present: set[ManifestKey] = set()
@@ -114,6 +115,7 @@ class ManifestCache:
                     problems[m.key] = self.problems[m.key]
                 continue
             self._read[m.key] = m
+            self.generation += 1
             try:
                 self.good[m.key] = parse(model, m.body, m.source)
             except ConfigError as e:
@@ -122,6 +124,7 @@ class ManifestCache:
             del self.good[key]
         for key in self._read.keys() - present:
             del self._read[key]
+            self.generation += 1
         for key, problem in problems.items():
             if self.problems.get(key) != problem:
                 self.log.warning("manifest rejected: %s", problem)

@@ -872,3 +872,34 @@ def test_a_translation_is_named_after_the_policy_whose_entry_it_meets(tmp_path: 
     assert eg.policy_of("10.2.1.5", "198.51.100.200") == ""  # excluded (198.51.100.128/25)
     assert eg.policy_of("10.1.1.6", "198.51.100.10") == ""   # not selected
     assert eg.policy_of("10.2.1.5", "not-an-ip") == ""
+
+
+def test_a_change_of_pods_no_policy_selects_derives_nothing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import egress.module
+
+    derived: list[int] = []
+    real = egress.module.entries  # type: ignore[attr-defined]
+
+    def counting(*a: Any) -> Any:
+        derived.append(1)
+        return real(*a)
+    monkeypatch.setattr(egress.module, "entries", counting)
+    eg, mf, hive = make_module(tmp_path)
+    ipc = hive.require(IPCACHE)
+    mf.upsert(Manifest("east", "EgressGatewayPolicy", "default", "legacy-db", body()))
+    eg.recompute()
+    assert len(derived) == 1
+    ipc.upsert(pod("10.1.1.20", 65538, "172.31.1.11", "default", "web2", "east"))  # app=web
+    ipc.delete("10.1.1.6/32")
+    eg.recompute()
+    assert len(derived) == 1  # nothing a policy selects: skipped
+    ipc.upsert(pod("10.1.1.21", 65537, "172.31.1.11", "default", "bill2", "east"))
+    eg.recompute()
+    assert len(derived) == 2 and eg.entries.get(("10.1.1.21", "198.51.100.0/24")) is not None
+    ipc.delete("10.1.1.21/32")  # a selected pod gone: its entries go
+    eg.recompute()
+    assert len(derived) == 3 and eg.entries.get(("10.1.1.21", "198.51.100.0/24")) is None
+    eg.health.upsert(down("east/n1", E_N2))  # anything else: derived again
+    eg.recompute()
+    assert len(derived) == 4 and _gw(eg) == W_N2
