@@ -68,8 +68,8 @@ async def test_healthz_metrics_and_status(tmp_path: Path, etcd: Etcd) -> None:
     with apiserver_process(tmp_path, etcd, port) as sock:
         await eventually(lambda: http_get(port, "/healthz")[0] == 200, 30, what="/healthz ok")
         health = json.loads(http_get(port, "/healthz")[1])
-        assert health["ok"] and health["ready"] and health["health"] == {"apiserver": "ok",
-                                                                           "vmsigner": "ok"}
+        assert health["ok"] and health["ready"] and health["health"] == {
+            "apiserver": "ok", "vmsigner": "ok", "egress": "ok"}  # egress: probing its nodes
 
         async with KvStore([etcd.endpoint]) as kv:
             await kv.put(endpoint_registration_key("east", "n1", "c1"), EndpointRegistration(
