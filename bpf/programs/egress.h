@@ -1,4 +1,5 @@
-// Plexus egress gateway (IPv4, TCP and UDP; other protocols are dropped, never leaked).
+// Plexus egress gateway (IPv4: TCP, UDP and ICMP echo; other protocols are dropped, never
+// leaked).
 //
 // Inlined into datapath.c by the loader. Two halves:
 // - steering, on the source node, after policy at the pod's veth: egress_policy (LPM on
@@ -39,6 +40,9 @@ struct egress_nat_value { u32 addr; u32 via; u16 port; u16 flags; u16 pad[2]; u6
 #define EGRESS_NAT_CLOSING 1    // a FIN or RST went by
 #define TCP_SYN 0x02
 #define TCP_ACK 0x10
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+struct egress_icmp { u8 type; u8 code; u16 check; u16 id; u16 seq; };
 
 BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_value, egress_policy, 262144, PIN_DIR "/egress_policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_value, egress_snat, 262144, PIN_DIR "/egress_snat", BPF_F_NO_PREALLOC);
@@ -131,15 +135,33 @@ int egress_tunnel_in(struct __sk_buff *skb) {
     return egress4_drop(skb, &f);
 }
 
+// An ICMP echo of `type`: its identifier (network order), which a translation takes as the
+// port; 0 when the packet is none (or is cut short).
+static __always_inline int egress_icmp_echo(struct __sk_buff *skb, struct flow4 *f, u8 type,
+                                            u16 *id) {
+    if (f->proto != IPPROTO_ICMP) return 0;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct egress_icmp *icmp = data + (f->l4off & 0x7F);
+    if ((void *)(icmp + 1) > data_end || icmp->type != type || icmp->code) return 0;
+    *id = icmp->id;
+    return 1;
+}
+
+// The address (source, or destination when `dst`) and the port (an ICMP echo's identifier)
+// rewritten, checksums with them; ICMP's checksum covers no address.
 static __always_inline void egress_rewrite(struct __sk_buff *skb, struct flow4 *f, int dst,
                                            u32 old_addr, u32 new_addr, u16 old_port, u16 new_port) {
-    u32 csum_off = f->l4off + (f->proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
-                                                       : __builtin_offsetof(struct udphdr, check));
+    int icmp = f->proto == IPPROTO_ICMP;
+    u32 csum_off = f->l4off + (icmp ? __builtin_offsetof(struct egress_icmp, check)
+                               : f->proto == IPPROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+                                                         : __builtin_offsetof(struct udphdr, check));
     u64 mangled = f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
     u32 addr_off = sizeof(struct ethhdr) + (dst ? __builtin_offsetof(struct iphdr, daddr)
                                                 : __builtin_offsetof(struct iphdr, saddr));
-    u32 port_off = f->l4off + (dst ? 2 : 0);
-    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | sizeof(u32));
+    u32 port_off = f->l4off + (icmp ? __builtin_offsetof(struct egress_icmp, id) : dst ? 2 : 0);
+    if (!icmp)
+        bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | sizeof(u32));
     bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(u16));
     bpf_l3_csum_replace(skb, sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, check),
                         old_addr, new_addr, sizeof(u32));
@@ -153,8 +175,10 @@ int egress_nat_out(struct __sk_buff *skb) {
     if (!parse4(skb, &f, ETH_HLEN)) return TC_ACT_OK;
     struct egress_value *v = egress_translation(f.saddr, f.daddr);
     if (!v || (v->flags & EGRESS_EXCLUDED)) return TC_ACT_OK;
-    if (!f.has_ports || !v->egress_ip) return TC_ACT_SHOT;  // cannot be translated: never leaked
+    if (!v->egress_ip) return TC_ACT_SHOT;  // cannot be translated: never leaked
     u16 sport = htons(f.sport), dport = htons(f.dport);
+    // an ICMP echo's identifier stands for the port; other portless packets: never leaked
+    if (!f.has_ports && !egress_icmp_echo(skb, &f, ICMP_ECHO_REQUEST, &sport)) return TC_ACT_SHOT;
     struct egress_nat_key fwd = { .saddr = f.saddr, .daddr = f.daddr, .sport = sport,
                                   .dport = dport, .proto = f.proto };
     struct egress_nat_value *nat = egress_nat.lookup(&fwd);
@@ -186,7 +210,7 @@ int egress_nat_out(struct __sk_buff *skb) {
         // one flow per translation made: the pod, its peer and the egress IP and port
         struct flow_event ev = { .ts = bpf_ktime_get_ns(), .ifindex = skb->ifindex,
                                  .saddr = f.saddr, .daddr = f.daddr, .identity = ID_WORLD,
-                                 .sport = f.sport, .dport = f.dport, .proto = f.proto,
+                                 .sport = ntohs(sport), .dport = f.dport, .proto = f.proto,
                                  .direction = DIR_EGRESS, .verdict = ACTION_EGRESS_SNAT,
                                  .tcp_flags = f.tcp_flags, .nat_port = port,
                                  .nat_addr = v->egress_ip };
@@ -203,9 +227,11 @@ int egress_nat_out(struct __sk_buff *skb) {
 // The gateway's uplink, tc ingress: a reply to the egress IP goes back to the pod.
 int egress_nat_in(struct __sk_buff *skb) {
     struct flow4 f;
-    if (!parse4(skb, &f, ETH_HLEN) || !f.has_ports) return TC_ACT_OK;
+    if (!parse4(skb, &f, ETH_HLEN)) return TC_ACT_OK;
+    u16 dport = htons(f.dport);
+    if (!f.has_ports && !egress_icmp_echo(skb, &f, ICMP_ECHO_REPLY, &dport)) return TC_ACT_OK;
     struct egress_nat_key rev = { .saddr = f.saddr, .daddr = f.daddr, .sport = htons(f.sport),
-                                  .dport = htons(f.dport), .proto = f.proto };
+                                  .dport = dport, .proto = f.proto };
     struct egress_nat_value *back = egress_revnat.lookup(&rev);
     u64 now = bpf_ktime_get_coarse_ns();
     if (!back || !egress_nat_live(back, now, f.proto)) return TC_ACT_OK;
@@ -213,7 +239,7 @@ int egress_nat_in(struct __sk_buff *skb) {
                                   .dport = rev.sport, .proto = f.proto };
     egress_nat_touch(back, egress_nat.lookup(&fwd), now, f.tcp_flags);
     u32 via = back->via;
-    egress_rewrite(skb, &f, 1, f.daddr, back->addr, htons(f.dport), back->port);
+    egress_rewrite(skb, &f, 1, f.daddr, back->addr, dport, back->port);
     if (!via) return TC_ACT_OK;
     return egress4_tunnel(skb, via);
 }

@@ -78,6 +78,27 @@ def test_the_gateway_reports_each_translation_it_makes_as_a_flow(lab: Lab) -> No
     assert made["direction"] == 0 and made["verdict"] == 3
 
 
+def test_a_ping_leaves_with_the_egress_ip_and_its_replies_come_back(lab: Lab) -> None:
+    """ICMP echo is translated too: its identifier takes the place of the port."""
+    select(lab, "a")
+    dump = subprocess.Popen(["ip", "netns", "exec", lab.ext, "tcpdump", "-i", "eth0", "-n", "-l",
+                             "-c", "3", "icmp[icmptype] == icmp-echo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        first = [dump.stderr.readline() for _ in range(2)]
+        assert any("listening on" in line for line in first), first  # capturing before the echo
+        r = sh("ping", "-c", "3", "-i", "0.2", "-W", "2", EXT, ns=lab.pods["a"][0], check=False)
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+        out, _ = dump.communicate(timeout=10)
+    finally:
+        stop_pid(dump)
+    sources = {line.split(" IP ", 1)[1].split(" > ")[0] for line in out.splitlines() if " IP " in line}
+    assert sources == {EGRESS_IP}, out  # the server saw only the egress IP
+    pings = [c for c in lab.snat.connections() if c.proto == 1 and c.pod == lab.pods["a"][1]]
+    assert [c.egress_ip for c in pings] == [EGRESS_IP], pings
+
+
 def test_no_healthy_gateway_drops_and_counts_never_leaks(lab: Lab) -> None:
     select(lab, "a", gateway=None)
     before = lab.source_dp.drop_reasons()["no-egress-gateway"]
