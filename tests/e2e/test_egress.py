@@ -179,8 +179,7 @@ def test_selected_pods_of_both_clusters_leave_with_the_egress_ip_and_removal_res
     assert r.returncode == 0, r.stderr
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
-    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
-               what="the router to forget the egress IP")
+    forgotten(lab)
 
 
 def best_route_via(lab: Lab, prefix: str) -> str:
@@ -193,10 +192,7 @@ def best_route_via(lab: Lab, prefix: str) -> str:
 def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_same_ip(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     active, standby = lab.topo.node("east", "n2"), lab.topo.node("west", "n2")
-    f = tmp_path / "policy.yaml"
-    f.write_text(POLICY.replace("EXCLUDED", "[]"))
-    r = plexus("apply", "-f", str(f), "--lab", "east")
-    assert r.returncode == 0, r.stderr
+    f = applied(tmp_path, POLICY.replace("EXCLUDED", "[]"))
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, EGRESS_IP)
     assert best_route_via(lab, f"{EGRESS_IP}/32") == active.host.ip
@@ -229,18 +225,15 @@ def test_the_standby_takes_over_a_dead_gateway_and_the_external_server_sees_the_
                    what=lambda: f"the failover known on east/n1: {json.dumps(last)}")
     finally:
         restore(lab, f, active)
-    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
-               what="the router to forget the egress IP")
+    forgotten(lab)
 
 
 def test_cilium_interface_form_leaves_with_the_gateways_interface_address(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     gateway = lab.topo.node("east", "n2")
-    f = tmp_path / "policy.yaml"
-    f.write_text(POLICY.replace("EXCLUDED", "[]").replace("  egressIP: 10.255.0.10\n", "").replace(
-        "io.cilium.k8s.policy.cluster: east}}", "io.cilium.k8s.policy.cluster: east}}\n    interface: eth0"))
-    r = plexus("apply", "-f", str(f), "--lab", "east")
-    assert r.returncode == 0, r.stderr
+    f = applied(tmp_path, POLICY.replace("EXCLUDED", "[]").replace("  egressIP: 10.255.0.10\n", "")
+                .replace("io.cilium.k8s.policy.cluster: east}}",
+                         "io.cilium.k8s.policy.cluster: east}}\n    interface: eth0"))
     try:
         for cluster, (node, pod) in BILLING.items():
             seen_as(lab, cluster, node, pod, gateway.host.ip)
@@ -253,6 +246,21 @@ def test_cilium_interface_form_leaves_with_the_gateways_interface_address(
         assert r.returncode == 0, r.stderr
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, pods[cluster]["ip"])
+
+
+def applied(tmp_path: Path, text: str) -> Path:
+    """The policy `text` applied in east; its file, to delete it by."""
+    f = tmp_path / "policy.yaml"
+    f.write_text(text)
+    r = plexus("apply", "-f", str(f), "--lab", "east")
+    assert r.returncode == 0, r.stderr
+    return f
+
+
+def forgotten(lab: Lab) -> None:
+    """Wait for the router to drop its route to the egress IP (the policy gone)."""
+    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
+               what="the router to forget the egress IP")
 
 
 def restore(lab: Lab, policy: Path, *downed: Any) -> None:
@@ -303,10 +311,7 @@ def router_capture(lab: Lab) -> Iterator[Callable[[], list[tuple[str, str]]]]:
 def test_with_every_gateway_down_selected_traffic_is_dropped_and_never_leaks(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     gateways = [lab.topo.node("east", "n2"), lab.topo.node("west", "n2")]
-    f = tmp_path / "policy.yaml"
-    f.write_text(POLICY.replace("EXCLUDED", "[]"))
-    r = plexus("apply", "-f", str(f), "--lab", "east")
-    assert r.returncode == 0, r.stderr
+    f = applied(tmp_path, POLICY.replace("EXCLUDED", "[]"))
     for cluster, (node, pod) in BILLING.items():
         seen_as(lab, cluster, node, pod, EGRESS_IP)
     agents = State.load(lab.state_path).processes
@@ -333,17 +338,13 @@ def test_with_every_gateway_down_selected_traffic_is_dropped_and_never_leaks(
         assert not leaked, leaked
     finally:
         restore(lab, f, *gateways)
-    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
-               what="the router to forget the egress IP")
+    forgotten(lab)
 
 
 def test_a_gateway_agent_restarted_under_traffic_keeps_established_connections(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     gateway = lab.topo.node("east", "n2")
-    f = tmp_path / "policy.yaml"
-    f.write_text(POLICY.replace("EXCLUDED", "[]"))
-    r = plexus("apply", "-f", str(f), "--lab", "east")
-    assert r.returncode == 0, r.stderr
+    f = applied(tmp_path, POLICY.replace("EXCLUDED", "[]"))
     node, pod = BILLING["east"]
     seen_as(lab, "east", node, pod, EGRESS_IP)
     before = len(lab.external_clients())
@@ -377,8 +378,7 @@ def test_a_gateway_agent_restarted_under_traffic_keeps_established_connections(
     seen = lab.external_clients(since=before)
     assert seen and {c["ip"] for c in seen} == {EGRESS_IP}, seen
     assert kept.greeting.get("seq") in {c["seq"] for c in seen}
-    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
-               what="the router to forget the egress IP")
+    forgotten(lab)
 
 
 def packets_with(text: str, marker: str) -> list[str]:
@@ -404,10 +404,7 @@ def frag_creates(lab: Lab, cluster: str, node: str) -> int:
 
 def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
         lab: Lab, pods: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    f = tmp_path / "policy.yaml"
-    f.write_text(POLICY.replace("EXCLUDED", "[]"))
-    r = plexus("apply", "-f", str(f), "--lab", "east")
-    assert r.returncode == 0, r.stderr
+    f = applied(tmp_path, POLICY.replace("EXCLUDED", "[]"))
     node, pod = BILLING["east"]
     try:
         seen_as(lab, "east", node, pod, EGRESS_IP)
@@ -438,8 +435,7 @@ def test_the_tunnel_to_the_gateway_goes_inside_wireguard(
     clear = packets_with(text, MARKER)
     assert clear, "the capture saw the server's leg"
     assert all(f" IP {EGRESS_IP}." in h or f" IP {EXT_IP}." in h for h in clear), clear[:5]
-    wait_until(lambda: EGRESS_IP not in lab.birdc("show", "route"), 30, interval=0.3,
-               what="the router to forget the egress IP")
+    forgotten(lab)
 
 
 SEGMENT_EGRESS_IP = "172.31.1.200"  # on east's segment: its hosts ARP for it
